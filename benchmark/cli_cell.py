@@ -1,0 +1,82 @@
+"""``python -m benchmark cell``: run one cell in this process and print its records."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from benchmark import data as data_mod
+from benchmark import models
+
+
+def parse_assignments(items: list[str] | None, flag: str = "--set") -> dict[str, str]:
+    """``["k=v", ...]`` -> dict, with an error that names a malformed item."""
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"{flag} {item!r} is not key=value")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def add_common_io(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-dir", help="folder holding datasets (default: $BENCHMARK_DATA, ./data, system locations)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps or auto (cuda > mps > cpu); default auto")
+
+
+def add_commands(sub) -> None:
+    from methods import METHODS
+
+    p = sub.add_parser(
+        "cell", help="run one cell (method x arch x dataset x params x seed) and print its result records",
+        description="Train and evaluate one cell here and print its result records (one per line with "
+                    "--json). Parameters not given use the architecture's default schedule and the method's "
+                    "defaults (see 'python -m benchmark list').",
+    )
+    p.add_argument("method", choices=sorted(METHODS), help="method name")
+    p.add_argument("--arch", required=True, choices=list(models.MODELS), help="architecture")
+    p.add_argument("--dataset", required=True, choices=list(data_mod.DATASETS), help="dataset")
+    p.add_argument("--seed", type=int, default=0, help="seed of init, data order and pruning scores (default 0)")
+    p.add_argument("--epochs", type=int, help="training epochs (default: the architecture's schedule)")
+    p.add_argument("--lr", type=float, help="learning rate (default: the architecture's schedule)")
+    p.add_argument("--batch-size", type=int, help="batch size (default: the architecture's schedule)")
+    p.add_argument("--weight-decay", type=float, help="weight decay of unregularized methods' weights")
+    p.add_argument("--momentum", type=float, help="SGD momentum (default 0.9)")
+    p.add_argument("--subset", type=int, help="use only the first N examples of each split (quick checks)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="a method parameter, e.g. --set depth=3 --set lam=1e-4; repeatable")
+    add_common_io(p)
+    p.add_argument("--cache-dir", default="results/cache", help="where the shared dense trainings are cached (default results/cache)")
+    p.add_argument("--work-dir", default="results/work", help="per-cell checkpoints, removed when the cell ends (default results/work)")
+    p.add_argument("--json", action="store_true", help="print each record as one JSON line instead of a summary")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.set_defaults(handler=run_command)
+
+
+def run_command(args) -> int:
+    from benchmark.cell import Cell, run_cell
+
+    schedule = {k: v for k, v in {"epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size,
+                                  "weight_decay": args.weight_decay, "momentum": args.momentum}.items() if v is not None}
+    cell = Cell.make(args.method, args.arch, args.dataset, args.seed, parse_assignments(args.set), schedule, args.subset)
+    records = run_cell(cell, data_dir=args.data_dir, device=args.device, work_root=args.work_dir,
+                       cache_dir=args.cache_dir, progress=False if args.no_progress else None)
+    for record in records:
+        if args.json:
+            print(json.dumps(record))
+        else:
+            print(summary_line(record))
+    failed = [r for r in records if r["status"] != "ok"]
+    for r in failed:
+        print(f"{r['status']}: {r.get('error')}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def summary_line(r: dict) -> str:
+    if r["status"] != "ok":
+        return f"{r['method']} {r['arch']}/{r['dataset']} seed={r['seed']}: {r['status']}"
+    level = f" level={r['level']}" if r.get("level") is not None else ""
+    return (f"{r['method']}{level} {r['arch']}/{r['dataset']} seed={r['seed']}: test_acc={r['test_acc']:.4f} "
+            f"cr={r['cr']:.2f} cr_effective={r['cr_effective']:.2f} cr_total={r['cr_total']:.2f} "
+            f"speedup={r['speedup']:.2f} epochs={r['epochs']} wall_s={r['wall_s']:.1f} device={r['device']}")

@@ -1,0 +1,295 @@
+"""One training loop for every method: SGD with momentum, cosine annealing, per-epoch evaluation.
+
+Methods never edit this loop; they act through ``TrainHooks`` (parameter groups, an extra loss
+term, and calls after each step and epoch). Each epoch ends with an atomic checkpoint, and a run
+that finds its checkpoint continues from it: batches depend only on (seed, epoch), so a resumed
+run ends with the same weights as an uninterrupted one.
+
+Evaluation uses the official test split (there is no validation split and no model selection:
+the reported model is the one after the last epoch).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from benchmark import data as data_mod
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The training pipeline shared by all methods of one architecture x dataset."""
+
+    epochs: int = 10
+    lr: float = 0.15
+    momentum: float = 0.9
+    weight_decay: float = 0.0  # on conv/linear weights of unregularized methods; never on biases/BN
+    batch_size: int = 128
+    nesterov: bool = False
+
+    def __post_init__(self):
+        problems = []
+        if self.epochs < 0:
+            problems.append(f"epochs={self.epochs} must be >= 0")
+        if not self.lr > 0:
+            problems.append(f"lr={self.lr} must be > 0")
+        if not 0 <= self.momentum < 1:
+            problems.append(f"momentum={self.momentum} must be in [0, 1)")
+        if self.weight_decay < 0:
+            problems.append(f"weight_decay={self.weight_decay} must be >= 0")
+        if self.batch_size < 1:
+            problems.append(f"batch_size={self.batch_size} must be >= 1")
+        if problems:
+            raise ValueError("bad schedule: " + "; ".join(problems))
+
+    def replace(self, **changes) -> "Schedule":
+        return Schedule(**(asdict(self) | changes))
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "Schedule":
+        known = {f.name: f.type for f in fields(cls)}
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise ValueError(f"unknown schedule key(s) {unknown}; allowed: {sorted(known)}")
+        coerced = {}
+        for key, value in values.items():
+            default = getattr(cls, key)
+            try:
+                coerced[key] = type(default)(value) if not isinstance(default, bool) else _as_bool(value)
+            except (TypeError, ValueError):
+                raise ValueError(f"schedule {key}={value!r} is not a {type(default).__name__}") from None
+        return cls(**coerced)
+
+
+def _as_bool(value) -> bool:
+    if isinstance(value, bool):
+        return value
+    if str(value).lower() in ("1", "true", "yes", "on"):
+        return True
+    if str(value).lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(value)
+
+
+#: Default schedules per architecture family (DESIGN.md section 5). LeNet weight decay is ours.
+PAPER_SCHEDULES = {
+    "lenet": Schedule(epochs=100, lr=0.15, weight_decay=1e-4, batch_size=128),
+    "vgg": Schedule(epochs=200, lr=0.1, weight_decay=5e-4, batch_size=128),
+    "resnet": Schedule(epochs=200, lr=0.2, weight_decay=5e-4, batch_size=128),
+}
+
+
+def default_schedule(arch: str) -> Schedule:
+    for prefix, schedule in PAPER_SCHEDULES.items():
+        if arch.startswith(prefix):
+            return schedule
+    return Schedule()
+
+
+class Diverged(RuntimeError):
+    """The loss became NaN or infinite; training stopped instead of going on with garbage."""
+
+
+class TrainHooks:
+    """What a method may change in training. The defaults train a plain dense model."""
+
+    def param_groups(self, model: nn.Module, schedule: Schedule) -> list[dict]:
+        """Weight decay on conv/linear weights only; biases and BatchNorm are undecayed."""
+        decay, plain = [], []
+        for name, p in model.named_parameters():
+            if not p.requires_grad:
+                continue
+            (decay if name.endswith("weight") and p.ndim > 1 else plain).append(p)
+        groups = [{"params": decay, "weight_decay": schedule.weight_decay}, {"params": plain, "weight_decay": 0.0}]
+        return [g for g in groups if g["params"]]
+
+    def penalty(self, model: nn.Module) -> torch.Tensor | None:
+        """An extra term added to the mean cross-entropy of each batch."""
+        return None
+
+    def after_step(self, model: nn.Module) -> None:
+        pass
+
+    def after_epoch(self, model: nn.Module, epoch: int) -> None:
+        pass
+
+
+def pick_device(requested: str | None = None) -> torch.device:
+    """cuda > mps > cpu unless a device is named."""
+    if requested and requested != "auto":
+        device = torch.device(requested)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {requested!r} asked for, but CUDA is not available here; use --device cpu")
+        return device
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA; nothing elsewhere."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def prepare_input(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    return x.contiguous(memory_format=torch.channels_last) if channels_last and x.ndim == 4 else x
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, split: data_mod.Split, batch_size: int = 1000, channels_last: bool = False) -> tuple[float, float]:
+    """(accuracy, mean loss) over a whole split."""
+    was_training = model.training
+    model.eval()
+    device = split.y.device
+    correct = torch.zeros((), device=device)
+    loss = torch.zeros((), device=device, dtype=torch.float64)
+    with autocast(device):
+        for start in range(0, len(split), batch_size):
+            x, y = split.take(torch.arange(start, min(start + batch_size, len(split)), device=device))
+            out = model(prepare_input(x, channels_last)).float()
+            loss += nn.functional.cross_entropy(out, y, reduction="sum").double()
+            correct += (out.argmax(1) == y).sum()
+    model.train(was_training)
+    n = max(len(split), 1)
+    return float(correct) / n, float(loss) / n
+
+
+@dataclass
+class History:
+    epochs: list[dict] = field(default_factory=list)
+    wall_s: float = 0.0
+    resumed_from: int = 0
+
+    @property
+    def final(self) -> dict:
+        return self.epochs[-1] if self.epochs else {}
+
+
+def _save_atomic(obj, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def progress_bar(total: int, desc: str, enabled: bool | None):
+    from tqdm.auto import tqdm
+
+    if enabled is None:
+        enabled = sys.stderr.isatty()
+    return tqdm(total=total, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True)
+
+
+def train(
+    model: nn.Module,
+    data: data_mod.Data,
+    schedule: Schedule,
+    *,
+    seed: int,
+    hooks: TrainHooks | None = None,
+    checkpoint: Path | None = None,
+    progress: bool | None = None,
+    desc: str = "train",
+    channels_last: bool = False,
+    snapshot_epochs: tuple[int, ...] = (),
+) -> tuple[History, dict[int, dict]]:
+    """Train ``model`` in place on ``data`` (already on the model's device).
+
+    Returns the history and, for each epoch in ``snapshot_epochs`` (0 = before training), a copy of
+    the model's state at the end of that epoch (used for lottery-ticket rewinding).
+    """
+    hooks = hooks or TrainHooks()
+    device = data.train.y.device
+    optimizer = torch.optim.SGD(
+        hooks.param_groups(model, schedule), lr=schedule.lr, momentum=schedule.momentum,
+        nesterov=schedule.nesterov and schedule.momentum > 0,
+    )
+    steps_per_epoch = max(1, math.ceil(len(data.train) / schedule.batch_size))
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, schedule.epochs * steps_per_epoch))
+    history = History()
+    snapshots: dict[int, dict] = {}
+    start_epoch = 0
+    if checkpoint is not None and checkpoint.is_file():
+        state = torch.load(checkpoint, map_location=device, weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        history = History(state["history"], state["wall_s"], resumed_from=state["epoch"])
+        snapshots = state["snapshots"]
+        start_epoch = state["epoch"]
+    if start_epoch == 0 and 0 in snapshot_epochs:
+        snapshots[0] = _clone_state(model)
+
+    model.train()
+    bar = progress_bar(schedule.epochs, desc, progress)
+    bar.update(start_epoch)
+    try:
+        for epoch in range(start_epoch, schedule.epochs):
+            began = time.perf_counter()
+            gen = data_mod.epoch_generator(seed, epoch)
+            loss_sum = torch.zeros((), device=device)
+            correct = torch.zeros((), device=device)
+            seen = 0
+            for step, (x, y) in enumerate(data_mod.batches(
+                data.train, schedule.batch_size, gen, augment_batches=data.spec.augment,
+            )):
+                with autocast(device):
+                    out = model(prepare_input(x, channels_last))
+                    loss = nn.functional.cross_entropy(out.float(), y)
+                    extra = hooks.penalty(model)
+                    total = loss if extra is None else loss + extra
+                optimizer.zero_grad(set_to_none=True)
+                total.backward()
+                optimizer.step()
+                scheduler.step()
+                hooks.after_step(model)
+                loss_sum += loss.detach() * len(y)
+                correct += (out.detach().argmax(1) == y).sum()
+                seen += len(y)
+                if step % 50 == 0 and not torch.isfinite(total.detach()):
+                    raise Diverged(_diverged_message(epoch, step, float(total), schedule))
+            if not torch.isfinite(loss_sum):
+                raise Diverged(_diverged_message(epoch, steps_per_epoch - 1, float(loss_sum), schedule))
+            hooks.after_epoch(model, epoch)
+            test_acc, test_loss = evaluate(model, data.test, channels_last=channels_last)
+            seconds = time.perf_counter() - began
+            history.wall_s += seconds
+            history.epochs.append({
+                "epoch": epoch + 1, "train_loss": float(loss_sum) / max(seen, 1),
+                "train_acc": float(correct) / max(seen, 1), "test_loss": test_loss, "test_acc": test_acc,
+                "lr": optimizer.param_groups[0]["lr"], "seconds": seconds,
+            })
+            if epoch + 1 in snapshot_epochs:
+                snapshots[epoch + 1] = _clone_state(model)
+            if checkpoint is not None:
+                _save_atomic({
+                    "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "history": history.epochs, "wall_s": history.wall_s,
+                    "epoch": epoch + 1, "snapshots": snapshots,
+                }, checkpoint)
+            bar.update(1)
+            bar.set_postfix(loss=f"{history.final['train_loss']:.3f}", test_acc=f"{test_acc:.4f}")
+    finally:
+        bar.close()
+    return history, snapshots
+
+
+def _clone_state(model: nn.Module) -> dict:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _diverged_message(epoch: int, step: int, value: float, schedule: Schedule) -> str:
+    return (f"loss became {value} at epoch {epoch + 1}, step {step} (lr={schedule.lr}); "
+            f"training stopped. Lower the learning rate or the regularization strength.")

@@ -1,0 +1,19 @@
+"""The dense reference: the shared dense training, evaluated as it is."""
+
+from __future__ import annotations
+
+from methods.base import Method, register
+
+
+@register
+class Dense(Method):
+    """Dense reference model (no pruning)."""
+
+    name = "dense"
+    family = "reference"
+    needs_dense = True
+
+    def run(self, ctx):
+        dense = ctx.dense()
+        return [ctx.measure(dense.model, history=dense.history, epochs=ctx.schedule.epochs,
+                            dense_wall_s=dense.wall_s)]

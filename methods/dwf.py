@@ -1,0 +1,220 @@
+"""Deep Weight Factorization (Kolb et al., ICLR 2025) and shallow factorization (D = 2).
+
+Each conv/linear weight becomes the elementwise product of ``depth`` factors of its shape, held as
+a ``torch.nn.utils.parametrize`` parametrization (``original0 .. original{D-1}``). Training adds
+``(lam / D) * sum_d ||w_d||^2`` to the mean cross-entropy, whose minima are those of
+``lam * sum |w|^(2/D)`` on the collapsed weight (D = 2: lasso). By default the term is applied as
+SGD weight decay ``2 * lam / D`` on the factors, which is the same gradient and uses the
+optimizer's fused path (``penalty="explicit"`` adds it to the loss instead).
+
+After training the factors are collapsed into plain weights and entries with ``|w| < threshold``
+are set to zero; accuracy is measured on that model.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from benchmark.sparsity import prunable_layers, zero_below
+from benchmark.train import TrainHooks
+from methods.base import Method, register
+
+#: float32 machine epsilon: the zero threshold of the authors' follow-up work (ours as default).
+FLOAT32_EPS = 1.19e-7
+
+#: How ``lam`` enters the objective, recorded with every result (lam grids differ across conventions).
+LAM_CONVENTION = "mean CE + (lam/D) * sum_d ||w_d||^2  ==  lam * ||w||_{2/D}^{2/D} at balance"
+
+
+class Product(nn.Module):
+    """Parametrization ``w = w_1 * w_2 * ... * w_D`` (elementwise)."""
+
+    def __init__(self, depth: int):
+        super().__init__()
+        self.depth = depth
+
+    def forward(self, *factors: torch.Tensor) -> torch.Tensor:
+        w = factors[0]
+        for f in factors[1:]:
+            w = w * f
+        return w
+
+    def right_inverse(self, w: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Balanced factors of ``w``: |w_d| = |w|^(1/D), the sign on the first factor."""
+        magnitude = w.abs().pow(1.0 / self.depth)
+        return (torch.sign(w) * magnitude,) + tuple(magnitude.clone() for _ in range(self.depth - 1))
+
+
+def kaiming_std(weight: torch.Tensor) -> float:
+    """The std a dense layer would get from Kaiming-normal init (fan-in, ReLU gain): sqrt(2/fan_in)."""
+    fan_in = weight[0].numel()
+    return math.sqrt(2.0 / fan_in)
+
+
+def truncated_normal(shape, std: float, low: float, high: float, gen: torch.Generator) -> torch.Tensor:
+    """N(0, std^2) entries redrawn until low < |x| < high; signs stay random."""
+    x = torch.randn(shape, generator=gen) * std
+    bad = (x.abs() <= low) | (x.abs() >= high)
+    while bad.any():
+        x[bad] = torch.randn(int(bad.sum()), generator=gen) * std
+        bad = (x.abs() <= low) | (x.abs() >= high)
+    return x
+
+
+def init_factors(shape, depth: int, sigma: float, gen: torch.Generator, scheme: str = "dwf",
+                 eps_ratio: float = 0.25) -> list[torch.Tensor]:
+    """Initial factors for a weight whose dense init std is ``sigma``.
+
+    - ``dwf`` (Algorithm 1): factors from N(0, sigma^(2/D)) truncated to
+      eps^(1/D) < |w_d| < min(1, (2 sigma)^(1/D)) with eps = eps_ratio * sigma, so every collapsed
+      weight lies in (eps, 2 sigma);
+    - ``variance``: the same without truncation (many near-zero products);
+    - ``kaiming``: every factor Kaiming-normal on its own (the product's variance vanishes).
+    """
+    if scheme == "kaiming":
+        return [torch.randn(shape, generator=gen) * sigma for _ in range(depth)]
+    factor_std = sigma ** (1.0 / depth)
+    if scheme == "variance":
+        return [torch.randn(shape, generator=gen) * factor_std for _ in range(depth)]
+    low = (eps_ratio * sigma) ** (1.0 / depth)
+    high = min(1.0, (2.0 * sigma) ** (1.0 / depth))
+    return [truncated_normal(shape, factor_std, low, high, gen) for _ in range(depth)]
+
+
+def factorize(model: nn.Module, depth: int, seed: int, scheme: str = "dwf", eps_ratio: float = 0.25,
+              skip_last: bool = False) -> list[nn.Module]:
+    """Replace conv/linear weights by ``depth`` factors, initialized per ``scheme``. Returns the
+    factorized modules."""
+    layers = [m for _, m in prunable_layers(model)]
+    if skip_last:
+        layers = layers[:-1]
+    gen = torch.Generator().manual_seed(seed * 7_727 + depth)
+    for module in layers:
+        weight = module.weight
+        factors = init_factors(weight.shape, depth, kaiming_std(weight), gen, scheme, eps_ratio)
+        parametrize.register_parametrization(module, "weight", Product(depth), unsafe=True)
+        with torch.no_grad():
+            for i, f in enumerate(factors):
+                getattr(module.parametrizations.weight, f"original{i}").copy_(f.to(weight.device, weight.dtype))
+    return layers
+
+
+def factors_of(module: nn.Module) -> list[torch.Tensor]:
+    p = module.parametrizations.weight
+    return [getattr(p, f"original{i}") for i in range(p[0].depth)]
+
+
+def factorized_modules(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if parametrize.is_parametrized(m, "weight")
+            and isinstance(m.parametrizations.weight[0], Product)]
+
+
+def balance_error(model: nn.Module, threshold: float = FLOAT32_EPS) -> float:
+    """Median over kept weights of max_d | |w_d| - |w|^(1/D) | / |w|^(1/D) (0 = perfectly balanced)."""
+    errors = []
+    with torch.no_grad():
+        for module in factorized_modules(model):
+            factors = factors_of(module)
+            w = module.weight
+            keep = w.abs() >= threshold
+            if not keep.any():
+                continue
+            target = w.abs()[keep].pow(1.0 / len(factors))
+            dev = torch.stack([(f.abs()[keep] - target).abs() / target for f in factors]).amax(0)
+            errors.append(dev)
+    return float(torch.cat(errors).median()) if errors else float("nan")
+
+
+def collapse(model: nn.Module) -> None:
+    """Turn factorized weights back into plain weights holding their product."""
+    for module in factorized_modules(model):
+        parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+
+
+class FactorHooks(TrainHooks):
+    """Factors get weight decay 2*lam/D (or an explicit penalty); other weights the schedule's."""
+
+    def __init__(self, lam: float, depth: int, penalty: str):
+        self.lam, self.depth, self.mode = lam, depth, penalty
+
+    def param_groups(self, model, schedule):
+        factor_ids = {id(f) for m in factorized_modules(model) for f in factors_of(m)}
+        factors = [p for p in model.parameters() if id(p) in factor_ids]
+        rest = [g | {"params": [p for p in g["params"] if id(p) not in factor_ids]}
+                for g in super().param_groups(model, schedule)]
+        decay = 2.0 * self.lam / self.depth if self.mode == "decay" else 0.0
+        return [{"params": factors, "weight_decay": decay}] + [g for g in rest if g["params"]]
+
+    def penalty(self, model):
+        if self.mode != "explicit" or self.lam == 0:
+            return None
+        total = sum(f.pow(2).sum() for m in factorized_modules(model) for f in factors_of(m))
+        return (self.lam / self.depth) * total
+
+
+@register
+class DWF(Method):
+    """Deep Weight Factorization: D factors per weight, L2 on factors, collapse and threshold."""
+
+    name = "dwf"
+    family = "regularization"
+
+    @dataclass(frozen=True)
+    class Params(Method.Params):
+        depth: int = 3
+        lam: float = 1e-4
+        init_eps: float = 0.25  # epsilon as a fraction of sigma_w (ours, as a third-party implementation)
+        threshold: float = FLOAT32_EPS
+        lr: float | None = None  # None: the schedule's learning rate
+        penalty: Literal["decay", "explicit"] = "decay"
+        init: Literal["dwf", "variance", "kaiming"] = "dwf"
+        skip_last: bool = False  # leave the classifier dense and unfactorized
+
+        def validate(self):
+            problems = []
+            if self.depth < 2:
+                problems.append(f"depth={self.depth} must be >= 2 (2 is shallow factorization)")
+            if not self.lam >= 0:
+                problems.append(f"lam={self.lam} must be >= 0")
+            if not 0 < self.init_eps < 2:
+                problems.append(f"init_eps={self.init_eps} must be in (0, 2) (a fraction of sigma_w)")
+            if self.threshold < 0:
+                problems.append(f"threshold={self.threshold} must be >= 0")
+            if self.lr is not None and not self.lr > 0:
+                problems.append(f"lr={self.lr} must be > 0")
+            return problems
+
+    def run(self, ctx):
+        p = self.params
+        model = ctx.new_model()
+        factorize(model, p.depth, ctx.cell.seed, p.init, p.init_eps, p.skip_last)
+        schedule = ctx.schedule.replace(lr=p.lr) if p.lr else ctx.schedule
+        history, _ = ctx.train(model, FactorHooks(p.lam, p.depth, p.penalty), schedule=schedule)
+        balance = balance_error(model, p.threshold)
+        collapse(model)
+        zeroed = zero_below(model, p.threshold)
+        return [ctx.measure(model, p.threshold, history, lr=schedule.lr, balance_error=balance,
+                            zeroed_by_threshold=zeroed, lam_convention=LAM_CONVENTION)]
+
+
+@register
+class Shallow(DWF):
+    """Shallow factorization: DWF with D = 2 (lasso-equivalent), reported under its own name."""
+
+    name = "shallow"
+
+    @dataclass(frozen=True)
+    class Params(DWF.Params):
+        depth: int = 2
+
+        def validate(self):
+            problems = super().validate()
+            if self.depth != 2:
+                problems.append(f"depth={self.depth}: shallow factorization is depth 2; use method 'dwf' for others")
+            return problems

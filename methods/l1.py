@@ -1,0 +1,64 @@
+"""Vanilla L1: ``lam * sum |w|`` on the plain conv/linear weights, trained with (sub)gradient SGD.
+
+Plain SGD does not land exactly on zero, so sparsity comes from the same threshold as DWF's; this
+is the weakness the factorized methods are meant to fix, and the baseline shows it as it is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from benchmark.sparsity import prunable_layers, zero_below
+from benchmark.train import TrainHooks
+from methods.base import Method, register
+from methods.dwf import FLOAT32_EPS
+
+
+class L1Hooks(TrainHooks):
+    """No weight decay on the penalized weights; the penalty is added to the loss."""
+
+    def __init__(self, lam: float):
+        self.lam = lam
+
+    def param_groups(self, model, schedule):
+        weights = {id(m.weight) for _, m in prunable_layers(model)}
+        groups = super().param_groups(model, schedule)
+        for g in groups:
+            if any(id(p) in weights for p in g["params"]):
+                g["weight_decay"] = 0.0
+        return groups
+
+    def penalty(self, model):
+        return self.lam * sum(m.weight.abs().sum() for _, m in prunable_layers(model))
+
+
+@register
+class L1(Method):
+    """Vanilla L1 penalty on the weights, then the zero threshold."""
+
+    name = "l1"
+    family = "regularization"
+
+    @dataclass(frozen=True)
+    class Params(Method.Params):
+        lam: float = 1e-5
+        threshold: float = FLOAT32_EPS
+        lr: float | None = None
+
+        def validate(self):
+            problems = []
+            if not self.lam >= 0:
+                problems.append(f"lam={self.lam} must be >= 0")
+            if self.threshold < 0:
+                problems.append(f"threshold={self.threshold} must be >= 0")
+            if self.lr is not None and not self.lr > 0:
+                problems.append(f"lr={self.lr} must be > 0")
+            return problems
+
+    def run(self, ctx):
+        p = self.params
+        model = ctx.new_model()
+        schedule = ctx.schedule.replace(lr=p.lr) if p.lr else ctx.schedule
+        history, _ = ctx.train(model, L1Hooks(p.lam), schedule=schedule)
+        zeroed = zero_below(model, p.threshold)
+        return [ctx.measure(model, p.threshold, history, lr=schedule.lr, zeroed_by_threshold=zeroed)]

@@ -1,0 +1,41 @@
+"""Shared fixtures: tiny in-memory datasets for fast unit tests, the real Fashion-MNIST for the rest."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmark import data as data_mod
+
+torch.set_num_threads(2)
+
+FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+
+def make_data(shape=(1, 8, 8), classes=4, n_train=256, n_test=128, seed=0, augment=False) -> data_mod.Data:
+    """A learnable synthetic dataset: each class is a fixed random pattern plus noise."""
+    gen = torch.Generator().manual_seed(seed)
+    patterns = torch.randn(classes, *shape, generator=gen)
+
+    def split(n):
+        y = torch.randint(0, classes, (n,), generator=gen)
+        x = patterns[y] + 0.5 * torch.randn(n, *shape, generator=gen)
+        return data_mod.Split(x, y, torch.zeros(1, shape[0], 1, 1), torch.ones(1, shape[0], 1, 1))
+
+    spec = dataclasses.replace(data_mod.get_spec("fashion-mnist"), name="synthetic", shape=shape,
+                               num_classes=classes, augment=augment)
+    return data_mod.Data(spec, split(n_train), split(n_test), Path("synthetic"))
+
+
+@pytest.fixture
+def tiny_data() -> data_mod.Data:
+    return make_data()
+
+
+@pytest.fixture(scope="session")
+def fashion() -> data_mod.Data:
+    """The real Fashion-MNIST (Debian package dataset-fashion-mnist; `make test` installs it)."""
+    return data_mod.load("fashion-mnist")
