@@ -4,10 +4,11 @@ Every split is decoded once into one tensor that lives on the training device; a
 seeded permutation whose index slices are the batches, and augmentation runs on whole batches.
 This removes the per-sample Python work of a ``DataLoader`` (see ``python -m benchmark perf data``).
 
-Discovery order for a dataset: ``--data-dir`` / ``$BENCHMARK_DATA`` (the folder itself or
-torchvision's layout below it), the project's ``./data`` folder, then known system locations such
-as Debian's ``/usr/share/datasets/fashion-mnist``. Downloading is a separate, explicit step
-(``python -m benchmark data fetch NAME``), never done inside a training worker.
+Discovery order for a dataset: ``--data-dir``, then ``$BENCHMARK_DATA`` (each either holding the
+files directly or torchvision's layout below it), the project's ``./data`` folder, then known
+system locations such as Debian's ``/usr/share/datasets/fashion-mnist``. Downloading is a
+separate, explicit step (``python -m benchmark data fetch NAME``), never done inside a training
+worker.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ import gzip
 import hashlib
 import os
 import pickle
+import shlex
 import struct
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -25,7 +28,9 @@ import numpy as np
 import torch
 
 ENV_VAR = "BENCHMARK_DATA"
+CACHE_ENV_VAR = "BENCHMARK_DATA_CACHE"
 DEFAULT_DATA_DIR = Path("data")
+REFETCH = "delete it and fetch the dataset again"
 
 
 class DatasetMissing(FileNotFoundError):
@@ -36,6 +41,10 @@ class DatasetCorrupt(ValueError):
     """A dataset file exists but cannot be decoded; the message names the file."""
 
 
+class FetchFailed(RuntimeError):
+    """An explicit download did not work; the message says why (often: no internet)."""
+
+
 @dataclass(frozen=True)
 class DatasetSpec:
     name: str
@@ -44,24 +53,36 @@ class DatasetSpec:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     augment: bool  # random crop (padding 4) + horizontal flip during training
-    folder_names: tuple[str, ...]  # sub-folders that may hold the files (torchvision layout first)
+    folder_names: tuple[str, ...]  # sub-folders of a data root that may hold the files ("" = the root)
     system_dirs: tuple[str, ...]
-    find: Callable[[Path], bool]  # does this folder hold the dataset's files?
-    read: Callable[[Path, str], tuple[np.ndarray, np.ndarray]]  # (folder, split) -> (uint8 NCHW, labels)
+    missing: Callable[[Path], list[str]]  # why this folder does not hold the dataset ([] = it does)
+    read: Callable[[Path, str, int | None], tuple[np.ndarray, np.ndarray]]  # -> (uint8 NCHW, int64 labels)
     fetch: Callable[[Path], None]
+    system_package: str = ""  # a Debian package that installs the dataset, if any
 
     @property
     def splits(self) -> tuple[str, str]:
         return ("train", "test")
 
+    def holds(self, folder: Path) -> bool:
+        return folder.is_dir() and not self.missing(folder)
+
 
 # --------------------------------------------------------------------------------------------
-# On-disk formats
+# IDX (MNIST, Fashion-MNIST, KMNIST)
 # --------------------------------------------------------------------------------------------
 
 _IDX_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+
+# The first training labels of the official files. The three datasets share file names and
+# sizes, so a folder holding the files directly could be any of them; these let discovery refuse
+# to serve one dataset as another (it never rejects files it does not recognise).
+_IDX_SIGNATURES = {
+    "mnist": (5, 0, 4, 1, 9, 2, 1, 3, 1, 4),
+    "fashion-mnist": (9, 0, 0, 3, 0, 2, 7, 2, 5, 5),
 }
 
 
@@ -72,136 +93,250 @@ def _existing(folder: Path, stem: str) -> Path | None:
     return None
 
 
-def read_idx(path: Path) -> np.ndarray:
-    """Decode one IDX file (plain or gzip), checking its header against its size."""
+def _read_bytes(path: Path, limit: int | None = None) -> bytes:
+    """The (decompressed) bytes of a file, or DatasetCorrupt naming it."""
     try:
-        raw = gzip.open(path).read() if path.suffix == ".gz" else path.read_bytes()
-    except (OSError, EOFError) as exc:
-        raise DatasetCorrupt(f"cannot read {path}: {exc}; delete it and fetch the dataset again") from exc
+        if path.suffix == ".gz":
+            with gzip.open(path) as fh:
+                return fh.read() if limit is None else fh.read(limit)
+        with open(path, "rb") as fh:
+            return fh.read() if limit is None else fh.read(limit)
+    except (OSError, EOFError, zlib.error) as exc:
+        raise DatasetCorrupt(f"cannot read {path}: {exc}; {REFETCH}") from exc
+
+
+def read_idx(path: Path, ndim: int | None = None) -> np.ndarray:
+    """Decode one unsigned-byte IDX file (plain or gzip), checking its header against its size."""
+    raw = _read_bytes(path)
     if len(raw) < 4:
-        raise DatasetCorrupt(f"{path} is truncated ({len(raw)} bytes); delete it and fetch again")
-    zero, dtype_code, ndim = struct.unpack(">HBB", raw[:4])
-    if zero != 0 or dtype_code != 0x08 or ndim not in (1, 3):
-        raise DatasetCorrupt(f"{path} is not an unsigned-byte IDX file (bad magic number)")
-    header = 4 + 4 * ndim
-    dims = struct.unpack(f">{ndim}I", raw[4:header])
-    expected = header + int(np.prod(dims))
+        raise DatasetCorrupt(f"{path} is truncated ({len(raw)} bytes); {REFETCH}")
+    zero, dtype_code, dims_count = struct.unpack(">HBB", raw[:4])
+    if zero != 0 or dtype_code != 0x08 or dims_count not in (1, 3) or (ndim and dims_count != ndim):
+        raise DatasetCorrupt(f"{path} is not an unsigned-byte IDX file with {ndim or '1 or 3'} "
+                             f"dimensions (magic {raw[:4].hex()}); {REFETCH}")
+    header = 4 + 4 * dims_count
+    if len(raw) < header:
+        raise DatasetCorrupt(f"{path} is truncated inside its header; {REFETCH}")
+    dims = struct.unpack(f">{dims_count}I", raw[4:header])
+    expected = header + int(np.prod(dims, dtype=np.int64))
     if len(raw) != expected:
-        raise DatasetCorrupt(
-            f"{path} is truncated or corrupt: header says {dims} ({expected} bytes), file has "
-            f"{len(raw)} bytes; delete it and fetch the dataset again"
-        )
+        raise DatasetCorrupt(f"{path} is truncated or corrupt: its header says {dims} ({expected} bytes), "
+                             f"the file has {len(raw)} bytes; {REFETCH}")
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
 
 
-def _idx_find(folder: Path) -> bool:
-    return all(_existing(folder, stem) for pair in _IDX_FILES.values() for stem in pair)
+def _idx_identity(folder: Path) -> str | None:
+    """Which known dataset the folder's training labels come from, if recognisable."""
+    path = _existing(folder, _IDX_FILES["train"][1])
+    if path is None:
+        return None
+    try:
+        head = _read_bytes(path, 8 + 10)
+    except DatasetCorrupt:
+        return None  # reading reports it properly
+    labels = tuple(head[8:])
+    return next((name for name, sig in _IDX_SIGNATURES.items() if sig == labels), None)
 
 
-def _idx_read(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
-    image_stem, label_stem = _IDX_FILES[split]
-    images = read_idx(_existing(folder, image_stem))
-    labels = read_idx(_existing(folder, label_stem))
-    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
-        raise DatasetCorrupt(f"{folder}: {split} images {images.shape} do not match labels {labels.shape}")
-    return images[:, None], labels.astype(np.int64)
+def _idx_missing_for(name: str) -> Callable[[Path], list[str]]:
+    def missing(folder: Path) -> list[str]:
+        absent = [f"no {stem}[.gz]" for pair in _IDX_FILES.values() for stem in pair if not _existing(folder, stem)]
+        if absent:
+            return absent
+        identity = _idx_identity(folder)
+        return [f"holds {identity}, not {name}"] if identity not in (None, name) else []
+
+    return missing
+
+
+def _idx_read(folder: Path, split: str, limit: int | None) -> tuple[np.ndarray, np.ndarray]:
+    image_path, label_path = (_existing(folder, stem) for stem in _IDX_FILES[split])
+    images = read_idx(image_path, ndim=3)
+    labels = read_idx(label_path, ndim=1)
+    if len(images) != len(labels):
+        raise DatasetCorrupt(f"{image_path} holds {len(images)} images but {label_path} "
+                             f"{len(labels)} labels; {REFETCH}")
+    if labels.size and labels.max() > 9:
+        raise DatasetCorrupt(f"{label_path} has label {labels.max()}, expected 0..9; {REFETCH}")
+    return images[:limit, None], labels[:limit].astype(np.int64)
+
+
+# --------------------------------------------------------------------------------------------
+# CIFAR python batches
+# --------------------------------------------------------------------------------------------
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles CIFAR batches (dicts of numpy arrays and lists) and nothing that could run code."""
+
+    ALLOWED = {
+        ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+        ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+    }
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"unexpected object {module}.{name} in a CIFAR batch")
+        return super().find_class(module, name)
 
 
 def _unpickle(path: Path) -> dict:
     try:
         with open(path, "rb") as fh:
-            return pickle.load(fh, encoding="bytes")
-    except (OSError, EOFError, pickle.UnpicklingError, ValueError) as exc:
-        raise DatasetCorrupt(f"cannot read {path}: {exc}; delete it and fetch the dataset again") from exc
+            batch = _ArrayUnpickler(fh, encoding="bytes").load()
+    except Exception as exc:  # noqa: BLE001 - a broken pickle raises almost any type
+        raise DatasetCorrupt(f"cannot read {path}: {type(exc).__name__}: {exc}; {REFETCH}") from exc
+    if not isinstance(batch, dict):
+        raise DatasetCorrupt(f"{path} holds a {type(batch).__name__}, not a CIFAR batch dict; {REFETCH}")
+    return batch
 
 
-def _cifar_reader(files: dict[str, list[str]], label_key: bytes):
-    def read(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
-        xs, ys = [], []
+def _cifar_batch(path: Path, label_key: bytes, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    batch = _unpickle(path)
+    if b"data" not in batch or label_key not in batch:
+        raise DatasetCorrupt(f"{path} lacks the keys b'data' and {label_key!r} of a CIFAR batch; {REFETCH}")
+    data = np.asarray(batch[b"data"])
+    labels = np.asarray(batch[label_key])
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+        raise DatasetCorrupt(f"{path}: data is {data.dtype} {data.shape}, expected uint8 rows of 3072; {REFETCH}")
+    if labels.ndim != 1 or len(labels) != len(data) or not np.issubdtype(labels.dtype, np.integer):
+        raise DatasetCorrupt(f"{path}: {len(data)} images but labels {labels.dtype} {labels.shape}; {REFETCH}")
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        raise DatasetCorrupt(f"{path}: labels outside 0..{num_classes - 1}; {REFETCH}")
+    return data.reshape(-1, 3, 32, 32), labels.astype(np.int64)
+
+
+def _cifar_format(files: dict[str, list[str]], label_key: bytes, num_classes: int):
+    def missing(folder: Path) -> list[str]:
+        return [f"no {n}" for names in files.values() for n in names if not (folder / n).is_file()]
+
+    def read(folder: Path, split: str, limit: int | None) -> tuple[np.ndarray, np.ndarray]:
+        xs, ys, count = [], [], 0
         for name in files[split]:
-            path = folder / name
-            batch = _unpickle(path)
-            try:
-                data = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
-                labels = np.asarray(batch[label_key], dtype=np.int64)
-            except (KeyError, ValueError) as exc:
-                raise DatasetCorrupt(f"{path} is not a CIFAR python batch ({exc})") from exc
-            if len(data) != len(labels):
-                raise DatasetCorrupt(f"{path}: {len(data)} images but {len(labels)} labels")
-            xs.append(data)
-            ys.append(labels)
-        return np.concatenate(xs), np.concatenate(ys)
+            if limit is not None and count >= limit:
+                break
+            x, y = _cifar_batch(folder / name, label_key, num_classes)
+            xs.append(x)
+            ys.append(y)
+            count += len(y)
+        return np.concatenate(xs)[:limit], np.concatenate(ys)[:limit]
 
-    def find(folder: Path) -> bool:
-        return all((folder / n).is_file() for names in files.values() for n in names)
-
-    return find, read
+    return missing, read
 
 
-_CIFAR10_FILES = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
-_CIFAR100_FILES = {"train": ["train"], "test": ["test"]}
+# --------------------------------------------------------------------------------------------
+# Tiny ImageNet (official folder layout, decoded once into a cache)
+# --------------------------------------------------------------------------------------------
 
-
-def _tiny_find(folder: Path) -> bool:
-    return (folder / "wnids.txt").is_file() and (folder / "val" / "val_annotations.txt").is_file()
+def _tiny_missing(folder: Path) -> list[str]:
+    needed = [("wnids.txt", (folder / "wnids.txt").is_file()),
+              ("train/", (folder / "train").is_dir()),
+              ("val/val_annotations.txt", (folder / "val" / "val_annotations.txt").is_file())]
+    return [f"no {name}" for name, present in needed if not present]
 
 
 def _decode_image(path: Path) -> np.ndarray:
     from PIL import Image
 
+    if not path.is_file():
+        raise DatasetCorrupt(f"{path} is missing (listed by the dataset's index); {REFETCH}")
     try:
         with Image.open(path) as img:
             arr = np.asarray(img.convert("RGB"), dtype=np.uint8)
-    except (OSError, ValueError) as exc:
-        raise DatasetCorrupt(f"cannot decode image {path}: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - PIL raises OSError, SyntaxError, DecompressionBombError...
+        raise DatasetCorrupt(f"cannot decode image {path}: {exc}; {REFETCH}") from exc
     if arr.shape != (64, 64, 3):
-        raise DatasetCorrupt(f"{path} has shape {arr.shape}, Tiny ImageNet images are 64x64 RGB")
+        raise DatasetCorrupt(f"{path} is {arr.shape[1]}x{arr.shape[0]}, Tiny ImageNet images are 64x64")
     return arr.transpose(2, 0, 1)
 
 
-def _tiny_read(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """Official layout: train/<wnid>/images/*.JPEG, val/images + val/val_annotations.txt (val = test).
-
-    Decoding 100k JPEGs takes minutes, so the decoded arrays are cached in a ``.npz`` beside the
-    folder (or under ``$BENCHMARK_DATA_CACHE``), keyed by the file list.
-    """
+def _tiny_items(folder: Path, split: str) -> list[tuple[Path, int]]:
+    """(image, label) pairs. Train interleaves the classes (one image of each class in turn) so that
+    the first N examples of a subset cover every class, as they do for MNIST and CIFAR."""
     wnids = [line.strip() for line in (folder / "wnids.txt").read_text().splitlines() if line.strip()]
-    index = {w: i for i, w in enumerate(wnids)}
-    items: list[tuple[Path, int]] = []
+    label_of = {wnid: i for i, wnid in enumerate(wnids)}
     if split == "train":
-        for wnid in wnids:
+        ranked = []
+        for label, wnid in enumerate(wnids):
             image_dir = folder / "train" / wnid / "images"
             if not image_dir.is_dir():
-                raise DatasetCorrupt(f"{image_dir} is missing (class {wnid} listed in wnids.txt)")
-            items += [(p, index[wnid]) for p in sorted(image_dir.iterdir()) if p.suffix.lower() in (".jpeg", ".jpg", ".png")]
-    else:
-        annotations = folder / "val" / "val_annotations.txt"
-        for lineno, line in enumerate(annotations.read_text().splitlines(), 1):
-            parts = line.split("\t")
-            if len(parts) < 2 or parts[1] not in index:
-                raise DatasetCorrupt(f"{annotations}:{lineno}: expected '<file>\\t<wnid>...', got {line!r}")
-            items.append((folder / "val" / "images" / parts[0], index[parts[1]]))
-    digest = hashlib.sha1("\n".join(f"{p.name}:{y}" for p, y in items).encode()).hexdigest()[:12]
-    cache_root = Path(os.environ.get("BENCHMARK_DATA_CACHE", folder))
-    cache = cache_root / f".decoded-{split}-{digest}.npz"
-    if cache.is_file():
-        with np.load(cache) as npz:
-            return npz["x"], npz["y"]
-    x = np.stack([_decode_image(p) for p, _ in items]) if items else np.zeros((0, 3, 64, 64), np.uint8)
-    y = np.asarray([label for _, label in items], dtype=np.int64)
+                raise DatasetCorrupt(f"{image_dir} is missing (class {wnid} is listed in wnids.txt); {REFETCH}")
+            files = sorted(p for p in image_dir.iterdir() if p.suffix.lower() in (".jpeg", ".jpg", ".png"))
+            ranked += [(rank, label, path) for rank, path in enumerate(files)]
+        return [(path, label) for _, label, path in sorted(ranked, key=lambda item: item[:2])]
+    annotations = folder / "val" / "val_annotations.txt"
+    items = []
+    for lineno, line in enumerate(annotations.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        fields = line.split("\t")
+        if len(fields) < 2 or fields[1] not in label_of:
+            raise DatasetCorrupt(f"{annotations}:{lineno}: expected '<file>\\t<wnid listed in wnids.txt>...', "
+                                 f"got {line!r}")
+        items.append((folder / "val" / "images" / fields[0], label_of[fields[1]]))
+    return items
+
+
+def _tiny_cache_path(folder: Path, split: str, items: list[tuple[Path, int]]) -> Path:
+    """A cache file keyed by the folder and every image's name, label, size and time: replacing,
+    adding or removing an image decodes again."""
+    digest = hashlib.sha1(str(folder.resolve()).encode())
+    for path, label in items:
+        try:
+            stat = path.stat()
+            digest.update(f"{path.name}:{label}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
+        except OSError:
+            digest.update(f"{path.name}:{label}:missing\n".encode())
+    name = f".decoded-{split}-{digest.hexdigest()[:16]}.npz"
+    root = os.environ.get(CACHE_ENV_VAR)
+    return Path(root) / name if root else folder / name
+
+
+def _load_cache(cache: Path, count: int) -> tuple[np.ndarray, np.ndarray] | None:
     try:
-        tmp = cache.with_suffix(f".tmp{os.getpid()}.npz")
+        with np.load(cache) as npz:
+            x, y = npz["x"], npz["y"]
+    except Exception:  # noqa: BLE001 - a broken cache is only slower: decode again
+        return None
+    return (x, y) if x.shape == (count, 3, 64, 64) and y.shape == (count,) else None
+
+
+def _save_cache(cache: Path, x: np.ndarray, y: np.ndarray) -> None:
+    tmp = cache.with_name(f"{cache.stem}.tmp{os.getpid()}.npz")
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
         np.savez(tmp, x=x, y=y)
         os.replace(tmp, cache)
     except OSError:
-        pass  # read-only dataset folder: decode again next time
+        tmp.unlink(missing_ok=True)  # read-only dataset folder: decode again next time
+
+
+def _tiny_read(folder: Path, split: str, limit: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """Official layout: train/<wnid>/images/*.JPEG, val/images + val/val_annotations.txt (val = test).
+
+    Decoding 110k JPEGs takes minutes, so the decoded arrays of a whole split are cached in a
+    ``.npz`` in the dataset folder (or under ``$BENCHMARK_DATA_CACHE``); a subset decodes only its
+    own images unless the whole split is cached already.
+    """
+    items = _tiny_items(folder, split)
+    cache = _tiny_cache_path(folder, split, items)
+    cached = _load_cache(cache, len(items)) if cache.is_file() else None
+    if cached is not None:
+        return cached[0][:limit], cached[1][:limit]
+    chosen = items[:limit]
+    x = np.empty((len(chosen), 3, 64, 64), dtype=np.uint8)
+    for i, (path, _) in enumerate(chosen):
+        x[i] = _decode_image(path)
+    y = np.asarray([label for _, label in chosen], dtype=np.int64)
+    if len(chosen) == len(items):
+        _save_cache(cache, x, y)
     return x, y
 
 
 # --------------------------------------------------------------------------------------------
-# Fetching (explicit, through torchvision)
+# Fetching (explicit, through torchvision or the official archive)
 # --------------------------------------------------------------------------------------------
-
 
 def _fetch_torchvision(cls_name: str) -> Callable[[Path], None]:
     def fetch(root: Path) -> None:
@@ -214,40 +349,50 @@ def _fetch_torchvision(cls_name: str) -> Callable[[Path], None]:
     return fetch
 
 
+TINY_IMAGENET_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
+
+
 def _fetch_tiny(root: Path) -> None:
     from torchvision.datasets.utils import download_and_extract_archive
 
-    download_and_extract_archive("http://cs231n.stanford.edu/tiny-imagenet-200.zip", str(root))
+    download_and_extract_archive(TINY_IMAGENET_URL, str(root))
 
 
-def _mnist_like(name: str, tv: str, mean: float, std: float, system: tuple[str, ...] = ()) -> DatasetSpec:
+# --------------------------------------------------------------------------------------------
+# Registry
+# --------------------------------------------------------------------------------------------
+
+def _mnist_like(name: str, tv: str, mean: float, std: float, system: tuple[str, ...] = (),
+                package: str = "") -> DatasetSpec:
     return DatasetSpec(
         name=name, shape=(1, 28, 28), num_classes=10, mean=(mean,), std=(std,), augment=False,
-        folder_names=(f"{tv}/raw", tv, name, ""), system_dirs=system,
-        find=_idx_find, read=_idx_read, fetch=_fetch_torchvision(tv),
+        folder_names=(f"{tv}/raw", name, ""), system_dirs=system,
+        missing=_idx_missing_for(name), read=_idx_read, fetch=_fetch_torchvision(tv), system_package=package,
     )
 
 
-_c10_find, _c10_read = _cifar_reader(_CIFAR10_FILES, b"labels")
-_c100_find, _c100_read = _cifar_reader(_CIFAR100_FILES, b"fine_labels")
+_c10_missing, _c10_read = _cifar_format(
+    {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}, b"labels", 10)
+_c100_missing, _c100_read = _cifar_format({"train": ["train"], "test": ["test"]}, b"fine_labels", 100)
 
 DATASETS: dict[str, DatasetSpec] = {
     spec.name: spec
     for spec in [
-        _mnist_like("mnist", "MNIST", 0.1307, 0.3081, ("/usr/share/datasets/mnist",)),
-        _mnist_like("fashion-mnist", "FashionMNIST", 0.2860, 0.3530, ("/usr/share/datasets/fashion-mnist",)),
+        _mnist_like("mnist", "MNIST", 0.1307, 0.3081),
+        _mnist_like("fashion-mnist", "FashionMNIST", 0.2860, 0.3530,
+                    ("/usr/share/datasets/fashion-mnist",), "dataset-fashion-mnist"),
         _mnist_like("kmnist", "KMNIST", 0.1918, 0.3483),
         DatasetSpec(
             "cifar10", (3, 32, 32), 10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), True,
-            ("cifar-10-batches-py", "cifar10", ""), (), _c10_find, _c10_read, _fetch_torchvision("CIFAR10"),
+            ("cifar-10-batches-py", "cifar10", ""), (), _c10_missing, _c10_read, _fetch_torchvision("CIFAR10"),
         ),
         DatasetSpec(
             "cifar100", (3, 32, 32), 100, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), True,
-            ("cifar-100-python", "cifar100", ""), (), _c100_find, _c100_read, _fetch_torchvision("CIFAR100"),
+            ("cifar-100-python", "cifar100", ""), (), _c100_missing, _c100_read, _fetch_torchvision("CIFAR100"),
         ),
         DatasetSpec(
             "tiny-imagenet", (3, 64, 64), 200, (0.4802, 0.4481, 0.3975), (0.2770, 0.2691, 0.2821), True,
-            ("tiny-imagenet-200", "tiny-imagenet", ""), (), _tiny_find, _tiny_read, _fetch_tiny,
+            ("tiny-imagenet-200", "tiny-imagenet", ""), (), _tiny_missing, _tiny_read, _fetch_tiny,
         ),
     ]
 }
@@ -260,54 +405,106 @@ def get_spec(name: str) -> DatasetSpec:
         raise ValueError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}") from None
 
 
+# --------------------------------------------------------------------------------------------
+# Discovery
+# --------------------------------------------------------------------------------------------
+
 def search_roots(data_dir: str | os.PathLike | None = None) -> list[Path]:
-    """Folders searched, in order: the explicit one, $BENCHMARK_DATA, ./data."""
-    roots = []
+    """Data roots searched, in order: the explicit one, $BENCHMARK_DATA, ./data (absolute, so the
+    messages say exactly where)."""
+    roots: list[Path] = []
     for candidate in (data_dir, os.environ.get(ENV_VAR), DEFAULT_DATA_DIR):
         if candidate:
-            path = Path(candidate).expanduser()
+            path = Path(candidate).expanduser().absolute()
             if path not in roots:
                 roots.append(path)
     return roots
 
 
+def _folders_under(spec: DatasetSpec, root: Path) -> list[Path]:
+    return [root / sub if sub else root for sub in spec.folder_names]
+
+
 def candidate_folders(name: str, data_dir=None) -> list[Path]:
     spec = get_spec(name)
-    folders = [root / sub if sub else root for root in search_roots(data_dir) for sub in spec.folder_names]
+    folders = [f for root in search_roots(data_dir) for f in _folders_under(spec, root)]
     return folders + [Path(d) for d in spec.system_dirs]
 
 
+def _default_target(data_dir=None) -> Path:
+    return Path(data_dir or os.environ.get(ENV_VAR) or DEFAULT_DATA_DIR).expanduser()
+
+
 def fetch_command(name: str, data_dir=None) -> str:
-    target = data_dir or os.environ.get(ENV_VAR) or DEFAULT_DATA_DIR
-    return f"python -m benchmark data fetch {name} --data-dir {target}"
+    return f"python -m benchmark data fetch {name} --data-dir {shlex.quote(str(_default_target(data_dir)))}"
 
 
 def locate(name: str, data_dir=None) -> Path:
     """The folder that holds ``name``'s files, or DatasetMissing naming every place searched."""
-    folders = candidate_folders(name, data_dir)
     spec = get_spec(name)
+    folders = candidate_folders(name, data_dir)
+    lines = []
     for folder in folders:
-        if folder.is_dir() and spec.find(folder):
+        if not folder.is_dir():
+            lines.append(f"{folder}  (no such folder)")
+            continue
+        lacking = spec.missing(folder)
+        if not lacking:
             return folder
-    searched = "\n  ".join(str(f) for f in folders)
-    raise DatasetMissing(
-        f"dataset {name!r} not found. Searched:\n  {searched}\n"
-        f"Fetch it with:  {fetch_command(name, data_dir)}\n"
-        f"or point --data-dir / ${ENV_VAR} at a folder that holds it."
-    )
+        lines.append(f"{folder}  ({'; '.join(lacking) if len(lacking) < 4 else f'no {name} files'})")
+    hints = [f"Fetch it with:  {fetch_command(name, data_dir)}"]
+    if spec.system_package:
+        hints.append(f"or install it:  apt-get install {spec.system_package}")
+    hints.append(f"or point --data-dir / ${ENV_VAR} at a folder that holds the files (directly or in "
+                 f"torchvision's layout below it).")
+    searched = "\n  ".join(lines)
+    raise DatasetMissing(f"dataset {name!r} not found. Searched, in order:\n  {searched}\n" + "\n".join(hints))
+
+
+def _looks_offline(exc: BaseException) -> bool:
+    import socket
+    import urllib.error
+
+    seen = exc
+    while seen is not None:
+        if isinstance(seen, (urllib.error.URLError, socket.gaierror, ConnectionError, TimeoutError)):
+            return True
+        if "urlopen error" in str(seen) or "Name or service not known" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def fetch(name: str, data_dir=None) -> Path:
-    root = Path(data_dir or os.environ.get(ENV_VAR) or DEFAULT_DATA_DIR)
-    root.mkdir(parents=True, exist_ok=True)
-    get_spec(name).fetch(root)
-    return locate(name, root)
+    """Download ``name`` into ``data_dir`` ($BENCHMARK_DATA, ./data) unless discovery finds it already."""
+    spec = get_spec(name)
+    root = _default_target(data_dir)
+    try:
+        return locate(name, data_dir)
+    except DatasetMissing:
+        pass
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        spec.fetch(root)
+    except Exception as exc:  # noqa: BLE001 - downloads fail in many ways; say which plainly
+        if _looks_offline(exc):
+            why = "could not reach the download server (this machine looks offline)"
+        else:
+            why = f"{type(exc).__name__}: {exc}"
+        alternatives = [f"fetch it on a machine with internet ({fetch_command(name, data_dir)}), copy the "
+                        f"folder here and point --data-dir / ${ENV_VAR} at it"]
+        if spec.system_package:
+            alternatives.insert(0, f"apt-get install {spec.system_package}")
+        raise FetchFailed(f"downloading {name} failed: {why}.\nInstead: " + "; or ".join(alternatives)) from exc
+    found = next((f for f in _folders_under(spec, root.absolute()) if spec.holds(f)), None)
+    if found is None:
+        raise FetchFailed(f"downloading {name} finished but its files are not under {root}")
+    return found
 
 
 # --------------------------------------------------------------------------------------------
 # Tensor-resident splits and batching
 # --------------------------------------------------------------------------------------------
-
 
 @dataclass
 class Split:
@@ -342,34 +539,37 @@ class Data:
         return Data(self.spec, self.train.to(device), self.test.to(device), self.source)
 
 
-# Splits above this many bytes as float32 are kept as uint8 and normalized per batch.
+# Splits above this many bytes as float32 are kept as uint8 and normalized per batch
+# (Tiny ImageNet's train split: 4.9 GB as float32, 1.2 GB as uint8).
 UINT8_ABOVE_BYTES = 2 * 1024**3
 
 
-def _to_split(images: np.ndarray, labels: np.ndarray, spec: DatasetSpec, device) -> Split:
-    mean = torch.tensor(spec.mean, dtype=torch.float32).view(1, -1, 1, 1)
-    std = torch.tensor(spec.std, dtype=torch.float32).view(1, -1, 1, 1)
+def _to_split(images: np.ndarray, labels: np.ndarray, spec: DatasetSpec, device, source: Path) -> Split:
     if tuple(images.shape[1:]) != spec.shape:
-        raise DatasetCorrupt(f"{spec.name}: images have shape {images.shape[1:]}, expected {spec.shape}")
-    x = torch.from_numpy(np.require(images, requirements=["C", "W"]))
-    y = torch.from_numpy(np.require(labels, requirements=["C", "W"])).long()
-    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= spec.num_classes):
-        raise DatasetCorrupt(f"{spec.name}: labels outside 0..{spec.num_classes - 1}")
+        raise DatasetCorrupt(f"{source}: {spec.name} images have shape {tuple(images.shape[1:])}, "
+                             f"expected {spec.shape}")
+    if labels.size and (labels.min() < 0 or labels.max() >= spec.num_classes):
+        raise DatasetCorrupt(f"{source}: {spec.name} labels outside 0..{spec.num_classes - 1}")
+    device = torch.device(device)
+    mean = torch.tensor(spec.mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+    std = torch.tensor(spec.std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+    # Move the uint8 pixels (a quarter of the bytes) and normalize once, on the device.
+    x = torch.from_numpy(np.require(images, np.uint8, ["C", "W"])).to(device)
+    y = torch.from_numpy(np.require(labels, np.int64, ["C", "W"])).to(device)
     if x.numel() * 4 <= UINT8_ABOVE_BYTES:
-        x = (x.float().div_(255) - mean) / std
-    return Split(x, y, mean, std).to(device)
+        x = x.float().div_(255).sub_(mean).div_(std)  # in place: one float copy at peak
+    return Split(x, y, mean, std)
 
 
 def load(name: str, data_dir=None, device="cpu", limit: int | None = None) -> Data:
-    """Load both splits of ``name`` onto ``device``. ``limit`` keeps the first N of each (tests, perf)."""
+    """Load both splits of ``name`` onto ``device``. ``limit`` keeps the first N of each (tests, perf,
+    subset cells); Tiny ImageNet's train order interleaves classes so the first N cover all."""
     spec = get_spec(name)
     folder = locate(name, data_dir)
     splits = {}
     for split in spec.splits:
-        images, labels = spec.read(folder, split)
-        if limit is not None:
-            images, labels = images[:limit], labels[:limit]
-        splits[split] = _to_split(images, labels, spec, device)
+        images, labels = spec.read(folder, split, limit)
+        splits[split] = _to_split(images, labels, spec, device, folder)
     return Data(spec, splits["train"], splits["test"], folder)
 
 
@@ -382,23 +582,29 @@ def epoch_generator(seed: int, epoch: int) -> torch.Generator:
 
 
 def augment(x: torch.Tensor, gen: torch.Generator, padding: int = 4) -> torch.Tensor:
-    """Random crop with zero padding and random horizontal flip, applied to a whole batch on its device."""
-    n, _, h, w = x.shape
+    """Random crop with zero padding and random horizontal flip of a whole batch on its device.
+
+    ``x`` is already normalized, so the padding is zero in normalized space (the dataset's mean
+    colour). A crop offset of ``padding`` without flip returns an image unchanged.
+    """
+    n, channels, h, w = x.shape
     padded = torch.nn.functional.pad(x, (padding, padding, padding, padding))
     dy = torch.randint(0, 2 * padding + 1, (n,), generator=gen).to(x.device)
     dx = torch.randint(0, 2 * padding + 1, (n,), generator=gen).to(x.device)
-    flip = torch.rand(n, generator=gen).to(x.device) < 0.5
-    rows = (torch.arange(h, device=x.device)[None, :] + dy[:, None])  # (n, h)
+    flip = (torch.rand(n, generator=gen) < 0.5).to(x.device)
+    rows = torch.arange(h, device=x.device)[None, :] + dy[:, None]  # (n, h)
     cols = torch.arange(w, device=x.device)[None, :].expand(n, w)
     cols = torch.where(flip[:, None], cols.flip(1), cols) + dx[:, None]  # (n, w)
     batch_index = torch.arange(n, device=x.device)[:, None, None, None]
-    channel_index = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
+    channel_index = torch.arange(channels, device=x.device)[None, :, None, None]
     return padded[batch_index, channel_index, rows[:, None, :, None], cols[:, None, None, :]]
 
 
 def batches(split: Split, batch_size: int, gen: torch.Generator, *, shuffle: bool = True,
             augment_batches: bool = False, drop_last: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Index slices of one seeded permutation; augmentation (if asked) on the whole batch."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
     n = len(split)
     device = split.y.device
     order = torch.randperm(n, generator=gen).to(device) if shuffle else torch.arange(n, device=device)

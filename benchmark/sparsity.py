@@ -34,6 +34,8 @@ def logical_parameters(model: nn.Module):
     """(name, tensor) for every parameter as the forward pass sees it: a parametrized weight is
     reported once, as its computed value, not as its factors or its unmasked original."""
     for mod_name, module in model.named_modules():
+        if isinstance(module, parametrize.ParametrizationList):
+            continue  # the stored original / factors, reported below as the weight they compute
         for name, p in module.named_parameters(recurse=False):
             yield f"{mod_name}.{name}" if mod_name else name, p
         if parametrize.is_parametrized(module):
@@ -97,10 +99,7 @@ def effective_masks(model: nn.Module, input_shape, threshold: float = 0.0) -> di
     positive exactly for the weights that are effective.
     """
     net = copy.deepcopy(model).cpu().double().eval()
-    for _, module in list(net.named_modules()):
-        if parametrize.is_parametrized(module):
-            for name in list(module.parametrizations):
-                parametrize.remove_parametrizations(module, name, leave_parametrized=True)
+    unparametrize(net)
     _replace_pools(net)
     masks = {}
     for mod_name, module in net.named_modules():
@@ -122,6 +121,25 @@ def effective_masks(model: nn.Module, input_shape, threshold: float = 0.0) -> di
         if isinstance(module, PRUNABLE_TYPES):
             result[mod_name] = (masks[mod_name] > 0) & (module.weight.grad > 0)
     return result
+
+
+def unparametrize(model: nn.Module, select=lambda module: True) -> nn.Module:
+    """Replace every parametrized tensor of the selected modules by a plain parameter holding its
+    current value, in place.
+
+    ``torch.nn.utils.parametrize.remove_parametrizations`` deletes the property from the generated
+    ``Parametrized<Class>`` class, which deep copies share, so using it on a copy breaks the original
+    (and vice versa). This changes only the instance.
+    """
+    for module in model.modules():
+        if not parametrize.is_parametrized(module) or not select(module):
+            continue
+        values = {n: getattr(module, n).detach().clone() for n in module.parametrizations}
+        module.__class__ = module.__class__.__bases__[0]
+        del module._modules["parametrizations"]
+        for name, value in values.items():
+            module.register_parameter(name, nn.Parameter(value))
+    return model
 
 
 def _replace_pools(net: nn.Module) -> None:

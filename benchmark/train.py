@@ -108,7 +108,8 @@ class TrainHooks:
         for name, p in model.named_parameters():
             if not p.requires_grad:
                 continue
-            (decay if name.endswith("weight") and p.ndim > 1 else plain).append(p)
+            is_weight = name.endswith("weight") or name.endswith("parametrizations.weight.original")  # masked
+            (decay if is_weight and p.ndim > 1 else plain).append(p)
         groups = [{"params": decay, "weight_decay": schedule.weight_decay}, {"params": plain, "weight_decay": 0.0}]
         return [g for g in groups if g["params"]]
 

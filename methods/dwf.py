@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from benchmark.sparsity import prunable_layers, zero_below
+from benchmark.sparsity import prunable_layers, unparametrize, zero_below
 from benchmark.train import TrainHooks
 from methods.base import Method, register
 
@@ -115,26 +115,27 @@ def factorized_modules(model: nn.Module) -> list[nn.Module]:
             and isinstance(m.parametrizations.weight[0], Product)]
 
 
-def balance_error(model: nn.Module, threshold: float = FLOAT32_EPS) -> float:
-    """Median over kept weights of max_d | |w_d| - |w|^(1/D) | / |w|^(1/D) (0 = perfectly balanced)."""
-    errors = []
+def balance_error(model: nn.Module) -> float:
+    """How far the factors are from balance (|w_d| = |w|^(1/D) for all d), as
+    sum_j max_d | w_dj^2 - |w_j|^(2/D) |  /  sum_j mean_d w_dj^2  over all factorized weights.
+
+    0 means balanced. Squared-norm units make it dominated by the weights the loss sustains; weights
+    decaying to zero shrink their imbalance and their norm at the same rate.
+    """
+    numerator = denominator = 0.0
     with torch.no_grad():
         for module in factorized_modules(model):
-            factors = factors_of(module)
-            w = module.weight
-            keep = w.abs() >= threshold
-            if not keep.any():
-                continue
-            target = w.abs()[keep].pow(1.0 / len(factors))
-            dev = torch.stack([(f.abs()[keep] - target).abs() / target for f in factors]).amax(0)
-            errors.append(dev)
-    return float(torch.cat(errors).median()) if errors else float("nan")
+            squares = torch.stack([f.pow(2) for f in factors_of(module)])
+            target = module.weight.abs().pow(2.0 / len(squares))
+            numerator += float((squares - target).abs().amax(0).sum())
+            denominator += float(squares.mean(0).sum())
+    return numerator / denominator if denominator else float("nan")
 
 
 def collapse(model: nn.Module) -> None:
     """Turn factorized weights back into plain weights holding their product."""
-    for module in factorized_modules(model):
-        parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+    factorized = set(factorized_modules(model))
+    unparametrize(model, lambda module: module in factorized)
 
 
 class FactorHooks(TrainHooks):
@@ -196,7 +197,7 @@ class DWF(Method):
         factorize(model, p.depth, ctx.cell.seed, p.init, p.init_eps, p.skip_last)
         schedule = ctx.schedule.replace(lr=p.lr) if p.lr else ctx.schedule
         history, _ = ctx.train(model, FactorHooks(p.lam, p.depth, p.penalty), schedule=schedule)
-        balance = balance_error(model, p.threshold)
+        balance = balance_error(model)
         collapse(model)
         zeroed = zero_below(model, p.threshold)
         return [ctx.measure(model, p.threshold, history, lr=schedule.lr, balance_error=balance,

@@ -1,0 +1,200 @@
+"""One result file per cell, written atomically by the driver only, and collection to tidy CSVs.
+
+Layout under ``<results-dir>/<grid>/``::
+
+    cells/<cell_id>.json    the cell's config, status and records (temporary file + rename)
+    claims/<cell_id>.claim  held while a driver runs the cell (O_EXCL), so two drivers never
+                            train one cell twice; a claim whose process is gone is taken over
+    work/<cell_id>/         per-epoch checkpoints of unfinished cells
+    events.jsonl            one line per start / finish / failure, appended by every driver
+    run.log                 human-readable log of the runs
+    results.csv, layers.csv written by ``collect``
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import time
+from pathlib import Path
+
+import pandas as pd
+
+#: Record keys that are not CSV columns (nested or bulky); layers go to layers.csv.
+NESTED_KEYS = ("history", "layers", "config", "traceback")
+
+#: The columns results.csv always has, in this order; other record keys follow.
+CSV_COLUMNS = [
+    "grid", "cell_id", "method", "variant", "family", "arch", "dataset", "seed", "depth", "lam",
+    "target_cr", "level", "test_acc", "cr", "cr_total", "cr_effective", "speedup", "sparsity",
+    "epochs", "wall_s", "device", "status", "error",
+]
+
+
+def variant_label(record: dict) -> str:
+    """The curve a record belongs to: the method, with the depth for DWF."""
+    if record.get("method") == "dwf" and record.get("depth") is not None:
+        return f"dwf D={int(record['depth'])}"
+    return str(record.get("method"))
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class Store:
+    def __init__(self, results_dir: str | os.PathLike, grid: str):
+        self.root = Path(results_dir) / grid
+        self.grid = grid
+        self.cells_dir = self.root / "cells"
+        self.claims_dir = self.root / "claims"
+        self.work_dir = self.root / "work"
+
+    def ensure(self) -> None:
+        for d in (self.cells_dir, self.claims_dir, self.work_dir):
+            d.mkdir(parents=True, exist_ok=True)
+
+    # ---- result files -------------------------------------------------------------------
+    def path(self, cell_id: str) -> Path:
+        return self.cells_dir / f"{cell_id}.json"
+
+    def read(self, cell_id: str) -> dict | None:
+        try:
+            return json.loads(self.path(cell_id).read_text())
+        except FileNotFoundError:
+            return None
+
+    def status(self, cell_id: str) -> str:
+        result = self.read(cell_id)
+        return result["status"] if result else "todo"
+
+    def write(self, cell_id: str, config: dict, records: list[dict], run_id: str) -> dict:
+        statuses = {r["status"] for r in records}
+        status = "ok" if statuses == {"ok"} else ("blocked" if "blocked" in statuses else "failed")
+        result = {"cell_id": cell_id, "grid": self.grid, "status": status, "config": config, "run_id": run_id,
+                  "finished_at": time.time(), "records": records}
+        self.cells_dir.mkdir(parents=True, exist_ok=True)
+        _atomic_write_text(self.path(cell_id), json.dumps(result))
+        return result
+
+    def results(self) -> list[dict]:
+        out = []
+        for path in sorted(self.cells_dir.glob("*.json")):
+            try:
+                out.append(json.loads(path.read_text()))
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path} is not valid JSON ({exc}); delete it and run the grid again") from None
+        return out
+
+    # ---- claims ---------------------------------------------------------------------------
+    def claim(self, cell_id: str, run_id: str) -> bool:
+        """Take the cell for this process; False if a live process holds it."""
+        self.claims_dir.mkdir(parents=True, exist_ok=True)
+        path = self.claims_dir / f"{cell_id}.claim"
+        payload = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "run_id": run_id, "at": time.time()})
+        for _ in range(2):
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                if not self._stale(path):
+                    return False
+                try:  # take over a dead process's claim: rename is atomic, only one driver wins
+                    os.rename(path, path.with_name(f".{path.name}.stale{os.getpid()}"))
+                except FileNotFoundError:
+                    pass
+                continue
+            with os.fdopen(fd, "w") as fh:
+                fh.write(payload)
+            # a finished file may have appeared between listing and claiming
+            if self.status(cell_id) == "ok":
+                path.unlink(missing_ok=True)
+                return False
+            return True
+        return False
+
+    def _stale(self, path: Path) -> bool:
+        try:
+            info = json.loads(path.read_text() or "{}")
+        except (FileNotFoundError, json.JSONDecodeError):
+            # being written right now, or torn by a kill: stale only if old
+            try:
+                return time.time() - path.stat().st_mtime > 60
+            except FileNotFoundError:
+                return True
+        if info.get("host") == socket.gethostname():
+            return not _pid_alive(int(info.get("pid", 0)))
+        return False  # another machine's claim: cannot check, leave it (see `status`)
+
+    def release(self, cell_id: str) -> None:
+        (self.claims_dir / f"{cell_id}.claim").unlink(missing_ok=True)
+
+    def claimed(self) -> set[str]:
+        return {p.stem for p in self.claims_dir.glob("*.claim") if not self._stale(p)} if self.claims_dir.is_dir() else set()
+
+    # ---- events ---------------------------------------------------------------------------
+    def event(self, kind: str, cell_id: str, run_id: str, **extra) -> None:
+        """Append one JSON line (O_APPEND keeps concurrent drivers' lines whole)."""
+        line = json.dumps({"t": time.time(), "event": kind, "cell_id": cell_id, "run_id": run_id, **extra}) + "\n"
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.root / "events.jsonl", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            os.write(fd, line.encode())
+        finally:
+            os.close(fd)
+
+    # ---- collection -----------------------------------------------------------------------
+    def tables(self) -> tuple[pd.DataFrame, pd.DataFrame]:
+        """(results, layers) as tidy DataFrames, one row per record / per record x layer."""
+        rows, layer_rows = [], []
+        for result in self.results():
+            for record in result["records"]:
+                row = {k: v for k, v in record.items() if k not in NESTED_KEYS}
+                row["grid"] = self.grid
+                row.setdefault("cell_id", result["cell_id"])
+                row["variant"] = variant_label(record)
+                rows.append(row)
+                for index, layer in enumerate(record.get("layers") or []):
+                    layer_rows.append({"cell_id": row["cell_id"], "level": record.get("level"), "layer": layer["name"],
+                                       "layer_index": index, "kind": layer.get("kind"), "numel": layer["numel"],
+                                       "nonzero": layer["nonzero"], "effective": layer.get("effective"),
+                                       "sparsity": layer.get("sparsity")})
+        results = pd.DataFrame(rows)
+        for col in CSV_COLUMNS:
+            if col not in results:
+                results[col] = None
+        results = results[CSV_COLUMNS + sorted(c for c in results.columns if c not in CSV_COLUMNS)]
+        if len(results):
+            results = results.sort_values(["arch", "dataset", "variant", "seed", "cr"], na_position="last",
+                                          kind="stable").reset_index(drop=True)
+        layers = pd.DataFrame(layer_rows, columns=["cell_id", "level", "layer", "layer_index", "kind", "numel",
+                                                   "nonzero", "effective", "sparsity"])
+        return results, layers
+
+    def collect(self) -> tuple[Path, Path, pd.DataFrame]:
+        results, layers = self.tables()
+        self.root.mkdir(parents=True, exist_ok=True)
+        csv_path, layers_path = self.root / "results.csv", self.root / "layers.csv"
+        _atomic_write_text(csv_path, results.to_csv(index=False))
+        _atomic_write_text(layers_path, layers.to_csv(index=False))
+        return csv_path, layers_path, results
+
+
+def finite(x) -> float | None:
+    return x if isinstance(x, (int, float)) and math.isfinite(x) else None

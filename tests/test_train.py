@@ -1,0 +1,113 @@
+"""The shared training loop: exact resume from a checkpoint, divergence status, determinism."""
+
+import pytest
+import torch
+
+from benchmark import models
+from benchmark.cell import Cell, run_cell
+from benchmark.train import Diverged, Schedule, TrainHooks, pick_device, train
+from methods.dwf import factorize
+
+from conftest import make_data
+
+
+class StopAfter(TrainHooks):
+    """Interrupts training the way a kill would, after ``epoch`` epochs were checkpointed."""
+
+    def __init__(self, epoch):
+        self.epoch = epoch
+
+    def after_step(self, model):
+        self.steps = getattr(self, "steps", 0) + 1
+
+    def after_epoch(self, model, epoch):
+        if epoch == self.epoch:
+            raise KeyboardInterrupt
+
+
+def _model(factorized=False):
+    model = models.build("lenet300", (1, 8, 8), 4, seed=1)
+    if factorized:
+        factorize(model, depth=3, seed=1)
+    return model
+
+
+@pytest.mark.parametrize("factorized", [False, True])
+def test_resume_from_checkpoint_gives_identical_weights(tmp_path, factorized):
+    data = make_data(augment=True, shape=(1, 8, 8))
+    schedule = Schedule(epochs=4, lr=0.05, batch_size=32, weight_decay=1e-4)
+    straight = _model(factorized)
+    train(straight, data, schedule, seed=5, progress=False)
+
+    ckpt = tmp_path / "run.ckpt"
+    interrupted = _model(factorized)
+    with pytest.raises(KeyboardInterrupt):
+        # after_epoch of the 3rd epoch runs before its checkpoint: the file holds 2 epochs
+        train(interrupted, data, schedule, seed=5, checkpoint=ckpt, progress=False, hooks=StopAfter(2))
+    assert torch.load(ckpt, weights_only=False)["epoch"] == 2
+    resumed = _model(factorized)  # fresh process state: a new model, same construction
+    history, _ = train(resumed, data, schedule, seed=5, checkpoint=ckpt, progress=False)
+    assert history.resumed_from == 2 and len(history.epochs) == 4
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_same_seed_same_result_different_seed_different_result():
+    data = make_data()
+    schedule = Schedule(epochs=2, lr=0.05, batch_size=32)
+    runs = []
+    for seed in (0, 0, 1):
+        model = _model()
+        train(model, data, schedule, seed=seed, progress=False)
+        runs.append(model.fc1.weight.detach().clone())
+    assert torch.equal(runs[0], runs[1])
+    assert not torch.equal(runs[0], runs[2])
+
+
+def test_nan_loss_stops_training_with_a_clear_error():
+    data = make_data()
+    with pytest.raises(Diverged, match="loss became .* at epoch 1"):
+        train(_model(), data, Schedule(epochs=3, lr=1e8, momentum=0.9, batch_size=16), seed=0, progress=False)
+
+
+def test_diverged_cell_is_reported_as_failed(tmp_path):
+    cell = Cell.make("dwf", "lenet300", "fashion-mnist", params={"depth": 2, "lam": 0.0, "lr": 1e9},
+                     schedule={"epochs": 2, "batch_size": 16})
+    [record] = run_cell(cell, data=make_data(), work_root=tmp_path / "w", cache_dir=tmp_path / "c", progress=False)
+    assert record["status"] == "failed"
+    assert record["error"].startswith("Diverged: loss became")
+
+
+def test_snapshots_are_taken_at_requested_epochs():
+    data = make_data()
+    model = _model()
+    init = {k: v.clone() for k, v in model.state_dict().items()}
+    _, snaps = train(model, data, Schedule(epochs=2, batch_size=32), seed=0, progress=False, snapshot_epochs=(0, 1))
+    assert sorted(snaps) == [0, 1]
+    assert all(torch.equal(init[k], snaps[0][k]) for k in init)
+    assert not torch.equal(snaps[1]["fc1.weight"], init["fc1.weight"])
+
+
+def test_cosine_schedule_reaches_zero_and_bias_is_undecayed():
+    data = make_data()
+    model = _model()
+    history, _ = train(model, data, Schedule(epochs=2, lr=0.1, batch_size=32, weight_decay=0.5), seed=0, progress=False)
+    assert history.epochs[-1]["lr"] == pytest.approx(0.0, abs=1e-12)
+    groups = TrainHooks().param_groups(model, Schedule(weight_decay=0.5))
+    decayed = {id(p) for g in groups if g["weight_decay"] > 0 for p in g["params"]}
+    assert id(model.fc1.weight) in decayed and id(model.fc1.bias) not in decayed
+
+
+def test_device_selection():
+    assert pick_device("cpu").type == "cpu"
+    if not torch.cuda.is_available():
+        assert pick_device("auto").type in ("cpu", "mps")
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            pick_device("cuda")
+
+
+def test_schedule_rejects_bad_values():
+    with pytest.raises(ValueError, match="lr=-1"):
+        Schedule(lr=-1)
+    with pytest.raises(ValueError, match="unknown schedule key"):
+        Schedule.from_dict({"epochz": 3})
