@@ -1,0 +1,44 @@
+# Two commands work on a fresh machine (they create .venv, install, and make sure the default
+# dataset is there):  `make run` runs the quick grid and writes its CSV, plots and tables;
+# `make test` runs the test suite.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The torch build to install first; pinned to the copy this project is tested with. Override for
+# another platform, e.g.  make run TORCH="torch torchvision"
+TORCH ?= torch==2.14.1 torchvision==0.29.1
+JOBS ?= 2
+GRID ?= quick
+STAMP := $(VENV)/.installed
+
+.PHONY: run test setup data clean
+
+run: setup data
+	$(PY) -m benchmark run --grid $(GRID) --jobs $(JOBS)
+	$(PY) -m benchmark collect --grid $(GRID)
+	$(PY) -m benchmark plot --grid $(GRID)
+	$(PY) -m benchmark report --grid $(GRID)
+
+test: setup data
+	$(PY) -m pytest -q
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH)
+	$(PY) -m pip install --quiet -e '.[dev,cluster]'
+	touch $@
+
+# Fashion-MNIST: already found (--data-dir, $$BENCHMARK_DATA, ./data, /usr/share/datasets), else
+# Debian's package when we are root with apt, else a torchvision download into ./data.
+data: setup
+	@$(PY) -m benchmark data check fashion-mnist >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null; \
+	  fi; \
+	  $(PY) -m benchmark data check fashion-mnist >/dev/null 2>&1 || $(PY) -m benchmark data fetch fashion-mnist; }
+
+clean:
+	rm -rf $(VENV) results plots *.egg-info

@@ -1,0 +1,426 @@
+"""``python -m benchmark plot``: figures from ``results.csv`` and ``layers.csv`` only (no training).
+
+Three figures, each as PNG and PDF in ``<plots-dir>/<grid>/``:
+
+- ``accuracy_vs_cr``: one panel per arch x dataset, accuracy against compression on a log axis,
+  a mean line with a ±1 std band over seeds per variant (aggregation in :mod:`benchmark.curves`),
+  the single runs as faint markers and the dense accuracy as a dashed reference line;
+- ``layer_sparsity``: per panel, the weights each layer keeps in the run of each variant closest
+  to one CR, so layer collapse (a layer pruned to nothing) is visible;
+- ``effective_cr``: direct CR against effective CR (weights on no input-output path count as
+  pruned), for the variants where the two differ.
+
+Colours come from seaborn's colour-blind-safe palette; DWF depths share a blue ramp (darker =
+deeper) and differ by marker; families differ by line style.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; must come before pyplot
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import seaborn as sns  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
+
+from benchmark import curves as cv  # noqa: E402
+
+#: A run counts as "at" the chosen CR when its CR is within this factor of it.
+AT_CR_FACTOR = 2.0
+DEFAULT_AT_CR = 100.0
+FIGURE_FORMATS = ("png", "pdf")
+
+_PALETTE = sns.color_palette("colorblind", 10)
+# method -> (palette index, darken, marker, line style); families share a line style
+_FIXED = {
+    "shallow": (9, 0.0, "v", "-"),
+    "l1": (2, 0.0, "P", "-"),
+    "magnitude": (1, 0.0, "X", "--"),
+    "global-magnitude": (3, 0.0, "*", "--"),
+    "lottery": (4, 0.0, "h", "-."),
+    "random": (7, 0.2, "8", ":"),
+    "snip": (5, 0.0, "<", ":"),
+    "grasp": (6, 0.35, ">", ":"),
+    "synflow": (8, 0.45, "p", ":"),
+    "structured-magnitude": (1, 0.45, "d", (0, (5, 1, 1, 1, 1, 1))),
+    "structured-random": (7, 0.5, "d", (0, (5, 1, 1, 1, 1, 1))),
+    "structured-global": (3, 0.45, "d", (0, (5, 1, 1, 1, 1, 1))),
+}
+_DWF_MARKERS = ("o", "s", "D", "^", "v", "p")
+_SPARE = [0, 5, 2, 4, 6, 8]  # palette slots for methods this file does not know
+
+
+@dataclass(frozen=True)
+class Style:
+    color: tuple
+    marker: str
+    linestyle: object
+
+    def line_kwargs(self) -> dict:
+        return {"color": self.color, "linestyle": self.linestyle}
+
+
+def _darken(color, amount: float) -> tuple:
+    return tuple(float(c) * (1 - amount) for c in color)
+
+
+def variant_styles(info: dict[str, tuple[str, object]]) -> dict[str, Style]:
+    """A fixed style per variant (same variant, same look in every figure of a grid)."""
+    styles = {}
+    dwf = sorted((float(d) if d is not None and not pd.isna(d) else 0.0, v) for v, (m, d) in info.items() if m == "dwf")
+    for i, (_, variant) in enumerate(dwf):
+        amount = 0.7 * i / max(1, len(dwf) - 1)
+        styles[variant] = Style(_darken(_PALETTE[0], amount), _DWF_MARKERS[i % len(_DWF_MARKERS)], "-")
+    spare = 0
+    for variant, (method, _) in sorted(info.items()):
+        if variant in styles or method == cv.DENSE_METHOD:
+            continue
+        if method in _FIXED:
+            slot, darken, marker, ls = _FIXED[method]
+        else:
+            slot, darken, marker, ls = _SPARE[spare % len(_SPARE)], 0.3 * (spare // len(_SPARE)), "o", (0, (3, 1))
+            spare += 1
+        styles[variant] = Style(_darken(_PALETTE[slot], darken), marker, ls)
+    return styles
+
+
+def _plain_log_axis(axis) -> None:
+    """Log ticks as 1, 10, 100 rather than 10^0, 10^1, 10^2."""
+    axis.set_major_locator(LogLocator(base=10))
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    axis.set_minor_formatter(NullFormatter())
+
+
+def _panel_axes(n: int, panel_size=(4.8, 3.7), max_cols: int = 3):
+    ncols = 2 if n == 4 else min(n, max_cols)  # 2 x 2 rather than 3 + 1
+    nrows = math.ceil(n / ncols)
+    fig, grid = plt.subplots(nrows, ncols, squeeze=False, layout="constrained",
+                             figsize=(panel_size[0] * ncols + 2.2, panel_size[1] * nrows + 0.6))
+    axes = list(grid.flat)
+    for extra in axes[n:]:
+        fig.delaxes(extra)
+    return fig, axes[:n]
+
+
+def _legend_handle(style: Style, label: str) -> Line2D:
+    return Line2D([], [], marker=style.marker, markersize=6, linewidth=1.8, label=label, **style.line_kwargs())
+
+
+# -- figure 1 ---------------------------------------------------------------------------------------
+
+
+def plot_accuracy_vs_cr(results: cv.Results, title: str = "") -> plt.Figure:
+    """One panel per arch x dataset: accuracy (%) against CR (log), mean ± std over seeds per variant."""
+    panels = results.panels()
+    styles = variant_styles(results.variant_info())
+    fig, axes = _panel_axes(len(panels))
+    used = []
+    for ax, (arch, dataset) in zip(axes, panels):
+        dense = results.dense_by_seed(arch, dataset)
+        if dense:
+            ax.axhline(100 * float(np.mean(list(dense.values()))), color="0.2", linestyle="--", linewidth=1.1,
+                       zorder=1)
+        for variant in results.variants(arch, dataset):
+            style = styles[variant]
+            curves = results.seed_curves(arch, dataset, variant)
+            mean = cv.mean_curve(curves)
+            if mean.empty:
+                continue
+            drawn = mean.drawn.to_numpy(bool)
+            y = np.where(drawn, 100 * mean["mean"], np.nan)
+            spread = np.where(drawn, 100 * mean["std"], np.nan)
+            ax.plot(mean.cr, y, linewidth=1.8, label=variant, zorder=3, **style.line_kwargs())
+            if len(curves) > 1:
+                ax.fill_between(mean.cr, y - spread, y + spread, color=style.color, alpha=0.18, linewidth=0, zorder=2)
+            for curve in curves:
+                ax.plot(curve.cr, 100 * curve.acc, linestyle="none", marker=style.marker, markersize=4,
+                        color=style.color, alpha=0.55, zorder=4)
+            if variant not in used:
+                used.append(variant)
+        ax.set_xscale("log")
+        _plain_log_axis(ax.xaxis)
+        ax.set_title(cv.panel_title(arch, dataset))
+        ax.set_xlabel("compression ratio (log scale)")
+        ax.set_ylabel("test accuracy (%)")
+        ax.grid(True, which="major", alpha=0.3)
+        ax.grid(True, which="minor", axis="x", alpha=0.1)
+    order = results.variants()
+    handles = [_legend_handle(styles[v], v) for v in order if v in used]
+    handles.append(Line2D([], [], color="0.2", linestyle="--", linewidth=1.1, label="dense (mean over seeds)"))
+    fig.legend(handles=handles, loc="outside right upper", title="method", frameon=False)
+    fig.suptitle((f"{title}: " if title else "") + "test accuracy vs compression "
+                 "(line: mean over seeds, band: ±1 std, markers: single runs)", fontsize="medium")
+    return fig
+
+
+# -- figure 2 ---------------------------------------------------------------------------------------
+
+
+def default_at_cr(results: cv.Results, arch: str, dataset: str) -> float:
+    """100, or less when some variant of the panel never gets that far (the largest CR all reach)."""
+    finite = results.panel_rows(arch, dataset)
+    finite = finite[np.isfinite(finite.cr) & (finite.method != cv.DENSE_METHOD)]
+    if finite.empty:
+        return DEFAULT_AT_CR
+    reached_by_all = finite.groupby("variant").cr.max().min()
+    return float(min(DEFAULT_AT_CR, reached_by_all))
+
+
+def runs_closest_to(results: cv.Results, arch: str, dataset: str, at_cr: float) -> tuple[pd.DataFrame, list[str]]:
+    """Per variant, the run whose CR is closest to ``at_cr`` in log scale; variants with none within
+    a factor AT_CR_FACTOR are returned by name instead."""
+    frame = results.panel_rows(arch, dataset)
+    frame = frame[np.isfinite(frame.cr) & (frame.cr > 0) & (frame.method != cv.DENSE_METHOD)].copy()
+    frame["distance"] = np.abs(np.log(frame.cr / at_cr))
+    picked, too_far = [], []
+    for variant in results.variants(arch, dataset):
+        rows = frame[frame.variant == variant].sort_values(["distance", "seed"])
+        if rows.empty or rows.distance.iloc[0] > math.log(AT_CR_FACTOR):
+            too_far.append(variant)
+        else:
+            picked.append(rows.iloc[0])
+    return pd.DataFrame(picked), too_far
+
+
+def plot_layer_sparsity(results: cv.Results, layers: pd.DataFrame, at_cr: float | None = None,
+                        title: str = "") -> tuple[plt.Figure | None, list[str]]:
+    """Grouped bars per layer: the share of weights each variant keeps there, near one CR.
+
+    Returns the figure (None when no panel has a run near the CR) and notes about what is left out."""
+    notes = []
+    if "cell_id" not in results.rows.columns:
+        return None, ["results.csv has no cell_id column, so layers.csv cannot be joined; no per-layer figure"]
+    styles = variant_styles(results.variant_info())
+    layers = layers.assign(cell_id=layers.cell_id.astype(str))
+    jobs = []
+    for arch, dataset in results.panels():
+        target = at_cr if at_cr is not None else default_at_cr(results, arch, dataset)
+        picked, too_far = runs_closest_to(results, arch, dataset, target)
+        if too_far:
+            notes.append(f"{arch}/{dataset}: no run within a factor {AT_CR_FACTOR:g} of CR {target:g} for "
+                         f"{', '.join(too_far)} (left out of the per-layer figure)")
+        if picked.empty:
+            continue
+        picked = picked.assign(cell_id=picked.cell_id.astype(str))
+        joined = picked[["variant", "cell_id", "level_key", "cr", "seed"]].merge(
+            layers, on=["cell_id", "level_key"], how="left")
+        without = sorted(set(joined.loc[joined.layer.isna(), "variant"]))
+        if without:
+            notes.append(f"{arch}/{dataset}: layers.csv has no rows for the picked run of {', '.join(without)}")
+        joined = joined.dropna(subset=["layer"])
+        if not joined.empty:
+            jobs.append((arch, dataset, target, joined))
+    if not jobs:
+        return None, notes + ["no per-layer figure: no run near the chosen CR has per-layer rows"]
+    widths = [len(j[3].layer.unique()) * max(1, len(j[3].variant.unique())) for j in jobs]
+    fig, axes = plt.subplots(len(jobs), 1, squeeze=False, layout="constrained",
+                             figsize=(min(18, max(8, 3.5 + 0.16 * max(widths))), 3.6 * len(jobs) + 0.5))
+    for ax, (arch, dataset, target, joined) in zip(axes[:, 0], jobs):
+        _draw_layer_bars(ax, joined, styles, results.variants(arch, dataset), target)
+        ax.set_title(f"{cv.panel_title(arch, dataset)}: runs closest to CR {target:g}")
+    fig.suptitle((f"{title}: " if title else "") + "weights kept per layer "
+                 "(× = layer pruned to nothing; dotted line: every layer pruned alike)", fontsize="medium")
+    return fig, notes
+
+
+def _draw_layer_bars(ax, joined: pd.DataFrame, styles: dict[str, Style], order: list[str], target: float) -> None:
+    layer_order = (joined.groupby("layer").agg(index=("layer_index", "min"), numel=("numel", "max"))
+                   if "numel" in joined.columns else joined.groupby("layer").agg(index=("layer_index", "min")))
+    layer_order = layer_order.sort_values("index")
+    names = list(layer_order.index)
+    variants = [v for v in order if v in set(joined.variant)]
+    width = 0.8 / max(1, len(variants))
+    kept_all = 100 * (1 - joined.sparsity.to_numpy(float))
+    positive = kept_all[kept_all > 0]
+    # down to a whole decade below the smallest bar, so the bottom of the axis has a labelled tick
+    floor = 10 ** math.floor(math.log10(max(1e-3, float(positive.min()) / 2))) if len(positive) else 1e-2
+    for i, variant in enumerate(variants):
+        rows = joined[joined.variant == variant].set_index("layer").reindex(names)
+        kept = 100 * (1 - rows.sparsity.to_numpy(float))
+        x = np.arange(len(names)) + (i - (len(variants) - 1) / 2) * width
+        first = rows.dropna(subset=["cr"]).iloc[0]
+        label = f"{variant} (CR {first.cr:.3g}, seed {first.seed})"
+        ax.bar(x, np.where(kept > 0, kept, np.nan), width=width, color=styles[variant].color, label=label,
+               edgecolor="white", linewidth=0.4)
+        collapsed = kept <= 0
+        if collapsed.any():
+            ax.plot(x[collapsed], np.full(collapsed.sum(), floor * 1.5), linestyle="none", marker="x",
+                    markersize=7, markeredgewidth=2, color=styles[variant].color)
+    ax.axhline(100 / target, color="0.3", linestyle=":", linewidth=1.2, label=f"uniform: {100 / target:.3g} % kept")
+    ax.set_yscale("log")
+    ax.set_ylim(floor, 100 * 1.3)
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.set_ylabel("weights kept in layer (%)")
+    ax.set_xticks(np.arange(len(names)))
+    if "numel" in layer_order.columns:
+        ticks = [f"{n}\n{_count(c)}" for n, c in zip(names, layer_order.numel)]
+    else:
+        ticks = names
+    ax.set_xticklabels(ticks, rotation=0 if len(names) <= 8 else 45, ha="center" if len(names) <= 8 else "right",
+                       fontsize="small")
+    ax.set_xlabel("layer (input to output) and its number of weights")
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False, fontsize="small")
+
+
+def _count(n) -> str:
+    if n is None or pd.isna(n):
+        return ""
+    n = float(n)
+    for div, unit in ((1e6, "M"), (1e3, "k")):
+        if n >= div:
+            return f"{n / div:.3g}{unit}"
+    return f"{n:g}"
+
+
+# -- figure 3 ---------------------------------------------------------------------------------------
+
+
+def plot_effective_cr(results: cv.Results, title: str = "", rel_tol: float = 1e-3) -> plt.Figure | None:
+    """Direct CR against effective CR (log-log) for the variants where they differ; None if nowhere."""
+    if "cr_effective" not in results.ok.columns:
+        return None
+    ok = results.ok[results.ok.method != cv.DENSE_METHOD]
+    ok = ok[np.isfinite(ok.cr) & ok.cr_effective.notna()]
+    differs = ~np.isclose(ok.cr_effective, ok.cr, rtol=rel_tol, atol=0)
+    shown = set(ok.loc[differs, "variant"])
+    panels = [p for p in results.panels() if ((ok.arch == p[0]) & (ok.dataset == p[1]) & differs).any()]
+    if not panels:
+        return None
+    styles = variant_styles(results.variant_info())
+    fig, axes = _panel_axes(len(panels), panel_size=(4.4, 4.0))
+    any_infinite = False
+    for ax, (arch, dataset) in zip(axes, panels):
+        frame = ok[(ok.arch == arch) & (ok.dataset == dataset) & ok.variant.isin(shown)]
+        finite = frame[np.isfinite(frame.cr_effective)]
+        top = max(finite.cr_effective.max(), frame.cr.max()) if len(finite) else frame.cr.max()
+        for variant in results.variants(arch, dataset):
+            rows = frame[frame.variant == variant]
+            if rows.empty:
+                continue
+            style = styles[variant]
+            fin = rows[np.isfinite(rows.cr_effective)]
+            # hollow markers, so runs of different methods at the same spot stay visible
+            ax.plot(fin.cr, fin.cr_effective, linestyle="none", marker=style.marker, color=style.color,
+                    markerfacecolor="none", markeredgewidth=1.5, markersize=7, label=variant)
+            inf = rows[~np.isfinite(rows.cr_effective)]
+            if len(inf):
+                ax.plot(inf.cr, np.full(len(inf), top * 4), linestyle="none", marker=style.marker, color=style.color,
+                        markerfacecolor="none", markeredgewidth=1.5, markersize=7)
+        lo = min(frame.cr.min(), finite.cr_effective.min() if len(finite) else frame.cr.min())
+        panel_infinite = bool((~np.isfinite(frame.cr_effective)).any())
+        any_infinite |= panel_infinite
+        if panel_infinite:  # a separate row above the finite values, labelled on the axis
+            ax.axhline(top * 4, color="0.6", linestyle=":", linewidth=1, zorder=0)
+            ax.text(0.02, top * 4, " effective CR = ∞", transform=ax.get_yaxis_transform(), va="bottom",
+                    fontsize="small", color="0.3")
+        hi = top * 1.5
+        ax.plot([lo / 1.5, hi], [lo / 1.5, hi], color="0.3", linestyle="--", linewidth=1, zorder=0)
+        ax.set_ylim(lo / 1.5, top * (8 if panel_infinite else 2))
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        _plain_log_axis(ax.xaxis)
+        _plain_log_axis(ax.yaxis)
+        ax.set_title(cv.panel_title(arch, dataset))
+        ax.set_xlabel("CR (nonzero weights)")
+        ax.set_ylabel("effective CR (weights on a path)")
+        ax.grid(True, which="major", alpha=0.3)
+    handles = [Line2D([], [], linestyle="none", marker=styles[v].marker, color=styles[v].color, markerfacecolor="none",
+                      markeredgewidth=1.5, markersize=7, label=v) for v in results.variants() if v in shown]
+    handles.append(Line2D([], [], color="0.3", linestyle="--", label="effective = direct"))
+    if any_infinite:
+        handles.append(Line2D([], [], color="0.6", linestyle=":", label="effective CR = ∞:\nno input-output path left"))
+    fig.legend(handles=handles, loc="outside right upper", title="method", frameon=False)
+    fig.suptitle((f"{title}: " if title else "") + "direct vs effective compression "
+                 "(above the diagonal: kept weights that no longer carry signal)", fontsize="medium")
+    return fig
+
+
+# -- command -----------------------------------------------------------------------------------------
+
+
+def save_figure(fig: plt.Figure, stem: Path) -> list[Path]:
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    written = []
+    for fmt in FIGURE_FORMATS:
+        path = stem.with_suffix(f".{fmt}")
+        fig.savefig(path, dpi=150, bbox_inches="tight")
+        written.append(path)
+    plt.close(fig)
+    return written
+
+
+def write_plots(grid: str, results_dir: Path | str = "results", plots_dir: Path | str = "plots",
+                at_cr: float | None = None) -> tuple[list[Path], list[str]]:
+    """Draw every figure of a grid's CSVs into ``plots_dir/grid``; returns (files, notes)."""
+    source = Path(results_dir) / grid
+    results = cv.load_results(source / "results.csv")
+    layers = cv.load_layers(source / "layers.csv")
+    out = Path(plots_dir) / grid
+    notes = results.notes()
+    files = save_figure(plot_accuracy_vs_cr(results, title=grid), out / "accuracy_vs_cr")
+    if layers is None:
+        notes.append(f"{source / 'layers.csv'} does not exist: no per-layer figure")
+    else:
+        fig, layer_notes = plot_layer_sparsity(results, layers, at_cr, title=grid)
+        notes += layer_notes
+        if fig is not None:
+            files += save_figure(fig, out / "layer_sparsity")
+    fig = plot_effective_cr(results, title=grid)
+    if fig is None:
+        notes.append("effective CR equals CR for every run (or is not in the CSV): no effective-CR figure")
+    else:
+        files += save_figure(fig, out / "effective_cr")
+    return files, notes
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0 (a CR)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def add_commands(sub) -> None:
+    p = sub.add_parser(
+        "plot", help="draw accuracy-vs-compression, per-layer sparsity and effective-CR figures from the CSV",
+        description="Read <results-dir>/<grid>/results.csv (and layers.csv) written by 'python -m benchmark "
+                    "collect' and write PNG and PDF figures to <plots-dir>/<grid>/: accuracy_vs_cr (mean "
+                    "± std over seeds, seeds' curves interpolated on log CR), layer_sparsity (the run of each "
+                    "method closest to --at-cr) and effective_cr (only if some run's effective CR differs). "
+                    "Never trains. Notes about failed or missing runs go to stderr.",
+    )
+    p.add_argument("--grid", default="quick", metavar="NAME",
+                   help="grid name, the sub-folder of --results-dir to read (default quick)")
+    p.add_argument("--results-dir", default="results", metavar="DIR",
+                   help="folder holding <grid>/results.csv (default results)")
+    p.add_argument("--plots-dir", default="plots", metavar="DIR",
+                   help="figures go to <plots-dir>/<grid>/ (default plots)")
+    p.add_argument("--at-cr", type=positive_float, default=None, metavar="CR",
+                   help="CR of the per-layer figure: each method's run closest to it (within a factor "
+                        f"{AT_CR_FACTOR:g}) is shown (default: {DEFAULT_AT_CR:g}, or the largest CR every method "
+                        "of a panel reaches if smaller)")
+    p.set_defaults(handler=plot_command)
+
+
+def plot_command(args) -> int:
+    files, notes = write_plots(args.grid, args.results_dir, args.plots_dir, args.at_cr)
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    for path in files:
+        print(path)
+    return 0

@@ -1,0 +1,214 @@
+"""``python -m benchmark report``: tolerance and accuracy-at-CR tables from ``results.csv`` only.
+
+Writes ``<results-dir>/<grid>/tolerance.{md,tex,csv}`` and ``accuracy_at_cr.{md,tex,csv}`` and
+prints both Markdown tables. The numbers come from :mod:`benchmark.curves`, whose docstring pins
+the definitions ("largest CR within k points", interpolation in log CR, no extrapolation, mean ±
+sample std over seeds). The CSVs are tidy (one row per number, unformatted) for further analysis;
+Markdown and LaTeX (booktabs) are wide and formatted for reading.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from benchmark import curves as cv
+
+MISSING = "–"  # shown where a value is not defined (out of the measured range)
+
+
+def format_cr(mean: float, std: float, n: int, lower_bound: bool = False) -> str:
+    """'1014 ± 35', '≥ 12.3 ± 0.4'; std left out for one seed; decimals follow the size."""
+    if n == 0 or not math.isfinite(mean):
+        return MISSING
+    decimals = 0 if mean >= 100 else 1 if mean >= 10 else 2
+    text = f"{mean:.{decimals}f}" + (f" ± {std:.{decimals}f}" if n > 1 else "")
+    return ("≥ " if lower_bound else "") + text
+
+
+def format_acc(mean: float, std: float, n: int, total: int | None = None) -> str:
+    """'97.81 ± 0.12', with '(1/2 seeds)' when not every seed reaches that CR."""
+    if n == 0 or not math.isfinite(mean):
+        return MISSING
+    text = f"{mean:.2f}" + (f" ± {std:.2f}" if n > 1 else "")
+    return text + (f" ({n}/{total} seeds)" if total is not None and n < total else "")
+
+
+def _points_label(k: float) -> str:
+    return f"≤ {k:g} pt" + ("" if k == 1 else "s")
+
+
+def tolerance_wide(table: pd.DataFrame) -> pd.DataFrame:
+    """One row per (arch, dataset, variant), one column per tolerance level, formatted."""
+    rows = []
+    for (arch, dataset, variant), group in table.groupby(["arch", "dataset", "variant"], sort=False):
+        row = {"arch": cv.ARCH_NAMES.get(arch, arch), "dataset": cv.DATASET_NAMES.get(dataset, dataset),
+               "method": variant, "seeds": str(int(group.n_seeds.max()))}
+        for r in group.itertuples():
+            row[_points_label(r.points)] = format_cr(r.cr_mean, r.cr_std, r.n_seeds, r.lower_bound)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def accuracy_wide(table: pd.DataFrame) -> pd.DataFrame:
+    rows = []
+    for (arch, dataset, variant), group in table.groupby(["arch", "dataset", "variant"], sort=False):
+        row = {"arch": cv.ARCH_NAMES.get(arch, arch), "dataset": cv.DATASET_NAMES.get(dataset, dataset),
+               "method": variant, "seeds": str(int(group.seeds_total.max()))}
+        for r in group.itertuples():
+            row[f"CR {r.cr:g}"] = format_acc(r.acc_pct_mean, r.acc_pct_std, r.n_seeds, r.seeds_total)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def dense_lines(dense: pd.DataFrame) -> list[str]:
+    return [f"{cv.panel_title(r.arch, r.dataset)}: {format_acc(r.acc_pct_mean, r.acc_pct_std, r.n_seeds)} % "
+            f"({r.n_seeds} seed{'s' if r.n_seeds != 1 else ''})" for r in dense.itertuples()]
+
+
+# -- Markdown ---------------------------------------------------------------------------------------
+
+
+def markdown_table(wide: pd.DataFrame) -> str:
+    if wide.empty:
+        return "_no rows_"
+    cols = list(wide.columns)
+    right = [c not in ("arch", "dataset", "method") for c in cols]
+    lines = ["| " + " | ".join(cols) + " |",
+             "| " + " | ".join("---:" if r else "---" for r in right) + " |"]
+    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in wide.itertuples(index=False)]
+    return "\n".join(lines)
+
+
+def markdown_document(title: str, explanation: str, wide: pd.DataFrame, dense: pd.DataFrame, notes: list[str]) -> str:
+    parts = [f"## {title}", "", explanation, ""]
+    if len(dense):
+        parts += ["Dense accuracy (mean ± std over seeds): " + "; ".join(dense_lines(dense)) + ".", ""]
+    parts += [markdown_table(wide), ""]
+    if notes:
+        parts += ["Notes:", ""] + [f"- {n}" for n in notes] + [""]
+    return "\n".join(parts)
+
+
+# -- LaTeX ------------------------------------------------------------------------------------------
+
+# TeX specials, and the non-ASCII signs our tables use, so the file compiles under plain pdflatex
+_LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+                  "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
+                  "≥": r"$\geq$", "≤": r"$\leq$", "±": r"$\pm$", "–": "--", "×": r"$\times$", "∞": r"$\infty$"}
+
+
+def latex_escape(text: str) -> str:
+    return "".join(_LATEX_SPECIAL.get(ch, ch) for ch in str(text))
+
+
+def latex_table(wide: pd.DataFrame, caption: str, label: str) -> str:
+    """A booktabs table; a \\midrule separates arch x dataset panels."""
+    if wide.empty:
+        wide = pd.DataFrame({"note": ["no rows (see the notes of the Markdown table)"]})
+    cols = list(wide.columns)
+    spec = "".join("l" if c in ("arch", "dataset", "method", "note") else "r" for c in cols)
+    header = {"arch": "Architecture", "dataset": "Dataset", "method": "Method", "seeds": "Seeds", "note": ""}
+    lines = ["% generated by `python -m benchmark report`; needs \\usepackage{booktabs}",
+             r"\begin{table}[t]", r"\centering", rf"\caption{{{latex_escape(caption)}}}", rf"\label{{{label}}}",
+             rf"\begin{{tabular}}{{{spec}}}", r"\toprule",
+             " & ".join(latex_escape(header.get(c, c)) for c in cols) + r" \\", r"\midrule"]
+    previous = None
+    for row in wide.itertuples(index=False):
+        panel = tuple(row[:2])
+        if previous is not None and panel != previous:
+            lines.append(r"\midrule")
+        previous = panel
+        lines.append(" & ".join(latex_escape(v) for v in row) + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}", ""]
+    return "\n".join(lines)
+
+
+# -- command ----------------------------------------------------------------------------------------
+
+TOLERANCE_EXPLANATION = (
+    "Largest compression ratio (CR) whose test accuracy stays within k percentage points of the dense "
+    "model, per seed (accuracy interpolated linearly in log CR between measured points, the dense model "
+    "taken as the point at CR 1), then mean ± std over seeds. ≥: the largest measured CR still "
+    "qualifies, so the true value is at least this (never extrapolated); 1 means no compression qualifies."
+)
+ACCURACY_EXPLANATION = (
+    "Test accuracy (%) at fixed compression ratios, interpolated linearly in log CR between each seed's "
+    f"measured points, then mean ± std over seeds. {MISSING}: the CR lies outside every seed's measured "
+    "range (never extrapolated); (n/m seeds): only n seeds reach it."
+)
+
+
+def write_report(grid: str, results_dir: Path | str = "results", points=cv.TOLERANCE_POINTS,
+                 crs=cv.FIXED_CRS) -> tuple[list[Path], str]:
+    """Write both tables in three formats next to the CSV; returns (files, Markdown of both)."""
+    folder = Path(results_dir) / grid
+    results = cv.load_results(folder / "results.csv")
+    notes = results.notes()
+    dense = cv.dense_summary(results)
+    tolerance = cv.tolerance_table(results, points)
+    accuracy = cv.accuracy_at_cr_table(results, crs)
+    documents = {
+        "tolerance": (tolerance, tolerance_wide(tolerance),
+                      f"Largest CR within {', '.join(f'{k:g}' for k in points)} points of dense ({grid} grid)",
+                      TOLERANCE_EXPLANATION),
+        "accuracy_at_cr": (accuracy, accuracy_wide(accuracy),
+                           f"Accuracy at CR {', '.join(f'{c:g}' for c in crs)} ({grid} grid)", ACCURACY_EXPLANATION),
+    }
+    files, markdown = [], []
+    for stem, (tidy, wide, title, explanation) in documents.items():
+        md = markdown_document(title, explanation, wide, dense, notes)
+        caption = f"{title}. {explanation}"
+        if len(dense):
+            caption += " Dense accuracy: " + "; ".join(dense_lines(dense)) + "."
+        outputs = {
+            folder / f"{stem}.csv": tidy.to_csv(index=False),
+            folder / f"{stem}.md": md,
+            folder / f"{stem}.tex": latex_table(wide, caption, f"tab:{grid}-{stem.replace('_', '-')}"),
+        }
+        for path, text in outputs.items():
+            path.write_text(text, encoding="utf-8")
+            files.append(path)
+        markdown.append(md)
+    return files, "\n".join(markdown)
+
+
+def positive_floats(text: str) -> list[float]:
+    """argparse type: '1,5,10' -> [1.0, 5.0, 10.0], all > 0."""
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or not all(v > 0 and math.isfinite(v) for v in values):
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive numbers, got {text!r}")
+    return values
+
+
+def add_commands(sub) -> None:
+    p = sub.add_parser(
+        "report", help="write the tolerance table and the accuracy-at-CR table (Markdown, LaTeX, CSV)",
+        description="Read <results-dir>/<grid>/results.csv written by 'python -m benchmark collect' and write "
+                    "tolerance.{md,tex,csv} (largest CR within k points of dense) and accuracy_at_cr.{md,tex,csv} "
+                    "(accuracy at fixed CRs) next to it, then print the Markdown. Accuracy is interpolated "
+                    "linearly in log CR per seed, never extrapolated; mean ± std over seeds. Never trains.",
+    )
+    p.add_argument("--grid", default="quick", metavar="NAME",
+                   help="grid name, the sub-folder of --results-dir to read (default quick)")
+    p.add_argument("--results-dir", default="results", metavar="DIR",
+                   help="folder holding <grid>/results.csv; the tables are written beside it (default results)")
+    p.add_argument("--tolerances", type=positive_floats, default=list(cv.TOLERANCE_POINTS), metavar="K,K,...",
+                   help="accuracy drops in percentage points for the tolerance table (default 1,5,10)")
+    p.add_argument("--crs", type=positive_floats, default=list(cv.FIXED_CRS), metavar="CR,CR,...",
+                   help="compression ratios for the accuracy table (default 10,100,1000)")
+    p.set_defaults(handler=report_command)
+
+
+def report_command(args) -> int:
+    files, markdown = write_report(args.grid, args.results_dir, args.tolerances, args.crs)
+    print(markdown)
+    print("wrote: " + ", ".join(str(f) for f in files), file=sys.stderr)
+    return 0

@@ -1,0 +1,66 @@
+"""Magnitude pruning after dense training: layer-wise (``magnitude``) and global (``global-magnitude``).
+
+Both start from the cached dense model of the cell's arch x dataset x schedule x seed, so a curve
+over many target CRs costs one dense training. The smallest |w| are pruned, layer by layer (every
+layer keeps the same fraction) or over the whole network at once. The paper evaluates without
+fine-tuning (``finetune_epochs=0``); with fine-tuning the mask is held and the learning rate is the
+schedule's divided by ten unless ``finetune_lr`` is given (ours).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from methods.base import Method, register
+from methods.masks import apply_masks, check_target_cr, magnitude_scores, masks_from_scores, remove_masks
+
+
+@register
+class Magnitude(Method):
+    """Layer-wise magnitude pruning of the trained dense model (optionally fine-tuned)."""
+
+    name = "magnitude"
+    family = "after-training"
+    needs_dense = True
+    scope = "layer"
+
+    @dataclass(frozen=True)
+    class Params(Method.Params):
+        target_cr: float = 10.0
+        finetune_epochs: int = 0  # the paper: no fine-tuning
+        finetune_lr: float | None = None  # None: the schedule's lr / 10 (ours)
+
+        def validate(self):
+            problems = check_target_cr(self.target_cr)
+            if self.finetune_epochs < 0:
+                problems.append(f"finetune_epochs={self.finetune_epochs} must be >= 0")
+            if self.finetune_lr is not None and not self.finetune_lr > 0:
+                problems.append(f"finetune_lr={self.finetune_lr} must be > 0 (or none for the schedule's lr / 10)")
+            return problems
+
+    def run(self, ctx):
+        p = self.params
+        dense = ctx.dense()
+        model = dense.model
+        apply_masks(model, masks_from_scores(magnitude_scores(model), p.target_cr, self.scope))
+        history = [e | {"phase": "dense"} for e in dense.history]
+        finetune_lr = None
+        if p.finetune_epochs > 0:
+            finetune_lr = p.finetune_lr or ctx.schedule.lr / 10
+            tuned, _ = ctx.train(model, phase="finetune",
+                                 schedule=ctx.schedule.replace(epochs=p.finetune_epochs, lr=finetune_lr))
+            history += [e | {"phase": "finetune"} for e in tuned.epochs]
+        remove_masks(model)
+        # Without fine-tuning the last training epoch is the dense model's, not this one's.
+        train_acc = history[-1]["train_acc"] if p.finetune_epochs > 0 and history else None
+        return [ctx.measure(model, history=history, train_acc=train_acc, scope=self.scope,
+                            epochs=ctx.schedule.epochs + p.finetune_epochs, finetune_lr=finetune_lr,
+                            dense_test_acc=dense.test_acc)]
+
+
+@register
+class GlobalMagnitude(Magnitude):
+    """Global magnitude pruning of the trained dense model (optionally fine-tuned)."""
+
+    name = "global-magnitude"
+    scope = "global"

@@ -1,0 +1,146 @@
+"""Binary masks on conv/linear weights, and turning scores into masks at a target compression.
+
+A mask is a ``torch.nn.utils.parametrize`` parametrization: the layer stores its full weight as
+``parametrizations.weight.original`` and every forward pass sees ``original * mask``. So pruned
+weights are exactly zero in every forward pass and get exactly zero loss gradient, whatever
+momentum or weight decay do to the stored original, and the model needs no training hook. The
+mask is a persistent buffer, so it is saved in checkpoints and restored when a run resumes.
+
+Scores become masks by keeping the ``round(n / target_cr)`` highest scores, either over all
+prunable weights at once (global) or in each layer (layer-wise). Ties are broken by position
+(earlier layer, then lower flat index, is kept first), so a mask depends only on the scores.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import warnings
+from typing import Literal
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from benchmark.sparsity import prunable_layers, unparametrize
+
+Scope = Literal["global", "layer"]
+
+
+class Mask(nn.Module):
+    """Parametrization ``weight -> weight * mask`` with a persistent 0/1 buffer of the weight's dtype."""
+
+    def __init__(self, mask: torch.Tensor):
+        super().__init__()
+        self.register_buffer("mask", mask.detach().clone())
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight * self.mask
+
+
+def mask_of_module(module: nn.Module) -> Mask | None:
+    if not parametrize.is_parametrized(module, "weight"):
+        return None
+    return next((p for p in module.parametrizations.weight if isinstance(p, Mask)), None)
+
+
+def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
+    """Mask the named prunable layers (a layer already masked gets its mask replaced)."""
+    layers = dict(prunable_layers(model))
+    unknown = sorted(set(masks) - set(layers))
+    if unknown:
+        raise KeyError(f"no prunable layer named {unknown}; prunable layers: {list(layers)}")
+    for name, keep in masks.items():
+        module = layers[name]
+        if tuple(keep.shape) != tuple(module.weight.shape):
+            raise ValueError(f"mask for {name} has shape {tuple(keep.shape)}, weight {tuple(module.weight.shape)}")
+        as_weight = keep.to(device=module.weight.device, dtype=module.weight.dtype)
+        existing = mask_of_module(module)
+        if existing is not None:
+            existing.mask.copy_(as_weight)
+        else:
+            parametrize.register_parametrization(module, "weight", Mask(as_weight))
+
+
+def read_masks(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The boolean keep-mask of every masked prunable layer."""
+    out = {}
+    for name, module in prunable_layers(model):
+        mask = mask_of_module(module)
+        if mask is not None:
+            out[name] = mask.mask != 0
+    return out
+
+
+def remove_masks(model: nn.Module) -> None:
+    """Make masked layers plain again, their weight holding the masked values (pruned = 0)."""
+    unparametrize(model, lambda module: mask_of_module(module) is not None)
+
+
+def check_target_cr(target_cr: float, minimum: float = 1.0, strict: bool = False) -> list[str]:
+    """Problems with a target compression ratio (shared by all methods that take one)."""
+    ok = target_cr > minimum if strict else target_cr >= minimum
+    if ok and math.isfinite(target_cr):
+        return []
+    bound = f"> {minimum:g}" if strict else f">= {minimum:g}"
+    return [f"target_cr={target_cr} must be a finite number {bound} (prunable weights / kept weights; "
+            f"e.g. 10 keeps 10%)"]
+
+
+def kept_count(numel: int, target_cr: float) -> int:
+    """How many of ``numel`` weights to keep for compression ``target_cr`` (nearest integer)."""
+    return min(numel, max(0, int(math.floor(numel / target_cr + 0.5))))
+
+
+def top_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean mask of the ``k`` highest entries; ties go to the lower flat index, NaN ranks last."""
+    flat = scores.detach().flatten().nan_to_num(nan=-math.inf, posinf=math.inf, neginf=-math.inf)
+    keep = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
+    if k > 0:
+        order = torch.sort(flat, descending=True, stable=True).indices
+        keep[order[:k]] = True
+    return keep.view(scores.shape)
+
+
+def masks_from_scores(scores: dict[str, torch.Tensor], target_cr: float, scope: Scope = "global",
+                      keep: int | None = None, warn: bool = True) -> dict[str, torch.Tensor]:
+    """Keep the highest scores so that (scored weights / kept) = ``target_cr``.
+
+    ``scope='global'`` ranks all layers' scores together (they must be comparable);
+    ``scope='layer'`` keeps the same fraction of every layer (each rounded to a whole weight).
+    ``keep`` overrides the global count (used when a schedule fixes it). Entries scored ``-inf`` or NaN
+    are never kept (used to keep earlier pruning when pruning iteratively). Warns (unless
+    ``warn=False``, for intermediate rounds) for every layer left with no weight at all.
+    """
+    if scope == "layer":
+        masks = {name: top_k_mask(s, kept_count(s.numel(), target_cr)) for name, s in scores.items()}
+    elif scope == "global":
+        total = sum(s.numel() for s in scores.values())
+        k = kept_count(total, target_cr) if keep is None else keep
+        dtype = functools.reduce(torch.promote_types, (s.dtype for s in scores.values()))
+        flat = torch.cat([s.detach().flatten().to(dtype) for s in scores.values()])
+        keep_flat = top_k_mask(flat, k)
+        masks, start = {}, 0
+        for name, s in scores.items():
+            masks[name] = keep_flat[start:start + s.numel()].view(s.shape)
+            start += s.numel()
+    else:
+        raise ValueError(f"scope={scope!r}; choose 'global' or 'layer'")
+    for name, s in scores.items():
+        masks[name] &= s.detach() > -math.inf  # also drops NaN
+    if warn:
+        warn_empty_layers(masks)
+    return masks
+
+
+def warn_empty_layers(masks: dict[str, torch.Tensor]) -> None:
+    """Say so when a layer is pruned to nothing: the network then computes a constant."""
+    for name, keep in masks.items():
+        if keep.numel() and not keep.any():
+            warnings.warn(f"layer {name!r} is pruned to nothing ({keep.numel()} weights, none kept); "
+                          f"the network output no longer depends on its input", RuntimeWarning, stacklevel=3)
+
+
+def magnitude_scores(model: nn.Module) -> dict[str, torch.Tensor]:
+    """|w| of every prunable layer as the forward pass sees it."""
+    return {name: module.weight.detach().abs() for name, module in prunable_layers(model)}

@@ -1,0 +1,101 @@
+"""Grids as data: expansion, canonical cell ids, filters, and one message listing every problem."""
+
+import pytest
+
+from benchmark import grids
+from benchmark.cell import Cell
+
+GRID = """
+description = "two experiments"
+seeds = [0, 1]
+
+[[experiment]]
+archs = ["lenet300"]
+datasets = ["fashion-mnist"]
+schedule = { epochs = 2 }
+[experiment.methods.dense]
+[[experiment.methods.dwf]]
+depth = [2, 3]
+lam = [1e-4, 1e-3]
+[[experiment.methods.dwf]]
+depth = 4
+lr = 0.2
+lam = 1e-3
+
+[[experiment]]
+archs = ["lenet5"]
+datasets = ["fashion-mnist", "mnist"]
+seeds = [7]
+[experiment.methods.l1]
+lam = 1e-5
+"""
+
+
+def test_expansion_crosses_lists_and_keeps_scalars():
+    grid = grids.parse_grid(GRID, "g")
+    by_method = {}
+    for cell in grid.cells:
+        by_method.setdefault(cell.method, []).append(cell)
+    assert len(by_method["dense"]) == 2  # 2 seeds
+    assert len(by_method["dwf"]) == 2 * 2 * 2 + 2  # depth x lam x seeds + the depth-4 entry x seeds
+    assert {c.method_params.lr for c in by_method["dwf"] if c.method_params.depth == 4} == {0.2}
+    assert len(by_method["l1"]) == 2 and {c.seed for c in by_method["l1"]} == {7}
+    assert all(c.schedule.epochs == 2 for c in by_method["dwf"])
+    assert by_method["l1"][0].schedule.epochs == 100  # the LeNet default schedule
+
+
+def test_cell_id_ignores_key_order_number_format_and_explicit_defaults():
+    a = Cell.make("dwf", "lenet300", "fashion-mnist", 0, {"depth": 3, "lam": 0.001}, {"epochs": 5})
+    b = Cell.make("dwf", "lenet300", "fashion-mnist", 0, {"lam": "1e-3", "init": "dwf"}, {"epochs": "5"})
+    assert a.id == b.id
+    c = Cell.make("dwf", "lenet300", "fashion-mnist", 0, {"lam": 0.002}, {"epochs": 5})
+    d = Cell.make("dwf", "lenet300", "fashion-mnist", 1, {"lam": 0.001}, {"epochs": 5})
+    assert len({a.id, c.id, d.id}) == 3
+    assert Cell.from_config(a.config()).id == a.id
+
+
+def test_every_problem_is_listed_with_its_line():
+    bad = """seeds = [0]
+colour = "red"
+[[experiment]]
+archs = ["lenet300", "alexnet"]
+datasets = ["fashion-mnist"]
+[experiment.methods.dwf]
+depth = 1
+lam = -3
+[experiment.methods.magic]
+[experiment.methods.l1]
+lamda = 1e-4
+"""
+    with pytest.raises(grids.GridError) as err:
+        grids.parse_grid(bad, "bad", "bad.toml")
+    text = str(err.value)
+    assert "bad.toml:2: unknown key 'colour'" in text
+    assert "unknown architecture 'alexnet'" in text
+    assert "bad.toml:7:" in text and "depth=1 must be >= 2" in text
+    assert "lam=-3.0 must be >= 0" in text
+    assert "unknown method 'magic'" in text
+    assert "bad.toml:11:" in text and "unknown parameter(s) ['lamda']" in text
+    assert text.count("alexnet") == 1  # one line per problem, not one per cell
+
+
+def test_invalid_toml_names_the_position():
+    with pytest.raises(grids.GridError, match="line 2"):
+        grids.parse_grid("[[experiment]]\narchs = [\"a\" \"b\"]\n", "x", "x.toml")
+
+
+def test_filters_and_seed_override():
+    cells = grids.parse_grid(GRID, "g").cells
+    dwf3 = grids.filter_cells(cells, ["method=dwf", "depth=3"])
+    assert dwf3 and all(c.method == "dwf" and c.method_params.depth == 3 for c in dwf3)
+    assert len(grids.filter_cells(cells, ["lam=0.001,1e-4", "method=dwf"])) == 10
+    with pytest.raises(ValueError, match="unknown key"):
+        grids.filter_cells(cells, ["dept=3"])
+    reseeded = grids.with_seeds(grids.filter_cells(cells, ["method=dense"]), [4, 5, 6])
+    assert sorted(c.seed for c in reseeded) == [4, 5, 6]
+
+
+@pytest.mark.parametrize("name", ["smoke", "quick", "lenet", "cifar", "full"])
+def test_presets_parse(name):
+    grid = grids.load_grid(name)
+    assert grid.cells and grid.description

@@ -1,0 +1,200 @@
+"""The grid runner: resumable, kill-safe, safe under concurrent drivers, failures isolated."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from benchmark import grids, runner
+from benchmark.__main__ import main
+from benchmark.store import Store
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_grid(path: Path, lams=(1e-4, 1e-3), epochs=1, extra="") -> Path:
+    lam_list = ", ".join(repr(x) for x in lams)
+    path.write_text(f"""
+description = "runner test grid"
+seeds = [0]
+subset = 600
+[[experiment]]
+archs = ["lenet300"]
+datasets = ["fashion-mnist"]
+schedule = {{ epochs = {epochs}, batch_size = 64 }}
+[experiment.methods.dense]
+[[experiment.methods.dwf]]
+depth = [2, 3]
+lam = [{lam_list}]
+{extra}
+""")
+    return path
+
+
+def _cli(*args, cwd=None, wait=True):
+    cmd = [sys.executable, "-m", "benchmark", *args]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    if wait:
+        return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def _events(results: Path, grid: str) -> list[dict]:
+    path = results / grid / "events.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def test_run_collect_and_second_run_trains_nothing(tmp_path, capsys):
+    grid_file = tiny_grid(tmp_path / "g.toml")
+    results = tmp_path / "results"
+    assert main(["run", "--grid", str(grid_file), "--results-dir", str(results), "--no-progress"]) == 0
+    grid = grids.load_grid(str(grid_file))
+    store = Store(results, "g")
+    assert {store.status(c.id) for c in grid.cells} == {"ok"}
+    first = {c.id: store.path(c.id).stat().st_mtime_ns for c in grid.cells}
+
+    assert main(["run", "--grid", str(grid_file), "--results-dir", str(results), "--no-progress"]) == 0
+    assert "0 finished now, 5 already done" in capsys.readouterr().out
+    assert {c.id: store.path(c.id).stat().st_mtime_ns for c in grid.cells} == first
+    assert Counter(e["event"] for e in _events(results, "g")) == {"start": 5, "finish": 5}
+
+    assert main(["collect", "--grid", str(grid_file), "--results-dir", str(results)]) == 0
+    table = pd.read_csv(results / "g" / "results.csv")
+    assert len(table) == 5 and set(table["status"]) == {"ok"}
+    assert set(table["variant"]) == {"dense", "dwf D=2", "dwf D=3"}
+    for column in ["grid", "cell_id", "method", "arch", "dataset", "seed", "depth", "lam", "target_cr", "level",
+                   "test_acc", "cr", "cr_total", "cr_effective", "speedup", "epochs", "wall_s", "device", "status"]:
+        assert column in table.columns
+    layers = pd.read_csv(results / "g" / "layers.csv")
+    assert len(layers) == 5 * 3 and set(layers["layer"]) == {"fc1", "fc2", "fc3"}
+
+
+def test_failed_cell_is_recorded_grid_goes_on_and_retry_reruns_it(tmp_path, capsys):
+    grid_file = tiny_grid(tmp_path / "g.toml", lams=(1e-4,), extra="""
+[experiment.methods.l1]
+lam = 1e-5
+lr = 1e12
+""")
+    results = tmp_path / "r"
+    assert main(["run", "--grid", str(grid_file), "--results-dir", str(results), "--no-progress"]) == 1
+    store = Store(results, "g")
+    statuses = Counter(r["status"] for r in store.results())
+    assert statuses == {"ok": 3, "failed": 1}
+    failed = next(r for r in store.results() if r["status"] == "failed")
+    assert "Diverged" in failed["records"][0]["error"]
+    capsys.readouterr()
+    main(["run", "--grid", str(grid_file), "--results-dir", str(results), "--no-progress"])
+    assert "0 finished now, 4 already done" in capsys.readouterr().out  # failed cells wait for --retry-failed
+    main(["run", "--grid", str(grid_file), "--results-dir", str(results), "--no-progress", "--retry-failed"])
+    starts = Counter(e["cell_id"] for e in _events(results, "g") if e["event"] == "start")
+    assert starts[failed["cell_id"]] == 2
+    assert main(["status", "--grid", str(grid_file), "--results-dir", str(results)]) == 0
+    out = capsys.readouterr().out
+    assert "l1" in out and "failed" in out
+
+
+def test_missing_dataset_blocks_only_its_cells(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("BENCHMARK_DATA", raising=False)
+    grid_file = tmp_path / "g.toml"
+    grid_file.write_text("""
+description = "blocked"
+subset = 300
+[[experiment]]
+archs = ["lenet300"]
+datasets = ["fashion-mnist", "kmnist"]
+schedule = { epochs = 1 }
+[experiment.methods.dense]
+""")
+    assert main(["run", "--grid", str(grid_file), "--results-dir", "r", "--no-progress",
+                 "--data-dir", str(tmp_path / "nodata")]) == 1
+    results = {r["config"]["dataset"]: r for r in Store("r", "g").results()}
+    assert results["fashion-mnist"]["status"] == "ok"
+    assert results["kmnist"]["status"] == "blocked"
+    assert "python -m benchmark data fetch kmnist" in results["kmnist"]["records"][0]["error"]
+
+
+def test_dry_run_lists_cells_and_trains_nothing(tmp_path, capsys):
+    grid_file = tiny_grid(tmp_path / "g.toml")
+    assert main(["run", "--grid", str(grid_file), "--results-dir", str(tmp_path / "r"), "--dry-run",
+                 "--only", "method=dwf", "--only", "depth=3"]) == 0
+    out = capsys.readouterr().out
+    assert "2 cell(s) to run" in out and out.count("dwf[") == 2
+    assert not (tmp_path / "r" / "g" / "cells").exists() or not list((tmp_path / "r" / "g" / "cells").iterdir())
+
+
+def test_sigkill_then_rerun_finishes_every_cell_exactly_once(tmp_path):
+    grid_file = tiny_grid(tmp_path / "g.toml", lams=(1e-5, 1e-4, 3e-4, 1e-3), epochs=3)
+    results = tmp_path / "r"
+    grid = grids.load_grid(str(grid_file))
+    store = Store(results, "g")
+    proc = _cli("run", "--grid", str(grid_file), "--results-dir", str(results), "--no-progress", wait=False)
+    deadline = time.time() + 300
+    while time.time() < deadline and len(list(store.cells_dir.glob("*.json"))) < 2 if store.cells_dir.exists() else True:
+        time.sleep(0.2)
+        if proc.poll() is not None:
+            break
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done_first = {p.stem for p in store.cells_dir.glob("*.json")}
+    assert 2 <= len(done_first) < len(grid.cells), "the kill should land mid-grid"
+    first_run = {cid: store.read(cid)["run_id"] for cid in done_first}
+
+    rerun = _cli("run", "--grid", str(grid_file), "--results-dir", str(results), "--no-progress")
+    assert rerun.returncode == 0, rerun.stderr
+    for cell in grid.cells:
+        result = json.loads(store.path(cell.id).read_text())  # every file parses: none is torn
+        assert result["status"] == "ok"
+        if cell.id in first_run:
+            assert result["run_id"] == first_run[cell.id]  # finished cells were not run again
+    finishes = Counter(e["cell_id"] for e in _events(results, "g") if e["event"] == "finish")
+    assert set(finishes) == {c.id for c in grid.cells} and set(finishes.values()) == {1}
+    assert not list(store.cells_dir.glob(".*tmp*")) and not list(store.claims_dir.glob("*.claim"))
+
+
+def test_two_concurrent_runs_never_train_a_cell_twice(tmp_path):
+    grid_file = tiny_grid(tmp_path / "g.toml", lams=(1e-5, 1e-4, 3e-4, 1e-3), epochs=1)
+    results = tmp_path / "r"
+    procs = [_cli("run", "--grid", str(grid_file), "--results-dir", str(results), "--no-progress", wait=False)
+             for _ in range(2)]
+    for p in procs:
+        out, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err
+    grid = grids.load_grid(str(grid_file))
+    starts = Counter(e["cell_id"] for e in _events(results, "g") if e["event"] == "start")
+    assert set(starts) == {c.id for c in grid.cells} and set(starts.values()) == {1}
+    runs = {e["run_id"] for e in _events(results, "g")}
+    assert len(runs) == 2  # both drivers did part of the work
+    store = Store(results, "g")
+    assert all(store.status(c.id) == "ok" for c in grid.cells)
+
+
+def test_claims_of_dead_processes_are_taken_over(tmp_path):
+    store = Store(tmp_path, "g")
+    store.ensure()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (store.claims_dir / "abc.claim").write_text(json.dumps({"host": os.uname().nodename, "pid": int(dead.stdout)}))
+    assert store.claim("abc", "run2")
+    assert not store.claim("abc", "run3")  # now held by this live process
+
+
+def test_priority_puts_dense_first_and_post_training_last():
+    cells = grids.parse_grid("""
+[[experiment]]
+archs = ["lenet300"]
+datasets = ["fashion-mnist"]
+[experiment.methods.magnitude]
+target_cr = 10
+[experiment.methods.dwf]
+[experiment.methods.dense]
+""").cells
+    ordered = sorted(cells, key=runner.priority)
+    assert [c.method for c in ordered] == ["dense", "dwf", "magnitude"]
