@@ -77,8 +77,10 @@ class Cell:
                         config.get("params"), config.get("schedule"), config.get("subset"))
 
     def label(self) -> str:
-        extra = ",".join(f"{k}={v}" for k, v in sorted(self.params.items()))
-        return f"{self.method}[{extra}] {self.arch}/{self.dataset} seed={self.seed}"
+        """Human-readable name for logs and listings, e.g. ``dwf D=3 [lam=0.001] lenet300/fashion-mnist seed=0``."""
+        name = f"dwf D={self.method_params.depth}" if self.method == "dwf" else self.method
+        extra = ",".join(f"{k}={v}" for k, v in sorted(self.params.items()) if k != "depth")
+        return f"{name} [{extra}] {self.arch}/{self.dataset} seed={self.seed}"
 
 
 def canonical_json(obj) -> str:

@@ -581,14 +581,18 @@ def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     return gen
 
 
-def augment(x: torch.Tensor, gen: torch.Generator, padding: int = 4) -> torch.Tensor:
-    """Random crop with zero padding and random horizontal flip of a whole batch on its device.
+def augment(x: torch.Tensor, gen: torch.Generator, padding: int = 4, fill: torch.Tensor | None = None) -> torch.Tensor:
+    """Random crop with padding and random horizontal flip of a whole batch on its device.
 
-    ``x`` is already normalized, so the padding is zero in normalized space (the dataset's mean
-    colour). A crop offset of ``padding`` without flip returns an image unchanged.
+    The padding holds ``fill`` (per channel, shape (1, C, 1, 1)); ``batches`` passes the normalized
+    value of a black pixel, as torchvision's RandomCrop before Normalize gives. Without ``fill``
+    the padding is zero. A crop offset of ``padding`` without flip returns an image unchanged.
     """
     n, channels, h, w = x.shape
-    padded = torch.nn.functional.pad(x, (padding, padding, padding, padding))
+    if fill is None:
+        padded = torch.nn.functional.pad(x, (padding, padding, padding, padding))
+    else:
+        padded = torch.nn.functional.pad(x - fill, (padding, padding, padding, padding)) + fill
     dy = torch.randint(0, 2 * padding + 1, (n,), generator=gen).to(x.device)
     dx = torch.randint(0, 2 * padding + 1, (n,), generator=gen).to(x.device)
     flip = (torch.rand(n, generator=gen) < 0.5).to(x.device)
@@ -609,8 +613,9 @@ def batches(split: Split, batch_size: int, gen: torch.Generator, *, shuffle: boo
     device = split.y.device
     order = torch.randperm(n, generator=gen).to(device) if shuffle else torch.arange(n, device=device)
     stop = n - n % batch_size if drop_last else n
+    black = (-split.mean / split.std).to(device)  # a black pixel after normalization
     for start in range(0, stop, batch_size):
         x, y = split.take(order[start:start + batch_size])
         if augment_batches:
-            x = augment(x, gen)
+            x = augment(x, gen, fill=black)
         yield x, y

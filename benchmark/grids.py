@@ -17,6 +17,7 @@ experiment; an experiment's ``schedule`` is laid over the architecture's default
     depth = [2, 3, 4]
     lam = [1e-4, 1e-3]
 
+``include = ["lenet", "path/other.toml"]`` adds the cells of other grids (presets or files).
 Validation collects every problem (unknown names, wrong types, impossible values) with its line
 before anything trains.
 """
@@ -37,7 +38,7 @@ else:  # pragma: no cover
 
 from benchmark.cell import Cell
 
-GRID_KEYS = {"description", "seeds", "schedule", "subset", "experiment"}
+GRID_KEYS = {"description", "seeds", "schedule", "subset", "experiment", "include"}
 EXPERIMENT_KEYS = {"archs", "datasets", "seeds", "schedule", "subset", "methods", "name"}
 
 
@@ -125,10 +126,17 @@ def parse_grid(text: str, name: str = "grid", source: str = "<text>") -> Grid:
     for key in sorted(set(raw) - GRID_KEYS):
         problems.append(f"{where('', key)}: unknown key {key!r}; allowed: {sorted(GRID_KEYS)}")
     experiments = raw.get("experiment", [])
-    if not isinstance(experiments, list) or not experiments:
-        problems.append(f"{source}: a grid needs at least one [[experiment]] table")
+    includes = raw.get("include", [])
+    if not isinstance(experiments, list) or not (experiments or includes):
+        problems.append(f"{source}: a grid needs at least one [[experiment]] table or an include list")
         experiments = []
     cells: dict[str, Cell] = {}
+    for included in includes if isinstance(includes, list) else [includes]:
+        try:
+            for cell in load_grid(str(included)).cells:
+                cells.setdefault(cell.id, cell)
+        except (ValueError, FileNotFoundError) as exc:
+            problems.append(f"{where('', 'include')}: include {included!r}: {exc}")
     for i, exp in enumerate(experiments):
         table = f"experiment[{i}]"
         for key in sorted(set(exp) - EXPERIMENT_KEYS):

@@ -17,6 +17,7 @@ deeper) and differ by marker; families differ by line style.
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import sys
 from dataclasses import dataclass
@@ -29,7 +30,6 @@ matplotlib.use("Agg")  # files only; must come before pyplot
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
-import seaborn as sns  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
 
@@ -40,7 +40,15 @@ AT_CR_FACTOR = 2.0
 DEFAULT_AT_CR = 100.0
 FIGURE_FORMATS = ("png", "pdf")
 
-_PALETTE = sns.color_palette("colorblind", 10)
+
+@functools.lru_cache(maxsize=1)
+def _palette() -> list:
+    """seaborn's colour-blind-safe palette (imported here: seaborn takes seconds to import)."""
+    import seaborn as sns
+
+    return sns.color_palette("colorblind", 10)
+
+
 # method -> (palette index, darken, marker, line style); families share a line style
 _FIXED = {
     "shallow": (9, 0.0, "v", "-"),
@@ -80,7 +88,7 @@ def variant_styles(info: dict[str, tuple[str, object]]) -> dict[str, Style]:
     dwf = sorted((float(d) if d is not None and not pd.isna(d) else 0.0, v) for v, (m, d) in info.items() if m == "dwf")
     for i, (_, variant) in enumerate(dwf):
         amount = 0.7 * i / max(1, len(dwf) - 1)
-        styles[variant] = Style(_darken(_PALETTE[0], amount), _DWF_MARKERS[i % len(_DWF_MARKERS)], "-")
+        styles[variant] = Style(_darken(_palette()[0], amount), _DWF_MARKERS[i % len(_DWF_MARKERS)], "-")
     spare = 0
     for variant, (method, _) in sorted(info.items()):
         if variant in styles or method == cv.DENSE_METHOD:
@@ -90,7 +98,7 @@ def variant_styles(info: dict[str, tuple[str, object]]) -> dict[str, Style]:
         else:
             slot, darken, marker, ls = _SPARE[spare % len(_SPARE)], 0.3 * (spare // len(_SPARE)), "o", (0, (3, 1))
             spare += 1
-        styles[variant] = Style(_darken(_PALETTE[slot], darken), marker, ls)
+        styles[variant] = Style(_darken(_palette()[slot], darken), marker, ls)
     return styles
 
 

@@ -216,10 +216,7 @@ def run_grid(grid: grids_mod.Grid, cells: list[Cell], *, results_dir="results", 
                                 left=bar.total - bar.n)
     finally:
         bar.close()
-        for cell_id in by_id:  # claims of cells that did not finish (interrupt): give them back
-            claim = store.claims_dir / f"{cell_id}.claim"
-            if claim.is_file() and store.status(cell_id) != "ok" and f'"pid": {os.getpid()}' in _read(claim):
-                store.release(cell_id)
+        store.release_run(run_id)  # cells in flight when interrupted: free them for the next run
         if client is not None:
             client.close()
         if manager is not None:
@@ -230,13 +227,6 @@ def run_grid(grid: grids_mod.Grid, cells: list[Cell], *, results_dir="results", 
 
 def _execute_tagged(cell_id: str, config: dict, common: dict) -> tuple[str, list[dict]]:
     return cell_id, execute(config, **common)
-
-
-def _read(path: Path) -> str:
-    try:
-        return path.read_text()
-    except OSError:
-        return ""
 
 
 def _visible_gpus() -> int:

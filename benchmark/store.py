@@ -14,7 +14,6 @@ Layout under ``<results-dir>/<grid>/``::
 from __future__ import annotations
 
 import json
-import math
 import os
 import socket
 import time
@@ -145,6 +144,15 @@ class Store:
     def release(self, cell_id: str) -> None:
         (self.claims_dir / f"{cell_id}.claim").unlink(missing_ok=True)
 
+    def release_run(self, run_id: str) -> None:
+        """Drop every claim still held by ``run_id`` (cells that were in flight when it stopped)."""
+        for path in self.claims_dir.glob("*.claim"):
+            try:
+                if json.loads(path.read_text()).get("run_id") == run_id:
+                    path.unlink(missing_ok=True)
+            except (OSError, json.JSONDecodeError):
+                pass
+
     def claimed(self) -> set[str]:
         return {p.stem for p in self.claims_dir.glob("*.claim") if not self._stale(p)} if self.claims_dir.is_dir() else set()
 
@@ -194,7 +202,3 @@ class Store:
         _atomic_write_text(csv_path, results.to_csv(index=False))
         _atomic_write_text(layers_path, layers.to_csv(index=False))
         return csv_path, layers_path, results
-
-
-def finite(x) -> float | None:
-    return x if isinstance(x, (int, float)) and math.isfinite(x) else None

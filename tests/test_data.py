@@ -583,3 +583,14 @@ def test_cli_fetch_does_not_download_what_is_present(tmp_path, capsys):
     write_mnist_like(tmp_path / "d" / "MNIST" / "raw")
     assert main(["data", "fetch", "mnist", "--data-dir", str(tmp_path / "d")]) == 0
     assert str(tmp_path / "d" / "MNIST" / "raw") in capsys.readouterr().out
+
+
+def test_batches_pad_with_black_like_torchvision_randomcrop():
+    """Padding holds the normalized value of a black pixel (0 before normalization), per channel."""
+    mean, std = torch.tensor([0.5, 0.25]).view(1, 2, 1, 1), torch.tensor([0.5, 0.5]).view(1, 2, 1, 1)
+    x = torch.full((64, 2, 4, 4), 3.0)  # a constant normalized image
+    split = data_mod.Split(x, torch.zeros(64, dtype=torch.long), mean, std)
+    [(out, _)] = list(data_mod.batches(split, 64, torch.Generator().manual_seed(0), augment_batches=True))
+    values = set(out[:, 0].unique().tolist()) | set(out[:, 1].unique().tolist())
+    assert values == {3.0, -1.0, -0.5}  # the image, and (0 - mean) / std of each channel
+    assert set(out[:, 0].unique().tolist()) == {3.0, -1.0}

@@ -127,7 +127,7 @@ def test_dry_run_lists_cells_and_trains_nothing(tmp_path, capsys):
     assert main(["run", "--grid", str(grid_file), "--results-dir", str(tmp_path / "r"), "--dry-run",
                  "--only", "method=dwf", "--only", "depth=3"]) == 0
     out = capsys.readouterr().out
-    assert "2 cell(s) to run" in out and out.count("dwf[") == 2
+    assert "2 cell(s) to run" in out and out.count("dwf D=3 [") == 2
     assert not (tmp_path / "r" / "g" / "cells").exists() or not list((tmp_path / "r" / "g" / "cells").iterdir())
 
 

@@ -1,0 +1,51 @@
+"""The same grid through a real Dask scheduler and workers on loopback gives the same cells."""
+
+import json
+
+import pytest
+
+from benchmark import runner
+from benchmark.__main__ import main
+from benchmark.store import Store
+
+from test_runner import tiny_grid
+
+distributed = pytest.importorskip("distributed")
+
+
+@pytest.fixture
+def cluster():
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                                  dashboard_address=None, scheduler_port=0) as c:
+        yield c
+
+
+def test_dask_backend_matches_local_backend(tmp_path, cluster):
+    grid_file = tiny_grid(tmp_path / "g.toml")
+    local, remote = tmp_path / "local", tmp_path / "dask"
+    runner._DATA_CACHE.clear()
+    assert main(["run", "--grid", str(grid_file), "--results-dir", str(remote), "--no-progress",
+                 "--backend", "dask", "--scheduler", cluster.scheduler_address]) == 0
+    # the cells ran in the Dask workers (they loaded the data), not in this process
+    assert not runner._DATA_CACHE
+    with distributed.Client(cluster.scheduler_address) as client:
+        loaded = client.run(lambda: len(__import__("benchmark.runner").runner._DATA_CACHE))
+    assert sum(loaded.values()) >= 1
+    assert main(["run", "--grid", str(grid_file), "--results-dir", str(local), "--no-progress"]) == 0
+    local_results = {r["cell_id"]: r for r in Store(local, "g").results()}
+    dask_results = {r["cell_id"]: r for r in Store(remote, "g").results()}
+    assert set(local_results) == set(dask_results) and len(dask_results) == 5
+    assert {r["status"] for r in dask_results.values()} == {"ok"}
+    for cell_id, result in dask_results.items():
+        assert result["config"] == local_results[cell_id]["config"]
+        # same cell, same seed, same device type: the same numbers
+        assert result["records"][0]["cr"] == pytest.approx(local_results[cell_id]["records"][0]["cr"])
+        assert result["records"][0]["test_acc"] == pytest.approx(local_results[cell_id]["records"][0]["test_acc"], abs=0.01)
+    events = [json.loads(line) for line in (remote / "g" / "events.jsonl").read_text().splitlines()]
+    assert sum(e["event"] == "finish" for e in events) == 5
+
+
+def test_dask_backend_needs_a_scheduler(tmp_path, capsys):
+    grid_file = tiny_grid(tmp_path / "g.toml")
+    assert main(["run", "--grid", str(grid_file), "--results-dir", str(tmp_path), "--backend", "dask"]) == 2
+    assert "--scheduler" in capsys.readouterr().err
