@@ -13,11 +13,13 @@ STAMP := $(VENV)/.installed
 
 .PHONY: run test setup data clean
 
+# A failed or blocked cell makes `run` exit 1; the rest of the grid is still collected and plotted.
 run: setup data
-	$(PY) -m benchmark run --grid $(GRID) --jobs $(JOBS)
+	-$(PY) -m benchmark run --grid $(GRID) --jobs $(JOBS)
 	$(PY) -m benchmark collect --grid $(GRID)
 	$(PY) -m benchmark plot --grid $(GRID)
 	$(PY) -m benchmark report --grid $(GRID)
+	@echo "CSV: results/$(GRID)/results.csv  plots: plots/$(GRID)/  tables: results/$(GRID)/tolerance.md"
 
 test: setup data
 	$(PY) -m pytest -q

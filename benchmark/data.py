@@ -519,10 +519,11 @@ class Split:
         return len(self.y)
 
     def take(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = self.x[index]
+        # index_select gathers whole rows; on CPU it is 2-3x faster than x[index] (advanced indexing).
+        x = self.x.index_select(0, index)
         if x.dtype == torch.uint8:
             x = (x.float().div_(255) - self.mean) / self.std
-        return x, self.y[index]
+        return x, self.y.index_select(0, index)
 
     def to(self, device) -> "Split":
         return Split(self.x.to(device), self.y.to(device), self.mean.to(device), self.std.to(device))

@@ -82,6 +82,7 @@ class RunSummary:
     blocked: int = 0
     skipped: int = 0
     busy: int = 0  # claimed by another live driver
+    log: Path | None = None
 
 
 def priority(cell: Cell) -> int:
@@ -121,13 +122,16 @@ def _threads_per_job(jobs: int) -> int:
     return max(1, (os.cpu_count() or 1) // max(1, jobs))
 
 
-def _setup_logging(store: Store) -> None:
-    store.root.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(store.root / "run.log")
+def _setup_logging(store: Store, run_id: str) -> Path:
+    """One log file per run, beside the results: logs/<start time>-<run id>.log."""
+    path = store.root / "logs" / f"{time.strftime('%Y%m%d-%H%M%S')}-{run_id}.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     log.handlers[:] = [handler]
     log.setLevel(logging.INFO)
     log.propagate = False
+    return path
 
 
 def run_grid(grid: grids_mod.Grid, cells: list[Cell], *, results_dir="results", jobs: int = 1,
@@ -139,10 +143,10 @@ def run_grid(grid: grids_mod.Grid, cells: list[Cell], *, results_dir="results", 
 
     store = Store(results_dir, grid.name)
     store.ensure()
-    _setup_logging(store)
     run_id = uuid.uuid4().hex[:12]
+    log_path = _setup_logging(store, run_id)
     todo, skipped = pending_cells(store, cells, retry_failed)
-    summary = RunSummary(skipped=skipped)
+    summary = RunSummary(skipped=skipped, log=log_path)
     log.info("run %s: grid %s (%s), %d cells, %d to run, %d already done, backend=%s",
              run_id, grid.name, grid.source, len(cells), len(todo), skipped, backend)
     if not todo:
@@ -318,7 +322,7 @@ def run_command(args) -> int:
                        retry_failed=args.retry_failed, progress=False if args.no_progress else None)
     print(f"grid {grid.name}: {summary.finished} finished now, {summary.skipped} already done, "
           f"{summary.failed} failed, {summary.blocked} blocked, {summary.busy} running in another process")
-    print(f"results: {store.cells_dir}  (log: {store.root / 'run.log'})")
+    print(f"results: {store.cells_dir}  (log: {summary.log})")
     print(f"next: python -m benchmark collect --grid {args.grid} --results-dir {args.results_dir}")
     return 1 if summary.failed or summary.blocked else 0
 

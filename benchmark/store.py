@@ -7,7 +7,7 @@ Layout under ``<results-dir>/<grid>/``::
                             train one cell twice; a claim whose process is gone is taken over
     work/<cell_id>/         per-epoch checkpoints of unfinished cells
     events.jsonl            one line per start / finish / failure, appended by every driver
-    run.log                 human-readable log of the runs
+    logs/<time>-<run>.log   human-readable log of each run
     results.csv, layers.csv written by ``collect``
 """
 

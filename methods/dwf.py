@@ -58,12 +58,19 @@ def kaiming_std(weight: torch.Tensor) -> float:
 
 
 def truncated_normal(shape, std: float, low: float, high: float, gen: torch.Generator) -> torch.Tensor:
-    """N(0, std^2) entries redrawn until low < |x| < high; signs stay random."""
+    """N(0, std^2) entries redrawn until low < |x| < high; signs stay random.
+
+    Only the entries still out of range are checked and redrawn (in index order, so the draws are
+    exactly those of redrawing over the whole tensor): at D=4 three in four draws are rejected, and
+    re-scanning a VGG-16 layer ~50 times made factorizing take seconds.
+    """
     x = torch.randn(shape, generator=gen) * std
-    bad = (x.abs() <= low) | (x.abs() >= high)
-    while bad.any():
-        x[bad] = torch.randn(int(bad.sum()), generator=gen) * std
-        bad = (x.abs() <= low) | (x.abs() >= high)
+    flat = x.view(-1)
+    redraw = ((flat.abs() <= low) | (flat.abs() >= high)).nonzero().squeeze(1)
+    while len(redraw):
+        values = torch.randn(len(redraw), generator=gen) * std
+        flat[redraw] = values
+        redraw = redraw[(values.abs() <= low) | (values.abs() >= high)]
     return x
 
 

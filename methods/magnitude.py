@@ -48,7 +48,7 @@ class Magnitude(Method):
         if p.finetune_epochs > 0:
             finetune_lr = p.finetune_lr or ctx.schedule.lr / 10
             tuned, _ = ctx.train(model, phase="finetune",
-                                 schedule=ctx.schedule.replace(epochs=p.finetune_epochs, lr=finetune_lr))
+                                 schedule=ctx.schedule.finetune(p.finetune_epochs, finetune_lr))
             history += [e | {"phase": "finetune"} for e in tuned.epochs]
         remove_masks(model)
         # Without fine-tuning the last training epoch is the dense model's, not this one's.

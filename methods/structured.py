@@ -234,7 +234,7 @@ class StructuredMethod(Method):
         p = self.params
         epochs = math.ceil(FINETUNE_FRACTION * schedule.epochs) if p.finetune_epochs is None else p.finetune_epochs
         lr = schedule.lr / FINETUNE_LR_DIVISOR if p.finetune_lr is None else p.finetune_lr
-        return schedule.replace(epochs=epochs, lr=lr)
+        return schedule.finetune(epochs, lr)
 
     def run(self, ctx):
         p = self.params

@@ -10,7 +10,7 @@ from benchmark.cell import REWIND_EPOCHS, Cell, Context, run_cell
 from methods.lottery import level_keep_counts, rewound_model
 from methods.masks import kept_count, magnitude_scores, masks_from_scores, read_masks
 
-SCHEDULE = {"epochs": 2, "batch_size": 64}
+SCHEDULE = {"epochs": 2, "batch_size": 64, "warmup_epochs": 0}
 
 
 def test_levels_prune_a_fraction_of_the_remaining_weights_and_end_exactly_at_the_target():

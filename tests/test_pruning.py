@@ -14,7 +14,7 @@ from methods.atinit import (grasp_scores, linearized_copy, random_scores, scorin
 from methods.masks import kept_count
 from tests.conftest import make_data
 
-SCHEDULE = {"epochs": 2, "batch_size": 64}
+SCHEDULE = {"epochs": 2, "batch_size": 64, "warmup_epochs": 0}
 
 
 def tiny_net(seed=0, bias=True) -> nn.Sequential:

@@ -198,3 +198,12 @@ target_cr = 10
 """).cells
     ordered = sorted(cells, key=runner.priority)
     assert [c.method for c in ordered] == ["dense", "dwf", "magnitude"]
+
+
+def test_each_run_writes_its_own_log(tmp_path):
+    grid_file = tiny_grid(tmp_path / "g.toml", lams=(1e-4,))
+    for _ in range(2):
+        main(["run", "--grid", str(grid_file), "--results-dir", str(tmp_path), "--no-progress"])
+    logs = sorted((tmp_path / "g" / "logs").glob("*.log"))
+    assert len(logs) == 2
+    assert "finished" in logs[0].read_text() and "3 already done" in logs[1].read_text()

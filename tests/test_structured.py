@@ -27,7 +27,7 @@ def linear_params(shapes):
 
 def run(tmp_path, method, arch, params, classes=4):
     cell = Cell.make(method, arch, "fashion-mnist", params={"latency_repeats": 3, **params},
-                     schedule={"epochs": 1, "batch_size": 64})
+                     schedule={"epochs": 1, "batch_size": 64, "warmup_epochs": 0})
     data = make_data(shape=(1, 28, 28), classes=classes, n_train=256, n_test=128)
     [record] = run_cell(cell, data=data, work_root=tmp_path / "w", cache_dir=tmp_path / "c", progress=False)
     assert record["status"] == "ok", record.get("traceback")

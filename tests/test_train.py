@@ -111,3 +111,16 @@ def test_schedule_rejects_bad_values():
         Schedule(lr=-1)
     with pytest.raises(ValueError, match="unknown schedule key"):
         Schedule.from_dict({"epochz": 3})
+
+
+def test_warmup_rises_linearly_then_cosine_decays_to_zero():
+    from benchmark.train import lr_factor
+
+    f = lr_factor(warmup_steps=4, total_steps=12)
+    assert [f(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert f(4) == pytest.approx(1.0) and f(8) == pytest.approx(0.5) and f(12) == pytest.approx(0.0)
+    data = make_data()
+    history, _ = train(_model(), data, Schedule(epochs=3, lr=0.1, batch_size=32, warmup_epochs=1), seed=0,
+                       progress=False)
+    assert history.epochs[0]["lr"] == pytest.approx(0.1)  # end of warm-up: the peak
+    assert history.epochs[-1]["lr"] == pytest.approx(0.0, abs=1e-12)
