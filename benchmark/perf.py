@@ -41,8 +41,8 @@ from torch import nn
 
 from benchmark import data as data_mod
 from benchmark import models
-from benchmark.train import (TrainHooks, autocast, default_schedule, make_optimizer, pick_device, prepare_input,
-                             train, tune_cpu_allocator)
+from benchmark.train import (TrainHooks, default_schedule, make_optimizer, pick_device, prepare_input, train,
+                             training_step, tune_cpu_allocator)
 
 WHATS = ("data", "step", "grid")
 STEP_ARCHS = {"lenet300": ((1, 28, 28), 10), "lenet5": ((1, 28, 28), 10),
@@ -255,15 +255,7 @@ def make_step(arch: str, depth: int | None, device: torch.device, batch: int, co
     model.train()
 
     def step():
-        with autocast(device):
-            out = forward(x)
-            loss = nn.functional.cross_entropy(out.float(), y)
-            extra = hooks.penalty(model)
-            total = loss if extra is None else loss + extra
-        optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        optimizer.step()
-        hooks.after_step(model)
+        training_step(model, x, y, optimizer, hooks, device, forward)
 
     return step
 

@@ -165,9 +165,10 @@ def plot_accuracy_vs_cr(results: cv.Results, title: str = "") -> plt.Figure:
     order = results.variants()
     handles = [_legend_handle(styles[v], v) for v in order if v in used]
     handles.append(Line2D([], [], color="0.2", linestyle="--", linewidth=1.1, label="dense (mean over seeds)"))
-    fig.legend(handles=handles, loc="outside right upper", title="method", frameon=False)
-    fig.suptitle((f"{title}: " if title else "") + "test accuracy vs compression "
-                 "(line: mean over seeds, band: ±1 std, markers: single runs)", fontsize="medium")
+    fig.legend(handles=handles, loc="outside right upper", frameon=False, alignment="left",
+               title="line: mean over seeds\nband: ±1 std\nmarkers: single runs", title_fontsize="small")
+    fig.suptitle((f"{title}: " if title else "") + "test accuracy vs compression", fontsize="medium",
+                 x=0.02, ha="left")
     return fig
 
 
@@ -175,13 +176,14 @@ def plot_accuracy_vs_cr(results: cv.Results, title: str = "") -> plt.Figure:
 
 
 def default_at_cr(results: cv.Results, arch: str, dataset: str) -> float:
-    """100, or less when some variant of the panel never gets that far (the largest CR all reach)."""
+    """100, or less when most variants of the panel never get that far: the median over variants of
+    the largest CR each reaches (so one variant that stops early does not pull every panel down)."""
     finite = results.panel_rows(arch, dataset)
     finite = finite[np.isfinite(finite.cr) & (finite.method != cv.DENSE_METHOD)]
     if finite.empty:
         return DEFAULT_AT_CR
-    reached_by_all = finite.groupby("variant").cr.max().min()
-    return float(min(DEFAULT_AT_CR, reached_by_all))
+    reached_by_most = float(finite.groupby("variant").cr.max().median())
+    return min(DEFAULT_AT_CR, reached_by_most)
 
 
 def runs_closest_to(results: cv.Results, arch: str, dataset: str, at_cr: float) -> tuple[pd.DataFrame, list[str]]:
@@ -235,7 +237,7 @@ def plot_layer_sparsity(results: cv.Results, layers: pd.DataFrame, at_cr: float 
                              figsize=(min(18, max(8, 3.5 + 0.16 * max(widths))), 3.6 * len(jobs) + 0.5))
     for ax, (arch, dataset, target, joined) in zip(axes[:, 0], jobs):
         _draw_layer_bars(ax, joined, styles, results.variants(arch, dataset), target)
-        ax.set_title(f"{cv.panel_title(arch, dataset)}: runs closest to CR {target:g}")
+        ax.set_title(f"{cv.panel_title(arch, dataset)}: runs closest to CR {target:.3g}")
     fig.suptitle((f"{title}: " if title else "") + "weights kept per layer "
                  "(× = layer pruned to nothing; dotted line: every layer pruned alike)", fontsize="medium")
     return fig, notes
@@ -348,9 +350,10 @@ def plot_effective_cr(results: cv.Results, title: str = "", rel_tol: float = 1e-
     handles.append(Line2D([], [], color="0.3", linestyle="--", label="effective = direct"))
     if any_infinite:
         handles.append(Line2D([], [], color="0.6", linestyle=":", label="effective CR = ∞:\nno input-output path left"))
-    fig.legend(handles=handles, loc="outside right upper", title="method", frameon=False)
-    fig.suptitle((f"{title}: " if title else "") + "direct vs effective compression "
-                 "(above the diagonal: kept weights that no longer carry signal)", fontsize="medium")
+    fig.legend(handles=handles, loc="outside right upper", frameon=False, alignment="left",
+               title="above the diagonal: kept weights\nthat no longer carry signal", title_fontsize="small")
+    fig.suptitle((f"{title}: " if title else "") + "direct vs effective compression", fontsize="medium",
+                 x=0.02, ha="left")
     return fig
 
 
@@ -420,8 +423,8 @@ def add_commands(sub) -> None:
                    help="figures go to <plots-dir>/<grid>/ (default plots)")
     p.add_argument("--at-cr", type=positive_float, default=None, metavar="CR",
                    help="CR of the per-layer figure: each method's run closest to it (within a factor "
-                        f"{AT_CR_FACTOR:g}) is shown (default: {DEFAULT_AT_CR:g}, or the largest CR every method "
-                        "of a panel reaches if smaller)")
+                        f"{AT_CR_FACTOR:g}) is shown (default: {DEFAULT_AT_CR:g}, or less if most methods of a "
+                        "panel stop earlier: the median of their largest CRs)")
     p.set_defaults(handler=plot_command)
 
 

@@ -303,16 +303,8 @@ def train(
             for step, (x, y) in enumerate(data_mod.batches(
                 data.train, schedule.batch_size, gen, augment_batches=data.spec.augment,
             )):
-                with autocast(device):
-                    out = model(prepare_input(x, channels_last))
-                    loss = nn.functional.cross_entropy(out.float(), y)
-                    extra = hooks.penalty(model)
-                    total = loss if extra is None else loss + extra
-                optimizer.zero_grad(set_to_none=True)
-                total.backward()
-                optimizer.step()
+                out, loss, total = training_step(model, prepare_input(x, channels_last), y, optimizer, hooks, device)
                 scheduler.step()
-                hooks.after_step(model)
                 loss_sum += loss.detach() * len(y)
                 correct += (out.detach().argmax(1) == y).sum()
                 seen += len(y)
@@ -342,6 +334,23 @@ def train(
     finally:
         bar.close()
     return history, snapshots
+
+
+def training_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer,
+                  hooks: TrainHooks, device: torch.device, forward=None):
+    """One SGD step (the only place the loss is formed): mean cross-entropy plus the method's
+    penalty, under bf16 autocast on CUDA. ``forward`` may be a compiled model. Returns
+    (logits, cross-entropy, total loss)."""
+    with autocast(device):
+        out = (model if forward is None else forward)(x)
+        loss = nn.functional.cross_entropy(out.float(), y)
+        extra = hooks.penalty(model)
+        total = loss if extra is None else loss + extra
+    optimizer.zero_grad(set_to_none=True)
+    total.backward()
+    optimizer.step()
+    hooks.after_step(model)
+    return out, loss, total
 
 
 def lr_factor(warmup_steps: int, total_steps: int):

@@ -24,9 +24,7 @@ from torch.nn.utils import parametrize
 from benchmark.sparsity import prunable_layers, unparametrize, zero_below
 from benchmark.train import TrainHooks
 from methods.base import Method, register
-
-#: float32 machine epsilon: the zero threshold of the authors' follow-up work (ours as default).
-FLOAT32_EPS = 1.19e-7
+from methods.regularization import RegularizerParams, schedule_with_lr
 
 #: How ``lam`` enters the objective, recorded with every result (lam grids differ across conventions).
 LAM_CONVENTION = "mean CE + (lam/D) * sum_d ||w_d||^2  ==  lam * ||w||_{2/D}^{2/D} at balance"
@@ -174,35 +172,26 @@ class DWF(Method):
     family = "regularization"
 
     @dataclass(frozen=True)
-    class Params(Method.Params):
+    class Params(RegularizerParams):
         depth: int = 3
-        lam: float = 1e-4
         init_eps: float = 0.25  # epsilon as a fraction of sigma_w (ours, as a third-party implementation)
-        threshold: float = FLOAT32_EPS
-        lr: float | None = None  # None: the schedule's learning rate
         penalty: Literal["decay", "explicit"] = "decay"
         init: Literal["dwf", "variance", "kaiming"] = "dwf"
         skip_last: bool = False  # leave the classifier dense and unfactorized
 
         def validate(self):
-            problems = []
+            problems = super().validate()
             if self.depth < 2:
                 problems.append(f"depth={self.depth} must be >= 2 (2 is shallow factorization)")
-            if not self.lam >= 0:
-                problems.append(f"lam={self.lam} must be >= 0")
             if not 0 < self.init_eps < 2:
                 problems.append(f"init_eps={self.init_eps} must be in (0, 2) (a fraction of sigma_w)")
-            if self.threshold < 0:
-                problems.append(f"threshold={self.threshold} must be >= 0")
-            if self.lr is not None and not self.lr > 0:
-                problems.append(f"lr={self.lr} must be > 0")
             return problems
 
     def run(self, ctx):
         p = self.params
         model = ctx.new_model()
         factorize(model, p.depth, ctx.cell.seed, p.init, p.init_eps, p.skip_last)
-        schedule = ctx.schedule.replace(lr=p.lr) if p.lr else ctx.schedule
+        schedule = schedule_with_lr(ctx, p.lr)
         history, _ = ctx.train(model, FactorHooks(p.lam, p.depth, p.penalty), schedule=schedule)
         balance = balance_error(model)
         collapse(model)

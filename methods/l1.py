@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from benchmark.sparsity import prunable_layers, zero_below
 from benchmark.train import TrainHooks
 from methods.base import Method, register
-from methods.dwf import FLOAT32_EPS
+from methods.regularization import RegularizerParams, schedule_with_lr
 
 
 class L1Hooks(TrainHooks):
@@ -40,25 +40,13 @@ class L1(Method):
     family = "regularization"
 
     @dataclass(frozen=True)
-    class Params(Method.Params):
+    class Params(RegularizerParams):
         lam: float = 1e-5
-        threshold: float = FLOAT32_EPS
-        lr: float | None = None
-
-        def validate(self):
-            problems = []
-            if not self.lam >= 0:
-                problems.append(f"lam={self.lam} must be >= 0")
-            if self.threshold < 0:
-                problems.append(f"threshold={self.threshold} must be >= 0")
-            if self.lr is not None and not self.lr > 0:
-                problems.append(f"lr={self.lr} must be > 0")
-            return problems
 
     def run(self, ctx):
         p = self.params
         model = ctx.new_model()
-        schedule = ctx.schedule.replace(lr=p.lr) if p.lr else ctx.schedule
+        schedule = schedule_with_lr(ctx, p.lr)
         history, _ = ctx.train(model, L1Hooks(p.lam), schedule=schedule)
         zeroed = zero_below(model, p.threshold)
         return [ctx.measure(model, p.threshold, history, lr=schedule.lr, zeroed_by_threshold=zeroed)]

@@ -143,11 +143,13 @@ def test_layer_figure_leaves_out_variants_far_from_the_cr(results, results_dir):
     assert any("no run within a factor 2 of CR 5000" in n for n in notes)
 
 
-def test_default_cr_of_layer_figure_is_the_largest_every_variant_reaches_up_to_100(results):
+def test_default_cr_of_layer_figure_is_the_median_largest_cr_up_to_100(results):
     assert plot.default_at_cr(results, "lenet300", "mnist") == 100
     small = results.rows[results.rows.cr <= 10]
     smaller = cv.Results(results.path, small.reset_index(drop=True))
-    assert plot.default_at_cr(smaller, "lenet300", "mnist") == 10
+    maxima = smaller.rows[(smaller.rows.arch == "lenet300") & (smaller.rows.dataset == "mnist")
+                          & (smaller.rows.method != "dense")].groupby("variant").cr.max()
+    assert plot.default_at_cr(smaller, "lenet300", "mnist") == float(maxima.median()) <= 10
 
 
 def test_effective_figure_only_shows_variants_where_it_differs(results):
