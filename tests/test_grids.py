@@ -95,7 +95,7 @@ def test_filters_and_seed_override():
     assert sorted(c.seed for c in reseeded) == [4, 5, 6]
 
 
-@pytest.mark.parametrize("name", ["smoke", "quick", "lenet", "cifar", "full"])
+@pytest.mark.parametrize("name", ["smoke", "quick", "lenet", "cifar", "full", "dwf-study"])
 def test_presets_parse(name):
     grid = grids.load_grid(name)
     assert grid.cells and grid.description
