@@ -134,7 +134,7 @@ def _setup_logging(store: Store, run_id: str) -> Path:
     return path
 
 
-def run_grid(grid: grids_mod.Grid, cells: list[Cell], *, results_dir="results", jobs: int = 1,
+def run_grid(grid: grids_mod.Grid, cells: list[Cell], *, results_dir="results", jobs: int | None = None,
              jobs_per_gpu: int | None = None, backend: str = "local", scheduler: str | None = None,
              data_dir=None, device: str = "auto", retry_failed: bool = False, progress: bool | None = None) -> RunSummary:
     """Run every unfinished cell; returns counts. Safe to kill and rerun at any point."""
@@ -152,7 +152,7 @@ def run_grid(grid: grids_mod.Grid, cells: list[Cell], *, results_dir="results", 
     if not todo:
         return summary
 
-    gpu_slots, n_jobs, threads = None, jobs, _threads_per_job(jobs)
+    gpu_slots, n_jobs, threads = None, jobs or 1, _threads_per_job(jobs or 1)
     manager = None
     parallel_kwargs: dict = {}
     if backend == "dask":
@@ -161,12 +161,17 @@ def run_grid(grid: grids_mod.Grid, cells: list[Cell], *, results_dir="results", 
         from dask.distributed import Client
 
         client = Client(scheduler)
-        n_jobs, threads = -1, None
+        n_jobs, threads = jobs or -1, None  # -1: as many cells at once as the cluster has worker threads
         parallel_kwargs["backend"] = "dask"
     elif backend == "local":
         client = None
         n_gpus = _visible_gpus() if device in ("auto", "cuda") else 0
-        if n_gpus and jobs_per_gpu:
+        if jobs_per_gpu and not n_gpus:
+            raise ValueError(f"--jobs-per-gpu {jobs_per_gpu}: no CUDA GPU is visible here (device {device!r}); "
+                             f"use --jobs N for CPU worker processes")
+        if jobs_per_gpu and jobs:
+            raise ValueError("give either --jobs (CPU processes) or --jobs-per-gpu (GPU slots), not both")
+        if jobs_per_gpu:
             import multiprocessing
 
             manager = multiprocessing.Manager()
@@ -270,7 +275,9 @@ def add_commands(sub) -> None:
                                    "the cells in flight, and running the same command again resumes.")
     _grid_args(p)
     _selection_args(p)
-    p.add_argument("--jobs", type=int, default=1, help="local worker processes (default 1; on CPU each gets cores/jobs threads)")
+    p.add_argument("--jobs", type=int,
+                   help="cells at once: local worker processes (default 1; on CPU each gets cores/jobs threads), "
+                        "or with --backend dask the most cells in flight (default: all worker threads)")
     p.add_argument("--jobs-per-gpu", type=int,
                    help="with GPUs: run at most K cells per GPU at a time, each pinned to its GPU (jobs = GPUs x K)")
     p.add_argument("--backend", choices=["local", "dask"], default="local",
@@ -310,7 +317,7 @@ def _select(args) -> tuple[grids_mod.Grid, list[Cell]]:
 
 def run_command(args) -> int:
     grid, cells = _select(args)
-    if args.jobs < 1:
+    if args.jobs is not None and args.jobs < 1:
         raise ValueError(f"--jobs {args.jobs}: must be >= 1")
     if args.jobs_per_gpu is not None and args.jobs_per_gpu < 1:
         raise ValueError(f"--jobs-per-gpu {args.jobs_per_gpu}: must be >= 1")

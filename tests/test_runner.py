@@ -208,3 +208,11 @@ def test_each_run_writes_its_own_log(tmp_path):
     assert len(logs) == 2  # names carry the start time and the run id, so runs in one second differ
     assert sum("3 to run, 0 already done" in text and "finished" in text for text in logs) == 1
     assert sum("0 to run, 3 already done" in text for text in logs) == 1
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the no-GPU message")
+def test_jobs_per_gpu_without_a_gpu_is_an_error_not_ignored(tmp_path, capsys):
+    grid_file = tiny_grid(tmp_path / "g.toml")
+    assert main(["run", "--grid", str(grid_file), "--results-dir", str(tmp_path), "--jobs-per-gpu", "2"]) == 2
+    assert "no CUDA GPU is visible" in capsys.readouterr().err
+    assert not list((tmp_path / "g" / "cells").glob("*.json"))
