@@ -130,15 +130,16 @@ class Context:
         return model
 
     def train(self, model: nn.Module, hooks: TrainHooks | None = None, phase: str = "train",
-              schedule: Schedule | None = None, snapshot_epochs: tuple[int, ...] = ()) -> tuple[History, dict]:
+              schedule: Schedule | None = None, snapshot_epochs: tuple[int, ...] = (),
+              first_epoch: int = 0) -> tuple[History, dict]:
         """The shared loop, checkpointed under this cell's work dir as ``<phase>.ckpt``."""
         schedule = schedule or self.schedule
         self.work_dir.mkdir(parents=True, exist_ok=True)
         history, snaps = train(model, self.data, schedule, seed=self.cell.seed, hooks=hooks,
                                checkpoint=self.work_dir / f"{phase}.ckpt", progress=self.progress,
                                desc=f"{self.cell.method}:{phase}", channels_last=self.channels_last,
-                               snapshot_epochs=snapshot_epochs)
-        self.trained_epochs += schedule.epochs
+                               snapshot_epochs=snapshot_epochs, first_epoch=first_epoch)
+        self.trained_epochs += schedule.epochs - first_epoch
         return history, snaps
 
     def evaluate(self, model: nn.Module) -> tuple[float, float]:

@@ -262,23 +262,30 @@ def train(
     desc: str = "train",
     channels_last: bool = False,
     snapshot_epochs: tuple[int, ...] = (),
+    first_epoch: int = 0,
 ) -> tuple[History, dict[int, dict]]:
     """Train ``model`` in place on ``data`` (already on the model's device).
 
     Returns the history and, for each epoch in ``snapshot_epochs`` (0 = before training), a copy of
     the model's state at the end of that epoch (used for lottery-ticket rewinding).
+    ``first_epoch`` > 0 joins the schedule part-way, as a run rewound to that epoch does: the
+    learning rate and the batch order are those of a run that had trained the earlier epochs, with a
+    fresh optimizer state; only epochs ``first_epoch`` .. ``epochs - 1`` are trained.
     """
+    if not 0 <= first_epoch <= schedule.epochs:
+        raise ValueError(f"first_epoch={first_epoch} must be in [0, epochs={schedule.epochs}]")
     hooks = hooks or TrainHooks()
     device = data.train.y.device
     if device.type == "cpu":
         tune_cpu_allocator()
     optimizer = make_optimizer(model, schedule, hooks)
     steps_per_epoch = max(1, math.ceil(len(data.train) / schedule.batch_size))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_factor(schedule.warmup_epochs * steps_per_epoch, schedule.epochs * steps_per_epoch))
+    factor = lr_factor(schedule.warmup_epochs * steps_per_epoch, schedule.epochs * steps_per_epoch)
+    skipped_steps = first_epoch * steps_per_epoch
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: factor(step + skipped_steps))
     history = History()
     snapshots: dict[int, dict] = {}
-    start_epoch = 0
+    start_epoch = first_epoch
     if checkpoint is not None and checkpoint.is_file():
         state = torch.load(checkpoint, map_location=device, weights_only=False)
         model.load_state_dict(state["model"])
@@ -287,12 +294,12 @@ def train(
         history = History(state["history"], state["wall_s"], resumed_from=state["epoch"])
         snapshots = state["snapshots"]
         start_epoch = state["epoch"]
-    if start_epoch == 0 and 0 in snapshot_epochs:
-        snapshots[0] = _clone_state(model)
+    if start_epoch == first_epoch and first_epoch in snapshot_epochs:
+        snapshots[first_epoch] = _clone_state(model)
 
     model.train()
-    bar = progress_bar(schedule.epochs, desc, progress)
-    bar.update(start_epoch)
+    bar = progress_bar(schedule.epochs - first_epoch, desc, progress)
+    bar.update(start_epoch - first_epoch)
     try:
         for epoch in range(start_epoch, schedule.epochs):
             began = time.perf_counter()

@@ -7,10 +7,11 @@ BatchNorm entry to the dense run's state at epoch ``rewind`` (0 = the original i
 and trains with the mask held. Every level is a point on the curve, so the cell returns one record
 per level, level 0 included.
 
-Each level trains the full schedule from the rewound state (ours: the shared loop always starts
-its cosine schedule at the top, so with ``rewind > 0`` a level sees ``rewind`` more epochs than the
-dense run). Each level checkpoints as its own phase, so a killed cell resumes at the level it was
-in; finished levels replay from their checkpoints without training.
+Each level trains the rest of the schedule from the rewound state: epochs ``rewind`` .. end, with
+the learning rate and batch order of those epochs and a fresh optimizer state, so every level ends
+at the same point of the schedule as the dense run. Each level checkpoints as its own phase, so a
+killed cell resumes at the level it was in; finished levels replay from their checkpoints without
+training.
 """
 
 from __future__ import annotations
@@ -102,10 +103,10 @@ class Lottery(Method):
                 scores = {name: s.masked_fill(~keep[name], -math.inf) for name, s in scores.items()}
             keep = masks_from_scores(scores, p.target_cr, "global", keep=count)
             model = rewound_model(ctx, dense.snapshots[p.rewind], keep)
-            history, _ = ctx.train(model, phase=f"level{level}")
+            history, _ = ctx.train(model, phase=f"level{level}", first_epoch=p.rewind)
             remove_masks(model)
             records.append(ctx.measure(model, history=history, level=level,
                                        level_target_cr=total / count if count else math.inf,
-                                       epochs=epochs * (level + 1), dense_test_acc=dense.test_acc))
+                                       epochs=epochs + level * (epochs - p.rewind), dense_test_acc=dense.test_acc))
             trained = model
         return records

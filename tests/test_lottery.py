@@ -49,7 +49,8 @@ def test_lottery_returns_one_record_per_level_at_the_scheduled_compression(tmp_p
     records = run_cell(cell, data=tiny_data, work_root=tmp_path / "w", cache_dir=tmp_path / "c", progress=False)
     assert [r["status"] for r in records] == ["ok"] * 3, records[0].get("traceback")
     assert [r["level"] for r in records] == [0, 1, 2]
-    assert [r["epochs"] for r in records] == [2, 4, 6]
+    assert [r["epochs"] for r in records] == [2, 3, 4]  # each level trains epoch 2 of 2 after rewinding to 1
+    assert [len(r["history"]) for r in records] == [2, 1, 1]
     total = records[0]["prunable_params"]
     assert [r["nonzero_params"] for r in records] == [total, kept_count(total, 2.0), kept_count(total, 4.0)]
     assert records[-1]["cr"] == pytest.approx(4.0, rel=1e-3)

@@ -52,6 +52,24 @@ def test_resume_from_checkpoint_gives_identical_weights(tmp_path, factorized):
         assert torch.equal(a, b), name
 
 
+def test_joining_the_schedule_at_a_rewind_epoch_continues_it_exactly():
+    """Without momentum the optimizer has no state, so a run that starts at epoch 1 from the
+    straight run's epoch-1 weights must end with the same weights and learning rates."""
+    data = make_data(augment=True)
+    schedule = Schedule(epochs=3, lr=0.05, momentum=0.0, batch_size=32, warmup_epochs=1)
+    straight = _model()
+    full, snaps = train(straight, data, schedule, seed=5, progress=False, snapshot_epochs=(1,))
+    joined = _model()
+    joined.load_state_dict(snaps[1])
+    late, _ = train(joined, data, schedule, seed=5, progress=False, first_epoch=1)
+    assert [e["epoch"] for e in late.epochs] == [2, 3]
+    assert [e["lr"] for e in late.epochs] == [e["lr"] for e in full.epochs[1:]]
+    for (name, a), b in zip(straight.state_dict().items(), joined.state_dict().values()):
+        assert torch.equal(a, b), name
+    with pytest.raises(ValueError, match=r"first_epoch=4 must be in \[0, epochs=3\]"):
+        train(_model(), data, schedule, seed=5, progress=False, first_epoch=4)
+
+
 def test_same_seed_same_result_different_seed_different_result():
     data = make_data()
     schedule = Schedule(epochs=2, lr=0.05, batch_size=32)
