@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import sys
+import threading
 import time
 import uuid
 from collections import Counter
@@ -21,7 +22,7 @@ from pathlib import Path
 
 from benchmark import grids as grids_mod
 from benchmark.cell import Cell
-from benchmark.store import Store
+from benchmark.store import HEARTBEAT_S, Store
 
 log = logging.getLogger("benchmark.run")
 
@@ -202,6 +203,7 @@ def run_grid(grid: grids_mod.Grid, cells: list[Cell], *, results_dir="results", 
 
     bar = tqdm(total=len(todo), desc=f"grid {grid.name}", unit="cell", disable=_no_bar(progress), dynamic_ncols=True)
     began = time.perf_counter()
+    stop_heartbeat = start_heartbeat(store, run_id)
     try:
         with joblib.parallel_config(**parallel_kwargs):
             parallel = joblib.Parallel(n_jobs=n_jobs, return_as="generator_unordered", pre_dispatch="n_jobs")
@@ -225,6 +227,7 @@ def run_grid(grid: grids_mod.Grid, cells: list[Cell], *, results_dir="results", 
                                 left=bar.total - bar.n)
     finally:
         bar.close()
+        stop_heartbeat()
         store.release_run(run_id)  # cells in flight when interrupted: free them for the next run
         if client is not None:
             client.close()
@@ -232,6 +235,25 @@ def run_grid(grid: grids_mod.Grid, cells: list[Cell], *, results_dir="results", 
             manager.shutdown()
         log.info("run %s ended after %.0f s: %s", run_id, time.perf_counter() - began, summary)
     return summary
+
+
+def start_heartbeat(store: Store, run_id: str, every: float = HEARTBEAT_S):
+    """Touch this run's claims every ``every`` seconds from a daemon thread, so drivers on other
+    hosts sharing the results folder see them as alive; returns the function that stops it."""
+    stop = threading.Event()
+
+    def beat():
+        while not stop.wait(every):
+            store.refresh_run(run_id)
+
+    thread = threading.Thread(target=beat, name=f"claims-heartbeat-{run_id}", daemon=True)
+    thread.start()
+
+    def halt():
+        stop.set()
+        thread.join()
+
+    return halt
 
 
 def _execute_tagged(cell_id: str, config: dict, common: dict) -> tuple[str, list[dict]]:

@@ -4,7 +4,9 @@ Layout under ``<results-dir>/<grid>/``::
 
     cells/<cell_id>.json    the cell's config, status and records (temporary file + rename)
     claims/<cell_id>.claim  held while a driver runs the cell (O_EXCL), so two drivers never
-                            train one cell twice; a claim whose process is gone is taken over
+                            train one cell twice; the driver touches its claims every minute, and
+                            a claim whose process is gone (same host) or that has not been
+                            touched for ``claim_timeout`` seconds (another host) is taken over
     work/<cell_id>/         per-epoch checkpoints of unfinished cells
     events.jsonl            one line per start / finish / failure, appended by every driver
     logs/<time>-<run>.log   human-readable log of each run
@@ -20,6 +22,11 @@ import time
 from pathlib import Path
 
 import pandas as pd
+
+#: How often a running driver touches its claims, and how old another host's claim may get
+#: before it counts as abandoned (ten missed heartbeats: generous for clock skew on shared disks).
+HEARTBEAT_S = 60.0
+CLAIM_TIMEOUT_S = 600.0
 
 #: Record keys that are not CSV columns (nested or bulky); layers go to layers.csv.
 NESTED_KEYS = ("history", "layers", "config", "traceback")
@@ -59,8 +66,9 @@ def _pid_alive(pid: int) -> bool:
 
 
 class Store:
-    def __init__(self, results_dir: str | os.PathLike, grid: str):
+    def __init__(self, results_dir: str | os.PathLike, grid: str, claim_timeout: float = CLAIM_TIMEOUT_S):
         self.root = Path(results_dir) / grid
+        self.claim_timeout = claim_timeout
         self.grid = grid
         self.cells_dir = self.root / "cells"
         self.claims_dir = self.root / "claims"
@@ -139,7 +147,10 @@ class Store:
                 return True
         if info.get("host") == socket.gethostname():
             return not _pid_alive(int(info.get("pid", 0)))
-        return False  # another machine's claim: cannot check, leave it (see `status`)
+        try:  # another machine's claim: alive as long as its driver keeps touching it
+            return time.time() - path.stat().st_mtime > self.claim_timeout
+        except FileNotFoundError:
+            return True
 
     def release(self, cell_id: str) -> None:
         (self.claims_dir / f"{cell_id}.claim").unlink(missing_ok=True)
@@ -152,6 +163,18 @@ class Store:
                     path.unlink(missing_ok=True)
             except (OSError, json.JSONDecodeError):
                 pass
+
+    def refresh_run(self, run_id: str) -> int:
+        """Touch every claim ``run_id`` holds (the heartbeat other hosts read); returns how many."""
+        touched = 0
+        for path in self.claims_dir.glob("*.claim"):
+            try:
+                if json.loads(path.read_text()).get("run_id") == run_id:
+                    os.utime(path)
+                    touched += 1
+            except (OSError, json.JSONDecodeError):
+                pass
+        return touched
 
     def claimed(self) -> set[str]:
         return {p.stem for p in self.claims_dir.glob("*.claim") if not self._stale(p)} if self.claims_dir.is_dir() else set()

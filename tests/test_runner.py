@@ -186,6 +186,37 @@ def test_claims_of_dead_processes_are_taken_over(tmp_path):
     assert not store.claim("abc", "run3")  # now held by this live process
 
 
+def test_another_hosts_claim_is_respected_while_touched_and_taken_over_once_abandoned(tmp_path):
+    store = Store(tmp_path, "g", claim_timeout=600)
+    store.ensure()
+    claim = store.claims_dir / "abc.claim"
+    claim.write_text(json.dumps({"host": "node-elsewhere", "pid": 1, "run_id": "remote"}))
+    assert not store.claim("abc", "run2") and store.claimed() == {"abc"}  # fresh: its driver is alive
+    old = time.time() - 601
+    os.utime(claim, (old, old))  # its driver stopped touching it ten minutes ago
+    assert store.claimed() == set()
+    assert store.claim("abc", "run2")
+    assert json.loads(claim.read_text())["run_id"] == "run2"
+
+
+def test_the_heartbeat_keeps_this_runs_claims_fresh_and_only_those(tmp_path):
+    store = Store(tmp_path, "g")
+    store.ensure()
+    assert store.claim("mine", "run1") and store.claim("theirs", "run2")
+    old = time.time() - 3600
+    for name in ("mine", "theirs"):
+        os.utime(store.claims_dir / f"{name}.claim", (old, old))
+    stop = runner.start_heartbeat(store, "run1", every=0.05)
+    try:
+        deadline = time.time() + 30
+        while (store.claims_dir / "mine.claim").stat().st_mtime == old and time.time() < deadline:
+            time.sleep(0.05)
+    finally:
+        stop()
+    assert (store.claims_dir / "mine.claim").stat().st_mtime > old + 3000
+    assert (store.claims_dir / "theirs.claim").stat().st_mtime == old
+
+
 def test_priority_puts_dense_first_and_post_training_last():
     cells = grids.parse_grid("""
 [[experiment]]
