@@ -113,7 +113,8 @@ def estimate_epochs(cell: Cell) -> int:
 
     p = cell.method_params
     if cell.method == "lottery":
-        return max(1, math.ceil(math.log(1 / p.target_cr) / math.log(1 - p.prune_fraction))) * cell.schedule.epochs
+        levels = max(1, math.ceil(math.log(1 / p.target_cr) / math.log(1 - p.prune_fraction)))
+        return levels * (cell.schedule.epochs - p.rewind)  # each level trains from the rewind epoch on
     if get_method(cell.method).needs_dense and cell.method != "dense":
         return int(getattr(p, "finetune_epochs", 0) or 0)
     return cell.schedule.epochs

@@ -247,3 +247,19 @@ def test_jobs_per_gpu_without_a_gpu_is_an_error_not_ignored(tmp_path, capsys):
     assert main(["run", "--grid", str(grid_file), "--results-dir", str(tmp_path), "--jobs-per-gpu", "2"]) == 2
     assert "no CUDA GPU is visible" in capsys.readouterr().err
     assert not list((tmp_path / "g" / "cells").glob("*.json"))
+
+
+def test_the_dry_run_estimate_counts_the_epochs_each_method_trains():
+    from benchmark.cell import Cell
+
+    schedule = {"epochs": 10}
+    lottery = Cell.make("lottery", "lenet300", "fashion-mnist", params={"target_cr": 4.0, "prune_fraction": 0.5},
+                        schedule=schedule)
+    rewound = Cell.make("lottery", "lenet300", "fashion-mnist",
+                        params={"target_cr": 4.0, "prune_fraction": 0.5, "rewind": 2}, schedule=schedule)
+    magnitude = Cell.make("magnitude", "lenet300", "fashion-mnist", params={"finetune_epochs": 3}, schedule=schedule)
+    dwf = Cell.make("dwf", "lenet300", "fashion-mnist", schedule=schedule)
+    assert runner.estimate_epochs(lottery) == 2 * 10  # two levels (1/2, 1/4), each a full schedule
+    assert runner.estimate_epochs(rewound) == 2 * 8  # each level trains epochs 2..9 only
+    assert runner.estimate_epochs(magnitude) == 3  # the dense training is shared, only fine-tuning counts
+    assert runner.estimate_epochs(dwf) == 10
