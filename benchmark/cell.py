@@ -104,13 +104,14 @@ class Context:
     """What a method may use. Everything here is deterministic given the cell's seed."""
 
     def __init__(self, cell: Cell, data: data_mod.Data, device: torch.device, work_dir: Path,
-                 cache_dir: Path, progress: bool | None = None):
+                 cache_dir: Path, progress: bool | None = None, compiled: bool = False):
         self.cell = cell
         self.data = data
         self.device = device
         self.work_dir = Path(work_dir)
         self.cache_dir = Path(cache_dir)
         self.progress = progress
+        self.compiled = compiled  # torch.compile the training forward (a speed option, not part of the cell)
         self.channels_last = device.type == "cuda" and cell.arch in models.CONV_MODELS
         self.trained_epochs = 0
 
@@ -138,7 +139,7 @@ class Context:
         history, snaps = train(model, self.data, schedule, seed=self.cell.seed, hooks=hooks,
                                checkpoint=self.work_dir / f"{phase}.ckpt", progress=self.progress,
                                desc=f"{self.cell.method}:{phase}", channels_last=self.channels_last,
-                               snapshot_epochs=snapshot_epochs, first_epoch=first_epoch)
+                               snapshot_epochs=snapshot_epochs, first_epoch=first_epoch, compiled=self.compiled)
         self.trained_epochs += schedule.epochs - first_epoch
         return history, snaps
 
@@ -164,7 +165,7 @@ class Context:
                 history, snaps = train(model, self.data, self.schedule, seed=self.cell.seed,
                                        checkpoint=self.cache_dir / f"dense-{key}.ckpt", progress=self.progress,
                                        desc="dense", channels_last=self.channels_last,
-                                       snapshot_epochs=REWIND_EPOCHS)
+                                       snapshot_epochs=REWIND_EPOCHS, compiled=self.compiled)
                 acc, _ = self.evaluate(model)
                 tmp = final.with_name(f".{final.name}.tmp{os.getpid()}")
                 torch.save({"model": model.state_dict(), "history": history.epochs, "wall_s": history.wall_s,
@@ -219,18 +220,20 @@ def dataclass_dict(obj) -> dict:
 
 def run_cell(cell: Cell, *, data_dir=None, device: str | torch.device | None = None,
              work_root: Path | str = "results/work", cache_dir: Path | str = "results/cache",
-             progress: bool | None = None, data: data_mod.Data | None = None, keep_work: bool = False) -> list[dict]:
+             progress: bool | None = None, data: data_mod.Data | None = None, keep_work: bool = False,
+             compiled: bool = False) -> list[dict]:
     """Run one cell and return its records. Never raises for a failure of the cell itself: a
     diverged or crashed cell returns one record with ``status`` 'failed' (and the error), a cell
     whose dataset is missing one with status 'blocked' (and the fetch command)."""
     began = time.perf_counter()
     dev = device if isinstance(device, torch.device) else pick_device(device)
-    common = cell_columns(cell) | {"device": str(dev), "host": socket.gethostname(), "config": cell.config()}
+    common = cell_columns(cell) | {"device": str(dev), "compiled": compiled, "host": socket.gethostname(),
+                                   "config": cell.config()}
     try:
         if data is None:
             data = data_mod.load(cell.dataset, data_dir, dev, limit=cell.subset)
         work_dir = Path(work_root) / cell.id
-        ctx = Context(cell, data, dev, work_dir, Path(cache_dir), progress)
+        ctx = Context(cell, data, dev, work_dir, Path(cache_dir), progress, compiled)
         method = method_base.get_method(cell.method)(cell.method_params)
         records = method.run(ctx)
     except data_mod.DatasetMissing as exc:

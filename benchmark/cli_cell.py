@@ -49,6 +49,8 @@ def add_commands(sub) -> None:
     add_common_io(p)
     p.add_argument("--cache-dir", default="results/cache", help="where the shared dense trainings are cached (default results/cache)")
     p.add_argument("--work-dir", default="results/work", help="per-cell checkpoints, removed when the cell ends (default results/work)")
+    p.add_argument("--compile", action="store_true",
+                   help="train through torch.compile (speed only; the record says compiled=true)")
     p.add_argument("--json", action="store_true", help="print each record as one JSON line instead of a summary")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(handler=run_command)
@@ -60,8 +62,12 @@ def run_command(args) -> int:
     schedule = {k: v for k, v in {"epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size,
                                   "weight_decay": args.weight_decay, "momentum": args.momentum}.items() if v is not None}
     cell = Cell.make(args.method, args.arch, args.dataset, args.seed, parse_assignments(args.set), schedule, args.subset)
+    if args.compile:
+        from benchmark.train import check_compile, pick_device
+
+        check_compile(pick_device(args.device))
     records = run_cell(cell, data_dir=args.data_dir, device=args.device, work_root=args.work_dir,
-                       cache_dir=args.cache_dir, progress=False if args.no_progress else None)
+                       cache_dir=args.cache_dir, progress=False if args.no_progress else None, compiled=args.compile)
     for record in records:
         if args.json:
             print(json.dumps(record))

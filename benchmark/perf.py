@@ -41,8 +41,8 @@ from torch import nn
 
 from benchmark import data as data_mod
 from benchmark import models
-from benchmark.train import (TrainHooks, default_schedule, make_optimizer, pick_device, prepare_input, train,
-                             training_step, tune_cpu_allocator)
+from benchmark.train import (TrainHooks, check_compile, default_schedule, make_optimizer, pick_device, prepare_input,
+                             train, training_step, tune_cpu_allocator)
 
 WHATS = ("data", "step", "grid")
 STEP_ARCHS = {"lenet300": ((1, 28, 28), 10), "lenet5": ((1, 28, 28), 10),
@@ -258,18 +258,6 @@ def make_step(arch: str, depth: int | None, device: torch.device, batch: int, co
         training_step(model, x, y, optimizer, hooks, device, forward)
 
     return step
-
-
-def check_compile(device: torch.device) -> None:
-    """Fail early, with the reason, when torch.compile cannot build code for ``device`` here (no C++
-    compiler for CPU code, no Triton for GPU code, ...)."""
-    try:
-        probe = torch.compile(lambda a: (a * 2).sum())
-        probe(torch.ones(8, device=device))
-    except Exception as exc:  # noqa: BLE001 - inductor fails in many ways; say which plainly
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise ValueError(f"--compile: torch.compile does not work on this machine ({type(exc).__name__}: "
-                         f"{first[:300]}); run without --compile") from None
 
 
 def bench_step(device: torch.device, rounds: int | None, quick: bool, archs: list[str], compiled: bool) -> list[Row]:

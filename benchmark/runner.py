@@ -44,7 +44,8 @@ def _cached_data(cell: Cell, data_dir, device):
     return _DATA_CACHE[key]
 
 
-def execute(config: dict, *, data_dir, device, work_root, cache_dir, threads: int | None, gpu_slots=None) -> list[dict]:
+def execute(config: dict, *, data_dir, device, work_root, cache_dir, threads: int | None, gpu_slots=None,
+            compiled: bool = False) -> list[dict]:
     """Run one cell in a worker process and return its records (never raises for the cell)."""
     import torch
 
@@ -65,7 +66,7 @@ def execute(config: dict, *, data_dir, device, work_root, cache_dir, threads: in
         except data_mod.DatasetMissing:
             data = None  # run_cell reports the cell as blocked
         return run_cell(cell, data_dir=data_dir, device=dev, work_root=work_root, cache_dir=cache_dir,
-                        progress=False, data=data)
+                        progress=False, data=data, compiled=compiled)
     finally:
         if slot is not None:
             gpu_slots.put(slot)
@@ -138,7 +139,8 @@ def _setup_logging(store: Store, run_id: str) -> Path:
 
 def run_grid(grid: grids_mod.Grid, cells: list[Cell], *, results_dir="results", jobs: int | None = None,
              jobs_per_gpu: int | None = None, backend: str = "local", scheduler: str | None = None,
-             data_dir=None, device: str = "auto", retry_failed: bool = False, progress: bool | None = None) -> RunSummary:
+             data_dir=None, device: str = "auto", retry_failed: bool = False, progress: bool | None = None,
+             compiled: bool = False) -> RunSummary:
     """Run every unfinished cell; returns counts. Safe to kill and rerun at any point."""
     import joblib
     from tqdm.auto import tqdm
@@ -186,7 +188,8 @@ def run_grid(grid: grids_mod.Grid, cells: list[Cell], *, results_dir="results", 
         raise ValueError(f"unknown backend {backend!r}; use local or dask")
 
     common = {"data_dir": data_dir, "device": device, "work_root": str(store.work_dir),
-              "cache_dir": str(Path(results_dir) / "cache"), "threads": threads, "gpu_slots": gpu_slots}
+              "cache_dir": str(Path(results_dir) / "cache"), "threads": threads, "gpu_slots": gpu_slots,
+              "compiled": compiled}
     by_id = {c.id: c for c in todo}
 
     def tasks():
@@ -309,6 +312,9 @@ def add_commands(sub) -> None:
     p.add_argument("--data-dir", help="dataset folder (default: $BENCHMARK_DATA, ./data, system locations)")
     p.add_argument("--device", default="auto", help="cpu, cuda, mps or auto (default auto: cuda > mps > cpu)")
     p.add_argument("--retry-failed", action="store_true", help="run failed cells again (blocked cells are always retried)")
+    p.add_argument("--compile", action="store_true",
+                   help="train through torch.compile (a speed option: results carry compiled=True, cell ids do not "
+                        "change; worth it on GPUs and for conv nets, costs seconds to minutes of compiling per cell)")
     p.add_argument("--dry-run", action="store_true", help="list the cells that would run and an estimate, run nothing")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(handler=run_command)
@@ -347,9 +353,14 @@ def run_command(args) -> int:
     store = Store(args.results_dir, grid.name)
     if args.dry_run:
         return dry_run(store, cells, args.retry_failed)
+    if args.compile and args.backend == "local":  # on Dask the workers' machines matter, not this one
+        from benchmark.train import check_compile, pick_device
+
+        check_compile(pick_device(args.device))
     summary = run_grid(grid, cells, results_dir=args.results_dir, jobs=args.jobs, jobs_per_gpu=args.jobs_per_gpu,
                        backend=args.backend, scheduler=args.scheduler, data_dir=args.data_dir, device=args.device,
-                       retry_failed=args.retry_failed, progress=False if args.no_progress else None)
+                       retry_failed=args.retry_failed, progress=False if args.no_progress else None,
+                       compiled=args.compile)
     print(f"grid {grid.name}: {summary.finished} finished now, {summary.skipped} already done, "
           f"{summary.failed} failed, {summary.blocked} blocked, {summary.busy} running in another process")
     print(f"results: {store.cells_dir}  (log: {summary.log})")

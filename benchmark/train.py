@@ -263,6 +263,7 @@ def train(
     channels_last: bool = False,
     snapshot_epochs: tuple[int, ...] = (),
     first_epoch: int = 0,
+    compiled: bool = False,
 ) -> tuple[History, dict[int, dict]]:
     """Train ``model`` in place on ``data`` (already on the model's device).
 
@@ -271,6 +272,8 @@ def train(
     ``first_epoch`` > 0 joins the schedule part-way, as a run rewound to that epoch does: the
     learning rate and the batch order are those of a run that had trained the earlier epochs, with a
     fresh optimizer state; only epochs ``first_epoch`` .. ``epochs - 1`` are trained.
+    ``compiled`` runs the training forward (and its backward) through ``torch.compile``; evaluation
+    stays eager. Same model and parameters, so checkpoints and resume are unchanged.
     """
     if not 0 <= first_epoch <= schedule.epochs:
         raise ValueError(f"first_epoch={first_epoch} must be in [0, epochs={schedule.epochs}]")
@@ -297,6 +300,7 @@ def train(
     if start_epoch == first_epoch and first_epoch in snapshot_epochs:
         snapshots[first_epoch] = _clone_state(model)
 
+    forward = torch.compile(model) if compiled else None
     model.train()
     bar = progress_bar(schedule.epochs - first_epoch, desc, progress)
     bar.update(start_epoch - first_epoch)
@@ -310,7 +314,8 @@ def train(
             for step, (x, y) in enumerate(data_mod.batches(
                 data.train, schedule.batch_size, gen, augment_batches=data.spec.augment,
             )):
-                out, loss, total = training_step(model, prepare_input(x, channels_last), y, optimizer, hooks, device)
+                out, loss, total = training_step(model, prepare_input(x, channels_last), y, optimizer, hooks, device,
+                                                 forward)
                 scheduler.step()
                 loss_sum += loss.detach() * len(y)
                 correct += (out.detach().argmax(1) == y).sum()
@@ -341,6 +346,18 @@ def train(
     finally:
         bar.close()
     return history, snapshots
+
+
+def check_compile(device: torch.device) -> None:
+    """Fail early, with the reason, when torch.compile cannot build code for ``device`` here (no C++
+    compiler for CPU code, no Triton for GPU code, ...)."""
+    try:
+        probe = torch.compile(lambda a: (a * 2).sum())
+        probe(torch.ones(8, device=device))
+    except Exception as exc:  # noqa: BLE001 - inductor fails in many ways; say which plainly
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ValueError(f"--compile: torch.compile does not work on this machine ({type(exc).__name__}: "
+                         f"{first[:300]}); run without --compile") from None
 
 
 def training_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer,

@@ -70,6 +70,35 @@ def test_joining_the_schedule_at_a_rewind_epoch_continues_it_exactly():
         train(_model(), data, schedule, seed=5, progress=False, first_epoch=4)
 
 
+def _compile_works() -> bool:
+    from benchmark.train import check_compile
+
+    try:
+        check_compile(torch.device("cpu"))
+    except ValueError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _compile_works(), reason="torch.compile cannot build CPU code here (no C++ compiler)")
+def test_compiled_training_follows_the_eager_run_and_is_recorded(tmp_path):
+    data = make_data()
+    schedule = Schedule(epochs=2, lr=0.05, batch_size=32)
+    eager, compiled = _model(factorized=True), _model(factorized=True)
+    from torch._dynamo.utils import counters
+
+    train(eager, data, schedule, seed=3, progress=False)
+    counters.clear()
+    history, _ = train(compiled, data, schedule, seed=3, progress=False, compiled=True)
+    assert len(history.epochs) == 2 and counters["stats"]["unique_graphs"] >= 1  # really went through dynamo
+    for (name, a), b in zip(eager.state_dict().items(), compiled.state_dict().values()):
+        assert torch.allclose(a, b, rtol=1e-3, atol=1e-5), name  # same training, float order aside
+    cell = Cell.make("dwf", "lenet300", "fashion-mnist", params={"depth": 2}, schedule={"epochs": 1, "batch_size": 32})
+    records = run_cell(cell, data=data, work_root=tmp_path / "w", cache_dir=tmp_path / "c", progress=False,
+                       compiled=True)
+    assert records[0]["status"] == "ok" and records[0]["compiled"] is True
+
+
 def test_same_seed_same_result_different_seed_different_result():
     data = make_data()
     schedule = Schedule(epochs=2, lr=0.05, batch_size=32)
