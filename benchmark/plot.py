@@ -16,6 +16,8 @@ deeper) and differ by marker; families differ by line style.
 
 from __future__ import annotations
 
+import textwrap
+
 import argparse
 import functools
 import math
@@ -350,6 +352,10 @@ def plot_effective_cr(results: cv.Results, title: str = "", rel_tol: float = 1e-
     handles.append(Line2D([], [], color="0.3", linestyle="--", label="effective = direct"))
     if any_infinite:
         handles.append(Line2D([], [], color="0.6", linestyle=":", label="effective CR = ∞:\nno input-output path left"))
+    on_diagonal = [v for v in results.variants() if v not in shown and v in set(ok.variant)]
+    if on_diagonal:  # say where the missing methods went
+        handles.append(Line2D([], [], linestyle="none", label=f"not shown (effective = direct\nwithin {rel_tol:.1%} everywhere): "
+                              + textwrap.fill(", ".join(on_diagonal), 28)))
     fig.legend(handles=handles, loc="outside right upper", frameon=False, alignment="left",
                title="above the diagonal: kept weights\nthat no longer carry signal", title_fontsize="small")
     fig.suptitle((f"{title}: " if title else "") + "direct vs effective compression", fontsize="medium",

@@ -158,6 +158,10 @@ def test_effective_figure_only_shows_variants_where_it_differs(results):
     ax = fig.axes[0]
     assert ax.get_xscale() == "log" and ax.get_yscale() == "log"
     assert labelled_lines(ax) == ["magnitude"]
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    # the methods without a difference are named, so a reader knows where they went
+    assert any(t.startswith("not shown (effective = direct") and "dwf D=3" in t for t in legend)
+    assert not any("magnitude" in t for t in legend if t.startswith("not shown"))
     x, y = ax.get_lines()[0].get_data()
     assert list(zip(x, y))[-1] == (1000, 1500)
 
