@@ -155,24 +155,30 @@ class Store:
     def release(self, cell_id: str) -> None:
         (self.claims_dir / f"{cell_id}.claim").unlink(missing_ok=True)
 
-    def release_run(self, run_id: str) -> None:
-        """Drop every claim still held by ``run_id`` (cells that were in flight when it stopped)."""
+    def _claims_of(self, run_id: str) -> list[Path]:
+        """The claim files ``run_id`` holds (unreadable or vanished ones are skipped)."""
+        held = []
         for path in self.claims_dir.glob("*.claim"):
             try:
                 if json.loads(path.read_text()).get("run_id") == run_id:
-                    path.unlink(missing_ok=True)
+                    held.append(path)
             except (OSError, json.JSONDecodeError):
                 pass
+        return held
+
+    def release_run(self, run_id: str) -> None:
+        """Drop every claim still held by ``run_id`` (cells that were in flight when it stopped)."""
+        for path in self._claims_of(run_id):
+            path.unlink(missing_ok=True)
 
     def refresh_run(self, run_id: str) -> int:
         """Touch every claim ``run_id`` holds (the heartbeat other hosts read); returns how many."""
         touched = 0
-        for path in self.claims_dir.glob("*.claim"):
+        for path in self._claims_of(run_id):
             try:
-                if json.loads(path.read_text()).get("run_id") == run_id:
-                    os.utime(path)
-                    touched += 1
-            except (OSError, json.JSONDecodeError):
+                os.utime(path)
+                touched += 1
+            except FileNotFoundError:  # released between listing and touching
                 pass
         return touched
 
