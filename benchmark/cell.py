@@ -227,7 +227,9 @@ def run_cell(cell: Cell, *, data_dir=None, device: str | torch.device | None = N
     whose dataset is missing one with status 'blocked' (and the fetch command)."""
     began = time.perf_counter()
     dev = device if isinstance(device, torch.device) else pick_device(device)
+    # What a bit-identical rerun needs besides the config (DESIGN.md section 9).
     common = cell_columns(cell) | {"device": str(dev), "compiled": compiled, "host": socket.gethostname(),
+                                   "torch_version": torch.__version__, "threads": torch.get_num_threads(),
                                    "config": cell.config()}
     try:
         if data is None:

@@ -194,6 +194,31 @@ def summarize(model: nn.Module, input_shape, threshold: float = 0.0, effective: 
     }
 
 
+def cr_at(model: nn.Module, threshold: float) -> float:
+    """CR of the prunable weights counting ``|w| < threshold`` as zero (cheap: no forward pass)."""
+    total = kept = 0
+    with torch.no_grad():
+        for _, module in prunable_layers(model):
+            w = module.weight
+            total += w.numel()
+            kept += int(nonzero(w, threshold).sum())
+    return _ratio(total, kept)
+
+
+#: How far below / above the zero threshold the settling check looks (DESIGN.md section 9).
+THRESHOLD_SPAN = 100.0
+
+
+def threshold_sensitivity(model: nn.Module, threshold: float) -> dict:
+    """CR at 0.01x and 100x the zero threshold, measured before anything is zeroed.
+
+    Where the two differ by more than 10% the record's CR is a property of the threshold, not of
+    training: the weights on their way to zero have not got there yet (train longer).
+    """
+    return {"cr_thr_small": cr_at(model, threshold / THRESHOLD_SPAN),
+            "cr_thr_large": cr_at(model, threshold * THRESHOLD_SPAN)}
+
+
 def zero_below(model: nn.Module, threshold: float) -> int:
     """Set prunable weights with |w| < threshold to exactly zero (plain layers only); returns how many."""
     count = 0

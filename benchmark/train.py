@@ -135,6 +135,10 @@ class TrainHooks:
     def after_epoch(self, model: nn.Module, epoch: int) -> None:
         pass
 
+    def epoch_metrics(self, model: nn.Module) -> dict:
+        """Extra numbers for this epoch's history entry (a method's per-epoch trajectory)."""
+        return {}
+
 
 def pick_device(requested: str | None = None) -> torch.device:
     """cuda > mps > cpu unless a device is named."""
@@ -332,7 +336,7 @@ def train(
                 "epoch": epoch + 1, "train_loss": float(loss_sum) / max(seen, 1),
                 "train_acc": float(correct) / max(seen, 1), "test_loss": test_loss, "test_acc": test_acc,
                 "lr": optimizer.param_groups[0]["lr"], "seconds": seconds,
-            })
+            } | hooks.epoch_metrics(model))
             if epoch + 1 in snapshot_epochs:
                 snapshots[epoch + 1] = _clone_state(model)
             if checkpoint is not None:

@@ -21,10 +21,10 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from benchmark.sparsity import prunable_layers, unparametrize, zero_below
+from benchmark.sparsity import prunable_layers, threshold_sensitivity, unparametrize, zero_below
 from benchmark.train import TrainHooks
 from methods.base import Method, register
-from methods.regularization import RegularizerParams, schedule_with_lr
+from methods.regularization import RegularizerParams, schedule_with_lr, settling_metrics
 
 #: How ``lam`` enters the objective, recorded with every result (lam grids differ across conventions).
 LAM_CONVENTION = "mean CE + (lam/D) * sum_d ||w_d||^2  ==  lam * ||w||_{2/D}^{2/D} at balance"
@@ -146,8 +146,8 @@ def collapse(model: nn.Module) -> None:
 class FactorHooks(TrainHooks):
     """Factors get weight decay 2*lam/D (or an explicit penalty); other weights the schedule's."""
 
-    def __init__(self, lam: float, depth: int, penalty: str):
-        self.lam, self.depth, self.mode = lam, depth, penalty
+    def __init__(self, lam: float, depth: int, penalty: str, threshold: float = 0.0):
+        self.lam, self.depth, self.mode, self.threshold = lam, depth, penalty, threshold
 
     def param_groups(self, model, schedule):
         factor_ids = {id(f) for m in factorized_modules(model) for f in factors_of(m)}
@@ -162,6 +162,10 @@ class FactorHooks(TrainHooks):
             return None
         total = sum(f.pow(2).sum() for m in factorized_modules(model) for f in factors_of(m))
         return (self.lam / self.depth) * total
+
+    def epoch_metrics(self, model):
+        """CR of the collapsed weights (at 0.01x / 1x / 100x the threshold) and the factors' misalignment."""
+        return settling_metrics(model, self.threshold) | {"balance_error": balance_error(model)}
 
 
 @register
@@ -192,12 +196,13 @@ class DWF(Method):
         model = ctx.new_model()
         factorize(model, p.depth, ctx.cell.seed, p.init, p.init_eps, p.skip_last)
         schedule = schedule_with_lr(ctx, p.lr)
-        history, _ = ctx.train(model, FactorHooks(p.lam, p.depth, p.penalty), schedule=schedule)
+        history, _ = ctx.train(model, FactorHooks(p.lam, p.depth, p.penalty, p.threshold), schedule=schedule)
         balance = balance_error(model)
         collapse(model)
+        settling = threshold_sensitivity(model, p.threshold)
         zeroed = zero_below(model, p.threshold)
         return [ctx.measure(model, p.threshold, history, lr=schedule.lr, balance_error=balance,
-                            zeroed_by_threshold=zeroed, lam_convention=LAM_CONVENTION)]
+                            zeroed_by_threshold=zeroed, lam_convention=LAM_CONVENTION, **settling)]
 
 
 @register

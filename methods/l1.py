@@ -8,17 +8,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from benchmark.sparsity import prunable_layers, zero_below
+from benchmark.sparsity import prunable_layers, threshold_sensitivity, zero_below
 from benchmark.train import TrainHooks
 from methods.base import Method, register
-from methods.regularization import RegularizerParams, schedule_with_lr
+from methods.regularization import RegularizerParams, schedule_with_lr, settling_metrics
 
 
 class L1Hooks(TrainHooks):
     """No weight decay on the penalized weights; the penalty is added to the loss."""
 
-    def __init__(self, lam: float):
-        self.lam = lam
+    def __init__(self, lam: float, threshold: float = 0.0):
+        self.lam, self.threshold = lam, threshold
 
     def param_groups(self, model, schedule):
         weights = {id(m.weight) for _, m in prunable_layers(model)}
@@ -30,6 +30,9 @@ class L1Hooks(TrainHooks):
 
     def penalty(self, model):
         return self.lam * sum(m.weight.abs().sum() for _, m in prunable_layers(model))
+
+    def epoch_metrics(self, model):
+        return settling_metrics(model, self.threshold)
 
 
 @register
@@ -47,6 +50,7 @@ class L1(Method):
         p = self.params
         model = ctx.new_model()
         schedule = schedule_with_lr(ctx, p.lr)
-        history, _ = ctx.train(model, L1Hooks(p.lam), schedule=schedule)
+        history, _ = ctx.train(model, L1Hooks(p.lam, p.threshold), schedule=schedule)
+        settling = threshold_sensitivity(model, p.threshold)
         zeroed = zero_below(model, p.threshold)
-        return [ctx.measure(model, p.threshold, history, lr=schedule.lr, zeroed_by_threshold=zeroed)]
+        return [ctx.measure(model, p.threshold, history, lr=schedule.lr, zeroed_by_threshold=zeroed, **settling)]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from benchmark.sparsity import cr_at, threshold_sensitivity
 from methods.base import Method
 
 #: float32 machine epsilon: the zero threshold of the authors' follow-up work (ours as default).
@@ -32,3 +33,8 @@ def schedule_with_lr(ctx, lr: float | None):
     """The cell's schedule, with the method's own learning rate if it sets one (factorized nets
     need larger rates than dense ones)."""
     return ctx.schedule.replace(lr=lr) if lr else ctx.schedule
+
+
+def settling_metrics(model, threshold: float) -> dict:
+    """Per-epoch CR at the zero threshold and at 0.01x / 100x of it (is sparsity settling?)."""
+    return {"cr": cr_at(model, threshold), **threshold_sensitivity(model, threshold)}
