@@ -11,7 +11,13 @@ JOBS ?= 2
 GRID ?= quick
 STAMP := $(VENV)/.installed
 
-.PHONY: run test setup data clean
+# The committed reference results (reference/, README "Results"): resumes from the committed cell
+# records (finished cells are never retrained), then rebuilds CSVs, figures and tables from them.
+# SEEDS=0 restricts training to seed 0; with every cell finished it trains nothing.
+REFERENCE_GRIDS ?= lenet-calibration lenet-reference
+SEEDS ?=
+
+.PHONY: run test setup data clean reference
 
 # A failed or blocked cell makes `run` exit 1; the rest of the grid is still collected and plotted.
 run: setup data
@@ -20,6 +26,16 @@ run: setup data
 	$(PY) -m benchmark plot --grid $(GRID)
 	$(PY) -m benchmark report --grid $(GRID)
 	@echo "CSV: results/$(GRID)/results.csv  plots: plots/$(GRID)/  tables: results/$(GRID)/tolerance.md"
+
+reference: setup data
+	for g in $(REFERENCE_GRIDS); do \
+	  $(PY) -m benchmark run --grid $$g --results-dir reference --jobs $(JOBS) $(if $(SEEDS),--seeds $(SEEDS)) || true; \
+	  $(PY) -m benchmark collect --grid $$g --results-dir reference && \
+	  $(PY) -m benchmark plot --grid $$g --results-dir reference --plots-dir reference && \
+	  $(PY) -m benchmark report --grid $$g --results-dir reference > /dev/null && \
+	  $(PY) -m benchmark report --grid $$g --results-dir reference --threshold-scale 0.01 > /dev/null || exit 1; \
+	done
+	@echo "reference: CSVs, figures and tables in reference/<grid>/ (README: Results)"
 
 test: setup data
 	$(PY) -m pytest -q

@@ -295,11 +295,26 @@ class Results:
         return notes
 
 
-def load_results(path: Path | str) -> Results:
-    """Read and validate ``results.csv`` (see DESIGN.md section 4 for the columns)."""
+#: ``threshold_scale`` -> the column holding a thresholded record's CR at that multiple of its threshold.
+THRESHOLD_SCALES = {1.0: "cr", 0.01: "cr_thr_small", 100.0: "cr_thr_large"}
+
+
+def load_results(path: Path | str, threshold_scale: float = 1.0) -> Results:
+    """Read and validate ``results.csv`` (see DESIGN.md section 4 for the columns).
+
+    ``threshold_scale`` 0.01 or 100 places every thresholded record (DWF, L1) at its CR counted at
+    that multiple of its zero threshold instead of at the threshold itself (0.01: the conservative
+    CR, weights must have decayed a hundred times further to count as pruned); others are unchanged.
+    """
     path = Path(path)
     frame = read_csv_checked(path, REQUIRED_RESULT_COLUMNS)
     frame = frame.copy()
+    if threshold_scale not in THRESHOLD_SCALES:
+        raise ValueError(f"threshold_scale={threshold_scale:g} is not one of {sorted(THRESHOLD_SCALES)}")
+    column = THRESHOLD_SCALES[threshold_scale]
+    if column != "cr" and column in frame.columns:
+        moved = pd.to_numeric(frame[column], errors="coerce")
+        frame["cr"] = moved.where(moved.notna(), pd.to_numeric(frame["cr"], errors="coerce"))
     for col in ("test_acc", "cr", "cr_effective", "depth"):
         if col in frame.columns:
             frame[col] = pd.to_numeric(frame[col], errors="coerce")
@@ -332,6 +347,18 @@ def load_layers(path: Path | str) -> pd.DataFrame | None:
     frame["sparsity"] = pd.to_numeric(frame["sparsity"], errors="coerce")
     frame["layer_index"] = pd.to_numeric(frame["layer_index"], errors="coerce")
     return frame
+
+
+#: Columns ``history.csv`` must have (the per-epoch trajectory of every record).
+REQUIRED_HISTORY_COLUMNS = ("cell_id", "variant", "seed", "epoch", "test_acc")
+
+
+def load_history(path: Path | str) -> pd.DataFrame | None:
+    """Read ``history.csv``; None when it does not exist (the trajectory figure is then skipped)."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    return read_csv_checked(path, REQUIRED_HISTORY_COLUMNS).copy()
 
 
 # -- tables (numbers only; report.py formats them) ------------------------------------------------
@@ -376,6 +403,59 @@ def accuracy_at_cr_table(results: Results, crs=FIXED_CRS) -> pd.DataFrame:
                              "acc_pct_std": s, "n_seeds": n, "seeds_total": len(curves)})
     return pd.DataFrame(rows, columns=["arch", "dataset", "variant", "cr", "acc_pct_mean", "acc_pct_std",
                                        "n_seeds", "seeds_total"])
+
+
+#: A thresholded record's CR has settled when its CR at 100x the zero threshold is within 10% of its
+#: CR at 0.01x (DESIGN.md section 9); otherwise the threshold, not training, decides its CR.
+SETTLED_RATIO = 1.10
+
+
+def settling_table(results: Results) -> pd.DataFrame:
+    """Per thresholded ok record (those with ``cr_thr_small``/``cr_thr_large``): its CR at the three
+    thresholds, their ratio and whether it counts as settled.
+
+    Columns: arch, dataset, variant, seed, lam, cr, cr_thr_small, cr_thr_large, ratio, settled."""
+    columns = ["arch", "dataset", "variant", "seed", "lam", "cr", "cr_thr_small", "cr_thr_large", "ratio", "settled"]
+    frame = results.ok
+    if not {"cr_thr_small", "cr_thr_large"} <= set(frame.columns):
+        return pd.DataFrame(columns=columns)
+    frame = frame[pd.to_numeric(frame.cr_thr_small, errors="coerce").notna()].copy()
+    small = pd.to_numeric(frame.cr_thr_small)
+    large = pd.to_numeric(frame.cr_thr_large)
+    frame["cr_thr_small"], frame["cr_thr_large"] = small, large
+    frame["ratio"] = large / small
+    frame["settled"] = frame["ratio"] <= SETTLED_RATIO
+    if "lam" not in frame.columns:
+        frame["lam"] = np.nan
+    return frame[columns].sort_values(["arch", "dataset", "variant", "lam", "seed"]).reset_index(drop=True)
+
+
+def cost_table(results: Results) -> pd.DataFrame:
+    """What each curve cost: per (arch, dataset, variant), its ok points and seeds, the training epochs
+    behind one point (``epochs``: a lottery ticket at level k trains k+1 times; a pruned dense model
+    counts the dense training it starts from) and the CPU-hours its cells took (wall time x threads,
+    each cell once; shared dense trainings are counted in the cell that ran them, usually ``dense``).
+
+    Columns: arch, dataset, variant, points, seeds, epochs_min, epochs_max, wall_h, cpu_h, devices."""
+    rows = []
+    frame = results.ok
+    for arch, dataset in results.panels():
+        panel = frame[(frame.arch == arch) & (frame.dataset == dataset)]
+        for variant in ["dense"] + results.variants(arch, dataset):
+            group = panel[panel.variant == variant] if variant != "dense" else panel[panel.method == DENSE_METHOD]
+            if group.empty:
+                continue
+            epochs = pd.to_numeric(group.get("epochs"), errors="coerce") if "epochs" in group else pd.Series(dtype=float)
+            cells = group.drop_duplicates("cell_id") if "cell_id" in group else group
+            wall = pd.to_numeric(cells.get("wall_s"), errors="coerce").fillna(0.0) if "wall_s" in cells else 0.0
+            threads = pd.to_numeric(cells["threads"], errors="coerce").fillna(1.0) if "threads" in cells else 1.0
+            devices = sorted(set(cells["device"].dropna().astype(str))) if "device" in cells else []
+            rows.append({"arch": arch, "dataset": dataset, "variant": variant, "points": len(group),
+                         "seeds": group.seed.nunique(), "epochs_min": epochs.min(), "epochs_max": epochs.max(),
+                         "wall_h": float(np.sum(wall)) / 3600, "cpu_h": float(np.sum(wall * threads)) / 3600,
+                         "devices": ",".join(devices)})
+    return pd.DataFrame(rows, columns=["arch", "dataset", "variant", "points", "seeds", "epochs_min", "epochs_max",
+                                       "wall_h", "cpu_h", "devices"])
 
 
 def dense_summary(results: Results) -> pd.DataFrame:

@@ -8,7 +8,10 @@ Three figures, each as PNG and PDF in ``<plots-dir>/<grid>/``:
 - ``layer_sparsity``: per panel, the weights each layer keeps in the run of each variant closest
   to one CR, so layer collapse (a layer pruned to nothing) is visible;
 - ``effective_cr``: direct CR against effective CR (weights on no input-output path count as
-  pruned), for the variants where the two differ.
+  pruned), for the variants where the two differ;
+- ``trajectories`` (from ``history.csv``): for the methods that track it every epoch (DWF, L1),
+  test accuracy, CR (with the band between 0.01x and 100x the zero threshold) and the factors'
+  misalignment against the epoch, for the run of each variant closest to one final CR.
 
 Colours come from seaborn's colour-blind-safe palette; DWF depths share a blue ramp (darker =
 deeper) and differ by marker; families differ by line style.
@@ -97,6 +100,8 @@ def variant_styles(info: dict[str, tuple[str, object]]) -> dict[str, Style]:
             continue
         if method in _FIXED:
             slot, darken, marker, ls = _FIXED[method]
+            if variant != method:  # e.g. "magnitude +FT": the method's colour, darker, solid
+                darken, ls = darken + 0.35, "-"
         else:
             slot, darken, marker, ls = _SPARE[spare % len(_SPARE)], 0.3 * (spare // len(_SPARE)), "o", (0, (3, 1))
             spare += 1
@@ -134,7 +139,7 @@ def plot_accuracy_vs_cr(results: cv.Results, title: str = "") -> plt.Figure:
     panels = results.panels()
     styles = variant_styles(results.variant_info())
     fig, axes = _panel_axes(len(panels))
-    used = []
+    used, whiskers = [], 0
     for ax, (arch, dataset) in zip(axes, panels):
         dense = results.dense_by_seed(arch, dataset)
         if dense:
@@ -155,6 +160,7 @@ def plot_accuracy_vs_cr(results: cv.Results, title: str = "") -> plt.Figure:
             for curve in curves:
                 ax.plot(curve.cr, 100 * curve.acc, linestyle="none", marker=style.marker, markersize=4,
                         color=style.color, alpha=0.55, zorder=4)
+            whiskers += _threshold_whiskers(ax, results.panel_rows(arch, dataset, variant), style)
             if variant not in used:
                 used.append(variant)
         ax.set_xscale("log")
@@ -168,10 +174,27 @@ def plot_accuracy_vs_cr(results: cv.Results, title: str = "") -> plt.Figure:
     handles = [_legend_handle(styles[v], v) for v in order if v in used]
     handles.append(Line2D([], [], color="0.2", linestyle="--", linewidth=1.1, label="dense (mean over seeds)"))
     fig.legend(handles=handles, loc="outside right upper", frameon=False, alignment="left",
-               title="line: mean over seeds\nband: ±1 std\nmarkers: single runs", title_fontsize="small")
+               title="line: mean over seeds\nband: ±1 std\nmarkers: single runs"
+               + ("\nwhisker: CR at 0.01x..100x\nthe zero threshold (unsettled)" if whiskers else ""),
+               title_fontsize="small")
     fig.suptitle((f"{title}: " if title else "") + "test accuracy vs compression", fontsize="medium",
                  x=0.02, ha="left")
     return fig
+
+
+def _threshold_whiskers(ax, rows: pd.DataFrame, style: Style) -> int:
+    """For thresholded runs whose CR still depends on the zero threshold (CR at 0.01x and 100x differ
+    by more than ``cv.SETTLED_RATIO``), a horizontal whisker over that CR range: how far the point
+    could move if the threshold did."""
+    if not {"cr_thr_small", "cr_thr_large"} <= set(rows.columns):
+        return 0
+    small = pd.to_numeric(rows.cr_thr_small, errors="coerce")
+    large = pd.to_numeric(rows.cr_thr_large, errors="coerce")
+    loose = (large / small > cv.SETTLED_RATIO) & np.isfinite(small) & np.isfinite(large)
+    for lo, hi, acc in zip(small[loose], large[loose], rows.test_acc[loose]):
+        ax.plot([lo, hi], [100 * acc, 100 * acc], color=style.color, alpha=0.45, linewidth=0.9, zorder=2,
+                solid_capstyle="butt")
+    return int(loose.sum())
 
 
 # -- figure 2 ---------------------------------------------------------------------------------------
@@ -366,6 +389,72 @@ def plot_effective_cr(results: cv.Results, title: str = "", rel_tol: float = 1e-
 # -- command -----------------------------------------------------------------------------------------
 
 
+# -- figure 4 ---------------------------------------------------------------------------------------
+
+TRAJECTORY_AT_CR = 100.0
+
+
+def plot_trajectories(results: cv.Results, history: pd.DataFrame, at_cr: float = TRAJECTORY_AT_CR,
+                      seed: int | None = None) -> tuple[plt.Figure | None, list[str]]:
+    """Per-epoch test accuracy, CR and (DWF) misalignment of one run per variant: the run whose final
+    CR is closest to ``at_cr`` (log scale) among the lowest seed's, for the variants whose history has a
+    per-epoch ``cr``. The first panel only (one arch x dataset) is drawn; the CR band spans the CR at
+    0.01x and 100x the zero threshold, so a wide band means sparsity has not settled yet."""
+    if "cr" not in history.columns:
+        return None, ["history.csv has no per-epoch cr: no trajectory figure"]
+    tracked = history[pd.to_numeric(history["cr"], errors="coerce").notna()]
+    panels = [p for p in results.panels() if not tracked.empty]
+    if not panels:
+        return None, ["no method recorded a per-epoch CR: no trajectory figure"]
+    arch, dataset = panels[0]
+    frame = results.panel_rows(arch, dataset)
+    frame = frame[frame.cell_id.isin(set(tracked.cell_id)) & np.isfinite(frame.cr) & (frame.status == "ok")]
+    if frame.empty:
+        return None, [f"no tracked run in {arch}/{dataset}: no trajectory figure"]
+    seed = int(frame.seed.min()) if seed is None else seed
+    frame = frame[frame.seed == seed].copy()
+    frame["distance"] = np.abs(np.log(frame.cr / at_cr))
+    picked = frame.sort_values("distance").drop_duplicates("variant")
+    styles = variant_styles(results.variant_info())
+    order = [v for v in results.variants(arch, dataset) if v in set(picked.variant)]
+    has_balance = "balance_error" in tracked.columns and tracked["balance_error"].notna().any()
+    fig, axes = plt.subplots(1, 3 if has_balance else 2, figsize=(14 if has_balance else 9.5, 3.8),
+                             layout="constrained")
+    dense = results.dense_by_seed(arch, dataset)
+    if seed in dense:
+        axes[0].axhline(100 * dense[seed], color="0.2", linestyle="--", linewidth=1.1, label="dense")
+    for variant in order:
+        row = picked[picked.variant == variant].iloc[0]
+        run = tracked[tracked.cell_id == row.cell_id].sort_values("epoch")
+        epoch = pd.to_numeric(run["epoch"])
+        style = styles[variant]
+        label = f"{variant} (λ={row.lam:g}, final CR {row.cr:.0f})" if pd.notna(row.get("lam")) else variant
+        axes[0].plot(epoch, 100 * pd.to_numeric(run["test_acc"]), label=label, **style.line_kwargs())
+        axes[1].plot(epoch, pd.to_numeric(run["cr"]), **style.line_kwargs())
+        if {"cr_thr_small", "cr_thr_large"} <= set(run.columns):
+            axes[1].fill_between(epoch, pd.to_numeric(run["cr_thr_small"]), pd.to_numeric(run["cr_thr_large"]),
+                                 color=style.color, alpha=0.15, linewidth=0)
+        if has_balance and run["balance_error"].notna().any():
+            axes[2].plot(epoch, pd.to_numeric(run["balance_error"]), **style.line_kwargs())
+    axes[0].set_ylabel("test accuracy (%)")
+    axes[1].set_ylabel("CR (band: threshold x0.01 .. x100)")
+    axes[1].set_yscale("log")
+    _plain_log_axis(axes[1].yaxis)
+    if has_balance:
+        axes[2].set_ylabel("factor misalignment (DWF)")
+        axes[2].set_yscale("log")
+    for ax in axes:
+        ax.set_xlabel("epoch")
+        ax.grid(True, alpha=0.3)
+    fig.legend(loc="outside right upper", frameon=False, fontsize="small")
+    fig.suptitle(f"{cv.panel_title(arch, dataset)}, seed {seed}: per-epoch trajectory of the run closest to "
+                 f"CR {at_cr:g} per variant", fontsize="medium", x=0.02, ha="left")
+    notes = []
+    if len(results.panels()) > 1:
+        notes.append(f"trajectory figure shows {arch}/{dataset} only")
+    return fig, notes
+
+
 def save_figure(fig: plt.Figure, stem: Path) -> list[Path]:
     stem.parent.mkdir(parents=True, exist_ok=True)
     written = []
@@ -398,6 +487,12 @@ def write_plots(grid: str, results_dir: Path | str = "results", plots_dir: Path 
         notes.append("effective CR equals CR for every run (or is not in the CSV): no effective-CR figure")
     else:
         files += save_figure(fig, out / "effective_cr")
+    history = cv.load_history(source / "history.csv")
+    if history is not None and len(history):
+        fig, trajectory_notes = plot_trajectories(results, history)
+        notes += trajectory_notes
+        if fig is not None:
+            files += save_figure(fig, out / "trajectories")
     return files, notes
 
 

@@ -1,7 +1,8 @@
 """``python -m benchmark report``: tolerance and accuracy-at-CR tables from ``results.csv`` only.
 
 Writes ``<results-dir>/<grid>/tolerance.{md,tex,csv}`` and ``accuracy_at_cr.{md,tex,csv}`` and
-prints both Markdown tables. The numbers come from :mod:`benchmark.curves`, whose docstring pins
+prints both Markdown tables; also ``cost.{md,csv}`` (training epochs and CPU-hours behind each curve)
+and ``settling.{md,csv}`` (thresholded records whose CR still depends on the zero threshold). The numbers come from :mod:`benchmark.curves`, whose docstring pins
 the definitions ("largest CR within k points", interpolation in log CR, no extrapolation, mean ±
 sample std over seeds). The CSVs are tidy (one row per number, unformatted) for further analysis;
 Markdown and LaTeX (booktabs) are wide and formatted for reading.
@@ -144,10 +145,16 @@ ACCURACY_EXPLANATION = (
 
 
 def write_report(grid: str, results_dir: Path | str = "results", points=cv.TOLERANCE_POINTS,
-                 crs=cv.FIXED_CRS) -> tuple[list[Path], str]:
-    """Write both tables in three formats next to the CSV; returns (files, Markdown of both)."""
+                 crs=cv.FIXED_CRS, threshold_scale: float = 1.0) -> tuple[list[Path], str]:
+    """Write both tables in three formats next to the CSV; returns (files, Markdown of both).
+
+    With ``threshold_scale`` 0.01 or 100 thresholded records are placed at their CR at that multiple
+    of the zero threshold, and the files get a ``-thr<scale>x`` suffix (a robustness check)."""
     folder = Path(results_dir) / grid
-    results = cv.load_results(folder / "results.csv")
+    results = cv.load_results(folder / "results.csv", threshold_scale)
+    suffix = "" if threshold_scale == 1.0 else f"-thr{threshold_scale:g}x"
+    if suffix:
+        grid = f"{grid}, thresholded CR counted at {threshold_scale:g}x the zero threshold"
     notes = results.notes()
     dense = cv.dense_summary(results)
     tolerance = cv.tolerance_table(results, points)
@@ -166,15 +173,61 @@ def write_report(grid: str, results_dir: Path | str = "results", points=cv.TOLER
         if len(dense):
             caption += " Dense accuracy: " + "; ".join(dense_lines(dense)) + "."
         outputs = {
-            folder / f"{stem}.csv": tidy.to_csv(index=False),
-            folder / f"{stem}.md": md,
-            folder / f"{stem}.tex": latex_table(wide, caption, f"tab:{grid}-{stem.replace('_', '-')}"),
+            folder / f"{stem}{suffix}.csv": tidy.to_csv(index=False),
+            folder / f"{stem}{suffix}.md": md,
+            folder / f"{stem}{suffix}.tex": latex_table(wide, caption, f"tab:{folder.name}-{stem.replace('_', '-')}{suffix}"),
         }
         for path, text in outputs.items():
             path.write_text(text, encoding="utf-8")
             files.append(path)
         markdown.append(md)
+    if suffix:
+        return files, "\n".join(markdown)
+    for stem, tidy, wide, title, explanation in (
+        ("cost", cv.cost_table(results), None, f"Training cost per curve ({grid} grid)", COST_EXPLANATION),
+        ("settling", cv.settling_table(results), None, f"Is sparsity settled? ({grid} grid)", SETTLING_EXPLANATION),
+    ):
+        wide = cost_wide(tidy) if stem == "cost" else settling_wide(tidy)
+        md = markdown_document(title, explanation, wide, pd.DataFrame(), [])
+        for path, text in ((folder / f"{stem}.csv", tidy.to_csv(index=False)), (folder / f"{stem}.md", md)):
+            path.write_text(text, encoding="utf-8")
+            files.append(path)
     return files, "\n".join(markdown)
+
+
+COST_EXPLANATION = (
+    "Training behind each curve: epochs behind one point (a lottery ticket at level k trains k+1 times; "
+    "pruned dense models count the dense training they start from) and the hours its cells ran (CPU-hours = "
+    "wall time x threads; a dense training shared through the cache is counted once, in the cell that ran it)."
+)
+SETTLING_EXPLANATION = (
+    f"Thresholded records (DWF, L1): CR at 0.01x and 100x the zero threshold. A record counts as settled "
+    f"when the two differ by at most {100 * (cv.SETTLED_RATIO - 1):.0f}%; otherwise its CR is decided by the "
+    f"threshold, not by training."
+)
+
+
+def cost_wide(table: pd.DataFrame) -> pd.DataFrame:
+    rows = []
+    for r in table.itertuples():
+        epochs = MISSING if not math.isfinite(r.epochs_min) else (
+            f"{r.epochs_min:.0f}" if r.epochs_min == r.epochs_max else f"{r.epochs_min:.0f}–{r.epochs_max:.0f}")
+        rows.append({"arch": cv.ARCH_NAMES.get(r.arch, r.arch), "dataset": cv.DATASET_NAMES.get(r.dataset, r.dataset),
+                     "method": r.variant, "points": str(r.points), "seeds": str(r.seeds), "epochs per point": epochs,
+                     "hours": f"{r.wall_h:.3g}", "CPU-hours": f"{r.cpu_h:.3g}", "device": r.devices})
+    return pd.DataFrame(rows)
+
+
+def settling_wide(table: pd.DataFrame) -> pd.DataFrame:
+    rows = []
+    for (arch, dataset, variant), group in table.groupby(["arch", "dataset", "variant"], sort=False):
+        unsettled = group[~group.settled.astype(bool)]
+        listed = "; ".join(f"λ={r.lam:g} s{r.seed}: {r.cr_thr_small:.3g} / {r.cr:.3g} / {r.cr_thr_large:.3g}"
+                           for r in unsettled.itertuples())
+        rows.append({"arch": cv.ARCH_NAMES.get(arch, arch), "dataset": cv.DATASET_NAMES.get(dataset, dataset),
+                     "method": variant, "records": str(len(group)), "settled": str(int(group.settled.sum())),
+                     "not settled (CR at 0.01x / 1x / 100x threshold)": listed or MISSING})
+    return pd.DataFrame(rows)
 
 
 def positive_floats(text: str) -> list[float]:
@@ -204,11 +257,15 @@ def add_commands(sub) -> None:
                    help="accuracy drops in percentage points for the tolerance table (default 1,5,10)")
     p.add_argument("--crs", type=positive_floats, default=list(cv.FIXED_CRS), metavar="CR,CR,...",
                    help="compression ratios for the accuracy table (default 10,100,1000)")
+    p.add_argument("--threshold-scale", type=float, choices=sorted(cv.THRESHOLD_SCALES), default=1.0,
+                   help="place thresholded records (DWF, L1) at their CR counted at 0.01x or 100x the zero "
+                        "threshold instead of 1x (default 1); the tables get a -thr<scale>x suffix. 0.01 is the "
+                        "conservative check: does a conclusion survive weights having to decay 100x further?")
     p.set_defaults(handler=report_command)
 
 
 def report_command(args) -> int:
-    files, markdown = write_report(args.grid, args.results_dir, args.tolerances, args.crs)
+    files, markdown = write_report(args.grid, args.results_dir, args.tolerances, args.crs, args.threshold_scale)
     print(markdown)
     print("wrote: " + ", ".join(str(f) for f in files), file=sys.stderr)
     return 0

@@ -10,7 +10,7 @@ Layout under ``<results-dir>/<grid>/``::
     work/<cell_id>/         per-epoch checkpoints of unfinished cells
     events.jsonl            one line per start / finish / failure, appended by every driver
     logs/<time>-<run>.log   human-readable log of each run
-    results.csv, layers.csv written by ``collect``
+    results.csv, layers.csv, history.csv   written by ``collect``
 """
 
 from __future__ import annotations
@@ -39,10 +39,17 @@ CSV_COLUMNS = [
 ]
 
 
+#: Columns of history.csv before the per-epoch metrics (one row per record x epoch).
+HISTORY_KEYS = ["cell_id", "level", "variant", "method", "arch", "dataset", "seed", "depth", "lam", "target_cr"]
+
+
 def variant_label(record: dict) -> str:
-    """The curve a record belongs to: the method, with the depth for DWF."""
+    """The curve a record belongs to: the method, with the depth for DWF, and ``+FT`` for a pruned
+    dense model that was fine-tuned (the paper's magnitude baselines are not)."""
     if record.get("method") == "dwf" and record.get("depth") is not None:
         return f"dwf D={int(record['depth'])}"
+    if record.get("family") == "after-training" and (record.get("finetune_epochs") or 0) > 0:
+        return f"{record.get('method')} +FT"
     return str(record.get("method"))
 
 
@@ -197,9 +204,11 @@ class Store:
             os.close(fd)
 
     # ---- collection -----------------------------------------------------------------------
-    def tables(self) -> tuple[pd.DataFrame, pd.DataFrame]:
-        """(results, layers) as tidy DataFrames, one row per record / per record x layer."""
-        rows, layer_rows = [], []
+    def tables(self) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+        """(results, layers, history) as tidy DataFrames: one row per record, per record x layer, and
+        per record x training epoch (the per-epoch trajectory: test accuracy, and CR where the
+        method tracks it)."""
+        rows, layer_rows, history_rows = [], [], []
         for result in self.results():
             for record in result["records"]:
                 row = {k: v for k, v in record.items() if k not in NESTED_KEYS}
@@ -207,6 +216,8 @@ class Store:
                 row.setdefault("cell_id", result["cell_id"])
                 row["variant"] = variant_label(record)
                 rows.append(row)
+                keys = {k: row.get(k) for k in HISTORY_KEYS}
+                history_rows += [keys | {"step": i + 1} | epoch for i, epoch in enumerate(record.get("history") or [])]
                 for index, layer in enumerate(record.get("layers") or []):
                     layer_rows.append({"cell_id": row["cell_id"], "level": record.get("level"), "layer": layer["name"],
                                        "layer_index": index, "kind": layer.get("kind"), "numel": layer["numel"],
@@ -222,12 +233,16 @@ class Store:
                                           kind="stable").reset_index(drop=True)
         layers = pd.DataFrame(layer_rows, columns=["cell_id", "level", "layer", "layer_index", "kind", "numel",
                                                    "nonzero", "effective", "sparsity"])
-        return results, layers
+        history = pd.DataFrame(history_rows)
+        if len(history):
+            history = history[HISTORY_KEYS + ["step"] + [c for c in history.columns if c not in HISTORY_KEYS + ["step"]]]
+        return results, layers, history
 
     def collect(self) -> tuple[Path, Path, pd.DataFrame]:
-        results, layers = self.tables()
+        results, layers, history = self.tables()
         self.root.mkdir(parents=True, exist_ok=True)
         csv_path, layers_path = self.root / "results.csv", self.root / "layers.csv"
         _atomic_write_text(csv_path, results.to_csv(index=False))
         _atomic_write_text(layers_path, layers.to_csv(index=False))
+        _atomic_write_text(self.root / "history.csv", history.to_csv(index=False))
         return csv_path, layers_path, results

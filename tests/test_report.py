@@ -47,8 +47,10 @@ def md_rows(text: str) -> list[list[str]]:
 
 def test_report_writes_three_formats_of_both_tables(results_dir):
     files, markdown = report.write_report("g", results_dir)
-    assert sorted(p.name for p in files) == sorted(f"{stem}.{fmt}" for stem in ("tolerance", "accuracy_at_cr")
-                                                   for fmt in ("md", "tex", "csv"))
+    assert sorted(p.name for p in files) == sorted([f"{stem}.{fmt}" for stem in ("tolerance", "accuracy_at_cr")
+                                                    for fmt in ("md", "tex", "csv")]
+                                                   + [f"{stem}.{fmt}" for stem in ("cost", "settling")
+                                                      for fmt in ("md", "csv")])
     assert markdown.startswith("## Largest CR within 1, 5, 10 points of dense (g grid)")
     assert "## Accuracy at CR 10, 100, 1000 (g grid)" in markdown
 
@@ -165,3 +167,52 @@ def test_results_without_any_dense_run_still_give_the_accuracy_table(tmp_path):
     assert "lenet300/mnist: no dense run" in markdown
     assert "| LeNet-300-100 | MNIST | magnitude | 1 | 90.00 | 80.00 | – |" in markdown
     assert cv.load_results(folder / "results.csv").variants() == ["magnitude"]
+
+
+def thresholded_rows() -> list[dict]:
+    """Two DWF seeds whose CR depends on the threshold at lambda 1e-4 and not at 1e-3, and a dense run."""
+    rows = [result_row("dense", 0, 1, 0.90) | {"wall_s": 36.0, "threads": 2, "epochs": 30, "device": "cpu"}]
+    for seed in (0, 1):
+        rows.append(result_row("dwf", seed, 50, 0.88, depth=3) | {
+            "cell_id": f"a{seed}", "lam": 1e-4, "cr_thr_small": 20.0, "cr_thr_large": 80.0,
+            "wall_s": 72.0, "threads": 1, "epochs": 30, "device": "cpu"})
+        rows.append(result_row("dwf", seed, 500, 0.80, depth=3) | {
+            "cell_id": f"b{seed}", "lam": 1e-3, "cr_thr_small": 495.0, "cr_thr_large": 505.0,
+            "wall_s": 36.0, "threads": 1, "epochs": 30, "device": "cpu"})
+    return rows
+
+
+def test_settling_and_cost_tables_follow_the_records(tmp_path):
+    folder = tmp_path / "g"
+    folder.mkdir()
+    pd.DataFrame(thresholded_rows()).to_csv(folder / "results.csv", index=False)
+    report.write_report("g", tmp_path)
+    settling = pd.read_csv(folder / "settling.csv")
+    assert list(settling.lam) == [1e-4, 1e-4, 1e-3, 1e-3]
+    assert list(settling.settled) == [False, False, True, True]  # 80/20 = 4 > 1.1; 505/495 < 1.1
+    assert settling.ratio.iloc[0] == pytest.approx(4.0)
+    md = (folder / "settling.md").read_text()
+    assert "λ=0.0001 s0: 20 / 50 / 80" in md and "λ=0.001 s0" not in md
+    cost = pd.read_csv(folder / "cost.csv").set_index("variant")
+    # dwf: four cells of 72, 72, 36, 36 s on one thread = 216 s = 0.06 h; dense 36 s x 2 threads = 0.02 CPU-h
+    assert cost.loc["dwf D=3", "wall_h"] == pytest.approx(216 / 3600)
+    assert cost.loc["dwf D=3", "cpu_h"] == pytest.approx(216 / 3600)
+    assert cost.loc["dense", "cpu_h"] == pytest.approx(72 / 3600)
+    assert cost.loc["dwf D=3", "points"] == 4 and cost.loc["dwf D=3", "seeds"] == 2
+
+
+def test_threshold_scale_moves_only_thresholded_records(tmp_path):
+    folder = tmp_path / "g"
+    folder.mkdir()
+    rows = thresholded_rows() + [result_row("magnitude", 0, 50, 0.85)]
+    pd.DataFrame(rows).to_csv(folder / "results.csv", index=False)
+    small = cv.load_results(folder / "results.csv", threshold_scale=0.01).ok.set_index("cell_id").cr
+    large = cv.load_results(folder / "results.csv", threshold_scale=100).ok.set_index("cell_id").cr
+    assert small["a0"] == 20 and large["a0"] == 80 and small["b1"] == 495
+    magnitude = "magnitudeNone-lenet300-mnist-0-50"
+    assert small[magnitude] == large[magnitude] == 50
+    files, _ = report.write_report("g", tmp_path, threshold_scale=0.01)
+    assert {p.name for p in files} >= {"tolerance-thr0.01x.md", "accuracy_at_cr-thr0.01x.csv"}
+    assert (folder / "tolerance.md").exists() is False  # the default tables are not overwritten
+    with pytest.raises(ValueError, match="threshold_scale=3"):
+        cv.load_results(folder / "results.csv", threshold_scale=3)
