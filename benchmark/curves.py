@@ -45,7 +45,7 @@ REQUIRED_RESULT_COLUMNS = ("arch", "dataset", "method", "seed", "test_acc", "cr"
 #: Columns ``layers.csv`` must have.
 REQUIRED_LAYER_COLUMNS = ("cell_id", "level", "layer", "layer_index", "sparsity")
 #: Methods drawn in this order (families of DESIGN.md section 3); unknown methods follow, sorted.
-METHOD_ORDER = ("dwf", "shallow", "l1", "magnitude", "global-magnitude", "lottery", "random", "snip",
+METHOD_ORDER = ("dwf", "shallow", "l1", "magnitude", "global-magnitude", "lottery", "gmp", "rigl", "set", "random", "snip",
                 "grasp", "synflow", "structured-magnitude", "structured-random", "structured-global")
 DENSE_METHOD = "dense"
 #: Tolerance levels in accuracy points and fixed CRs of the report (the paper's headline metric).

@@ -61,6 +61,9 @@ _FIXED = {
     "magnitude": (1, 0.0, "X", "--"),
     "global-magnitude": (3, 0.0, "*", "--"),
     "lottery": (4, 0.0, "h", "-."),
+    "gmp": (1, 0.6, "s", (0, (3, 1, 1, 1))),
+    "rigl": (6, 0.0, "^", (0, (3, 1, 1, 1))),
+    "set": (9, 0.4, "v", (0, (3, 1, 1, 1))),
     "random": (7, 0.2, "8", ":"),
     "snip": (5, 0.0, "<", ":"),
     "grasp": (6, 0.35, ">", ":"),
@@ -428,14 +431,16 @@ def plot_trajectories(results: cv.Results, history: pd.DataFrame, at_cr: float =
         run = tracked[tracked.cell_id == row.cell_id].sort_values("epoch")
         epoch = pd.to_numeric(run["epoch"])
         style = styles[variant]
-        label = f"{variant} (λ={row.lam:g}, final CR {row.cr:.0f})" if pd.notna(row.get("lam")) else variant
-        axes[0].plot(epoch, 100 * pd.to_numeric(run["test_acc"]), label=label, **style.line_kwargs())
-        axes[1].plot(epoch, pd.to_numeric(run["cr"]), **style.line_kwargs())
+        knob = f"λ={row.lam:g}, " if pd.notna(row.get("lam")) else ""
+        label = f"{variant} ({knob}final CR {row.cr:.0f})"
+        marker = {"marker": style.marker, "markersize": 3} if len(run) < 20 else {}
+        axes[0].plot(epoch, 100 * pd.to_numeric(run["test_acc"]), label=label, **style.line_kwargs(), **marker)
+        axes[1].plot(epoch, pd.to_numeric(run["cr"]), **style.line_kwargs(), **marker)
         if {"cr_thr_small", "cr_thr_large"} <= set(run.columns):
             axes[1].fill_between(epoch, pd.to_numeric(run["cr_thr_small"]), pd.to_numeric(run["cr_thr_large"]),
                                  color=style.color, alpha=0.15, linewidth=0)
         if has_balance and run["balance_error"].notna().any():
-            axes[2].plot(epoch, pd.to_numeric(run["balance_error"]), **style.line_kwargs())
+            axes[2].plot(epoch, pd.to_numeric(run["balance_error"]), **style.line_kwargs(), **marker)
     axes[0].set_ylabel("test accuracy (%)")
     axes[1].set_ylabel("CR (band: threshold x0.01 .. x100)")
     axes[1].set_yscale("log")

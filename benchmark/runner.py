@@ -10,7 +10,6 @@ Dask cluster through joblib's dask backend. A failed cell is recorded and the gr
 from __future__ import annotations
 
 import logging
-import math
 import os
 import sys
 import threading
@@ -111,10 +110,13 @@ def pending_cells(store: Store, cells: list[Cell], retry_failed: bool) -> tuple[
 def estimate_epochs(cell: Cell) -> int:
     """Training epochs a cell costs (post-training methods reuse the cached dense training)."""
     from methods import get_method
+    from methods.lottery import level_keep_counts
 
     p = cell.method_params
     if cell.method == "lottery":
-        levels = max(1, math.ceil(math.log(1 / p.target_cr) / math.log(1 - p.prune_fraction)))
+        # The method's own schedule decides how many levels there are (their number does not depend
+        # on how many weights there are, so one weight stands in for the network).
+        levels = len(level_keep_counts(1, p.target_cr, p.prune_fraction))
         return levels * (cell.schedule.epochs - p.rewind)  # each level trains from the rewind epoch on
     if get_method(cell.method).needs_dense and cell.method != "dense":
         return int(getattr(p, "finetune_epochs", 0) or 0)

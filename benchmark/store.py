@@ -29,7 +29,7 @@ HEARTBEAT_S = 60.0
 CLAIM_TIMEOUT_S = 600.0
 
 #: Record keys that are not CSV columns (nested or bulky); layers go to layers.csv.
-NESTED_KEYS = ("history", "layers", "config", "traceback")
+NESTED_KEYS = ("history", "layers", "config", "traceback", "pruning_log")
 
 #: The columns results.csv always has, in this order; other record keys follow.
 CSV_COLUMNS = [

@@ -1,9 +1,10 @@
 """One training loop for every method: SGD with momentum, cosine annealing, per-epoch evaluation.
 
 Methods never edit this loop; they act through ``TrainHooks`` (parameter groups, an extra loss
-term, and calls after each step and epoch). Each epoch ends with an atomic checkpoint, and a run
-that finds its checkpoint continues from it: batches depend only on (seed, epoch), so a resumed
-run ends with the same weights as an uninterrupted one.
+term, and calls after each step and epoch, with the step number and the optimizer). Each epoch ends
+with an atomic checkpoint that also holds the hooks' own state, and a run that finds its checkpoint
+continues from it: batches depend only on (seed, epoch), so a resumed run ends with the same weights
+as an uninterrupted one.
 
 Evaluation uses the official test split (there is no validation split and no model selection:
 the reported model is the one after the last epoch).
@@ -80,6 +81,11 @@ class Schedule:
         return cls(**coerced)
 
 
+#: Field types of Schedule as classes (its annotations are strings under postponed evaluation).
+_SCHEDULE_TYPES = {"epochs": int, "lr": float, "momentum": float, "weight_decay": float, "batch_size": int,
+                   "nesterov": bool, "warmup_epochs": int}
+
+
 def _as_bool(value) -> bool:
     if isinstance(value, bool):
         return value
@@ -112,7 +118,20 @@ class Diverged(RuntimeError):
 
 
 class TrainHooks:
-    """What a method may change in training. The defaults train a plain dense model."""
+    """What a method may change in training. The defaults train a plain dense model.
+
+    Call order in ``train``: ``param_groups`` (building the optimizer), ``bind``, then, when a
+    checkpoint is found, ``load_state_dict`` with what ``state_dict`` returned when it was written;
+    per step ``penalty`` and ``after_step``; per epoch ``after_epoch``, evaluation, ``epoch_metrics``
+    and the checkpoint (which stores ``state_dict()``). A hook whose decisions depend on anything
+    besides the model, the optimizer and the step number must keep it in ``state_dict``, or a resumed
+    run would differ from an uninterrupted one.
+    """
+
+    def bind(self, optimizer: torch.optim.Optimizer, steps_per_epoch: int, total_steps: int) -> None:
+        """Called once per ``train`` call, after the optimizer is built and before any step or
+        checkpoint restore. ``total_steps`` counts the whole schedule (``epochs * steps_per_epoch``),
+        also when the run joins it part-way (``first_epoch``)."""
 
     def param_groups(self, model: nn.Module, schedule: Schedule) -> list[dict]:
         """Weight decay on conv/linear weights only; biases and BatchNorm are undecayed."""
@@ -129,8 +148,10 @@ class TrainHooks:
         """An extra term added to the mean cross-entropy of each batch."""
         return None
 
-    def after_step(self, model: nn.Module) -> None:
-        pass
+    def after_step(self, model: nn.Module, step: int | None) -> None:
+        """After the optimizer step ``step`` (0-based over the whole schedule: epoch * steps_per_epoch
+        + batch index, so a resumed or rewound run counts on where it joined). The parameters still
+        hold this step's gradients. ``step`` is None outside ``train`` (the speed benchmarks)."""
 
     def after_epoch(self, model: nn.Module, epoch: int) -> None:
         pass
@@ -139,19 +160,57 @@ class TrainHooks:
         """Extra numbers for this epoch's history entry (a method's per-epoch trajectory)."""
         return {}
 
+    def state_dict(self) -> dict:
+        """The hook's own state, saved in every per-epoch checkpoint (tensors, numbers, lists, dicts)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what ``state_dict`` returned (an empty dict for checkpoints written without it)."""
+
+
+DEVICE_TYPES = ("cpu", "cuda", "mps")
+
 
 def pick_device(requested: str | None = None) -> torch.device:
-    """cuda > mps > cpu unless a device is named."""
+    """cuda > mps > cpu unless a device is named; a named device must exist here (ValueError
+    naming it and what this machine has otherwise)."""
     if requested and requested != "auto":
-        device = torch.device(requested)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device {requested!r} asked for, but CUDA is not available here; use --device cpu")
+        try:
+            device = torch.device(requested)
+        except (RuntimeError, TypeError):
+            raise ValueError(f"--device {requested!r} is not a device; use auto, cpu, cuda, cuda:N or mps "
+                             f"(this machine has: {', '.join(available_devices())})") from None
+        if device.type not in DEVICE_TYPES:
+            raise ValueError(f"--device {requested!r}: {device.type} devices are not supported; use auto, cpu, "
+                             f"cuda, cuda:N or mps (this machine has: {', '.join(available_devices())})")
+        if device.type == "cuda":
+            if not torch.cuda.is_available():
+                raise ValueError(f"--device {requested!r}: CUDA is not available here; use --device cpu "
+                                 f"(this machine has: {', '.join(available_devices())})")
+            if device.index is not None and device.index >= torch.cuda.device_count():
+                raise ValueError(f"--device {requested!r}: there are only {torch.cuda.device_count()} CUDA device(s) "
+                                 f"(cuda:0 .. cuda:{torch.cuda.device_count() - 1}) visible here")
+        if device.type == "mps" and not _mps_available():
+            raise ValueError(f"--device {requested!r}: MPS (Apple GPU) is not available here; use --device cpu "
+                             f"(this machine has: {', '.join(available_devices())})")
         return device
     if torch.cuda.is_available():
         return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+    if _mps_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+def _mps_available() -> bool:
+    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+
+
+def available_devices() -> list[str]:
+    """Every device a cell can run on here, e.g. ['cuda:0', 'cuda:1', 'cpu']."""
+    found = [f"cuda:{i}" for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    if _mps_available():
+        found.append("mps")
+    return found + ["cpu"]
 
 
 def make_optimizer(model: nn.Module, schedule: Schedule, hooks: TrainHooks | None = None) -> torch.optim.SGD:
@@ -241,9 +300,22 @@ class History:
 
 
 def _save_atomic(obj, path: Path) -> None:
+    """``torch.save`` through a temporary file and a rename: a reader sees the old file or the new
+    one. Writing through a Python file object makes a full disk an OSError (ENOSPC) instead of an
+    opaque RuntimeError, and the temporary file is removed whatever stops the write. The folder is
+    created if it is missing (another process may have cleaned it up)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as fh:
+            torch.save(obj, fh)
+        os.replace(tmp, path)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if isinstance(exc, RuntimeError) and isinstance(exc.__context__, OSError):
+            raise exc.__context__ from None  # torch wraps the OSError of the file object's write
+        raise
 
 
 def progress_bar(total: int, desc: str, enabled: bool | None):
@@ -287,6 +359,7 @@ def train(
         tune_cpu_allocator()
     optimizer = make_optimizer(model, schedule, hooks)
     steps_per_epoch = max(1, math.ceil(len(data.train) / schedule.batch_size))
+    hooks.bind(optimizer, steps_per_epoch, schedule.epochs * steps_per_epoch)
     factor = lr_factor(schedule.warmup_epochs * steps_per_epoch, schedule.epochs * steps_per_epoch)
     skipped_steps = first_epoch * steps_per_epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: factor(step + skipped_steps))
@@ -301,6 +374,7 @@ def train(
         history = History(state["history"], state["wall_s"], resumed_from=state["epoch"])
         snapshots = state["snapshots"]
         start_epoch = state["epoch"]
+        hooks.load_state_dict(state.get("hooks", {}))
     if start_epoch == first_epoch and first_epoch in snapshot_epochs:
         snapshots[first_epoch] = _clone_state(model)
 
@@ -319,7 +393,7 @@ def train(
                 data.train, schedule.batch_size, gen, augment_batches=data.spec.augment,
             )):
                 out, loss, total = training_step(model, prepare_input(x, channels_last), y, optimizer, hooks, device,
-                                                 forward)
+                                                 forward, step=epoch * steps_per_epoch + step)
                 scheduler.step()
                 loss_sum += loss.detach() * len(y)
                 correct += (out.detach().argmax(1) == y).sum()
@@ -343,7 +417,7 @@ def train(
                 _save_atomic({
                     "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "history": history.epochs, "wall_s": history.wall_s,
-                    "epoch": epoch + 1, "snapshots": snapshots,
+                    "epoch": epoch + 1, "snapshots": snapshots, "hooks": hooks.state_dict(),
                 }, checkpoint)
             bar.update(1)
             bar.set_postfix(loss=f"{history.final['train_loss']:.3f}", test_acc=f"{test_acc:.4f}")
@@ -365,10 +439,10 @@ def check_compile(device: torch.device) -> None:
 
 
 def training_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer,
-                  hooks: TrainHooks, device: torch.device, forward=None):
+                  hooks: TrainHooks, device: torch.device, forward=None, step: int | None = None):
     """One SGD step (the only place the loss is formed): mean cross-entropy plus the method's
-    penalty, under bf16 autocast on CUDA. ``forward`` may be a compiled model. Returns
-    (logits, cross-entropy, total loss)."""
+    penalty, under bf16 autocast on CUDA. ``forward`` may be a compiled model; ``step`` is passed to
+    ``hooks.after_step``. Returns (logits, cross-entropy, total loss)."""
     with autocast(device):
         out = (model if forward is None else forward)(x)
         loss = nn.functional.cross_entropy(out.float(), y)
@@ -377,7 +451,7 @@ def training_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, optimizer:
     optimizer.zero_grad(set_to_none=True)
     total.backward()
     optimizer.step()
-    hooks.after_step(model)
+    hooks.after_step(model, step)
     return out, loss, total
 
 

@@ -11,6 +11,18 @@ gradients of the model that is trained are never touched by it.
 - SynFlow (Tanaka et al. 2020): data-free and iterative. The copy is put in eval mode and float64
   with every parameter replaced by its absolute value; R = sum of the outputs for an all-ones
   input; score |w * dR/dw|; after round k of ``rounds`` the kept fraction is (1/CR)^(k/rounds).
+
+SNIP and GraSP score a copy in the mode ``bn_mode`` says, which matters only for networks with
+BatchNorm (or dropout, which the models here do not have): ``"train"`` normalizes each scoring batch
+by its own statistics, ``"eval"`` by the running statistics, which at initialization are mean 0 and
+variance 1, so BatchNorm is then (nearly) the identity. Each default is what the authors' released
+code does. SNIP's (namhoonlee/snip-public, TensorFlow) scores in the pruning graph fed with
+``is_train: False`` (snip/prune.py), and its networks pass ``is_train`` to
+``tf.layers.batch_normalization(training=...)``: eval. GraSP's (alecwangcq/GraSP, PyTorch) deep-copies
+the freshly built model, whose modules are in training mode by default, with the ``.eval()`` of that
+line commented out (pruner/GraSP.py): train. Until this parameter existed SNIP scored in training
+mode; VGG/ResNet SNIP results from before then differ from the default's (the LeNets have no
+BatchNorm and are unchanged).
 """
 
 from __future__ import annotations
@@ -19,6 +31,7 @@ import copy
 import itertools
 import time
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
@@ -64,17 +77,25 @@ def loss_gradients(net: nn.Module, batches: Batches, temperature: float = 1.0) -
     return total
 
 
-def snip_scores(model: nn.Module, batches: Batches) -> dict[str, torch.Tensor]:
+def scoring_copy(model: nn.Module, bn_mode: str) -> nn.Module:
+    """A copy of ``model`` in training (``bn_mode='train'``) or evaluation mode (``'eval'``)."""
+    if bn_mode not in ("train", "eval"):
+        raise ValueError(f"bn_mode={bn_mode!r}; choose 'train' or 'eval'")
+    return copy.deepcopy(model).train(bn_mode == "train")
+
+
+def snip_scores(model: nn.Module, batches: Batches, bn_mode: str = "eval") -> dict[str, torch.Tensor]:
     """Connection sensitivity |g * w| (scale-free, so summing over batches equals averaging)."""
-    net = copy.deepcopy(model).train()
+    net = scoring_copy(model, bn_mode)
     weights = prunable_weights(net)
     grads = loss_gradients(net, batches)
     return {name: (g * w.detach()).abs() for (name, w), g in zip(weights.items(), grads)}
 
 
-def grasp_scores(model: nn.Module, batches: Batches, temperature: float = 1.0) -> dict[str, torch.Tensor]:
+def grasp_scores(model: nn.Module, batches: Batches, temperature: float = 1.0,
+                 bn_mode: str = "train") -> dict[str, torch.Tensor]:
     """Keep-scores w * (H g), H and g of the loss summed over ``batches`` (logits / temperature)."""
-    net = copy.deepcopy(model).train()
+    net = scoring_copy(model, bn_mode)
     weights = prunable_weights(net)
     params = list(weights.values())
     g = loss_gradients(net, batches, temperature)
@@ -178,6 +199,9 @@ class DataScoredParams(AtInit.Params):
     # One minibatch of the schedule's batch size: SNIP's paper uses a single minibatch; GraSP's
     # uses ten examples per class, about one batch of 128 on ten classes (ours for other sets).
     score_batches: int = 1
+    # Mode of the scored copy (BatchNorm batch vs running statistics); each method's default is its
+    # authors' code (module docstring).
+    bn_mode: Literal["train", "eval"] = "train"
 
     def validate(self):
         problems = super().validate()
@@ -191,11 +215,14 @@ class SNIP(ScoredAtInit):
     """SNIP: prune at initialization by connection sensitivity |g * w|."""
 
     name = "snip"
-    Params = DataScoredParams
+
+    @dataclass(frozen=True)
+    class Params(DataScoredParams):
+        bn_mode: Literal["train", "eval"] = "eval"  # snip-public scores with is_train=False
 
     def scores(self, model, ctx):
         batches = scoring_batches(ctx.data, self.params.score_batches, ctx.schedule.batch_size, ctx.cell.seed)
-        return snip_scores(model, batches)
+        return snip_scores(model, batches, self.params.bn_mode)
 
 
 @register
@@ -218,7 +245,7 @@ class GraSP(ScoredAtInit):
 
     def scores(self, model, ctx):
         batches = scoring_batches(ctx.data, self.params.score_batches, ctx.schedule.batch_size, ctx.cell.seed)
-        return grasp_scores(model, batches, self.params.temperature)
+        return grasp_scores(model, batches, self.params.temperature, self.params.bn_mode)
 
 
 @register

@@ -44,8 +44,9 @@ def mask_of_module(module: nn.Module) -> Mask | None:
     return next((p for p in module.parametrizations.weight if isinstance(p, Mask)), None)
 
 
-def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
-    """Mask the named prunable layers (a layer already masked gets its mask replaced)."""
+def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor], parametrization: type[Mask] = Mask) -> None:
+    """Mask the named prunable layers (a layer already masked gets its mask replaced).
+    ``parametrization`` is the class a new mask is made of (``Mask`` or a subclass of it)."""
     layers = dict(prunable_layers(model))
     unknown = sorted(set(masks) - set(layers))
     if unknown:
@@ -59,7 +60,7 @@ def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
         if existing is not None:
             existing.mask.copy_(as_weight)
         else:
-            parametrize.register_parametrization(module, "weight", Mask(as_weight))
+            parametrize.register_parametrization(module, "weight", parametrization(as_weight))
 
 
 def read_masks(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -108,6 +108,43 @@ def test_iterative_synflow_follows_the_exponential_schedule_rescoring_each_round
     assert int(keep1.sum() + keep2.sum()) == kept_count(total, target_cr)
 
 
+def bn_net(seed=0) -> nn.Sequential:
+    """3 -> 4 -> BatchNorm -> relu -> 2 in float64. With its fresh running statistics (mean 0,
+    variance 1) and scale sqrt(1 + eps) the BatchNorm is the identity (to rounding); with batch
+    statistics it is not."""
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 2)).double()
+    with torch.no_grad():
+        net[1].weight.fill_((1.0 + net[1].eps) ** 0.5)
+    return net
+
+
+def without_bn(net: nn.Sequential) -> nn.Sequential:
+    plain = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)).double()
+    plain[0].load_state_dict(net[0].state_dict())
+    plain[2].load_state_dict(net[3].state_dict())
+    return plain
+
+
+def test_snip_scores_with_running_statistics_by_default_and_grasp_with_batch_statistics():
+    from methods import make_params
+
+    assert make_params("snip").bn_mode == "eval"  # snip-public: is_train False when pruning
+    assert make_params("grasp").bn_mode == "train"  # GraSP's code: a deep copy left in training mode
+    net, batches = bn_net(), tiny_batches(n=6)
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    plain = without_bn(net)
+    scores, expected = snip_scores(net, batches), snip_scores(plain, batches)
+    torch.testing.assert_close(scores["0"], expected["0"])
+    torch.testing.assert_close(scores["3"], expected["2"])
+    assert not torch.allclose(snip_scores(net, batches, bn_mode="train")["0"], scores["0"])
+    grasp_eval, grasp_plain = grasp_scores(net, batches, 1.0, bn_mode="eval"), grasp_scores(plain, batches, 1.0)
+    torch.testing.assert_close(grasp_eval["0"], grasp_plain["0"])
+    torch.testing.assert_close(grasp_eval["3"], grasp_plain["2"])
+    assert not torch.allclose(grasp_scores(net, batches, 1.0)["0"], grasp_eval["0"])
+    assert net.training and all(torch.equal(net.state_dict()[k], v) for k, v in state.items())  # copy scored
+
+
 def test_random_scores_are_seeded_and_spread_over_layers():
     from benchmark import models
     from methods.masks import masks_from_scores
@@ -182,6 +219,7 @@ def test_at_init_methods_run_end_to_end_at_the_target(tmp_path, tiny_data, metho
     ("snip", {"target_cr": "inf"}, "target_cr=inf"),
     ("grasp", {"score_batches": 0}, "score_batches=0"),
     ("synflow", {"rounds": 0}, "rounds=0"),
+    ("snip", {"bn_mode": "frozen"}, r"bn_mode='frozen' is not allowed; choose one of \['train', 'eval'\]"),
     ("random", {"target_crr": 3}, "target_crr"),
 ])
 def test_bad_parameters_fail_before_training_naming_the_value(method, params, named):

@@ -263,3 +263,17 @@ def test_the_dry_run_estimate_counts_the_epochs_each_method_trains():
     assert runner.estimate_epochs(rewound) == 2 * 8  # each level trains epochs 2..9 only
     assert runner.estimate_epochs(magnitude) == 3  # the dense training is shared, only fine-tuning counts
     assert runner.estimate_epochs(dwf) == 10
+
+
+def test_the_dry_run_counts_the_lottery_levels_the_method_trains():
+    """0.8^-3 is 1.953125 but computes as 1.9531249999999998: three levels of 20% reach it, and the
+    estimate must say three, as the method does (a formula of its own said four)."""
+    from benchmark.cell import Cell
+    from methods.lottery import level_keep_counts
+
+    cell = Cell.make("lottery", "lenet300", "fashion-mnist", params={"target_cr": 0.8 ** -3},
+                     schedule={"epochs": 10})
+    assert len(level_keep_counts(266_200, 0.8 ** -3, 0.2)) == 3
+    assert runner.estimate_epochs(cell) == 3 * 10
+    gmp = Cell.make("gmp", "lenet300", "fashion-mnist", schedule={"epochs": 10})
+    assert runner.estimate_epochs(gmp) == 10  # pruning during training costs one schedule

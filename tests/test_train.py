@@ -17,7 +17,7 @@ class StopAfter(TrainHooks):
     def __init__(self, epoch):
         self.epoch = epoch
 
-    def after_step(self, model):
+    def after_step(self, model, step):
         self.steps = getattr(self, "steps", 0) + 1
 
     def after_epoch(self, model, epoch):
