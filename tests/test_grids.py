@@ -95,7 +95,8 @@ def test_filters_and_seed_override():
     assert sorted(c.seed for c in reseeded) == [4, 5, 6]
 
 
-@pytest.mark.parametrize("name", ["smoke", "quick", "lenet", "cifar", "full", "dwf-study"])
+@pytest.mark.parametrize("name", ["smoke", "quick", "lenet", "cifar", "full", "dwf-study", "lenet-calibration",
+                                  "lenet-reference"])
 def test_presets_parse(name):
     grid = grids.load_grid(name)
     assert grid.cells and grid.description
