@@ -414,8 +414,10 @@ def settling_table(results: Results) -> pd.DataFrame:
     """Per thresholded ok record (those with ``cr_thr_small``/``cr_thr_large``): its CR at the three
     thresholds, their ratio and whether it counts as settled.
 
-    Columns: arch, dataset, variant, seed, lam, cr, cr_thr_small, cr_thr_large, ratio, settled."""
-    columns = ["arch", "dataset", "variant", "seed", "lam", "cr", "cr_thr_small", "cr_thr_large", "ratio", "settled"]
+    Columns: arch, dataset, variant, seed, lam, lr, epochs_schedule, cr, cr_thr_small, cr_thr_large, ratio,
+    settled."""
+    columns = ["arch", "dataset", "variant", "seed", "lam", "lr", "epochs_schedule", "cr", "cr_thr_small",
+               "cr_thr_large", "ratio", "settled"]
     frame = results.ok
     if not {"cr_thr_small", "cr_thr_large"} <= set(frame.columns):
         return pd.DataFrame(columns=columns)
@@ -423,11 +425,14 @@ def settling_table(results: Results) -> pd.DataFrame:
     small = pd.to_numeric(frame.cr_thr_small)
     large = pd.to_numeric(frame.cr_thr_large)
     frame["cr_thr_small"], frame["cr_thr_large"] = small, large
-    frame["ratio"] = large / small
+    # every weight pruned at both ends (CR inf / inf) has settled too
+    frame["ratio"] = np.where(np.isinf(small) & np.isinf(large), 1.0, large / small)
     frame["settled"] = frame["ratio"] <= SETTLED_RATIO
-    if "lam" not in frame.columns:
-        frame["lam"] = np.nan
-    return frame[columns].sort_values(["arch", "dataset", "variant", "lam", "seed"]).reset_index(drop=True)
+    for col in ("lam", "lr", "epochs_schedule"):
+        if col not in frame.columns:
+            frame[col] = np.nan
+    return frame[columns].sort_values(["arch", "dataset", "variant", "lam", "lr", "epochs_schedule", "seed"]
+                                      ).reset_index(drop=True)
 
 
 def cost_table(results: Results) -> pd.DataFrame:

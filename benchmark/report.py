@@ -222,7 +222,14 @@ def settling_wide(table: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for (arch, dataset, variant), group in table.groupby(["arch", "dataset", "variant"], sort=False):
         unsettled = group[~group.settled.astype(bool)]
-        listed = "; ".join(f"λ={r.lam:g} s{r.seed}: {r.cr_thr_small:.3g} / {r.cr:.3g} / {r.cr_thr_large:.3g}"
+        # name the learning rate and length only where they vary within the curve (calibration grids)
+        varying = [c for c in ("lr", "epochs_schedule") if group[c].nunique(dropna=True) > 1]
+
+        def setting(r) -> str:
+            extra = "".join(f", lr={r.lr:g}" if c == "lr" else f", {r.epochs_schedule:g} ep" for c in varying)
+            return f"λ={r.lam:g}{extra}, seed {r.seed}"
+
+        listed = "; ".join(f"{setting(r)}: {r.cr_thr_small:.3g} / {r.cr:.3g} / {r.cr_thr_large:.3g}"
                            for r in unsettled.itertuples())
         rows.append({"arch": cv.ARCH_NAMES.get(arch, arch), "dataset": cv.DATASET_NAMES.get(dataset, dataset),
                      "method": variant, "records": str(len(group)), "settled": str(int(group.settled.sum())),

@@ -192,7 +192,7 @@ def test_settling_and_cost_tables_follow_the_records(tmp_path):
     assert list(settling.settled) == [False, False, True, True]  # 80/20 = 4 > 1.1; 505/495 < 1.1
     assert settling.ratio.iloc[0] == pytest.approx(4.0)
     md = (folder / "settling.md").read_text()
-    assert "λ=0.0001 s0: 20 / 50 / 80" in md and "λ=0.001 s0" not in md
+    assert "λ=0.0001, seed 0: 20 / 50 / 80" in md and "λ=0.001, seed 0" not in md
     cost = pd.read_csv(folder / "cost.csv").set_index("variant")
     # dwf: four cells of 72, 72, 36, 36 s on one thread = 216 s = 0.06 h; dense 36 s x 2 threads = 0.02 CPU-h
     assert cost.loc["dwf D=3", "wall_h"] == pytest.approx(216 / 3600)
