@@ -34,9 +34,9 @@ reference: setup data
 	$(PY) -m benchmark collect --grid lenet-calibration --results-dir reference
 	$(PY) -m benchmark report --grid lenet-calibration --results-dir reference > /dev/null
 	$(PY) -m benchmark collect --grid lenet-reference --results-dir reference
-	$(PY) -m benchmark plot --grid lenet-reference --results-dir reference --plots-dir reference
-	$(PY) -m benchmark report --grid lenet-reference --results-dir reference > /dev/null
-	$(PY) -m benchmark report --grid lenet-reference --results-dir reference --threshold-scale 0.01 > /dev/null
+	$(PY) -m benchmark plot --grid lenet-reference --results-dir reference --plots-dir reference --at-cr 1000
+	$(PY) -m benchmark report --grid lenet-reference --results-dir reference --crs 10,30,100,300,1000 > /dev/null
+	$(PY) -m benchmark report --grid lenet-reference --results-dir reference --crs 10,30,100,300,1000 --threshold-scale 0.01 > /dev/null
 	@echo "reference: CSVs, figures and tables in reference/lenet-reference/ (README: Results)"
 
 test: setup data
