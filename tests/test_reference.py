@@ -75,3 +75,13 @@ def test_a_committed_record_is_reproduced_by_training_its_cell_again(tmp_path):
         assert [e["test_acc"] for e in again["history"]] == pytest.approx(
             [e["test_acc"] for e in committed["history"]], abs=0.003)
     assert abs(again["test_acc"] - committed["test_acc"]) <= 0.005
+
+
+def test_the_quick_grid_is_a_subset_of_the_committed_reference_seed_0():
+    """The quick grid's numbers in the README are the reference's seed-0 records of the same cells."""
+    quick = grids.load_grid("quick").cells
+    committed = {path.stem for path, _ in records("lenet-reference")}
+    assert {cell.seed for cell in quick} == {0}
+    missing = [cell.label() if hasattr(cell, "label") else cell.id for cell in quick if cell.id not in committed]
+    assert not missing, f"quick cells not in reference/lenet-reference: {missing}"
+    assert {cell.method for cell in quick} >= {"dense", "dwf", "l1", "gmp", "rigl", "lottery", "synflow"}
