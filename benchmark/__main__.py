@@ -11,6 +11,8 @@ import importlib
 import os
 import sys
 
+from benchmark.errors import Interrupted, RunStopped
+
 #: Modules that contribute sub-commands, in the order ``--help`` lists them.
 COMMAND_MODULES = [
     "benchmark.runner",  # run, status, collect, list
@@ -19,10 +21,21 @@ COMMAND_MODULES = [
     "benchmark.report",  # report
     "benchmark.data_cli",  # data
     "benchmark.perf",  # perf
+    "benchmark.doctor",  # doctor
 ]
 
 
-def build_parser() -> argparse.ArgumentParser:
+#: Which module owns which command, so that one command imports only its module (a dry run of a
+#: large grid should not wait for matplotlib). A command missing here still works: then every
+#: module is imported, as for ``--help``.
+COMMAND_OWNERS = {"run": "benchmark.runner", "status": "benchmark.runner", "collect": "benchmark.runner",
+                  "list": "benchmark.runner", "cell": "benchmark.cli_cell", "plot": "benchmark.plot",
+                  "report": "benchmark.report", "data": "benchmark.data_cli", "perf": "benchmark.perf",
+                  "doctor": "benchmark.doctor"}
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The full parser, or with ``only`` (a command name) just that command's module's commands."""
     parser = argparse.ArgumentParser(
         prog="python -m benchmark",
         description="DWF pruning benchmark: run grids of method x architecture x dataset x "
@@ -32,28 +45,43 @@ def build_parser() -> argparse.ArgumentParser:
                "  python -m benchmark plot --grid quick\n  python -m benchmark report --grid quick",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    owner = COMMAND_OWNERS.get(only or "")
     for name in COMMAND_MODULES:
-        importlib.import_module(name).add_commands(sub)
+        if owner is None or name == owner:
+            importlib.import_module(name).add_commands(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    words = list(sys.argv[1:] if argv is None else argv)
+    command = words[0] if words and not words[0].startswith("-") else None
+    parser = build_parser(command)
     args = parser.parse_args(argv)
     if not getattr(args, "handler", None):
         parser.print_help()
         return 2
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # how to run the same command again
     try:
         return int(args.handler(args) or 0)
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+    except Interrupted as exc:  # a second stop signal while the first was being handled
+        _say(f"stopped at once by a second signal; rerun the same command to resume")
+        return 128 + exc.signum
     except BrokenPipeError:  # output piped into `head` and the like
         sys.stdout = open(os.devnull, "w")
         return 0
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except (ValueError, OSError, RunStopped) as exc:  # bad input, a disk that refuses writes, ...
+        _say(f"error: {exc}")
         return 2
+
+
+def _say(text: str) -> None:
+    try:
+        print(text, file=sys.stderr, flush=True)
+    except (OSError, ValueError):
+        pass
 
 
 if __name__ == "__main__":

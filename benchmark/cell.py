@@ -8,9 +8,9 @@ records. The runner, the CLI's ``cell`` command and the tests all go through ``r
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
-import os
 import shutil
 import socket
 import time
@@ -23,11 +23,56 @@ from torch import nn
 
 from benchmark import data as data_mod
 from benchmark import models, sparsity
-from benchmark.train import Diverged, History, Schedule, TrainHooks, default_schedule, evaluate, pick_device, train
+from benchmark.errors import StorageError, is_disk_error
+from benchmark.train import (Diverged, History, Schedule, TrainHooks, _save_atomic, default_schedule, evaluate,
+                             pick_device, train)
 from methods import base as method_base
 
 #: Epochs at which the dense cache keeps a copy of the weights (lottery-ticket rewind points).
 REWIND_EPOCHS = (0, 1, 2)
+
+
+#: Seeds go to torch and numpy generators; numpy's take 32 bits.
+MAX_SEED = 2**32 - 1
+
+
+@functools.lru_cache(maxsize=None)
+def prunable_weights(arch: str, dataset: str) -> int:
+    """Conv + linear weights of ``arch`` on ``dataset`` (built on the meta device: no memory, ~ms)."""
+    spec = data_mod.get_spec(dataset)
+    with torch.device("meta"):
+        model = models.build(arch, spec.shape, spec.num_classes)
+    return sum(module.weight.numel() for _, module in sparsity.prunable_layers(model))
+
+
+def capacity_problems(method: str, params, arch: str, dataset: str) -> list[str]:
+    """Settings the model cannot hold: a target compression beyond its number of prunable weights
+    (it would keep less than one weight)."""
+    target = getattr(params, "target_cr", None)
+    if target is None or arch not in models.MODELS or dataset not in data_mod.DATASETS:
+        return []
+    n = prunable_weights(arch, dataset)
+    if target > n:
+        return [f"{method}.target_cr={target:g} is beyond what {arch} on {dataset} can be compressed to: it has "
+                f"{n:,} prunable weights, so target_cr must be <= {n} (keeping at least one weight)"]
+    return []
+
+
+def check_seed(seed, where: str = "seed") -> int:
+    """A seed as an integer in [0, 2^32 - 1], or ValueError naming it."""
+    value = method_base.coerce(seed, int, where)
+    if not 0 <= value <= MAX_SEED:
+        raise ValueError(f"{where}={value} is out of range: seeds are integers in [0, {MAX_SEED}] (2^32 - 1)")
+    return value
+
+
+def check_subset(subset, where: str = "subset") -> int | None:
+    if subset is None:
+        return None
+    value = method_base.coerce(subset, int, where)
+    if value < 1:
+        raise ValueError(f"{where}={subset!r} must be a positive number of examples")
+    return value
 
 
 @dataclass(frozen=True)
@@ -43,33 +88,62 @@ class Cell:
     @classmethod
     def make(cls, method: str, arch: str, dataset: str, seed: int = 0, params: dict | None = None,
              schedule: Schedule | dict | None = None, subset: int | None = None) -> "Cell":
-        """Validate everything and build the canonical cell (raises ValueError naming the problem)."""
+        """Validate everything and build the canonical cell (one ValueError naming every problem)."""
         method_cls = method_base.get_method(method)
+        problems = []
         if arch not in models.MODELS:
-            raise ValueError(f"unknown architecture {arch!r}; choose one of: {', '.join(models.MODELS)}")
-        data_mod.get_spec(dataset)
-        checked = method_base.make_params(method_cls, params or {})
+            problems.append(f"unknown architecture {arch!r}; choose one of: {', '.join(models.MODELS)}")
+        try:
+            data_mod.get_spec(dataset)
+        except ValueError as exc:
+            problems.append(str(exc))
+        checked = None
+        try:
+            checked = method_base.make_params(method_cls, params or {})
+        except ValueError as exc:
+            problems.append(str(exc))
         if schedule is None:
             schedule = default_schedule(arch)
         elif isinstance(schedule, dict):
-            schedule = Schedule.from_dict({**asdict(default_schedule(arch)), **schedule})
-        if subset is not None and int(subset) < 1:
-            raise ValueError(f"subset={subset} must be a positive number of examples")
-        return cls(method, arch, dataset, int(seed), method_base.non_default(checked), schedule,
-                   None if subset is None else int(subset))
+            try:
+                schedule = Schedule.from_dict({**asdict(default_schedule(arch)), **schedule})
+            except ValueError as exc:
+                problems.append(str(exc))
+        for check, value, name in ((check_seed, seed, "seed"), (check_subset, subset, "subset")):
+            try:
+                check(value, name)
+            except ValueError as exc:
+                problems.append(str(exc))
+        if checked is not None:
+            problems += capacity_problems(method, checked, arch, dataset)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return cls(method, arch, dataset, check_seed(seed), method_base.non_default(checked), schedule,
+                   check_subset(subset))
 
-    @property
+    @classmethod
+    def trusted(cls, method: str, arch: str, dataset: str, seed: int, params: dict, schedule: Schedule,
+                subset: int | None, checked_params, cell_id_: str) -> "Cell":
+        """A cell from parts that were validated already (a grid builds 100,000 of them): no checks,
+        and the dataclass's per-field frozen assignment skipped."""
+        cell = object.__new__(cls)
+        cell.__dict__.update(method=method, arch=arch, dataset=dataset, seed=seed, params=params, schedule=schedule,
+                             subset=subset, method_params=checked_params, id=cell_id_)
+        return cell
+
+    @functools.cached_property
     def method_params(self) -> method_base.Method.Params:
         return method_base.make_params(self.method, self.params)
 
     def config(self) -> dict:
         return {"method": self.method, "arch": self.arch, "dataset": self.dataset, "seed": self.seed,
-                "params": dict(sorted(self.params.items())), "schedule": asdict(self.schedule),
+                "params": dict(sorted(self.params.items())), "schedule": dict(_schedule_config(self.schedule)),
                 "subset": self.subset}
 
-    @property
+    @functools.cached_property
     def id(self) -> str:
-        return config_hash(self.config())
+        return cell_id(self.method, self.arch, self.dataset, canonical_json(self.params), self.schedule, self.seed,
+                       self.subset)
 
     @classmethod
     def from_config(cls, config: dict) -> "Cell":
@@ -81,6 +155,42 @@ class Cell:
         name = f"dwf D={self.method_params.depth}" if self.method == "dwf" else self.method
         extra = ",".join(f"{k}={v}" for k, v in sorted(self.params.items()) if k != "depth")
         return f"{name} [{extra}] {self.arch}/{self.dataset} seed={self.seed}"
+
+
+@functools.lru_cache(maxsize=1024)
+def _schedule_config(schedule: Schedule) -> dict:
+    return asdict(schedule)
+
+
+@functools.lru_cache(maxsize=1024)
+def _schedule_json(schedule: Schedule) -> str:
+    return canonical_json(_schedule_config(schedule))
+
+
+@functools.lru_cache(maxsize=1024)
+def _canonical_name(name: str) -> str:
+    return canonical_json(name)
+
+
+def _scalar_json(value) -> str:
+    if value is None:
+        return "null"
+    if type(value) is int:
+        return str(value)
+    return canonical_json(value)
+
+
+def cell_id(method: str, arch: str, dataset: str, params_json: str, schedule: Schedule | str, seed: int,
+            subset: int | None) -> str:
+    """``config_hash(cell.config())``, built from canonical pieces (a grid's cells share their
+    schedule's, and its seeds share their parameters'), so a 100,000-cell grid lists in seconds.
+    ``schedule`` may be given as its canonical JSON already. Same string, same id:
+    tests/test_reliability.py checks it against ``config_hash``."""
+    schedule_json = schedule if isinstance(schedule, str) else _schedule_json(schedule)
+    text = (f'{{"arch":{_canonical_name(arch)},"dataset":{_canonical_name(dataset)},'
+            f'"method":{_canonical_name(method)},"params":{params_json},'
+            f'"schedule":{schedule_json},"seed":{_scalar_json(seed)},"subset":{_scalar_json(subset)}}}')
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def canonical_json(obj) -> str:
@@ -167,10 +277,8 @@ class Context:
                                        desc="dense", channels_last=self.channels_last,
                                        snapshot_epochs=REWIND_EPOCHS, compiled=self.compiled)
                 acc, _ = self.evaluate(model)
-                tmp = final.with_name(f".{final.name}.tmp{os.getpid()}")
-                torch.save({"model": model.state_dict(), "history": history.epochs, "wall_s": history.wall_s,
-                            "snapshots": snaps, "test_acc": acc, "config": self.cell.config()}, tmp)
-                os.replace(tmp, final)
+                _save_atomic({"model": model.state_dict(), "history": history.epochs, "wall_s": history.wall_s,
+                              "snapshots": snaps, "test_acc": acc, "config": self.cell.config()}, final)
                 (self.cache_dir / f"dense-{key}.ckpt").unlink(missing_ok=True)
             state = torch.load(final, map_location=self.device, weights_only=False)
         model = self.new_model()
@@ -224,7 +332,12 @@ def run_cell(cell: Cell, *, data_dir=None, device: str | torch.device | None = N
              compiled: bool = False) -> list[dict]:
     """Run one cell and return its records. Never raises for a failure of the cell itself: a
     diverged or crashed cell returns one record with ``status`` 'failed' (and the error), a cell
-    whose dataset is missing one with status 'blocked' (and the fetch command)."""
+    whose dataset is missing one with status 'blocked' (and the fetch command). A disk that cannot
+    take a checkpoint (full, read-only) is not the cell's failure: that raises StorageError.
+
+    The per-epoch checkpoints live in ``work_root/<cell id>/``; they are removed when the cell ends
+    unless ``keep_work`` (the grid runner keeps them until the driver has written the cell's result,
+    so a driver killed in between loses no training: the rerun finds the last epoch's checkpoint)."""
     began = time.perf_counter()
     dev = device if isinstance(device, torch.device) else pick_device(device)
     # What a bit-identical rerun needs besides the config (DESIGN.md section 9).
@@ -240,6 +353,11 @@ def run_cell(cell: Cell, *, data_dir=None, device: str | torch.device | None = N
         records = method.run(ctx)
     except data_mod.DatasetMissing as exc:
         return [common | {"status": "blocked", "error": str(exc), "wall_s": time.perf_counter() - began}]
+    except OSError as exc:
+        if is_disk_error(exc):  # a full or read-only disk is not the cell's failure: stop, rerun later
+            raise StorageError.from_os_error(exc) from None
+        return [common | {"status": "failed", "error": f"{type(exc).__name__}: {exc}",
+                          "traceback": traceback.format_exc(), "wall_s": time.perf_counter() - began}]
     except Diverged as exc:
         return [common | {"status": "failed", "error": f"Diverged: {exc}", "wall_s": time.perf_counter() - began}]
     except Exception as exc:  # noqa: BLE001 - a cell's failure is data, the grid goes on

@@ -57,7 +57,15 @@ def add_commands(sub) -> None:
 
 
 def run_command(args) -> int:
+    from pathlib import Path
+
     from benchmark.cell import Cell, run_cell
+    from benchmark.train import pick_device
+
+    if args.data_dir and not Path(args.data_dir).expanduser().is_dir():
+        raise ValueError(f"--data-dir {args.data_dir}: no such folder. Datasets are searched there first; fix the "
+                         f"path, or leave --data-dir out to search $BENCHMARK_DATA, ./data and system locations")
+    pick_device(args.device)  # a device that is not here: a message before anything is built
 
     schedule = {k: v for k, v in {"epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size,
                                   "weight_decay": args.weight_decay, "momentum": args.momentum}.items() if v is not None}

@@ -34,6 +34,11 @@ def add_commands(sub) -> None:
 
 def check(args) -> int:
     """Named datasets must be usable (exit 1 otherwise); without names, report all and exit 0."""
+    from pathlib import Path
+
+    if args.data_dir and not Path(args.data_dir).expanduser().is_dir():
+        raise ValueError(f"--data-dir {args.data_dir}: no such folder (leave it out to search $BENCHMARK_DATA, ./data "
+                         f"and system locations; 'data fetch NAME --data-dir DIR' creates it)")
     failed = 0
     for name in args.names or list(data_mod.DATASETS):
         data_mod.get_spec(name)

@@ -27,7 +27,7 @@ from __future__ import annotations
 import itertools
 import re
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
 
@@ -75,9 +75,15 @@ def grid_source(name_or_path: str) -> tuple[str, str, str]:
     raise ValueError(f"unknown grid {name_or_path!r}: not a preset ({', '.join(preset_names())}) and not a file")
 
 
-def load_grid(name_or_path: str) -> Grid:
+def load_grid(name_or_path: str, _chain: tuple[str, ...] = ()) -> Grid:
     name, text, source = grid_source(name_or_path)
-    return parse_grid(text, name, source)
+    return parse_grid(text, name, source, _chain=_chain or (_identity(name_or_path, source),))
+
+
+def _identity(name_or_path: str, source: str) -> str:
+    """What makes two includes the same grid: the resolved file, or the preset's name."""
+    path = Path(name_or_path)
+    return str(path.resolve()) if path.is_file() else source
 
 
 def _key_lines(text: str) -> dict[tuple[str, str], int]:
@@ -111,13 +117,25 @@ def _key_lines(text: str) -> dict[tuple[str, str], int]:
     return lines
 
 
-def parse_grid(text: str, name: str = "grid", source: str = "<text>") -> Grid:
+#: How deep includes may nest (a cycle is reported before this; this bounds honest nesting).
+MAX_INCLUDE_DEPTH = 16
+
+
+def parse_grid(text: str, name: str = "grid", source: str = "<text>", _chain: tuple[str, ...] = ()) -> Grid:
+    """Parse and validate a grid; GridError lists every problem with its file and line."""
+    from benchmark import data as data_mod
+    from benchmark import models
+    from benchmark.cell import canonical_json, capacity_problems, cell_id, check_seed, check_subset
+    from benchmark.train import Schedule, default_schedule
+    from methods import base as method_base
+
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise GridError(f"{source}: not valid TOML: {exc}") from None
     lines = _key_lines(text)
     problems: list[str] = []
+    chain = _chain or (source,)
 
     def where(table: str, key: str = "") -> str:
         line = lines.get((table, key)) or lines.get((table, ""))
@@ -125,77 +143,191 @@ def parse_grid(text: str, name: str = "grid", source: str = "<text>") -> Grid:
 
     for key in sorted(set(raw) - GRID_KEYS):
         problems.append(f"{where('', key)}: unknown key {key!r}; allowed: {sorted(GRID_KEYS)}")
+    description = raw.get("description", "")
+    if not isinstance(description, str):
+        problems.append(f"{where('', 'description')}: description must be text, got {description!r}")
+        description = str(description)
     experiments = raw.get("experiment", [])
     includes = raw.get("include", [])
-    if not isinstance(experiments, list) or not (experiments or includes):
-        problems.append(f"{source}: a grid needs at least one [[experiment]] table or an include list")
+    if isinstance(includes, str):
+        includes = [includes]
+    if not isinstance(includes, list) or not all(isinstance(i, str) for i in includes):
+        problems.append(f"{where('', 'include')}: include must be a list of grid names or files, got {includes!r}")
+        includes = []
+    if not isinstance(experiments, list) or not all(isinstance(e, dict) for e in experiments):
+        problems.append(f"{where('', 'experiment')}: experiment must be a list of [[experiment]] tables, "
+                        f"got {experiments!r}")
         experiments = []
+    if not (experiments or includes) and not problems:
+        problems.append(f"{source}: a grid needs at least one [[experiment]] table or an include list")
     cells: dict[str, Cell] = {}
-    for included in includes if isinstance(includes, list) else [includes]:
+    for included in includes:
         try:
-            for cell in load_grid(str(included)).cells:
+            _, _, included_source = grid_source(included)
+            identity = _identity(included, included_source)
+            if identity in chain:
+                cycle = " -> ".join([*chain, identity][chain.index(identity):])
+                problems.append(f"{where('', 'include')}: include {included!r} makes a cycle ({cycle}); "
+                                f"a grid cannot include itself")
+                continue
+            if len(chain) >= MAX_INCLUDE_DEPTH:
+                problems.append(f"{where('', 'include')}: include {included!r} nests deeper than "
+                                f"{MAX_INCLUDE_DEPTH} grids")
+                continue
+            for cell in load_grid(included, _chain=chain + (identity,)).cells:
                 cells.setdefault(cell.id, cell)
         except (ValueError, FileNotFoundError) as exc:
             problems.append(f"{where('', 'include')}: include {included!r}: {exc}")
+
+    top_schedule = raw.get("schedule", {})
+    if not isinstance(top_schedule, dict):
+        problems.append(f"{where('', 'schedule')}: schedule must be a table of settings "
+                        f"(e.g. schedule = {{ epochs = 20 }}), got {top_schedule!r}")
+        top_schedule = {}
     for i, exp in enumerate(experiments):
         table = f"experiment[{i}]"
         for key in sorted(set(exp) - EXPERIMENT_KEYS):
             problems.append(f"{where(table, key)}: unknown key {key!r} in experiment; allowed: {sorted(EXPERIMENT_KEYS)}")
-        seeds = exp.get("seeds", raw.get("seeds", [0]))
-        schedule = {**raw.get("schedule", {}), **exp.get("schedule", {})}
-        subset = exp.get("subset", raw.get("subset"))
-        lists = {}
-        for key, value in (("archs", exp.get("archs")), ("datasets", exp.get("datasets")), ("seeds", seeds)):
+
+        def names(key: str, known) -> list:
+            value = exp.get(key)
             if not isinstance(value, list) or not value:
                 problems.append(f"{where(table, key)}: {key} must be a non-empty list, got {value!r}")
-                value = []
-            lists[key] = value
+                return []
+            good = []
+            for item in value:
+                if isinstance(item, str) and item in known:
+                    good.append(item)
+                else:
+                    kind = {"archs": "architecture", "datasets": "dataset"}[key]
+                    problems.append(f"{where(table, key)}: unknown {kind} {item!r}; choose one of: {', '.join(known)}")
+            return good
+
+        archs = names("archs", list(models.MODELS))
+        datasets = names("datasets", list(data_mod.DATASETS))
+        seeds_key = "seeds" if "seeds" in exp else ""
+        seeds_value = exp.get("seeds", raw.get("seeds", [0]))
+        seeds_where = where(table, "seeds") if seeds_key else where("", "seeds")
+        seeds = []
+        if not isinstance(seeds_value, list) or not seeds_value:
+            problems.append(f"{seeds_where}: seeds must be a non-empty list, got {seeds_value!r}")
+        else:
+            for seed in seeds_value:
+                try:
+                    seeds.append(check_seed(seed))
+                except ValueError as exc:
+                    problems.append(f"{seeds_where}: {exc}")
+        subset = exp.get("subset", raw.get("subset"))
+        try:
+            subset = check_subset(subset)
+        except ValueError as exc:
+            problems.append(f"{where(table, 'subset') if 'subset' in exp else where('', 'subset')}: {exc}")
+            subset = None
+        exp_schedule = exp.get("schedule", {})
+        schedules: dict[str, Schedule] = {}
+        if not isinstance(exp_schedule, dict):
+            problems.append(f"{where(table, 'schedule')}: schedule must be a table of settings "
+                            f"(e.g. schedule = {{ epochs = 20 }}), got {exp_schedule!r}")
+            archs = []
+        else:
+            schedule_where = where(table, "schedule") if "schedule" in exp else where("", "schedule")
+            for arch in archs:
+                try:
+                    schedules[arch] = Schedule.from_dict({**asdict(default_schedule(arch)), **top_schedule,
+                                                          **exp_schedule})
+                except ValueError as exc:
+                    problems.append(f"{schedule_where}: {exc}")
+        schedule_json = {arch: canonical_json(asdict(schedule)) for arch, schedule in schedules.items()}
         methods = exp.get("methods", {})
         if not isinstance(methods, dict) or not methods:
             problems.append(f"{where(table, 'methods')}: experiment has no [experiment.methods.NAME] tables")
             methods = {}
         for method, entries in methods.items():
-            entries = entries if isinstance(entries, list) else [entries]
-            for j, entry in enumerate(entries):
-                entry_table = f"{table}.methods.{method}" + (f"[{j}]" if isinstance(methods[method], list) else "")
+            try:
+                method_cls = method_base.get_method(method)
+            except ValueError as exc:
+                problems.append(f"{where(f'{table}.methods.{method}')}: {exc}")
+                continue
+            listed = isinstance(entries, list)
+            for j, entry in enumerate(entries if listed else [entries]):
+                entry_table = f"{table}.methods.{method}" + (f"[{j}]" if listed else "")
                 if not isinstance(entry, dict):
-                    problems.append(f"{where(entry_table)}: method {method!r} must be a table of parameters")
+                    problems.append(f"{where(entry_table)}: method {method!r} must be a table of parameters, "
+                                    f"got {entry!r}")
                     continue
-                keys = list(entry)
-                values = [v if isinstance(v, list) else [v] for v in entry.values()]
-                for combo in itertools.product(*values) if keys else [()]:
-                    params = dict(zip(keys, combo))
-                    for arch, dataset, seed in itertools.product(lists["archs"], lists["datasets"], lists["seeds"]):
-                        try:
-                            cell = Cell.make(method, arch, dataset, seed, params, schedule, subset)
-                        except (ValueError, TypeError) as exc:
-                            bad_key = next((k for k in keys if k in str(exc)), "")
-                            loc = where(entry_table, bad_key) if bad_key else where(table)
-                            problems.append(f"{loc}: {exc}")
+                keys, values, empty = [], [], False
+                for key, value in entry.items():
+                    if isinstance(value, list) and not value:
+                        problems.append(f"{where(entry_table, key)}: {method}.{key} = [] is an empty list, which "
+                                        f"crosses to no cells; give at least one value")
+                        empty = True  # the other parameters are still checked, without this one
+                        continue
+                    keys.append(key)
+                    values.append(value if isinstance(value, list) else [value])
+                for combo in itertools.product(*values):
+                    try:
+                        params = method_base.make_params(method_cls, dict(zip(keys, combo)))
+                    except method_base.ParamsError as exc:
+                        for key, message in exc.problems:
+                            problems.append(f"{where(entry_table, key or '')}: {message}")
+                        continue
+                    if empty:
+                        continue
+                    changed = method_base.non_default(params)
+                    changed_json = canonical_json(changed)
+                    for arch, dataset in itertools.product(archs, datasets):
+                        too_far = capacity_problems(method, params, arch, dataset)
+                        if too_far:
+                            problems += [f"{where(entry_table, 'target_cr')}: {p}" for p in too_far]
                             continue
-                        cells.setdefault(cell.id, cell)
+                        if arch not in schedules:
+                            continue
+                        schedule = schedules[arch]
+                        for seed in seeds:
+                            # validated above; the id from pieces computed once per combination
+                            key = cell_id(method, arch, dataset, changed_json, schedule_json[arch], seed, subset)
+                            if key not in cells:
+                                cells[key] = Cell.trusted(method, arch, dataset, seed, changed, schedule, subset,
+                                                          params, key)
     if problems:
         unique = list(dict.fromkeys(problems))
         raise GridError(f"grid {name!r} has {len(unique)} problem(s):\n  " + "\n  ".join(unique))
-    return Grid(name, raw.get("description", ""), list(cells.values()), source)
+    if not cells:
+        raise GridError(f"grid {name!r} ({source}) has no cells")
+    return Grid(name, description, list(cells.values()), source)
 
 
 def filter_cells(cells: list[Cell], only: list[str] | None) -> list[Cell]:
     """Keep cells matching every ``key=value[,value]`` filter (method, arch, dataset, seed or any
-    method parameter). A key no cell has is an error, so a typo does not silently select nothing."""
+    method parameter). A key no cell has, a value no cell has, and filters that together select
+    nothing are errors, so a typo does not silently select nothing."""
     if not only:
         return cells
     filters = {}
     for item in only:
         key, sep, values = item.partition("=")
-        if not sep:
+        if not sep or not key.strip() or not values.strip():
             raise ValueError(f"--only {item!r} is not key=value[,value]")
-        filters[key.strip()] = [v.strip() for v in values.split(",")]
-    known = {"method", "arch", "dataset", "seed"} | {k for c in cells for k in _columns(c)}
+        filters.setdefault(key.strip(), []).extend(v.strip() for v in values.split(","))
+    columns = [_columns(c) for c in cells]
+    known = {"method", "arch", "dataset", "seed"} | {k for col in columns for k in col}
     unknown = sorted(set(filters) - known)
     if unknown:
         raise ValueError(f"--only: unknown key(s) {unknown}; use one of {sorted(known)}")
-    return [c for c in cells if all(_matches(_columns(c).get(k), vs) for k, vs in filters.items())]
+    problems = []
+    for key, wanted in filters.items():
+        present = {col.get(key) for col in columns if key in col}
+        for w in wanted:
+            if not any(_matches(value, [w]) for value in present):
+                shown = ", ".join(sorted(map(str, present))[:20]) + (", ..." if len(present) > 20 else "")
+                problems.append(f"--only {key}={w}: no cell of this grid has {key}={w} (its values: {shown})")
+    if problems:
+        raise ValueError("; ".join(problems))
+    kept = [c for c, col in zip(cells, columns) if all(_matches(col.get(k), vs) for k, vs in filters.items())]
+    if not kept:
+        raise ValueError(f"--only {' --only '.join(only)}: each filter matches some cells, but no cell matches all "
+                         f"of them together")
+    return kept
 
 
 def _columns(cell: Cell) -> dict:
@@ -219,8 +351,11 @@ def _matches(value, wanted: list[str]) -> bool:
 
 def with_seeds(cells: list[Cell], seeds: list[int] | None) -> list[Cell]:
     """Replace every cell's seed by each of ``seeds`` (the --seeds flag)."""
+    from benchmark.cell import check_seed
+
     if not seeds:
         return cells
+    seeds = [check_seed(seed, "--seeds") for seed in seeds]
     out: dict[str, Cell] = {}
     for cell in cells:
         for seed in seeds:

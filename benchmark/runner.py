@@ -1,29 +1,61 @@
-"""Run a grid: expand it into cells, skip finished ones, dispatch the rest through joblib.
+"""Run a grid: expand it into cells, skip finished ones, dispatch the rest to workers.
 
 Workers only compute: each runs ``run_cell`` and returns its records, and the driver writes one
 result file per cell as results arrive (so a cluster needs no shared disk for results, and a
 killed run loses only the cells in flight, whose per-epoch checkpoints survive for the next run).
-Local dispatch uses joblib's process pool; ``--backend dask`` sends the same tasks to an existing
-Dask cluster through joblib's dask backend. A failed cell is recorded and the grid goes on.
+Local dispatch uses joblib's process pool (loky); ``--backend dask`` sends the same tasks to an
+existing Dask cluster. A failed cell is recorded and the grid goes on.
+
+What the driver guarantees (tests/test_reliability.py and tests/test_fault_injection.py hold it to
+them):
+
+- Local workers never outlive it: each watches its driver and exits within a second of the
+  driver's death, however it died (SIGKILL included).
+- SIGINT, SIGTERM and SIGHUP stop the run in order: workers are stopped, this run's claims
+  released, and what finished and how to resume is printed (exit 128 + the signal's number).
+- A cell's checkpoints are removed only after its result is written, by the driver that holds its
+  claim, so a driver killed after a worker finished loses no training, and no worker ever deletes
+  the work of another run.
+- A worker that dies (killed, out of memory) does not stop the grid: its cells go back in the
+  queue and run again; a cell in flight at MAX_WORKER_DEATHS deaths is recorded as failed.
+- A disk that cannot take a write stops the run with a message that names the file.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import logging
 import os
+import shlex
+import signal
 import sys
 import threading
 import time
+import traceback
 import uuid
-from collections import Counter
-from dataclasses import dataclass
+from collections import Counter, deque
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from benchmark import grids as grids_mod
 from benchmark.cell import Cell
-from benchmark.store import HEARTBEAT_S, Store
+from benchmark.errors import Interrupted, RunStopped, StorageError, is_disk_error
+from benchmark.store import HEARTBEAT_S, DamagedResult, Store
+from methods import get_method
+from methods.lottery import level_keep_counts
 
 log = logging.getLogger("benchmark.run")
+
+#: A cell in flight when a worker process dies this many times is recorded as failed (the others
+#: go back in the queue). Several cells run at once, so one bad cell costs its neighbours a retry.
+MAX_WORKER_DEATHS = 3
+#: How often a worker checks that its driver is alive (seconds).
+WATCH_DRIVER_S = 0.5
+#: Exit status of a worker that found its driver gone.
+ORPHAN_EXIT = 75
+#: Seconds to wait for a Dask scheduler to answer before giving up with a message.
+DASK_CONNECT_TIMEOUT_S = 10.0
 
 # ------------------------------------------------------------------------------------------------
 # Worker side
@@ -44,8 +76,9 @@ def _cached_data(cell: Cell, data_dir, device):
 
 
 def execute(config: dict, *, data_dir, device, work_root, cache_dir, threads: int | None, gpu_slots=None,
-            compiled: bool = False) -> list[dict]:
-    """Run one cell in a worker process and return its records (never raises for the cell)."""
+            compiled: bool = False, gpu: int | None = None, keep_work: bool = False) -> list[dict]:
+    """Run one cell in a worker process and return its records (never raises for the cell; a full
+    or read-only disk raises StorageError). ``gpu`` pins it to that CUDA device."""
     import torch
 
     from benchmark import data as data_mod
@@ -55,7 +88,7 @@ def execute(config: dict, *, data_dir, device, work_root, cache_dir, threads: in
     if threads:
         torch.set_num_threads(threads)
     cell = Cell.from_config(config)
-    slot = gpu_slots.get() if gpu_slots is not None else None
+    slot = gpu if gpu is not None else (gpu_slots.get() if gpu_slots is not None else None)
     try:
         dev = pick_device(f"cuda:{slot}" if slot is not None else device)
         if dev.type == "cuda":
@@ -65,10 +98,65 @@ def execute(config: dict, *, data_dir, device, work_root, cache_dir, threads: in
         except data_mod.DatasetMissing:
             data = None  # run_cell reports the cell as blocked
         return run_cell(cell, data_dir=data_dir, device=dev, work_root=work_root, cache_dir=cache_dir,
-                        progress=False, data=data, compiled=compiled)
+                        progress=False, data=data, compiled=compiled, keep_work=keep_work)
     finally:
-        if slot is not None:
+        if slot is not None and gpu is None and gpu_slots is not None:
             gpu_slots.put(slot)
+
+
+def _execute_tagged(cell_id: str, config: dict, common: dict) -> tuple[str, list[dict]]:
+    return cell_id, execute(config, **common)
+
+
+def _worker_init(driver_pid: int) -> None:
+    """Runs first in every local worker process: Ctrl-C and a closing terminal are the driver's to
+    handle (it stops the workers in order), and the worker exits as soon as its driver is gone."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    _die_with_parent()
+    watch_driver(driver_pid)
+
+
+def _die_with_parent() -> None:
+    """Linux: the kernel sends SIGKILL to this process when the thread that started it ends (the
+    driver's), so even a SIGKILLed driver takes its workers along at once. The watcher thread of
+    ``watch_driver`` covers other systems and the moment before this call."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
+def watch_driver(driver_pid: int, every: float = WATCH_DRIVER_S) -> threading.Thread:
+    """A daemon thread that ends this process (exit ORPHAN_EXIT) once its parent is no longer
+    ``driver_pid``: an orphaned worker would go on training for minutes and then race the next
+    run for the same cells."""
+    def watch():
+        while True:
+            if os.getppid() != driver_pid:
+                os._exit(ORPHAN_EXIT)
+            time.sleep(every)
+
+    thread = threading.Thread(target=watch, name="watch-driver", daemon=True)
+    thread.start()
+    return thread
+
+
+def _remove_dirs(paths: list[str]) -> int:
+    """Remove work folders on a Dask worker's disk (finished cells' checkpoints)."""
+    import shutil
+
+    removed = 0
+    for path in paths:
+        if os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+            removed += 1
+    return removed
 
 
 # ------------------------------------------------------------------------------------------------
@@ -84,22 +172,41 @@ class RunSummary:
     skipped: int = 0
     busy: int = 0  # claimed by another live driver
     log: Path | None = None
+    set_aside: list = field(default_factory=list)  # damaged result files moved to cells/damaged/
+    stopped_by: int | None = None  # the signal that stopped the run
+    stopped_in_flight: int = 0
+    not_started: int = 0
+    finished_labels: list = field(default_factory=list)
+    worker_deaths: int = 0
+    requeued: int = 0
 
 
 def priority(cell: Cell) -> int:
     """Dense trainings first (they feed the shared cache), post-training methods last."""
-    from methods import get_method
-
     method = get_method(cell.method)
     if cell.method == "dense":
         return 0
     return 2 if method.needs_dense else 1
 
 
-def pending_cells(store: Store, cells: list[Cell], retry_failed: bool) -> tuple[list[Cell], int]:
+def pending_cells(store: Store, cells: list[Cell], retry_failed: bool,
+                  set_aside: list | None = None) -> tuple[list[Cell], int]:
+    """(cells to run, how many are done or failed). A damaged result file counts as not done; with
+    ``set_aside`` (a list) it is also moved to cells/damaged/ and listed there as (path, reason)."""
     todo, skipped = [], 0
+    existing = store.finished_ids()
     for cell in cells:
-        status = store.status(cell.id)
+        status = "todo"
+        if cell.id in existing:
+            try:
+                result = store.read(cell.id)
+                status = result["status"] if result else "todo"
+            except DamagedResult as exc:
+                status = "todo"
+                if set_aside is not None:
+                    moved = store.set_aside(cell.id, exc.reason)
+                    if moved is not None:
+                        set_aside.append((moved, exc.reason))
         if status == "ok" or (status == "failed" and not retry_failed):
             skipped += 1
         else:
@@ -109,9 +216,6 @@ def pending_cells(store: Store, cells: list[Cell], retry_failed: bool) -> tuple[
 
 def estimate_epochs(cell: Cell) -> int:
     """Training epochs a cell costs (post-training methods reuse the cached dense training)."""
-    from methods import get_method
-    from methods.lottery import level_keep_counts
-
     p = cell.method_params
     if cell.method == "lottery":
         # The method's own schedule decides how many levels there are (their number does not depend
@@ -127,50 +231,324 @@ def _threads_per_job(jobs: int) -> int:
     return max(1, (os.cpu_count() or 1) // max(1, jobs))
 
 
+class _QuietFileHandler(logging.FileHandler):
+    """A run's log must never stop it: when the disk refuses a log line, say so once on stderr
+    instead of printing logging's traceback for every line."""
+
+    _warned = False
+
+    def handleError(self, record):  # noqa: N802 (logging's name)
+        if not self._warned:
+            self._warned = True
+            _say(f"warning: cannot write the run's log {self.baseFilename} ({sys.exc_info()[1]}); going on without it")
+
+
 def _setup_logging(store: Store, run_id: str) -> Path:
     """One log file per run, beside the results: logs/<start time>-<run id>.log."""
     path = store.root / "logs" / f"{time.strftime('%Y%m%d-%H%M%S')}-{run_id}.log"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handler: logging.Handler = _QuietFileHandler(path)
+    except OSError as exc:
+        raise StorageError.from_os_error(exc, path) from None
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    for old in log.handlers:
+        old.close()
     log.handlers[:] = [handler]
     log.setLevel(logging.INFO)
     log.propagate = False
     return path
 
 
+def _say(text: str, file=None) -> None:
+    """Print, surviving a terminal that is gone (SIGHUP) or a closed pipe."""
+    try:
+        print(text, file=file or sys.stderr, flush=True)
+    except (OSError, ValueError):
+        pass
+
+
+class StopSignals:
+    """SIGINT, SIGTERM and SIGHUP, turned into an orderly stop of the run.
+
+    The first signal only sets ``received`` (the driver's loop checks it between steps, so no
+    result file or claim is left half-done), except while a cell trains in this very process
+    (``interruptible``), where it raises Interrupted at once. A second signal raises at once
+    wherever the driver is: a user pressing Ctrl-C twice means it.
+    """
+
+    SIGNALS = tuple(s for s in (getattr(signal, "SIGINT", None), getattr(signal, "SIGTERM", None),
+                                getattr(signal, "SIGHUP", None)) if s is not None)
+
+    def __init__(self):
+        self.received: int | None = None
+        self._raise = False
+        self._previous: dict = {}
+
+    def install(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum, frame):
+        again = self.received is not None
+        if not again:
+            self.received = signum
+        if again or self._raise:
+            raise Interrupted(signum)
+
+    @contextlib.contextmanager
+    def interruptible(self):
+        if self.received is not None:
+            raise Interrupted(self.received)
+        self._raise = True
+        try:
+            yield
+        finally:
+            self._raise = False
+
+
+class _WorkerDied(Exception):
+    """A worker process ended while a cell ran in it (killed, out of memory, crashed)."""
+
+
+class _InlinePool:
+    """--jobs 1: cells run in the driver process itself, one at a time."""
+
+    capacity = 1
+
+    def __init__(self, signals: StopSignals):
+        self.signals = signals
+
+    def submit(self, fn, *args):
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self.signals.interruptible():
+            try:
+                future.set_result(fn(*args))
+            except Exception as exc:  # noqa: BLE001 - handed to the driver like a worker's error
+                future.set_exception(exc)
+        return future
+
+    def wait(self, futures, timeout):
+        return [f for f in futures if f.done()]
+
+    def died(self, exc) -> bool:
+        return False
+
+    def after_finish(self, work_dir: Path) -> None:
+        import shutil
+
+        shutil.rmtree(work_dir, ignore_errors=True)
+
+    def stop(self, kill: bool = True) -> None:
+        pass
+
+
+class _LocalPool(_InlinePool):
+    """Local worker processes (joblib's loky executor) that watch their driver."""
+
+    def __init__(self, signals: StopSignals, jobs: int):
+        super().__init__(signals)
+        self.capacity = jobs
+        self.executor = None
+        self.pids: set[int] = set()
+
+    def _executor(self):
+        if self.executor is None:
+            from joblib.externals.loky.process_executor import ProcessPoolExecutor
+
+            _quiet_semaphore_warning()
+
+            self.executor = ProcessPoolExecutor(max_workers=self.capacity, initializer=_worker_init,
+                                                initargs=(os.getpid(),))
+        return self.executor
+
+    def submit(self, fn, *args):
+        future = self._executor().submit(fn, *args)
+        self._note_pids()
+        return future
+
+    def _note_pids(self) -> None:
+        """Remember the workers' pids (loky's own table, read while its thread may change it)."""
+        for _ in range(3):
+            try:
+                self.pids |= set(list(getattr(self.executor, "_processes", None) or {}))
+                return
+            except RuntimeError:  # changed size during iteration
+                time.sleep(0.01)
+
+    def wait(self, futures, timeout):
+        done, _ = concurrent.futures.wait(futures, timeout=timeout, return_when=concurrent.futures.FIRST_COMPLETED)
+        return list(done)
+
+    def died(self, exc) -> bool:
+        from concurrent.futures.process import BrokenProcessPool
+
+        from joblib.externals.loky.process_executor import BrokenProcessPool as LokyBroken
+
+        if isinstance(exc, (BrokenProcessPool, LokyBroken)):
+            self._discard()  # a broken pool takes no more work: the next submit starts a fresh one
+            return True
+        return False
+
+    def _discard(self, kill: bool = True) -> None:
+        if self.executor is not None:
+            executor, self.executor = self.executor, None
+            with contextlib.suppress(Exception):
+                if kill:
+                    executor.shutdown(wait=True, kill_workers=True)
+                else:
+                    executor.shutdown(wait=True)
+
+    def stop(self, kill: bool = True) -> None:
+        """Stop the workers (at once with ``kill``: they are training cells that are being
+        abandoned; otherwise they are idle and leave in order), and make sure they are gone."""
+        self._note_pids()
+        self._discard(kill)
+        deadline = time.monotonic() + 5
+        alive = set(self.pids)
+        while alive and time.monotonic() < deadline:
+            alive = {pid for pid in alive if _child_alive(pid)}
+            if alive:
+                time.sleep(0.05)
+        for pid in alive:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _quiet_semaphore_warning() -> None:
+    """Workers stopped mid-cell leave their pool's semaphores to multiprocessing's resource
+    tracker, which cleans them up and then warns about "leaked semaphore objects" on stderr: noise
+    right under the stop message. The tracker is a child started with this environment."""
+    quiet = "ignore::UserWarning:multiprocessing.resource_tracker"
+    current = os.environ.get("PYTHONWARNINGS", "")
+    if quiet not in current:
+        os.environ["PYTHONWARNINGS"] = f"{current},{quiet}" if current else quiet
+
+
+def _child_alive(pid: int) -> bool:
+    try:
+        waited, _ = os.waitpid(pid, os.WNOHANG)
+        if waited == pid:
+            return False
+    except ChildProcessError:
+        pass  # not our child (or already reaped): ask the kernel
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie is as good as gone
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+class _DaskPool(_InlinePool):
+    """An existing Dask cluster; results come back to the driver."""
+
+    def __init__(self, signals: StopSignals, scheduler: str, jobs: int | None, timeout: float):
+        super().__init__(signals)
+        from distributed import Client
+
+        try:
+            self.client = Client(scheduler, timeout=timeout, set_as_default=False)
+        except (OSError, TimeoutError, ValueError) as exc:
+            raise ValueError(f"--scheduler {scheduler}: cannot reach a Dask scheduler there within {timeout:g} s "
+                             f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); start the "
+                             f"cluster first and check the address (tcp://HOST:PORT), or run without --backend "
+                             f"dask") from None
+        self.scheduler = scheduler
+        self.jobs = jobs
+        self._capacity, self._checked = 1, 0.0
+        self._cleanup: list[str] = []
+        self._cleaned_at = time.monotonic()
+
+    @property
+    def capacity(self) -> int:  # type: ignore[override]
+        if self.jobs:
+            return self.jobs
+        if time.monotonic() - self._checked > 5:
+            with contextlib.suppress(Exception):
+                self._capacity = max(1, sum(self.client.nthreads().values()))
+            self._checked = time.monotonic()
+        return self._capacity
+
+    def check_data_dir(self, data_dir: str) -> None:
+        """--data-dir must exist on every worker (it is their path, not the driver's)."""
+        found = self.client.run(os.path.isdir, data_dir)
+        missing = sorted(worker for worker, ok in found.items() if not ok)
+        if missing:
+            raise ValueError(f"--data-dir {data_dir}: no such folder on Dask worker(s) {', '.join(missing)}; "
+                             f"it must be valid on the workers' machines")
+
+    def submit(self, fn, *args):
+        return self.client.submit(fn, *args, pure=False, key=f"cell-{args[0]}-{uuid.uuid4().hex[:8]}")
+
+    def wait(self, futures, timeout):
+        deadline = time.monotonic() + timeout
+        while True:
+            done = [f for f in futures if f.done()]
+            if done or time.monotonic() >= deadline:
+                return done
+            time.sleep(0.02)
+
+    def died(self, exc) -> bool:
+        from distributed import KilledWorker
+
+        return isinstance(exc, KilledWorker)
+
+    def after_finish(self, work_dir: Path) -> None:
+        super().after_finish(work_dir)  # a shared or loopback disk
+        self._cleanup.append(str(work_dir))
+        if time.monotonic() - self._cleaned_at > 10:
+            self._flush_cleanup()
+
+    def _flush_cleanup(self) -> None:
+        paths, self._cleanup = self._cleanup, []
+        self._cleaned_at = time.monotonic()
+        if paths:
+            with contextlib.suppress(Exception):
+                self.client.run(_remove_dirs, paths)  # the workers' own disks
+
+    def stop(self, kill: bool = True) -> None:
+        with contextlib.suppress(Exception):
+            self._flush_cleanup()
+        with contextlib.suppress(Exception):
+            self.client.close(timeout=5)
+
+
+def _failed_record(cell: Cell, error: str, tb: str | None = None) -> list[dict]:
+    from benchmark.cell import cell_columns
+
+    record = cell_columns(cell) | {"status": "failed", "error": error, "config": cell.config(), "wall_s": 0.0}
+    if tb:
+        record["traceback"] = tb
+    return [record]
+
+
 def run_grid(grid: grids_mod.Grid, cells: list[Cell], *, results_dir="results", jobs: int | None = None,
              jobs_per_gpu: int | None = None, backend: str = "local", scheduler: str | None = None,
              data_dir=None, device: str = "auto", retry_failed: bool = False, progress: bool | None = None,
-             compiled: bool = False) -> RunSummary:
-    """Run every unfinished cell; returns counts. Safe to kill and rerun at any point."""
-    import joblib
+             compiled: bool = False, scheduler_timeout: float = DASK_CONNECT_TIMEOUT_S) -> RunSummary:
+    """Run every unfinished cell; returns counts. Safe to kill and rerun at any point; a stop
+    signal ends it in order (``summary.stopped_by``)."""
     from tqdm.auto import tqdm
 
-    store = Store(results_dir, grid.name)
-    store.ensure()
-    run_id = uuid.uuid4().hex[:12]
-    log_path = _setup_logging(store, run_id)
-    todo, skipped = pending_cells(store, cells, retry_failed)
-    summary = RunSummary(skipped=skipped, log=log_path)
-    log.info("run %s: grid %s (%s), %d cells, %d to run, %d already done, backend=%s",
-             run_id, grid.name, grid.source, len(cells), len(todo), skipped, backend)
-    if not todo:
-        return summary
-
-    gpu_slots, n_jobs, threads = None, jobs or 1, _threads_per_job(jobs or 1)
-    manager = None
-    parallel_kwargs: dict = {}
-    if backend == "dask":
-        if not scheduler:
-            raise ValueError("--backend dask needs --scheduler ADDRESS (e.g. tcp://10.0.0.5:8786)")
-        from dask.distributed import Client
-
-        client = Client(scheduler)
-        n_jobs, threads = jobs or -1, None  # -1: as many cells at once as the cluster has worker threads
-        parallel_kwargs["backend"] = "dask"
-    elif backend == "local":
-        client = None
+    if backend not in ("local", "dask"):
+        raise ValueError(f"unknown backend {backend!r}; use local or dask")
+    if backend == "dask" and not scheduler:
+        raise ValueError("--backend dask needs --scheduler ADDRESS (e.g. tcp://10.0.0.5:8786)")
+    gpu_slots: list[int] = []
+    n_gpus = 0
+    if backend == "local":
         n_gpus = _visible_gpus() if device in ("auto", "cuda") else 0
         if jobs_per_gpu and not n_gpus:
             raise ValueError(f"--jobs-per-gpu {jobs_per_gpu}: no CUDA GPU is visible here (device {device!r}); "
@@ -178,69 +556,199 @@ def run_grid(grid: grids_mod.Grid, cells: list[Cell], *, results_dir="results", 
         if jobs_per_gpu and jobs:
             raise ValueError("give either --jobs (CPU processes) or --jobs-per-gpu (GPU slots), not both")
         if jobs_per_gpu:
-            import multiprocessing
+            gpu_slots = [gpu for _ in range(jobs_per_gpu) for gpu in range(n_gpus)]
 
-            manager = multiprocessing.Manager()
-            gpu_slots = manager.Queue()
-            for _ in range(jobs_per_gpu):
-                for gpu in range(n_gpus):
-                    gpu_slots.put(gpu)
-            n_jobs = n_gpus * jobs_per_gpu
-    else:
-        raise ValueError(f"unknown backend {backend!r}; use local or dask")
+    store = Store(results_dir, grid.name)
+    store.check_writable()
+    run_id = uuid.uuid4().hex[:12]
+    log_path = _setup_logging(store, run_id)
+    set_aside: list = []
+    todo, skipped = pending_cells(store, cells, retry_failed, set_aside)
+    summary = RunSummary(skipped=skipped, log=log_path, set_aside=set_aside)
+    for moved, reason in set_aside:
+        log.warning("damaged result file set aside to %s (%s); its cell runs again", moved, reason)
+        _say(f"warning: damaged result file set aside to {moved}: {reason}; its cell runs again")
+        store.event("damaged", moved.name.split(".")[0], run_id, reason=reason, moved_to=str(moved))
+    log.info("run %s: grid %s (%s), %d cells, %d to run, %d already done, backend=%s",
+             run_id, grid.name, grid.source, len(cells), len(todo), skipped, backend)
+    _sweep_finished_work(store)
+    store.sweep_leftovers()
+    if not todo:
+        return summary
 
-    common = {"data_dir": data_dir, "device": device, "work_root": str(store.work_dir),
-              "cache_dir": str(Path(results_dir) / "cache"), "threads": threads, "gpu_slots": gpu_slots,
-              "compiled": compiled}
-    by_id = {c.id: c for c in todo}
+    signals = StopSignals().install()
+    pool: _InlinePool | None = None
+    bar = None
+    stop_heartbeat = None
+    began = time.perf_counter()
+    started_at = time.time()
+    in_flight: dict = {}
+    queue = deque(todo)
+    deaths: Counter = Counter()
+    try:
+        threads = _threads_per_job(jobs or 1)
+        if backend == "dask":
+            pool = _DaskPool(signals, scheduler, jobs, scheduler_timeout)
+            threads = None
+            if data_dir:
+                pool.check_data_dir(str(data_dir))
+        elif gpu_slots:
+            pool = _LocalPool(signals, len(gpu_slots))
+        elif (jobs or 1) > 1:
+            pool = _LocalPool(signals, jobs)
+        else:
+            pool = _InlinePool(signals)
+        common = {"data_dir": data_dir, "device": device, "work_root": str(store.work_dir),
+                  "cache_dir": str(Path(results_dir) / "cache"), "threads": threads, "compiled": compiled,
+                  "keep_work": True}
+        bar = tqdm(total=len(todo), desc=f"grid {grid.name}", unit="cell", disable=_no_bar(progress),
+                   dynamic_ncols=True)
+        stop_heartbeat = start_heartbeat(store, run_id)
 
-    def tasks():
-        for cell in todo:
-            if store.status(cell.id) == "ok":
+        def finish(cell: Cell, records: list[dict]) -> None:
+            holder = store.holder(cell.id)
+            if holder != run_id and store.status(cell.id) == "ok":
+                # another driver took the claim over (it thought this one dead) and finished first
+                log.warning("%s %s was finished by run %s meanwhile; not written again", cell.id, cell.label(), holder)
                 summary.skipped += 1
                 bar.update(1)
-                continue
-            if not store.claim(cell.id, run_id):
-                summary.busy += 1
-                bar.update(1)
-                continue
-            store.event("start", cell.id, run_id, label=cell.label())
-            yield joblib.delayed(_execute_tagged)(cell.id, cell.config(), common)
+                return
+            result = store.write(cell.id, cell.config(), records, run_id)
+            status = result["status"]
+            store.event("finish" if status == "ok" else status, cell.id, run_id,
+                        wall_s=sum(r.get("wall_s", 0) or 0 for r in records[:1]))
+            store.release(cell.id, run_id)
+            if status == "ok":
+                pool.after_finish(store.work_dir / cell.id)
+                summary.finished += 1
+                summary.finished_labels.append(cell.label())
+                log.info("finished %s %s", cell.id, cell.label())
+            else:
+                summary.failed += status == "failed"
+                summary.blocked += status == "blocked"
+                log.warning("%s %s %s: %s", status, cell.id, cell.label(), records[0].get("error"))
+                tqdm.write(f"{status}: {cell.label()}: {str(records[0].get('error')).splitlines()[0]}", file=sys.stderr)
+            bar.update(1)
+            bar.set_postfix(done=summary.finished, failed=summary.failed, blocked=summary.blocked,
+                            left=bar.total - bar.n)
 
-    bar = tqdm(total=len(todo), desc=f"grid {grid.name}", unit="cell", disable=_no_bar(progress), dynamic_ncols=True)
-    began = time.perf_counter()
-    stop_heartbeat = start_heartbeat(store, run_id)
-    try:
-        with joblib.parallel_config(**parallel_kwargs):
-            parallel = joblib.Parallel(n_jobs=n_jobs, return_as="generator_unordered", pre_dispatch="n_jobs")
-            for cell_id, records in parallel(tasks()):
-                cell = by_id[cell_id]
-                result = store.write(cell_id, cell.config(), records, run_id)
-                store.release(cell_id)
-                status = result["status"]
-                store.event("finish" if status == "ok" else status, cell_id, run_id,
-                            wall_s=sum(r.get("wall_s", 0) for r in records[:1]))
-                if status == "ok":
-                    summary.finished += 1
-                    log.info("finished %s %s", cell_id, cell.label())
-                else:
-                    summary.failed += status == "failed"
-                    summary.blocked += status == "blocked"
-                    log.warning("%s %s %s: %s", status, cell_id, cell.label(), records[0].get("error"))
-                    tqdm.write(f"{status}: {cell.label()}: {str(records[0].get('error')).splitlines()[0]}", file=sys.stderr)
-                bar.update(1)
-                bar.set_postfix(done=summary.finished, failed=summary.failed, blocked=summary.blocked,
-                                left=bar.total - bar.n)
+        def outcome(future, cell: Cell) -> None:
+            try:
+                exc = future.exception()
+            except concurrent.futures.CancelledError as cancelled:
+                exc = cancelled
+            if exc is None:
+                _, records = future.result()
+                finish(cell, records)
+                return
+            if is_disk_error(exc):
+                raise StorageError.from_os_error(exc) from None
+            if isinstance(exc, concurrent.futures.CancelledError):
+                raise RunStopped(f"the Dask scheduler at {scheduler} dropped the run's tasks (was it restarted "
+                                   f"or lost?); nothing in flight was recorded, rerun the same command to resume")
+            if pool.died(exc):
+                if signals.received:
+                    return  # stopping anyway: the cell stays unrecorded for the next run
+                deaths[cell.id] += 1
+                summary.worker_deaths += 1
+                first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                if backend == "dask" or deaths[cell.id] >= MAX_WORKER_DEATHS:
+                    times = deaths[cell.id] if backend == "local" else "several"
+                    finish(cell, _failed_record(cell, f"WorkerDied: the worker process running this cell died "
+                                                      f"{times} times (killed, or out of memory?): {first_line}"))
+                    return
+                log.warning("a worker died while %s %s ran (%s); it goes back in the queue", cell.id, cell.label(),
+                            first_line)
+                store.release(cell.id, run_id)
+                summary.requeued += 1
+                queue.appendleft(cell)
+                return
+            # the worker machinery itself failed for this cell (e.g. it could not be sent): data too
+            tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+            finish(cell, _failed_record(cell, f"{type(exc).__name__}: {exc}", tb))
+
+        free_slots = list(gpu_slots)
+        while queue or in_flight:
+            if signals.received:
+                raise Interrupted(signals.received)
+            while queue and len(in_flight) < pool.capacity and (not gpu_slots or free_slots):
+                cell = queue.popleft()
+                status = store.status(cell.id)
+                if status == "ok" or (status in ("failed", "blocked") and _written_since(store, cell.id, started_at)):
+                    summary.skipped += 1  # another driver finished it meanwhile
+                    bar.update(1)
+                    continue
+                if status == "damaged":  # damaged since this run listed the grid
+                    moved = store.set_aside(cell.id, "damaged while this run was going")
+                    if moved is not None:
+                        summary.set_aside.append((moved, "damaged while this run was going"))
+                if not store.claim(cell.id, run_id):
+                    summary.busy += 1
+                    bar.update(1)
+                    continue
+                store.event("start", cell.id, run_id, label=cell.label())
+                slot = free_slots.pop(0) if gpu_slots else None
+                args = common if slot is None else {**common, "gpu": slot}
+                try:
+                    future = pool.submit(_execute_tagged, cell.id, cell.config(), args)
+                except Exception as exc:  # noqa: BLE001 - a broken pool refuses work: start a fresh one
+                    if not pool.died(exc):
+                        raise
+                    store.release(cell.id, run_id)
+                    queue.appendleft(cell)
+                    if slot is not None:
+                        free_slots.append(slot)
+                    continue
+                in_flight[future] = (cell, slot)
+                if signals.received:
+                    raise Interrupted(signals.received)
+            if not in_flight:
+                continue
+            for future in pool.wait(list(in_flight), timeout=0.25):
+                cell, slot = in_flight.pop(future)
+                if slot is not None:
+                    free_slots.append(slot)
+                outcome(future, cell)
+    except Interrupted as stop:
+        summary.stopped_by = stop.signum
+        summary.not_started = len(queue)
     finally:
-        bar.close()
-        stop_heartbeat()
-        store.release_run(run_id)  # cells in flight when interrupted: free them for the next run
-        if client is not None:
-            client.close()
-        if manager is not None:
-            manager.shutdown()
+        if bar is not None:
+            bar.close()
+        if stop_heartbeat is not None:
+            stop_heartbeat()
+        if pool is not None:
+            pool.stop(kill=bool(in_flight) or summary.stopped_by is not None)  # workers first: nothing of
+            # this run may write after its claims are gone
+        released = store.release_run(run_id)  # cells in flight when it stopped: free them for the next run
+        signals.restore()
+        if summary.stopped_by is not None:
+            summary.stopped_in_flight = released
+            log.warning("run %s stopped by %s: %d finished, %d in flight stopped and released, %d not started",
+                        run_id, _signal_name(summary.stopped_by), summary.finished, released, summary.not_started)
         log.info("run %s ended after %.0f s: %s", run_id, time.perf_counter() - began, summary)
     return summary
+
+
+def _written_since(store: Store, cell_id: str, since: float) -> bool:
+    try:
+        result = store.read(cell_id)
+    except DamagedResult:
+        return False
+    return bool(result) and (result.get("finished_at") or 0) >= since
+
+
+def _sweep_finished_work(store: Store) -> None:
+    """Checkpoints of cells that have a finished result (left by a driver killed between writing
+    the result and removing them) are not needed by anyone."""
+    try:
+        names = os.listdir(store.work_dir)
+    except OSError:
+        return
+    finished = store.finished_ids()
+    for name in names:
+        if name in finished and store.status(name) == "ok":
+            store.remove_work(name)
 
 
 def start_heartbeat(store: Store, run_id: str, every: float = HEARTBEAT_S):
@@ -250,7 +758,10 @@ def start_heartbeat(store: Store, run_id: str, every: float = HEARTBEAT_S):
 
     def beat():
         while not stop.wait(every):
-            store.refresh_run(run_id)
+            try:
+                store.refresh_run(run_id)
+            except Exception as exc:  # noqa: BLE001 - a heartbeat must not print tracebacks
+                log.warning("heartbeat of run %s failed: %s", run_id, exc)
 
     thread = threading.Thread(target=beat, name=f"claims-heartbeat-{run_id}", daemon=True)
     thread.start()
@@ -262,8 +773,11 @@ def start_heartbeat(store: Store, run_id: str, every: float = HEARTBEAT_S):
     return halt
 
 
-def _execute_tagged(cell_id: str, config: dict, common: dict) -> tuple[str, list[dict]]:
-    return cell_id, execute(config, **common)
+def _signal_name(signum: int | None) -> str:
+    try:
+        return signal.Signals(signum).name
+    except (ValueError, TypeError):
+        return f"signal {signum}"
 
 
 def _visible_gpus() -> int:
@@ -276,7 +790,10 @@ def _visible_gpus() -> int:
 
 
 def _no_bar(progress: bool | None) -> bool:
-    return not (sys.stderr.isatty() if progress is None else progress)
+    try:
+        return not (sys.stderr.isatty() if progress is None else progress)
+    except (OSError, ValueError):
+        return True
 
 
 # ------------------------------------------------------------------------------------------------
@@ -311,6 +828,8 @@ def add_commands(sub) -> None:
     p.add_argument("--backend", choices=["local", "dask"], default="local",
                    help="local processes (default) or an existing Dask cluster (needs --scheduler)")
     p.add_argument("--scheduler", help="Dask scheduler address for --backend dask, e.g. tcp://host:8786")
+    p.add_argument("--connect-timeout", type=float, default=DASK_CONNECT_TIMEOUT_S, metavar="SECONDS",
+                   help=f"with --backend dask: how long to try reaching the scheduler (default {DASK_CONNECT_TIMEOUT_S:g})")
     p.add_argument("--data-dir", help="dataset folder (default: $BENCHMARK_DATA, ./data, system locations)")
     p.add_argument("--device", default="auto", help="cpu, cuda, mps or auto (default auto: cuda > mps > cpu)")
     p.add_argument("--retry-failed", action="store_true", help="run failed cells again (blocked cells are always retried)")
@@ -339,19 +858,80 @@ def add_commands(sub) -> None:
     ls.set_defaults(handler=list_command)
 
 
+def _parse_seeds(text: str | None) -> list[int] | None:
+    if not text:
+        return None
+    from benchmark.cell import check_seed
+
+    seeds = []
+    for item in text.split(","):
+        try:
+            seeds.append(check_seed(item.strip(), "--seeds"))
+        except ValueError as exc:
+            raise ValueError(f"{exc} (--seeds takes comma-separated integers, e.g. 0,1,2)") from None
+    return seeds
+
+
+def _check_results_dir(results_dir) -> None:
+    path = Path(results_dir)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"--results-dir {results_dir} is a file, not a folder; give a folder (it is created if missing)")
+
+
 def _select(args) -> tuple[grids_mod.Grid, list[Cell]]:
     grid = grids_mod.load_grid(args.grid)
-    seeds = [int(s) for s in args.seeds.split(",")] if getattr(args, "seeds", None) else None
+    seeds = _parse_seeds(getattr(args, "seeds", None))
     cells = grids_mod.filter_cells(grids_mod.with_seeds(grid.cells, seeds), getattr(args, "only", None))
     return grid, cells
 
 
-def run_command(args) -> int:
-    grid, cells = _select(args)
+def check_run_inputs(args) -> None:
+    """Everything about a run's flags that can be checked before anything trains, each with a
+    message naming the flag, the value and what is allowed."""
     if args.jobs is not None and args.jobs < 1:
         raise ValueError(f"--jobs {args.jobs}: must be >= 1")
     if args.jobs_per_gpu is not None and args.jobs_per_gpu < 1:
         raise ValueError(f"--jobs-per-gpu {args.jobs_per_gpu}: must be >= 1")
+    _check_results_dir(args.results_dir)
+    if args.backend == "local":
+        if args.scheduler:
+            raise ValueError(f"--scheduler {args.scheduler} is for --backend dask; add --backend dask or leave it out")
+        from benchmark.train import pick_device
+
+        pick_device(args.device)  # ValueError naming the device and what this machine has
+        if args.data_dir and not Path(args.data_dir).expanduser().is_dir():
+            raise ValueError(f"--data-dir {args.data_dir}: no such folder. Datasets are searched there first; fix "
+                             f"the path, or leave --data-dir out to search $BENCHMARK_DATA, ./data and system "
+                             f"locations ('python -m benchmark data check' lists them)")
+    else:
+        if args.jobs_per_gpu:
+            raise ValueError("--jobs-per-gpu is for the local backend; with --backend dask each worker has its "
+                             "devices, and --jobs caps the cells in flight")
+        import torch
+
+        from benchmark.train import DEVICE_TYPES
+
+        if args.device != "auto":  # the workers' devices: only the name can be checked here
+            try:
+                kind = torch.device(args.device).type
+            except (RuntimeError, TypeError):
+                kind = None
+            if kind not in DEVICE_TYPES:
+                raise ValueError(f"--device {args.device!r} is not a device; use auto, cpu, cuda, cuda:N or mps")
+        if not args.connect_timeout > 0:
+            raise ValueError(f"--connect-timeout {args.connect_timeout}: must be > 0 seconds")
+
+
+def _resume_command(args) -> str:
+    argv = getattr(args, "argv", None)
+    if argv is None:
+        argv = sys.argv[1:]
+    return "python -m benchmark " + shlex.join(argv)
+
+
+def run_command(args) -> int:
+    check_run_inputs(args)
+    grid, cells = _select(args)
     store = Store(args.results_dir, grid.name)
     if args.dry_run:
         return dry_run(store, cells, args.retry_failed)
@@ -359,25 +939,59 @@ def run_command(args) -> int:
         from benchmark.train import check_compile, pick_device
 
         check_compile(pick_device(args.device))
-    summary = run_grid(grid, cells, results_dir=args.results_dir, jobs=args.jobs, jobs_per_gpu=args.jobs_per_gpu,
-                       backend=args.backend, scheduler=args.scheduler, data_dir=args.data_dir, device=args.device,
-                       retry_failed=args.retry_failed, progress=False if args.no_progress else None,
-                       compiled=args.compile)
-    print(f"grid {grid.name}: {summary.finished} finished now, {summary.skipped} already done, "
-          f"{summary.failed} failed, {summary.blocked} blocked, {summary.busy} running in another process")
-    print(f"results: {store.cells_dir}  (log: {summary.log})")
-    print(f"next: python -m benchmark collect --grid {args.grid} --results-dir {args.results_dir}")
+    resume = _resume_command(args)
+    try:
+        summary = run_grid(grid, cells, results_dir=args.results_dir, jobs=args.jobs, jobs_per_gpu=args.jobs_per_gpu,
+                           backend=args.backend, scheduler=args.scheduler, data_dir=args.data_dir,
+                           device=args.device, retry_failed=args.retry_failed,
+                           progress=False if args.no_progress else None, compiled=args.compile,
+                           scheduler_timeout=args.connect_timeout)
+    except (StorageError, RunStopped) as exc:
+        _say(f"error: {exc}")
+        _say(f"the run stopped; cells finished before this were recorded. Once that is fixed, resume with: {resume}")
+        return 2
+    if summary.stopped_by is not None:
+        name = _signal_name(summary.stopped_by)
+        _say(f"stopped by {name}: {summary.finished} cell(s) finished and recorded in this run, "
+             f"{summary.stopped_in_flight} in flight stopped and released (their per-epoch checkpoints are kept), "
+             f"{summary.not_started} not started.")
+        if summary.finished_labels:
+            shown = summary.finished_labels[:10]
+            more = f" (and {len(summary.finished_labels) - 10} more, see the log)" if len(summary.finished_labels) > 10 else ""
+            _say("finished in this run: " + "; ".join(shown) + more)
+        _say(f"log: {summary.log}")
+        _say(f"resume with: {resume}")
+        return 128 + int(summary.stopped_by)
+    out = [f"grid {grid.name}: {summary.finished} finished now, {summary.skipped} already done, "
+           f"{summary.failed} failed, {summary.blocked} blocked, {summary.busy} running in another process"]
+    if summary.worker_deaths:
+        out.append(f"{summary.worker_deaths} time(s) a worker process died under a cell; "
+                   f"{summary.requeued} cell(s) were run again")
+    if summary.set_aside:
+        out.append(f"{len(summary.set_aside)} damaged result file(s) set aside to {store.cells_dir / 'damaged'} "
+                   f"and their cells run again")
+    out.append(f"results: {store.cells_dir}  (log: {summary.log})")
+    out.append(f"next: python -m benchmark collect --grid {args.grid} --results-dir {args.results_dir}")
+    for line in out:
+        _say(line, sys.stdout)
     return 1 if summary.failed or summary.blocked else 0
 
 
 def dry_run(store: Store, cells: list[Cell], retry_failed: bool) -> int:
+    """List what a run would do; reads the result files but changes nothing."""
     todo, skipped = pending_cells(store, cells, retry_failed)
     per_epoch = _seconds_per_epoch(store)
     total_epochs = 0
+    lines = []
     for cell in todo:
         epochs = estimate_epochs(cell)
         total_epochs += epochs
-        print(f"{cell.id}  {cell.label()}  ~{epochs} epochs")
+        lines.append(f"{cell.id}  {cell.label()}  ~{epochs} epochs")
+        if len(lines) >= 10_000:
+            sys.stdout.write("\n".join(lines) + "\n")
+            lines = []
+    if lines:
+        sys.stdout.write("\n".join(lines) + "\n")
     estimate = f", about {total_epochs * per_epoch / 60:.0f} min at {per_epoch:.2f} s/epoch measured so far" if per_epoch else ""
     print(f"{len(todo)} cell(s) to run, {skipped} done or failed; ~{total_epochs} training epochs "
           f"(+ shared dense trainings){estimate}")
@@ -385,23 +999,31 @@ def dry_run(store: Store, cells: list[Cell], retry_failed: bool) -> int:
 
 
 def _seconds_per_epoch(store: Store) -> float | None:
-    rates = [r["wall_s"] / r["epochs"] for res in store.results() for r in res["records"][:1]
+    rates = [r["wall_s"] / r["epochs"] for res in store.results(skip_damaged=True) for r in res["records"][:1]
              if res["status"] == "ok" and r.get("epochs")]
     return sum(rates) / len(rates) if rates else None
 
 
 def status_command(args) -> int:
+    _check_results_dir(args.results_dir)
     grid, cells = _select(args)
     store = Store(args.results_dir, grid.name)
     running = store.claimed()
     table: dict[str, Counter] = {}
-    errors = []
+    errors, damaged = [], []
+    existing = store.finished_ids()
     for cell in cells:
-        status = store.status(cell.id)
+        result = None
+        if cell.id in existing:
+            try:
+                result = store.read(cell.id)
+            except DamagedResult as exc:
+                damaged.append(exc)
+        status = result["status"] if result else "todo"
         state = {"ok": "finished", "todo": "running" if cell.id in running else "todo"}.get(status, status)
         table.setdefault(cell.method, Counter())[state] += 1
         if state in ("failed", "blocked"):
-            errors.append((cell, (store.read(cell.id)["records"] or [{}])[0].get("error", "")))
+            errors.append((cell, (result["records"] or [{}])[0].get("error", "")))
     states = ["finished", "failed", "blocked", "running", "todo"]
     print(f"grid {grid.name} ({len(cells)} cells) in {store.root}")
     print(f"{'method':22s}" + "".join(f"{s:>10s}" for s in states))
@@ -409,6 +1031,10 @@ def status_command(args) -> int:
         print(f"{method:22s}" + "".join(f"{counts[s]:>10d}" for s in states))
     totals = sum(table.values(), Counter())
     print(f"{'total':22s}" + "".join(f"{totals[s]:>10d}" for s in states))
+    if damaged:
+        print(f"\n{len(damaged)} damaged result file(s), counted as to do ('run' sets them aside and reruns their cells):")
+        for exc in damaged:
+            print(f"  {exc}")
     if args.errors:
         for cell, error in errors:
             print(f"\n{cell.id} {cell.label()}:\n  {error}")
@@ -419,6 +1045,7 @@ def status_command(args) -> int:
 
 
 def collect_command(args) -> int:
+    _check_results_dir(args.results_dir)
     name = grids_mod.grid_source(args.grid)[0]
     store = Store(args.results_dir, name)
     if not store.cells_dir.is_dir() or not any(store.cells_dir.glob("*.json")):

@@ -3,11 +3,16 @@
 Layout under ``<results-dir>/<grid>/``::
 
     cells/<cell_id>.json    the cell's config, status and records (temporary file + rename)
-    claims/<cell_id>.claim  held while a driver runs the cell (O_EXCL), so two drivers never
-                            train one cell twice; the driver touches its claims every minute, and
-                            a claim whose process is gone (same host) or that has not been
-                            touched for ``claim_timeout`` seconds (another host) is taken over
-    work/<cell_id>/         per-epoch checkpoints of unfinished cells
+    cells/damaged/          result files that did not parse or held impossible values, set aside
+                            (kept for inspection) so that their cells run again
+    claims/<cell_id>.claim  held while a driver runs the cell (created whole with link(2), which
+                            fails if it exists), so two drivers never train one cell twice; the
+                            driver touches its claims every minute, and a claim whose process is
+                            gone (same host: pid and process start time) or that has not been
+                            touched for ``claim_timeout`` seconds (another host) is taken over,
+                            one driver at a time (a lock file in claims/)
+    work/<cell_id>/         per-epoch checkpoints of unfinished cells (removed by the driver once
+                            the cell's result is written)
     events.jsonl            one line per start / finish / failure, appended by every driver
     logs/<time>-<run>.log   human-readable log of each run
     results.csv, layers.csv, history.csv   written by ``collect``
@@ -15,13 +20,19 @@ Layout under ``<results-dir>/<grid>/``::
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
+import math
 import os
 import socket
 import time
+import uuid
 from pathlib import Path
 
 import pandas as pd
+
+from benchmark.errors import StorageError
 
 #: How often a running driver touches its claims, and how old another host's claim may get
 #: before it counts as abandoned (ten missed heartbeats: generous for clock skew on shared disks).
@@ -54,15 +65,27 @@ def variant_label(record: dict) -> str:
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    """Write ``text`` to ``path`` through a temporary file and a rename: readers see the old file or
+    the new one, never a torn one. If the write fails (full disk, read-only folder) the temporary
+    file is removed and a StorageError names the file and what to do."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}-{uuid.uuid4().hex[:6]}")
+    try:
+        with open(tmp, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError):
+            raise StorageError.from_os_error(exc, path) from None
+        raise
 
 
 def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -70,6 +93,94 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def process_start(pid: int) -> int | None:
+    """When process ``pid`` started (clock ticks since boot, Linux), to tell a live driver from an
+    unrelated process that reuses its pid; None where /proc does not say."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return int(stat.rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+#: Record values that are ratios of counts (>= 1; +inf when nothing is kept, a real outcome): these
+#: keys, and every key that starts with ``cr_`` or ends with ``_cr``.
+RATIO_KEYS = ("cr", "cr_total", "cr_effective", "speedup")
+#: Record values that are fractions.
+FRACTION_KEYS = ("test_acc", "train_acc", "sparsity", "dense_test_acc")
+#: Diagnostics that are nan when undefined (balance of factors that are all zero).
+MAY_BE_UNDEFINED = ("balance_error",)
+RESULT_STATUSES = ("ok", "failed", "blocked")
+
+
+def _is_ratio(key: str) -> bool:
+    return key in RATIO_KEYS or key.startswith("cr_") or key.endswith("_cr")
+
+
+def record_problems(record) -> list[str]:
+    """What makes a result record impossible: accuracy or sparsity outside [0, 1], a compression
+    ratio below 1, a number that is nan or infinite (except +inf for a ratio with nothing kept, and
+    nan for the diagnostics in MAY_BE_UNDEFINED)."""
+    if not isinstance(record, dict):
+        return [f"a record is not a table: {record!r:.80}"]
+    problems = []
+    if record.get("status") not in RESULT_STATUSES:
+        problems.append(f"record status={record.get('status')!r} is not one of {list(RESULT_STATUSES)}")
+    if record.get("status") == "ok" and (isinstance(record.get("test_acc"), bool)
+                                         or not isinstance(record.get("test_acc"), (int, float))):
+        problems.append("an ok record has no test_acc")
+    for key, value in record.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if math.isnan(value):
+            if key not in MAY_BE_UNDEFINED:
+                problems.append(f"{key}=nan is not a number")
+        elif _is_ratio(key):
+            if not value >= 1:
+                problems.append(f"{key}={value!r} is below 1 (a compression ratio is total / kept >= 1)")
+        elif math.isinf(value):
+            problems.append(f"{key}={value!r} is not a finite number")
+        elif key in FRACTION_KEYS and not 0 <= value <= 1:
+            problems.append(f"{key}={value!r} is outside [0, 1]")
+    return problems
+
+
+def result_problems(result, cell_id: str | None = None) -> list[str]:
+    """Why a parsed result file cannot be used (missing fields, wrong cell, impossible values)."""
+    if not isinstance(result, dict):
+        return [f"it holds {type(result).__name__}, not a result table"]
+    problems = []
+    missing = [k for k in ("cell_id", "status", "config", "records") if k not in result]
+    if missing:
+        problems.append(f"fields {missing} are missing")
+    if "status" in result and result["status"] not in RESULT_STATUSES:
+        problems.append(f"status={result['status']!r} is not one of {list(RESULT_STATUSES)}")
+    if cell_id is not None and "cell_id" in result and result["cell_id"] != cell_id:
+        problems.append(f"cell_id={result['cell_id']!r} does not match its file name")
+    if "config" in result and not isinstance(result["config"], dict):
+        problems.append("config is not a table")
+    records = result.get("records")
+    if "records" in result and (not isinstance(records, list) or not records):
+        problems.append("records is not a non-empty list")
+    elif isinstance(records, list):
+        for i, record in enumerate(records):
+            problems += [f"record {i}: {p}" for p in record_problems(record)]
+    return problems
+
+
+class DamagedResult(ValueError):
+    """A result file that cannot be used; ``path`` and ``reason`` say which and why."""
+
+    def __init__(self, path: Path, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+        self.reason = reason
+
+
+class DamagedResults(ValueError):
+    """Several damaged result files (collect lists them all)."""
 
 
 class Store:
@@ -82,22 +193,97 @@ class Store:
         self.work_dir = self.root / "work"
 
     def ensure(self) -> None:
-        for d in (self.cells_dir, self.claims_dir, self.work_dir):
-            d.mkdir(parents=True, exist_ok=True)
+        if self.root.parent.exists() and not self.root.parent.is_dir():
+            raise ValueError(f"--results-dir {self.root.parent} is a file, not a folder; give a folder "
+                             f"(it is created if missing)")
+        try:
+            for d in (self.cells_dir, self.claims_dir, self.work_dir):
+                d.mkdir(parents=True, exist_ok=True)
+        except FileExistsError as exc:
+            raise ValueError(f"{exc.filename} is a file where a results folder should be; move it away "
+                             f"or choose another --results-dir") from None
+        except NotADirectoryError as exc:
+            raise ValueError(f"cannot make {exc.filename}: a part of that path is a file, not a folder; "
+                             f"choose another --results-dir") from None
+        except OSError as exc:
+            raise StorageError.from_os_error(exc, exc.filename) from None
+
+    def check_writable(self) -> None:
+        """Create, write and delete a file in each folder a run writes to, so a read-only or full
+        results folder stops the run before anything trains (StorageError naming the folder)."""
+        self.ensure()
+        for folder in (self.root, self.cells_dir, self.claims_dir, self.work_dir):
+            probe = folder / f".write-probe-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+            try:
+                with open(probe, "w") as fh:
+                    fh.write("probe\n" * 64)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+            except OSError as exc:
+                raise StorageError.from_os_error(exc, folder) from None
+            finally:
+                with contextlib.suppress(OSError):
+                    probe.unlink()
 
     # ---- result files -------------------------------------------------------------------
     def path(self, cell_id: str) -> Path:
         return self.cells_dir / f"{cell_id}.json"
 
     def read(self, cell_id: str) -> dict | None:
+        """The cell's result, None if it has none; DamagedResult if its file is torn, lacks fields
+        or holds impossible values."""
+        path = self.path(cell_id)
         try:
-            return json.loads(self.path(cell_id).read_text())
+            text = path.read_text()
         except FileNotFoundError:
             return None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise DamagedResult(path, f"cannot be read ({exc})") from None
+        return self._parse(path, text, cell_id)
+
+    @staticmethod
+    def _parse(path: Path, text: str, cell_id: str | None) -> dict:
+        try:
+            result = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise DamagedResult(path, f"is not valid JSON ({exc}; torn by a crash or edited by hand)") from None
+        problems = result_problems(result, cell_id)
+        if problems:
+            raise DamagedResult(path, "; ".join(problems))
+        return result
 
     def status(self, cell_id: str) -> str:
-        result = self.read(cell_id)
+        """ok / failed / blocked, 'todo' without a result, 'damaged' for a file that cannot be used."""
+        try:
+            result = self.read(cell_id)
+        except DamagedResult:
+            return "damaged"
         return result["status"] if result else "todo"
+
+    def finished_ids(self) -> set[str]:
+        """Ids of cells that have a result file (of any status, damaged or not): one listing of the
+        folder instead of one lookup per cell."""
+        try:
+            return {name[:-5] for name in os.listdir(self.cells_dir) if name.endswith(".json") and not name.startswith(".")}
+        except FileNotFoundError:
+            return set()
+
+    def set_aside(self, cell_id: str, reason: str) -> Path | None:
+        """Move a damaged result file to cells/damaged/ (kept, with the reason beside it) so its
+        cell runs again; returns where it went (None if it was gone already)."""
+        src = self.path(cell_id)
+        dest_dir = self.cells_dir / "damaged"
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        dest = dest_dir / f"{cell_id}.{stamp}-{uuid.uuid4().hex[:6]}.json"
+        try:
+            dest_dir.mkdir(parents=True, exist_ok=True)
+            os.rename(src, dest)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise StorageError.from_os_error(exc, dest) from None
+        _atomic_write_text(dest.with_suffix(".reason.txt"), reason + "\n")
+        return dest
 
     def write(self, cell_id: str, config: dict, records: list[dict], run_id: str) -> dict:
         statuses = {r["status"] for r in records}
@@ -108,75 +294,155 @@ class Store:
         _atomic_write_text(self.path(cell_id), json.dumps(result))
         return result
 
-    def results(self) -> list[dict]:
-        out = []
+    def results(self, skip_damaged: bool = False) -> list[dict]:
+        """Every result file, parsed and checked. A damaged one (torn, fields missing, impossible
+        values) raises DamagedResults naming every such file, unless ``skip_damaged``."""
+        out, damaged = [], []
+        if not self.cells_dir.is_dir():
+            return out
         for path in sorted(self.cells_dir.glob("*.json")):
             try:
-                out.append(json.loads(path.read_text()))
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path} is not valid JSON ({exc}); delete it and run the grid again") from None
+                out.append(self._parse(path, path.read_text(), path.stem))
+            except DamagedResult as exc:
+                damaged.append(exc)
+            except (OSError, UnicodeDecodeError) as exc:
+                damaged.append(DamagedResult(path, f"cannot be read ({exc})"))
+        if damaged and not skip_damaged:
+            raise DamagedResults(
+                f"{len(damaged)} result file(s) cannot be collected:\n  " + "\n  ".join(map(str, damaged))
+                + f"\n'python -m benchmark run' on this grid sets them aside (kept in {self.cells_dir / 'damaged'}) "
+                  f"and runs their cells again; or move them away yourself")
         return out
 
     # ---- claims ---------------------------------------------------------------------------
+    def _claim_path(self, cell_id: str) -> Path:
+        return self.claims_dir / f"{cell_id}.claim"
+
+    def _claim_payload(self, run_id: str) -> str:
+        pid = os.getpid()
+        return json.dumps({"host": socket.gethostname(), "pid": pid, "start": process_start(pid),
+                           "run_id": run_id, "at": time.time()})
+
     def claim(self, cell_id: str, run_id: str) -> bool:
-        """Take the cell for this process; False if a live process holds it."""
-        self.claims_dir.mkdir(parents=True, exist_ok=True)
-        path = self.claims_dir / f"{cell_id}.claim"
-        payload = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "run_id": run_id, "at": time.time()})
-        for _ in range(2):
-            try:
-                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        """Take the cell for this run; False if a live driver holds it (or it is finished)."""
+        path = self._claim_path(cell_id)
+        tmp = self.claims_dir / f".{cell_id}.{os.getpid()}-{uuid.uuid4().hex[:8]}.new"
+        try:
+            self.claims_dir.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "w") as fh:
+                fh.write(self._claim_payload(run_id))
+            try:  # link(2) creates the claim whole or fails if one exists: never an empty claim
+                os.link(tmp, path)
             except FileExistsError:
-                if not self._stale(path):
+                if not self._take_over(path, tmp):
                     return False
-                try:  # take over a dead process's claim: rename is atomic, only one driver wins
-                    os.rename(path, path.with_name(f".{path.name}.stale{os.getpid()}"))
-                except FileNotFoundError:
+        except OSError as exc:
+            raise StorageError.from_os_error(exc, path) from None
+        finally:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+        # a finished file may have appeared between listing and claiming
+        if self.status(cell_id) == "ok":
+            self.release(cell_id, run_id)
+            return False
+        return True
+
+    @contextlib.contextmanager
+    def _takeover_lock(self):
+        """One driver at a time decides about and replaces stale claims (flock: released by the
+        kernel when its holder dies, so a killed driver cannot leave it held)."""
+        import fcntl
+
+        with open(self.claims_dir / ".takeover.lock", "a+") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+    def _take_over(self, path: Path, tmp: Path) -> bool:
+        """Replace ``path`` by our claim ``tmp`` if the claim there is stale. Under the takeover lock
+        the claim is read again, so two drivers that both saw a dead driver's claim cannot both
+        take it: the second finds the first one's fresh claim."""
+        with self._takeover_lock():
+            if not path.exists():
+                try:
+                    os.link(tmp, path)
+                    return True
+                except FileExistsError:
                     pass
-                continue
-            with os.fdopen(fd, "w") as fh:
-                fh.write(payload)
-            # a finished file may have appeared between listing and claiming
-            if self.status(cell_id) == "ok":
-                path.unlink(missing_ok=True)
+            if not self._stale(path):
                 return False
+            os.replace(tmp, path)  # atomic: readers see the dead claim or ours
             return True
-        return False
 
     def _stale(self, path: Path) -> bool:
         try:
             info = json.loads(path.read_text() or "{}")
-        except (FileNotFoundError, json.JSONDecodeError):
-            # being written right now, or torn by a kill: stale only if old
+            if not isinstance(info, dict):
+                raise ValueError(info)
+        except FileNotFoundError:
+            return True
+        except (ValueError, OSError):
+            # torn (claims are now written whole; older versions could leave an empty one): stale if old
             try:
                 return time.time() - path.stat().st_mtime > 60
             except FileNotFoundError:
                 return True
         if info.get("host") == socket.gethostname():
-            return not _pid_alive(int(info.get("pid", 0)))
+            try:
+                pid = int(info.get("pid", 0))
+            except (TypeError, ValueError):
+                return True
+            if not _pid_alive(pid):
+                return True
+            started = info.get("start")  # a live pid that started at another time is a reused pid
+            return started is not None and process_start(pid) not in (None, started)
         try:  # another machine's claim: alive as long as its driver keeps touching it
             return time.time() - path.stat().st_mtime > self.claim_timeout
         except FileNotFoundError:
             return True
 
-    def release(self, cell_id: str) -> None:
-        (self.claims_dir / f"{cell_id}.claim").unlink(missing_ok=True)
+    def holder(self, cell_id: str) -> str | None:
+        """The run id holding the cell's claim (None if unclaimed or unreadable)."""
+        try:
+            return json.loads(self._claim_path(cell_id).read_text()).get("run_id")
+        except (OSError, ValueError, AttributeError):
+            return None
+
+    def release(self, cell_id: str, run_id: str | None = None) -> None:
+        """Drop the cell's claim; with ``run_id`` only if that run still holds it (a claim taken
+        over by another driver is left alone)."""
+        path = self._claim_path(cell_id)
+        try:
+            if run_id is not None and self.holder(cell_id) != run_id:
+                return
+            path.unlink(missing_ok=True)
+        except OSError as exc:
+            raise StorageError.from_os_error(exc, path) from None
 
     def _claims_of(self, run_id: str) -> list[Path]:
         """The claim files ``run_id`` holds (unreadable or vanished ones are skipped)."""
         held = []
+        if not self.claims_dir.is_dir():
+            return held
         for path in self.claims_dir.glob("*.claim"):
             try:
                 if json.loads(path.read_text()).get("run_id") == run_id:
                     held.append(path)
-            except (OSError, json.JSONDecodeError):
+            except (OSError, ValueError, AttributeError):
                 pass
         return held
 
-    def release_run(self, run_id: str) -> None:
-        """Drop every claim still held by ``run_id`` (cells that were in flight when it stopped)."""
+    def release_run(self, run_id: str) -> int:
+        """Drop every claim still held by ``run_id`` (cells that were in flight when it stopped);
+        returns how many. Never raises (it runs while a run is stopping for whatever reason)."""
+        released = 0
         for path in self._claims_of(run_id):
-            path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                path.unlink()
+                released += 1
+        return released
 
     def refresh_run(self, run_id: str) -> int:
         """Touch every claim ``run_id`` holds (the heartbeat other hosts read); returns how many."""
@@ -185,23 +451,55 @@ class Store:
             try:
                 os.utime(path)
                 touched += 1
-            except FileNotFoundError:  # released between listing and touching
+            except OSError:  # released between listing and touching, or the disk refuses
                 pass
         return touched
 
     def claimed(self) -> set[str]:
         return {p.stem for p in self.claims_dir.glob("*.claim") if not self._stale(p)} if self.claims_dir.is_dir() else set()
 
+    def sweep_leftovers(self, older_than: float = 3600.0) -> int:
+        """Remove temporary files a killed process left mid-write (a result's ``.*.tmp*``, a
+        claim's ``.*.new``) once they are older than any write takes; returns how many."""
+        removed = 0
+        now = time.time()
+        for folder, pattern in ((self.cells_dir, ".*.tmp*"), (self.root, ".*.tmp*"), (self.claims_dir, ".*.new")):
+            if not folder.is_dir():
+                continue
+            for path in folder.glob(pattern):
+                try:
+                    if now - path.stat().st_mtime > older_than:
+                        path.unlink()
+                        removed += 1
+                except OSError:
+                    pass
+        return removed
+
+    def remove_work(self, cell_id: str) -> None:
+        """Remove the cell's checkpoints (after its result is written)."""
+        import shutil
+
+        shutil.rmtree(self.work_dir / cell_id, ignore_errors=True)
+
     # ---- events ---------------------------------------------------------------------------
     def event(self, kind: str, cell_id: str, run_id: str, **extra) -> None:
         """Append one JSON line (O_APPEND keeps concurrent drivers' lines whole)."""
         line = json.dumps({"t": time.time(), "event": kind, "cell_id": cell_id, "run_id": run_id, **extra}) + "\n"
-        self.root.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.root / "events.jsonl", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        path = self.root / "events.jsonl"
         try:
-            os.write(fd, line.encode())
-        finally:
-            os.close(fd)
+            self.root.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            try:
+                space = os.fstatvfs(fd)
+                if space.f_bavail * space.f_frsize < len(line) + 65536:  # no room for a whole line: none
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                written = os.write(fd, line.encode())
+                if written != len(line.encode()):  # a short write on a full disk: end the torn line
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise StorageError.from_os_error(exc, path) from None
 
     # ---- collection -----------------------------------------------------------------------
     def tables(self) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
@@ -239,7 +537,7 @@ class Store:
         return results, layers, history
 
     def collect(self) -> tuple[Path, Path, pd.DataFrame]:
-        results, layers, history = self.tables()
+        results, layers, history = self.tables()  # DamagedResults if any record is impossible
         self.root.mkdir(parents=True, exist_ok=True)
         csv_path, layers_path = self.root / "results.csv", self.root / "layers.csv"
         _atomic_write_text(csv_path, results.to_csv(index=False))

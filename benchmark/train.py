@@ -18,6 +18,7 @@ import math
 import os
 import platform
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -27,6 +28,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from benchmark import data as data_mod
+from benchmark.errors import StorageError, is_disk_error
 
 
 @dataclass(frozen=True)
@@ -67,33 +69,36 @@ class Schedule:
 
     @classmethod
     def from_dict(cls, values: dict) -> "Schedule":
+        """A schedule from (possibly string) values, through the coercer method parameters use:
+        integers refuse 2.7 and true, numbers refuse nan and inf. One ValueError lists every
+        problem."""
+        from methods.base import coerce
+
+        if not isinstance(values, dict):
+            raise ValueError(f"schedule must be a table of settings (e.g. {{ epochs = 20 }}), got {values!r}")
         known = {f.name: f.type for f in fields(cls)}
+        problems = []
         unknown = sorted(set(values) - set(known))
         if unknown:
-            raise ValueError(f"unknown schedule key(s) {unknown}; allowed: {sorted(known)}")
+            problems.append(f"unknown schedule key(s) {unknown}; allowed: {sorted(known)}")
         coerced = {}
         for key, value in values.items():
-            default = getattr(cls, key)
+            if key in known:
+                try:
+                    coerced[key] = coerce(value, _SCHEDULE_TYPES[key], f"schedule {key}")
+                except ValueError as exc:
+                    problems.append(str(exc))
+        if not problems:
             try:
-                coerced[key] = type(default)(value) if not isinstance(default, bool) else _as_bool(value)
-            except (TypeError, ValueError):
-                raise ValueError(f"schedule {key}={value!r} is not a {type(default).__name__}") from None
-        return cls(**coerced)
+                return cls(**coerced)
+            except ValueError as exc:
+                problems.append(str(exc))
+        raise ValueError("; ".join(problems))
 
 
 #: Field types of Schedule as classes (its annotations are strings under postponed evaluation).
 _SCHEDULE_TYPES = {"epochs": int, "lr": float, "momentum": float, "weight_decay": float, "batch_size": int,
                    "nesterov": bool, "warmup_epochs": int}
-
-
-def _as_bool(value) -> bool:
-    if isinstance(value, bool):
-        return value
-    if str(value).lower() in ("1", "true", "yes", "on"):
-        return True
-    if str(value).lower() in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(value)
 
 
 #: Default schedules per architecture family (DESIGN.md section 5). LeNet weight decay and the
@@ -303,18 +308,21 @@ def _save_atomic(obj, path: Path) -> None:
     """``torch.save`` through a temporary file and a rename: a reader sees the old file or the new
     one. Writing through a Python file object makes a full disk an OSError (ENOSPC) instead of an
     opaque RuntimeError, and the temporary file is removed whatever stops the write. The folder is
-    created if it is missing (another process may have cleaned it up)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    created if it is missing (a finished copy of the same cell may have cleaned it up)."""
+    # unique per write: two tasks of one cell in one process (a Dask worker's threads) must not share it
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}-{threading.get_ident()}-{time.monotonic_ns()}")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as fh:
             torch.save(obj, fh)
         os.replace(tmp, path)
     except BaseException as exc:
         with contextlib.suppress(OSError):
             tmp.unlink()
-        if isinstance(exc, RuntimeError) and isinstance(exc.__context__, OSError):
-            raise exc.__context__ from None  # torch wraps the OSError of the file object's write
+        # torch may wrap the OSError of the file object's write in a RuntimeError
+        cause = exc.__context__ if isinstance(exc, RuntimeError) and isinstance(exc.__context__, OSError) else exc
+        if is_disk_error(cause):
+            raise StorageError.from_os_error(cause, path) from None
         raise
 
 

@@ -12,6 +12,9 @@ Adding a method: one module with a ``@register``-ed class, and one import line i
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
+import types
 import typing
 from typing import TYPE_CHECKING, ClassVar
 
@@ -62,20 +65,41 @@ def param_fields(method: type[Method]) -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(method.Params)}
 
 
+@functools.lru_cache(maxsize=None)
+def _type_hints(params_cls: type) -> dict:
+    """Resolved annotations of a Params class, once per class (resolving them per cell made a
+    100,000-cell dry run take most of a minute)."""
+    return typing.get_type_hints(params_cls)
+
+
 def _field_type(method: type[Method], field: dataclasses.Field):
-    hints = typing.get_type_hints(method.Params)
-    return hints[field.name]
+    return _type_hints(method.Params)[field.name]
 
 
-def _coerce(value, annotation, where: str):
+#: Largest integer a field takes (a seed, a count): beyond it values are typos, and torch and
+#: numpy generators reject them anyway.
+MAX_INT = 2**63 - 1
+
+
+def coerce(value, annotation, where: str):
+    """``value`` (from TOML, JSON or the command line) as ``annotation`` says, or ValueError naming
+    ``where``, the value and what is allowed. The one coercer of method parameters and schedules:
+
+    - int: integers, and floats or strings that are whole numbers (``3.0``, ``"1e3"``); not 2.7,
+      not booleans;
+    - float: finite numbers (nan and inf are refused everywhere: no parameter means anything
+      with them), not booleans;
+    - bool: true/false (or 1/0, yes/no, on/off as text);
+    - Literal[...]: one of the listed values; ``X | None``: none/null too.
+    """
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if origin in (typing.Union, getattr(types, "UnionType", None)):
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
             if type(None) in args:
                 return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], where)
+        return coerce(value, inner[0], where)
     if origin is typing.Literal:
         if value not in args:
             raise ValueError(f"{where}={value!r} is not allowed; choose one of {list(args)}")
@@ -83,62 +107,89 @@ def _coerce(value, annotation, where: str):
     if annotation is bool:
         if isinstance(value, bool):
             return value
-        if str(value).lower() in ("true", "1", "yes"):
+        if isinstance(value, (int, str)) and str(value).lower() in ("true", "1", "yes", "on"):
             return True
-        if str(value).lower() in ("false", "0", "no"):
+        if isinstance(value, (int, str)) and str(value).lower() in ("false", "0", "no", "off"):
             return False
-        raise ValueError(f"{where}={value!r} is not a boolean (true/false)")
+        raise ValueError(f"{where}={value!r} is not a boolean (true or false)")
     if annotation is int:
-        if isinstance(value, bool):
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
             raise ValueError(f"{where}={value!r} is not an integer")
-        try:
-            as_float = float(value)
-        except (TypeError, ValueError):
-            raise ValueError(f"{where}={value!r} is not an integer") from None
-        if not as_float.is_integer():
-            raise ValueError(f"{where}={value!r} is not an integer")
-        return int(as_float)
+        if isinstance(value, int):
+            as_int = value
+        else:
+            try:
+                as_float = float(value)
+            except (TypeError, ValueError):
+                raise ValueError(f"{where}={value!r} is not an integer") from None
+            if not math.isfinite(as_float) or not as_float.is_integer():
+                raise ValueError(f"{where}={value!r} is not an integer")
+            as_int = int(as_float)
+        if abs(as_int) > MAX_INT:
+            raise ValueError(f"{where}={value!r} is too large for an integer setting (at most {MAX_INT})")
+        return as_int
     if annotation is float:
-        if isinstance(value, bool):
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
             raise ValueError(f"{where}={value!r} is not a number")
         try:
-            return float(value)
-        except (TypeError, ValueError):
+            as_float = float(value)
+        except (TypeError, ValueError, OverflowError):
             raise ValueError(f"{where}={value!r} is not a number") from None
+        if not math.isfinite(as_float):
+            raise ValueError(f"{where}={as_float} is not allowed: it must be a finite number")
+        return as_float
     if annotation is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ValueError(f"{where}={value!r} is not a text value")
         return str(value)
     return value
+
+
+_coerce = coerce  # the name the rest of the code base used
+
+
+class ParamsError(ValueError):
+    """Every problem with a method's parameters; ``problems`` pairs each message with the parameter
+    it is about (None when it is about no single one), so a grid can point at each one's line."""
+
+    def __init__(self, problems: list[tuple[str | None, str]]):
+        super().__init__("; ".join(message for _, message in problems))
+        self.problems = problems
 
 
 def make_params(method: type[Method] | str, values: dict | None = None) -> Method.Params:
     """Build a method's validated Params from a dict of (possibly string) values.
 
-    Raises ValueError naming every unknown key, every value of the wrong type and every value out of
-    range, with what is allowed.
+    Raises ParamsError (a ValueError) naming every unknown key, every value of the wrong type and
+    every value out of range, with what is allowed.
     """
     method = get_method(method) if isinstance(method, str) else method
     values = dict(values or {})
     fields_ = param_fields(method)
-    problems = []
+    problems: list[tuple[str | None, str]] = []
     unknown = sorted(set(values) - set(fields_))
     if unknown:
         allowed = ", ".join(f"{n} ({_type_name(_field_type(method, f))}, default {_default(f)!r})"
                             for n, f in fields_.items()) or "none"
-        problems.append(f"unknown parameter(s) {unknown} for method {method.name!r}; allowed: {allowed}")
-    coerced, bad_type = {}, False
+        problems.append((unknown[0], f"unknown parameter(s) {unknown} for method {method.name!r}; allowed: {allowed}"))
+    coerced, bad = {}, set()
     for name, value in values.items():
         if name in fields_:
             try:
-                coerced[name] = _coerce(value, _field_type(method, fields_[name]), f"{method.name}.{name}")
+                coerced[name] = coerce(value, _field_type(method, fields_[name]), f"{method.name}.{name}")
             except ValueError as exc:
-                problems.append(str(exc))
-                bad_type = True
-    if not bad_type:
-        params = method.Params(**coerced)
-        problems += [f"{method.name}.{p}" for p in params.validate()]
-        if not problems:
-            return params
-    raise ValueError("; ".join(problems))
+                problems.append((name, str(exc)))
+                bad.add(name)
+    # The values that coerced are range-checked even when others did not (their defaults stand in),
+    # so one message lists every problem.
+    params = method.Params(**coerced)
+    for problem in params.validate():
+        name = problem.split("=", 1)[0].strip()
+        if name not in bad:
+            problems.append((name if name in fields_ else None, f"{method.name}.{problem}"))
+    if not problems:
+        return params
+    raise ParamsError(problems)
 
 
 def _default(field: dataclasses.Field):

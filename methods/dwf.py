@@ -26,6 +26,10 @@ from benchmark.train import TrainHooks
 from methods.base import Method, register
 from methods.regularization import RegularizerParams, schedule_with_lr, settling_metrics
 
+#: Deepest factorization accepted (ours): far beyond any depth studied, and the truncated
+#: initialization gets slower with depth (at depth 10^6 it never ends).
+MAX_DEPTH = 32
+
 #: How ``lam`` enters the objective, recorded with every result (lam grids differ across conventions).
 LAM_CONVENTION = "mean CE + (lam/D) * sum_d ||w_d||^2  ==  lam * ||w||_{2/D}^{2/D} at balance"
 
@@ -187,6 +191,9 @@ class DWF(Method):
             problems = super().validate()
             if self.depth < 2:
                 problems.append(f"depth={self.depth} must be >= 2 (2 is shallow factorization)")
+            elif self.depth > MAX_DEPTH:
+                problems.append(f"depth={self.depth} must be <= {MAX_DEPTH} (every weight is stored as depth factors, "
+                                f"and the initialization's range for each factor narrows towards nothing as depth grows)")
             if not 0 < self.init_eps < 2:
                 problems.append(f"init_eps={self.init_eps} must be in (0, 2) (a fraction of sigma_w)")
             return problems

@@ -39,3 +39,14 @@ def tiny_data() -> data_mod.Data:
 def fashion() -> data_mod.Data:
     """The real Fashion-MNIST (Debian package dataset-fashion-mnist; `make test` installs it)."""
     return data_mod.load("fashion-mnist")
+
+
+def pytest_terminal_summary(terminalreporter):
+    """tests/test_fault_injection.py: how many kills the runner survived, and with how many cells."""
+    import sys
+
+    lines = getattr(sys.modules.get("test_fault_injection"), "REPORT", None)
+    if lines:
+        terminalreporter.section("fault injection")
+        for line in lines:
+            terminalreporter.write_line(line)

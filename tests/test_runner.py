@@ -115,6 +115,7 @@ datasets = ["fashion-mnist", "kmnist"]
 schedule = { epochs = 1 }
 [experiment.methods.dense]
 """)
+    (tmp_path / "nodata").mkdir()  # an empty folder: searched first, then the system locations
     assert main(["run", "--grid", str(grid_file), "--results-dir", "r", "--no-progress",
                  "--data-dir", str(tmp_path / "nodata")]) == 1
     results = {r["config"]["dataset"]: r for r in Store("r", "g").results()}
