@@ -24,12 +24,17 @@ from torch import nn
 from benchmark import data as data_mod
 from benchmark import models, sparsity
 from benchmark.errors import StorageError, is_disk_error
-from benchmark.train import (Diverged, History, Schedule, TrainHooks, _save_atomic, default_schedule, evaluate,
-                             pick_device, train)
+from benchmark.train import (Diverged, History, Schedule, TrainHooks, _save_atomic, default_schedule, epoch_steps,
+                             evaluate, pick_device, step_key, train)
 from methods import base as method_base
 
-#: Epochs at which the dense cache keeps a copy of the weights (lottery-ticket rewind points).
+#: Where the dense cache keeps a copy of the weights (lottery-ticket rewind points): after these
+#: epochs and after these optimizer steps (keyed ``"500it"``). Every point is one more copy of the
+#: model in the cache file and in each per-epoch checkpoint of the dense run (VGG-16: 59 MB each), so
+#: the set is small: the epochs ticket papers rewind to and a log-spaced set of early iterations.
 REWIND_EPOCHS = (0, 1, 2)
+REWIND_ITERATIONS = (100, 500, 2000)
+REWIND_POINTS: tuple[int | str, ...] = REWIND_EPOCHS + tuple(step_key(k) for k in REWIND_ITERATIONS)
 
 
 #: Seeds go to torch and numpy generators; numpy's take 32 bits.
@@ -37,17 +42,24 @@ MAX_SEED = 2**32 - 1
 
 
 @functools.lru_cache(maxsize=None)
-def prunable_weights(arch: str, dataset: str) -> int:
-    """Conv + linear weights of ``arch`` on ``dataset`` (built on the meta device: no memory, ~ms)."""
+def prunable_layer_sizes(arch: str, dataset: str) -> tuple[int, ...]:
+    """Weights of each conv / linear layer of ``arch`` on ``dataset``, in model order, the output
+    layer last (built on the meta device: no memory, ~ms)."""
     spec = data_mod.get_spec(dataset)
     with torch.device("meta"):
         model = models.build(arch, spec.shape, spec.num_classes)
-    return sum(module.weight.numel() for _, module in sparsity.prunable_layers(model))
+    return tuple(module.weight.numel() for _, module in sparsity.prunable_layers(model))
+
+
+def prunable_weights(arch: str, dataset: str) -> int:
+    """Conv + linear weights of ``arch`` on ``dataset``."""
+    return sum(prunable_layer_sizes(arch, dataset))
 
 
 def capacity_problems(method: str, params, arch: str, dataset: str) -> list[str]:
     """Settings the model cannot hold: a target compression beyond its number of prunable weights
-    (it would keep less than one weight)."""
+    (it would keep less than one weight), and what the method's own ``capacity_problems(layer
+    sizes)`` finds, if it has one."""
     target = getattr(params, "target_cr", None)
     if target is None or arch not in models.MODELS or dataset not in data_mod.DATASETS:
         return []
@@ -55,7 +67,9 @@ def capacity_problems(method: str, params, arch: str, dataset: str) -> list[str]
     if target > n:
         return [f"{method}.target_cr={target:g} is beyond what {arch} on {dataset} can be compressed to: it has "
                 f"{n:,} prunable weights, so target_cr must be <= {n} (keeping at least one weight)"]
-    return []
+    own = getattr(params, "capacity_problems", None)
+    return [f"{method}.{problem} ({arch} on {dataset})" for problem in own(prunable_layer_sizes(arch, dataset))] \
+        if own else []
 
 
 def check_seed(seed, where: str = "seed") -> int:
@@ -206,7 +220,7 @@ class DenseModel:
     model: nn.Module
     history: list[dict]
     wall_s: float
-    snapshots: dict[int, dict]
+    snapshots: dict[int | str, dict]  # by epoch, or by step as "500it" (CPU)
     test_acc: float
 
 
@@ -242,16 +256,22 @@ class Context:
 
     def train(self, model: nn.Module, hooks: TrainHooks | None = None, phase: str = "train",
               schedule: Schedule | None = None, snapshot_epochs: tuple[int, ...] = (),
-              first_epoch: int = 0) -> tuple[History, dict]:
+              first_epoch: int = 0, first_batch: int = 0, constant_lr: bool = False) -> tuple[History, dict]:
         """The shared loop, checkpointed under this cell's work dir as ``<phase>.ckpt``."""
         schedule = schedule or self.schedule
         self.work_dir.mkdir(parents=True, exist_ok=True)
         history, snaps = train(model, self.data, schedule, seed=self.cell.seed, hooks=hooks,
                                checkpoint=self.work_dir / f"{phase}.ckpt", progress=self.progress,
                                desc=f"{self.cell.method}:{phase}", channels_last=self.channels_last,
-                               snapshot_epochs=snapshot_epochs, first_epoch=first_epoch, compiled=self.compiled)
+                               snapshot_epochs=snapshot_epochs, first_epoch=first_epoch, first_batch=first_batch,
+                               constant_lr=constant_lr, compiled=self.compiled)
         self.trained_epochs += schedule.epochs - first_epoch
+        if first_batch:  # joined mid-epoch: a fraction of an epoch less
+            self.trained_epochs -= first_batch / self.steps_per_epoch(schedule)
         return history, snaps
+
+    def steps_per_epoch(self, schedule: Schedule | None = None) -> int:
+        return epoch_steps(len(self.data.train), (schedule or self.schedule).batch_size)
 
     def evaluate(self, model: nn.Module) -> tuple[float, float]:
         return evaluate(model, self.data.test, channels_last=self.channels_last)
@@ -261,29 +281,47 @@ class Context:
         return config_hash({"arch": c.arch, "dataset": c.dataset, "seed": c.seed,
                             "schedule": asdict(c.schedule), "subset": c.subset, "v": 1})
 
-    def dense(self) -> DenseModel:
-        """The dense model of this arch x dataset x schedule x seed, trained once and cached.
+    def dense(self, snapshot: int | str | None = None) -> DenseModel:
+        """The dense model of this arch x dataset x schedule x seed, trained once and cached, with its
+        snapshots at the ``REWIND_POINTS`` the run reached (memory-mapped on the CPU: a cell reads
+        only the one it rewinds to).
 
-        Concurrent cells on one machine wait on a file lock instead of training it twice.
+        Concurrent cells on one machine wait on a file lock instead of training it twice. A cache
+        file written before ``snapshot`` was one of the points kept (older versions kept epochs 0-2
+        only) is trained again and replaced, once the new run has reproduced its final weights bit
+        for bit: the cells that used the old file and the ones that rewind into the new one then
+        share one dense run.
         """
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         key = self.dense_key()
         final = self.cache_dir / f"dense-{key}.pt"
         with _file_lock(self.cache_dir / f"dense-{key}.lock"):
-            if not final.is_file():
-                model = self.new_model()
-                history, snaps = train(model, self.data, self.schedule, seed=self.cell.seed,
-                                       checkpoint=self.cache_dir / f"dense-{key}.ckpt", progress=self.progress,
-                                       desc="dense", channels_last=self.channels_last,
-                                       snapshot_epochs=REWIND_EPOCHS, compiled=self.compiled)
-                acc, _ = self.evaluate(model)
-                _save_atomic({"model": model.state_dict(), "history": history.epochs, "wall_s": history.wall_s,
-                              "snapshots": snaps, "test_acc": acc, "config": self.cell.config()}, final)
+            cached = torch.load(final, map_location="cpu", mmap=True, weights_only=False) if final.is_file() else None
+            kept = cached.get("snapshot_points", REWIND_EPOCHS) if cached is not None else ()
+            if cached is None or (snapshot is not None and snapshot not in kept):
+                fresh = self._train_dense(key)
+                if cached is not None and not _same_state(cached["model"], fresh["model"]):
+                    raise RuntimeError(
+                        f"the dense cache {final} keeps no snapshot at {snapshot!r} (an older version wrote it), and "
+                        f"training it again here did not reproduce its weights (another torch build, thread count or "
+                        f"device?). Delete it to train the dense model afresh for every cell that uses it")
+                _save_atomic(fresh, final)
                 (self.cache_dir / f"dense-{key}.ckpt").unlink(missing_ok=True)
-            state = torch.load(final, map_location=self.device, weights_only=False)
+                cached = torch.load(final, map_location="cpu", mmap=True, weights_only=False)
         model = self.new_model()
-        model.load_state_dict(state["model"])
-        return DenseModel(model, state["history"], state["wall_s"], state["snapshots"], state["test_acc"])
+        model.load_state_dict(cached["model"])
+        return DenseModel(model, cached["history"], cached["wall_s"], cached["snapshots"], cached["test_acc"])
+
+    def _train_dense(self, key: str) -> dict:
+        model = self.new_model()
+        history, snaps = train(model, self.data, self.schedule, seed=self.cell.seed,
+                               checkpoint=self.cache_dir / f"dense-{key}.ckpt", progress=self.progress,
+                               desc="dense", channels_last=self.channels_last, snapshot_epochs=REWIND_EPOCHS,
+                               snapshot_steps=REWIND_ITERATIONS, compiled=self.compiled)
+        acc, _ = self.evaluate(model)
+        return {"model": model.state_dict(), "history": history.epochs, "wall_s": history.wall_s,
+                "snapshots": snaps, "snapshot_points": list(REWIND_POINTS), "test_acc": acc,
+                "config": self.cell.config()}
 
     def measure(self, model: nn.Module, threshold: float = 0.0, history: History | list | None = None,
                 **extra) -> dict:
@@ -296,6 +334,10 @@ class Context:
         record["train_acc"] = epochs[-1]["train_acc"] if epochs else None
         record.update(extra)
         return record
+
+
+def _same_state(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k].cpu(), b[k].cpu()) for k in a)
 
 
 @contextlib.contextmanager

@@ -73,6 +73,7 @@ _FIXED = {
     "structured-global": (3, 0.45, "d", (0, (5, 1, 1, 1, 1, 1))),
 }
 _DWF_MARKERS = ("o", "s", "D", "^", "v", "p")
+_VARIANT_LINES = ("-", (0, (5, 2)), (0, (1, 1)), (0, (6, 1, 1, 1, 1, 1)))  # a method's variants, in turn
 _SPARE = [0, 5, 2, 4, 6, 8]  # palette slots for methods this file does not know
 
 
@@ -98,13 +99,16 @@ def variant_styles(info: dict[str, tuple[str, object]]) -> dict[str, Style]:
         amount = 0.7 * i / max(1, len(dwf) - 1)
         styles[variant] = Style(_darken(_palette()[0], amount), _DWF_MARKERS[i % len(_DWF_MARKERS)], "-")
     spare = 0
+    others: dict[str, int] = {}  # method -> its variants styled so far besides the plain one
     for variant, (method, _) in sorted(info.items()):
         if variant in styles or method == cv.DENSE_METHOD:
             continue
         if method in _FIXED:
             slot, darken, marker, ls = _FIXED[method]
-            if variant != method:  # e.g. "magnitude +FT": the method's colour, darker, solid
-                darken, ls = darken + 0.35, "-"
+            if variant != method:  # "magnitude +FT", "lottery LRR": the method's colour, darker, and a
+                i = others[method] = others.get(method, -1) + 1  # line of its own (the first one solid)
+                darken += 0.35 if i % 2 == 0 else 0.15
+                ls = _VARIANT_LINES[i % len(_VARIANT_LINES)]
         else:
             slot, darken, marker, ls = _SPARE[spare % len(_SPARE)], 0.3 * (spare // len(_SPARE)), "o", (0, (3, 1))
             spare += 1

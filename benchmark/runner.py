@@ -26,6 +26,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import logging
+import math
 import os
 import shlex
 import signal
@@ -39,11 +40,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from benchmark import grids as grids_mod
-from benchmark.cell import Cell
+from benchmark.cell import Cell, prunable_layer_sizes
 from benchmark.errors import Interrupted, RunStopped, StorageError, is_disk_error
 from benchmark.store import HEARTBEAT_S, DamagedResult, Store
 from methods import get_method
-from methods.lottery import level_keep_counts
+from methods.lottery import level_epochs, planned_levels
 
 log = logging.getLogger("benchmark.run")
 
@@ -217,11 +218,9 @@ def pending_cells(store: Store, cells: list[Cell], retry_failed: bool,
 def estimate_epochs(cell: Cell) -> int:
     """Training epochs a cell costs (post-training methods reuse the cached dense training)."""
     p = cell.method_params
-    if cell.method == "lottery":
-        # The method's own schedule decides how many levels there are (their number does not depend
-        # on how many weights there are, so one weight stands in for the network).
-        levels = len(level_keep_counts(1, p.target_cr, p.prune_fraction))
-        return levels * (cell.schedule.epochs - p.rewind)  # each level trains from the rewind epoch on
+    if cell.method == "lottery":  # the method's own plan: its levels, each training level_epochs
+        levels = len(planned_levels(p, prunable_layer_sizes(cell.arch, cell.dataset)))
+        return math.ceil(levels * level_epochs(p, cell.schedule.epochs, None))
     if get_method(cell.method).needs_dense and cell.method != "dense":
         return int(getattr(p, "finetune_epochs", 0) or 0)
     return cell.schedule.epochs

@@ -55,10 +55,17 @@ HISTORY_KEYS = ["cell_id", "level", "variant", "method", "arch", "dataset", "see
 
 
 def variant_label(record: dict) -> str:
-    """The curve a record belongs to: the method, with the depth for DWF, and ``+FT`` for a pruned
-    dense model that was fine-tuned (the paper's magnitude baselines are not)."""
+    """The curve a record belongs to: the method, with the depth for DWF, ``+FT`` for a pruned
+    dense model that was fine-tuned (the paper's magnitude baselines are not), and for a lottery
+    ticket what differs from the LTH's (``lottery LRR rewind=500it dense-output``)."""
     if record.get("method") == "dwf" and record.get("depth") is not None:
         return f"dwf D={int(record['depth'])}"
+    if record.get("method") == "lottery":
+        retrain = record.get("retrain") or "rewind"
+        label = "lottery" + {"lr_rewind": " LRR", "finetune": " FT"}.get(retrain, "")
+        if retrain != "finetune" and record.get("rewind") not in (None, 0):
+            label += f" rewind={record['rewind']}"
+        return label + (" dense-output" if record.get("prune_output") is False else "")
     if record.get("family") == "after-training" and (record.get("finetune_epochs") or 0) > 0:
         return f"{record.get('method')} +FT"
     return str(record.get("method"))

@@ -346,33 +346,45 @@ def train(
     desc: str = "train",
     channels_last: bool = False,
     snapshot_epochs: tuple[int, ...] = (),
+    snapshot_steps: tuple[int, ...] = (),
     first_epoch: int = 0,
+    first_batch: int = 0,
+    constant_lr: bool = False,
     compiled: bool = False,
-) -> tuple[History, dict[int, dict]]:
+) -> tuple[History, dict[int | str, dict]]:
     """Train ``model`` in place on ``data`` (already on the model's device).
 
-    Returns the history and, for each epoch in ``snapshot_epochs`` (0 = before training), a copy of
-    the model's state at the end of that epoch (used for lottery-ticket rewinding).
-    ``first_epoch`` > 0 joins the schedule part-way, as a run rewound to that epoch does: the
-    learning rate and the batch order are those of a run that had trained the earlier epochs, with a
-    fresh optimizer state; only epochs ``first_epoch`` .. ``epochs - 1`` are trained.
+    Returns the history and the snapshots asked for (used for lottery-ticket rewinding): for each
+    epoch in ``snapshot_epochs`` (0 = before training) a copy of the model's state at the end of
+    that epoch, under the epoch; for each k in ``snapshot_steps`` the state after k optimizer steps,
+    under ``step_key(k)`` (``"500it"``). Taking them only copies, so the trajectory is unchanged.
+    ``first_epoch`` > 0 or ``first_batch`` > 0 joins the schedule part-way, after
+    ``first_epoch * steps_per_epoch + first_batch`` steps, as a run rewound to that point does: the
+    learning rate and the batch order are those of a run that had trained the earlier steps (the
+    batches of the joined epoch before ``first_batch`` are drawn and skipped), with a fresh
+    optimizer state. ``constant_lr`` keeps the learning rate at ``schedule.lr`` throughout
+    (fine-tuning) instead of warm-up and cosine annealing.
     ``compiled`` runs the training forward (and its backward) through ``torch.compile``; evaluation
     stays eager. Same model and parameters, so checkpoints and resume are unchanged.
     """
+    steps_per_epoch = epoch_steps(len(data.train), schedule.batch_size)
     if not 0 <= first_epoch <= schedule.epochs:
         raise ValueError(f"first_epoch={first_epoch} must be in [0, epochs={schedule.epochs}]")
+    if not 0 <= first_batch < steps_per_epoch or (first_batch and first_epoch == schedule.epochs):
+        raise ValueError(f"first_batch={first_batch} must be in [0, {steps_per_epoch}) (the steps of one epoch), "
+                         f"and 0 when first_epoch is the end of the schedule")
     hooks = hooks or TrainHooks()
     device = data.train.y.device
     if device.type == "cpu":
         tune_cpu_allocator()
     optimizer = make_optimizer(model, schedule, hooks)
-    steps_per_epoch = max(1, math.ceil(len(data.train) / schedule.batch_size))
     hooks.bind(optimizer, steps_per_epoch, schedule.epochs * steps_per_epoch)
-    factor = lr_factor(schedule.warmup_epochs * steps_per_epoch, schedule.epochs * steps_per_epoch)
-    skipped_steps = first_epoch * steps_per_epoch
+    factor = (lambda step: 1.0) if constant_lr else lr_factor(schedule.warmup_epochs * steps_per_epoch,
+                                                              schedule.epochs * steps_per_epoch)
+    skipped_steps = first_epoch * steps_per_epoch + first_batch
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: factor(step + skipped_steps))
     history = History()
-    snapshots: dict[int, dict] = {}
+    snapshots: dict[int | str, dict] = {}
     start_epoch = first_epoch
     if checkpoint is not None and checkpoint.is_file():
         state = torch.load(checkpoint, map_location=device, weights_only=False)
@@ -383,7 +395,7 @@ def train(
         snapshots = state["snapshots"]
         start_epoch = state["epoch"]
         hooks.load_state_dict(state.get("hooks", {}))
-    if start_epoch == first_epoch and first_epoch in snapshot_epochs:
+    if start_epoch == first_epoch and first_batch == 0 and first_epoch in snapshot_epochs:
         snapshots[first_epoch] = _clone_state(model)
 
     forward = torch.compile(model) if compiled else None
@@ -397,12 +409,18 @@ def train(
             loss_sum = torch.zeros((), device=device)
             correct = torch.zeros((), device=device)
             seen = 0
+            skip = first_batch if epoch == first_epoch else 0
             for step, (x, y) in enumerate(data_mod.batches(
                 data.train, schedule.batch_size, gen, augment_batches=data.spec.augment,
             )):
+                if step < skip:
+                    continue
+                global_step = epoch * steps_per_epoch + step
                 out, loss, total = training_step(model, prepare_input(x, channels_last), y, optimizer, hooks, device,
-                                                 forward, step=epoch * steps_per_epoch + step)
+                                                 forward, step=global_step)
                 scheduler.step()
+                if global_step + 1 in snapshot_steps:
+                    snapshots[step_key(global_step + 1)] = _clone_state(model)
                 loss_sum += loss.detach() * len(y)
                 correct += (out.detach().argmax(1) == y).sum()
                 seen += len(y)
@@ -432,6 +450,16 @@ def train(
     finally:
         bar.close()
     return history, snapshots
+
+
+def epoch_steps(examples: int, batch_size: int) -> int:
+    """Optimizer steps in one epoch (the last batch may be smaller)."""
+    return max(1, math.ceil(examples / batch_size))
+
+
+def step_key(steps: int) -> str:
+    """How a snapshot after ``steps`` optimizer steps is named (OpenLTH's notation)."""
+    return f"{steps}it"
 
 
 def check_compile(device: torch.device) -> None:

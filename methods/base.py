@@ -90,7 +90,9 @@ def coerce(value, annotation, where: str):
     - float: finite numbers (nan and inf are refused everywhere: no parameter means anything
       with them), not booleans;
     - bool: true/false (or 1/0, yes/no, on/off as text);
-    - Literal[...]: one of the listed values; ``X | None``: none/null too.
+    - Literal[...]: one of the listed values; ``X | None``: none/null too; ``X | Y``: the first of
+      them that takes the value (``int | str``: ``2`` and ``"2"`` are the integer 2, ``"500it"``
+      stays text), else X's error.
     """
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
@@ -98,8 +100,13 @@ def coerce(value, annotation, where: str):
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
             if type(None) in args:
                 return None
-        inner = [a for a in args if a is not type(None)]
-        return coerce(value, inner[0], where)
+        errors = []
+        for alternative in (a for a in args if a is not type(None)):
+            try:
+                return coerce(value, alternative, where)
+            except ValueError as exc:
+                errors.append(exc)
+        raise errors[0]
     if origin is typing.Literal:
         if value not in args:
             raise ValueError(f"{where}={value!r} is not allowed; choose one of {list(args)}")

@@ -1,69 +1,127 @@
-"""Lottery ticket (Frankle & Carbin 2019): iterative global magnitude pruning with rewinding.
+"""Lottery ticket (Frankle & Carbin 2019): iterative global magnitude pruning, then retraining.
 
 Level 0 is the cached dense model. Each level prunes ``prune_fraction`` of the weights that
-survived the previous level, ranked globally by the magnitude of that level's *trained* weights
-(the last level prunes exactly to ``target_cr``), rewinds every surviving weight, bias and
-BatchNorm entry to the dense run's state at epoch ``rewind`` (0 = the original initialization),
-and trains with the mask held. Every level is a point on the curve, so the cell returns one record
-per level, level 0 included.
+survived the previous level, ranked globally by the magnitude of that level's *trained* weights,
+and retrains the survivors with the mask held. ``level_keep_counts`` plans the levels, for this
+method and for the runner's estimate alike; the last level keeps exactly ``round(total /
+target_cr)`` weights. How a level retrains is ``retrain``:
 
-Each level trains the rest of the schedule from the rewound state: epochs ``rewind`` .. end, with
-the learning rate and batch order of those epochs and a fresh optimizer state, so every level ends
-at the same point of the schedule as the dense run. Each level checkpoints as its own phase, so a
-killed cell resumes at the level it was in; finished levels replay from their checkpoints without
-training.
+- ``rewind`` (the LTH; OpenLTH's default): every surviving weight, bias and BatchNorm entry goes
+  back to the dense run's state at ``rewind``, an epoch (0 = the original initialization) or an
+  iteration (``"500it"``: after that many optimizer steps, Frankle et al. 2020's late rewinding),
+  and the rest of the schedule is trained from there: the learning rate and batch order of those
+  steps (joining mid-epoch for an iteration), with a fresh optimizer state, so every level ends at
+  the same point of the schedule as the dense run. Only the points the dense cache keeps
+  (``benchmark.cell.REWIND_POINTS``) are allowed.
+- ``lr_rewind`` (learning-rate rewinding, Renda et al. 2020): the weights stay as the previous level
+  trained them (pruned ones zero); only the learning-rate schedule and batch order go back to
+  ``rewind`` (any epoch or iteration: no snapshot is needed), and the rest of the schedule is
+  trained.
+- ``finetune`` (Renda et al.'s fine-tuning baseline): the weights stay; ``finetune_epochs`` at the
+  constant ``finetune_lr``.
+
+``prune_output=false`` leaves the output layer dense, as OpenLTH does by default; its weights count
+as kept, so the other layers are pruned further for the same ``target_cr``. Ours prunes it (the
+default, which existing cells were run with).
+
+Every level is a point on the curve, so the cell returns one record per level, level 0 included.
+Each level checkpoints as its own phase, so a killed cell resumes at the level it was in; finished
+levels replay from their checkpoints without training.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
 
+from benchmark.sparsity import prunable_layers
 from methods.base import Method, register
 from methods.masks import (apply_masks, check_target_cr, kept_count, magnitude_scores, masks_from_scores, read_masks,
                            remove_masks)
 
+#: Fine-tuning's learning rate when ``finetune_lr`` is none: the schedule's divided by this (ours).
+#: Renda et al. fine-tune at the final rate of their step schedules (0.1 after two tenfold drops:
+#: 0.001); our cosine schedule ends at zero, so a hundredth of its peak stands in for it.
+FINETUNE_LR_DIVISOR = 100
 
-def rewind_epochs() -> tuple[int, ...]:
-    """The epochs the dense cache keeps (imported late: benchmark.cell imports this package)."""
-    from benchmark.cell import REWIND_EPOCHS
-
-    return REWIND_EPOCHS
-
-
-def level_keep_counts(total: int, target_cr: float, prune_fraction: float) -> list[int]:
-    """Weights kept after each level 1..L: (1 - fraction)^l of ``total``, and exactly
-    ``total / target_cr`` at the last level L, the first one that reaches the target."""
-    levels = max(1, math.ceil(math.log(target_cr) / -math.log1p(-prune_fraction) - 1e-9))
-    counts = [kept_count(total, (1.0 - prune_fraction) ** -level) for level in range(1, levels)]
-    return counts + [kept_count(total, target_cr)]
+_ITERATION = re.compile(r"(\d+)it")
 
 
-def rewound_model(ctx, snapshot: dict, keep: dict[str, torch.Tensor]) -> nn.Module:
-    """A fresh model holding the rewind state exactly, with ``keep`` applied as masks."""
+def rewind_points() -> tuple[int | str, ...]:
+    """The points the dense cache keeps (imported late: benchmark.cell imports this package)."""
+    from benchmark.cell import REWIND_POINTS
+
+    return REWIND_POINTS
+
+
+def rewind_steps(point: int | str, steps_per_epoch: int) -> int:
+    """Optimizer steps before ``point``: an epoch (int) or an iteration (``"500it"``)."""
+    if isinstance(point, int):
+        return point * steps_per_epoch
+    return int(_ITERATION.fullmatch(point).group(1))
+
+
+def level_keep_counts(total: int, target_cr: float, prune_fraction: float, fixed: int = 0) -> list[int]:
+    """Weights kept after each level 1..L out of ``total``, ``fixed`` of them (a layer left dense)
+    included. The others, ``total - fixed``, keep (1 - fraction)^l of theirs at level l; the last
+    level L, the first whose fraction reaches the target, keeps ``kept_count(total, target_cr)`` in
+    all: total / target_cr within half a weight."""
+    final = kept_count(total, target_cr)
+    if fixed and final <= fixed:
+        raise ValueError(f"target_cr={target_cr:g} keeps {final} of {total} weights, not more than the {fixed} "
+                         f"left dense")
+    pool = total - fixed
+    pool_cr = pool / (total / target_cr - fixed)  # = target_cr when nothing is left dense
+    levels = max(1, math.ceil(math.log(pool_cr) / -math.log1p(-prune_fraction) - 1e-9))
+    counts = [fixed + kept_count(pool, (1.0 - prune_fraction) ** -level) for level in range(1, levels)]
+    return counts + [final]
+
+
+def planned_levels(params: "Lottery.Params", layer_sizes: tuple[int, ...] | list[int]) -> list[int]:
+    """``level_keep_counts`` for a network with these prunable layers (the output layer last)."""
+    fixed = 0 if params.prune_output else layer_sizes[-1]
+    return level_keep_counts(sum(layer_sizes), params.target_cr, params.prune_fraction, fixed)
+
+
+def level_epochs(params: "Lottery.Params", epochs: int, steps_per_epoch: int | None) -> float:
+    """Epochs one level trains in a schedule of ``epochs``. Without ``steps_per_epoch`` (an estimate
+    made before the data is loaded) an iteration rewind counts the whole schedule, an upper bound."""
+    if params.retrain == "finetune":
+        return epochs if params.finetune_epochs is None else params.finetune_epochs
+    if isinstance(params.rewind, int):
+        return epochs - params.rewind
+    if steps_per_epoch is None:
+        return epochs
+    return epochs - rewind_steps(params.rewind, steps_per_epoch) / steps_per_epoch
+
+
+def rewound_model(ctx, state: dict, keep: dict[str, torch.Tensor]) -> nn.Module:
+    """A fresh model holding ``state`` exactly, with ``keep`` applied as masks."""
     model = ctx.new_model()
-    model.load_state_dict(snapshot)
+    model.load_state_dict(state)
     apply_masks(model, keep)
-    check_rewound(model, snapshot)
+    check_rewound(model, state)
     return model
 
 
-def check_rewound(model: nn.Module, snapshot: dict) -> None:
+def check_rewound(model: nn.Module, state: dict) -> None:
     """Every kept weight equals its saved value bit for bit (guards against a silent non-rewind)."""
     masks = read_masks(model)
     for name, module in model.named_modules():
         if name in masks:
-            saved = snapshot[f"{name}.weight"]
+            saved = state[f"{name}.weight"].to(module.weight.device)
             if not torch.equal(module.weight.detach()[masks[name]], saved[masks[name]]):
                 raise RuntimeError(f"rewinding failed: kept weights of {name!r} differ from the snapshot")
 
 
 @register
 class Lottery(Method):
-    """Lottery ticket: iterative global magnitude pruning with rewinding; one record per level."""
+    """Lottery ticket: iterative global magnitude pruning with rewinding (or LR rewinding, fine-tuning)."""
 
     name = "lottery"
     family = "lottery"
@@ -73,40 +131,94 @@ class Lottery(Method):
     class Params(Method.Params):
         target_cr: float = 10.0
         prune_fraction: float = 0.2  # of the remaining weights per level, as in the LTH paper
-        rewind: int = 0  # epoch of the dense run to rewind to; 0 = the original initialization
+        rewind: int | str = 0  # epoch (2) or iteration ("500it") the weights or the LR schedule go back to
+        retrain: Literal["rewind", "lr_rewind", "finetune"] = "rewind"
+        finetune_epochs: int | None = None  # retrain=finetune; none: the schedule's epochs (ours)
+        finetune_lr: float | None = None  # retrain=finetune; none: the schedule's lr / 100 (ours)
+        prune_output: bool = True  # ours; OpenLTH leaves the output layer dense
 
         def validate(self):
             problems = check_target_cr(self.target_cr, strict=True)
             if not 0 < self.prune_fraction < 1:
                 problems.append(f"prune_fraction={self.prune_fraction} must be in (0, 1) "
                                 f"(the fraction of remaining weights pruned per level)")
-            allowed = rewind_epochs()
-            if self.rewind not in allowed:
-                problems.append(f"rewind={self.rewind} is not allowed; choose one of {list(allowed)} "
-                                f"(the epochs the dense cache keeps)")
+            points = rewind_points()
+            epochs = [p for p in points if isinstance(p, int)]
+            iterations = [p for p in points if isinstance(p, str)]
+            is_point = (isinstance(self.rewind, int) and self.rewind >= 0) or (
+                isinstance(self.rewind, str) and _ITERATION.fullmatch(self.rewind) is not None)
+            if self.retrain == "rewind" and self.rewind not in points:
+                problems.append(f"rewind={self.rewind!r} is not allowed; choose one of {epochs} (epochs) or "
+                                f"{iterations} (iterations): the points the dense cache keeps")
+            elif self.retrain == "lr_rewind" and not is_point:
+                problems.append(f"rewind={self.rewind!r} is not allowed; choose an epoch (an integer >= 0) or an "
+                                f"iteration such as '500it'")
+            elif self.retrain == "finetune" and self.rewind != 0:
+                problems.append(f"rewind={self.rewind!r} does not apply to retrain='finetune' (it keeps the trained "
+                                f"weights at a constant learning rate); leave rewind at 0")
+            for name in ("finetune_epochs", "finetune_lr"):
+                value = getattr(self, name)
+                if value is not None and self.retrain != "finetune":
+                    problems.append(f"{name}={value} applies only to retrain='finetune', not "
+                                    f"retrain={self.retrain!r}")
+            if self.finetune_epochs is not None and self.finetune_epochs < 1:
+                problems.append(f"finetune_epochs={self.finetune_epochs} must be >= 1 (or none for the schedule's)")
+            if self.finetune_lr is not None and not self.finetune_lr > 0:
+                problems.append(f"finetune_lr={self.finetune_lr} must be > 0 (or none for the schedule's lr / "
+                                f"{FINETUNE_LR_DIVISOR})")
             return problems
+
+        def capacity_problems(self, layer_sizes: tuple[int, ...]) -> list[str]:
+            """With the output layer dense, the target must keep more weights than it has."""
+            total, output = sum(layer_sizes), layer_sizes[-1]
+            if self.prune_output or kept_count(total, self.target_cr) > output:
+                return []
+            return [f"target_cr={self.target_cr:g} with prune_output=false is out of reach: it keeps "
+                    f"{kept_count(total, self.target_cr):,} of {total:,} prunable weights, no more than the "
+                    f"{output:,} of the output layer, which stays dense; target_cr must be <= "
+                    f"{math.floor(total / (output + 1) * 100) / 100:g}"]
 
     def run(self, ctx):
         p = self.params
-        dense = ctx.dense()
-        if p.rewind not in dense.snapshots:
-            raise ValueError(f"rewind={p.rewind}: the dense run has snapshots only at epochs "
-                             f"{sorted(dense.snapshots)} (schedule of {ctx.schedule.epochs} epochs)")
-        epochs = ctx.schedule.epochs
+        dense = ctx.dense(snapshot=p.rewind if p.retrain == "rewind" else None)
+        epochs, steps_per_epoch = ctx.schedule.epochs, ctx.steps_per_epoch()
+        start = rewind_steps(p.rewind, steps_per_epoch)
+        if p.retrain == "rewind" and p.rewind not in dense.snapshots:
+            kept = [point for point in rewind_points() if point in dense.snapshots]
+            raise ValueError(f"rewind={p.rewind!r}: the dense run has snapshots only at {kept} (a schedule of "
+                             f"{epochs} epochs of {steps_per_epoch} steps)")
+        if p.retrain == "lr_rewind" and start >= epochs * steps_per_epoch:
+            raise ValueError(f"rewind={p.rewind!r} is at or past the end of the schedule ({epochs} epochs of "
+                             f"{steps_per_epoch} steps): nothing would be trained")
+        first_epoch, first_batch = divmod(start, steps_per_epoch)
+        per_level = level_epochs(p, epochs, steps_per_epoch)
+        finetune, extra = None, {}
+        if p.retrain == "finetune":
+            lr = ctx.schedule.lr / FINETUNE_LR_DIVISOR if p.finetune_lr is None else p.finetune_lr
+            finetune = ctx.schedule.finetune(per_level, lr)
+            extra = {"finetune_epochs": per_level, "finetune_lr": lr}
+
+        layers = prunable_layers(dense.model)
+        pruned = {name for name, _ in (layers if p.prune_output else layers[:-1])}
+        fixed = 0 if p.prune_output else layers[-1][1].weight.numel()
+        total = sum(module.weight.numel() for _, module in layers)
         records = [ctx.measure(dense.model, history=dense.history, level=0, level_target_cr=1.0,
                                epochs=epochs, dense_test_acc=dense.test_acc)]
         trained, keep = dense.model, None
-        total = sum(w.numel() for w in magnitude_scores(trained).values())
-        for level, count in enumerate(level_keep_counts(total, p.target_cr, p.prune_fraction), start=1):
-            scores = magnitude_scores(trained)
+        for level, count in enumerate(planned_levels(p, [m.weight.numel() for _, m in layers]), start=1):
+            scores = {name: s for name, s in magnitude_scores(trained).items() if name in pruned}
             if keep is not None:  # what an earlier level pruned stays pruned
                 scores = {name: s.masked_fill(~keep[name], -math.inf) for name, s in scores.items()}
-            keep = masks_from_scores(scores, p.target_cr, "global", keep=count)
-            model = rewound_model(ctx, dense.snapshots[p.rewind], keep)
-            history, _ = ctx.train(model, phase=f"level{level}", first_epoch=p.rewind)
+            keep = masks_from_scores(scores, p.target_cr, "global", keep=count - fixed)
+            source = dense.snapshots[p.rewind] if p.retrain == "rewind" else trained.state_dict()
+            model = rewound_model(ctx, source, keep)
+            if finetune is not None:
+                history, _ = ctx.train(model, phase=f"level{level}", schedule=finetune, constant_lr=True)
+            else:
+                history, _ = ctx.train(model, phase=f"level{level}", first_epoch=first_epoch, first_batch=first_batch)
             remove_masks(model)
             records.append(ctx.measure(model, history=history, level=level,
                                        level_target_cr=total / count if count else math.inf,
-                                       epochs=epochs + level * (epochs - p.rewind), dense_test_acc=dense.test_acc))
+                                       epochs=epochs + level * per_level, dense_test_acc=dense.test_acc, **extra))
             trained = model
         return records

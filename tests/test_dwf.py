@@ -204,3 +204,15 @@ def test_bad_parameters_are_named(values, fragment):
     with pytest.raises(ValueError) as err:
         make_params("dwf", values)
     assert fragment in str(err.value)
+
+
+def test_skip_last_leaves_the_classifier_plain_with_the_schedules_weight_decay():
+    """The choice documented in the README: an unfactorized classifier is trained as every plain
+    weight is, with the schedule's weight decay; the factors get 2 lam / D, biases nothing."""
+    model = models.build("lenet300", (1, 8, 8), 4, seed=0)
+    factorize(model, 3, seed=0, skip_last=True)
+    groups = FactorHooks(1e-3, 3, "decay").param_groups(model, Schedule(weight_decay=5e-4))
+    decay = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
+    assert model.fc3 not in factorized_modules(model)
+    assert decay[id(model.fc3.weight)] == 5e-4 and decay[id(model.fc3.bias)] == 0.0
+    assert {decay[id(f)] for m in (model.fc1, model.fc2) for f in factors_of(m)} == {2 * 1e-3 / 3}
