@@ -240,14 +240,32 @@ def test_a_stop_signal_releases_claims_stops_workers_and_says_how_to_resume(tmp_
     assert all(results_now[cid]["run_id"] == run_id for cid, run_id in first_run.items())
 
 
+def _cpu_ticks(pid: int) -> int:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])  # utime + stime
+
+
+def _busy(pids: list[int], within: float = 20.0) -> int:
+    """A worker that is computing (its CPU time advances), not one waiting between two cells."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        before = {p: _cpu_ticks(p) for p in pids}
+        time.sleep(0.3)
+        for p in pids:
+            if _cpu_ticks(p) - before[p] >= 5:  # >= 50 ms of CPU in 300 ms
+                return p
+    raise AssertionError(f"no worker of {pids} was busy within {within} s")
+
+
 def test_a_killed_local_worker_does_not_stop_the_grid(tmp_path):
     """Beyond the issue: SIGKILL of one worker (the OOM killer's way) broke the whole joblib
     pool and ended the run with a traceback. Its cells go back in the queue now."""
-    grid_file = write_grid(tmp_path / "g.toml", epochs=3, subset=1500, lams=(1e-5, 1e-4, 1e-3), depths=(2, 3))
+    # cells long enough (~10 s each on an idle 2-core machine) that a worker is killed mid-cell
+    grid_file = write_grid(tmp_path / "g.toml", epochs=8, subset=4000, lams=(1e-5, 1e-4, 1e-3), depths=(2, 3))
     results = tmp_path / "r"
     proc, workers = _driver_mid_grid(grid_file, results)
     loky = [p for p in workers if "LokyProcess" in Path(f"/proc/{p}/cmdline").read_text()]
-    os.kill(loky[0], signal.SIGKILL)
+    os.kill(_busy(loky), signal.SIGKILL)
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err
     assert no_traceback(err), err
