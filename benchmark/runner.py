@@ -42,7 +42,7 @@ from pathlib import Path
 from benchmark import grids as grids_mod
 from benchmark.cell import Cell, prunable_layer_sizes
 from benchmark.errors import Interrupted, RunStopped, StorageError, is_disk_error
-from benchmark.store import HEARTBEAT_S, DamagedResult, Store
+from benchmark.store import HEARTBEAT_S, DamagedResult, Store, pid_alive
 from methods import get_method
 from methods.lottery import level_epochs, planned_levels
 
@@ -432,22 +432,13 @@ def _quiet_semaphore_warning() -> None:
 
 
 def _child_alive(pid: int) -> bool:
-    try:
+    try:  # reap it if it is our child and has exited
         waited, _ = os.waitpid(pid, os.WNOHANG)
         if waited == pid:
             return False
     except ChildProcessError:
         pass  # not our child (or already reaped): ask the kernel
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie is as good as gone
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
+    return pid_alive(pid)
 
 
 class _DaskPool(_InlinePool):
@@ -650,6 +641,7 @@ def run_grid(grid: grids_mod.Grid, cells: list[Cell], *, results_dir="results", 
                     return  # stopping anyway: the cell stays unrecorded for the next run
                 deaths[cell.id] += 1
                 summary.worker_deaths += 1
+                store.sweep_leftovers()  # what the dead worker was writing
                 first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
                 if backend == "dask" or deaths[cell.id] >= MAX_WORKER_DEATHS:
                     times = deaths[cell.id] if backend == "local" else "several"

@@ -25,6 +25,7 @@ import errno
 import json
 import math
 import os
+import re
 import socket
 import time
 import uuid
@@ -75,7 +76,7 @@ def _atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file and a rename: readers see the old file or
     the new one, never a torn one. If the write fails (full disk, read-only folder) the temporary
     file is removed and a StorageError names the file and what to do."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}-{uuid.uuid4().hex[:6]}")
+    tmp = path.with_name(f".{path.name}.tmp-{_HOST_TAG}-{os.getpid()}-{uuid.uuid4().hex[:6]}")
     try:
         with open(tmp, "w") as fh:
             fh.write(text)
@@ -90,7 +91,20 @@ def _atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
-def _pid_alive(pid: int) -> bool:
+_HOST_TAG = re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname()) or "host"
+# ``.<name>.tmp-<host>-<pid>-<6 hex>``: who wrote a leftover temporary file, so that one whose
+# writer is gone (a SIGKILL mid-write) is removed at once instead of after an hour
+_TMP_WRITER = re.compile(r"\.tmp-(?P<host>[A-Za-z0-9_.]+)-(?P<pid>\d+)-[0-9a-f]{6}(\.new)?$")
+
+
+def _writer_gone(path: Path) -> bool:
+    """True if ``path`` is a temporary file written on this host by a process that no longer runs."""
+    match = _TMP_WRITER.search(path.name)
+    return bool(match) and match["host"] == _HOST_TAG and not pid_alive(int(match["pid"]))
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs on this host (a zombie, dead but not yet reaped, does not)."""
     if pid <= 0:
         return False
     try:
@@ -99,7 +113,10 @@ def _pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 def process_start(pid: int) -> int | None:
@@ -333,7 +350,7 @@ class Store:
     def claim(self, cell_id: str, run_id: str) -> bool:
         """Take the cell for this run; False if a live driver holds it (or it is finished)."""
         path = self._claim_path(cell_id)
-        tmp = self.claims_dir / f".{cell_id}.{os.getpid()}-{uuid.uuid4().hex[:8]}.new"
+        tmp = self.claims_dir / f".{cell_id}.tmp-{_HOST_TAG}-{os.getpid()}-{uuid.uuid4().hex[:6]}.new"
         try:
             self.claims_dir.mkdir(parents=True, exist_ok=True)
             with open(tmp, "w") as fh:
@@ -401,7 +418,7 @@ class Store:
                 pid = int(info.get("pid", 0))
             except (TypeError, ValueError):
                 return True
-            if not _pid_alive(pid):
+            if not pid_alive(pid):
                 return True
             started = info.get("start")  # a live pid that started at another time is a reused pid
             return started is not None and process_start(pid) not in (None, started)
@@ -467,7 +484,8 @@ class Store:
 
     def sweep_leftovers(self, older_than: float = 3600.0) -> int:
         """Remove temporary files a killed process left mid-write (a result's ``.*.tmp*``, a
-        claim's ``.*.new``) once they are older than any write takes; returns how many."""
+        claim's ``.*.new``): at once when this host wrote it and the writer is dead, otherwise (another
+        host's, an older name) once it is older than any write takes; returns how many."""
         removed = 0
         now = time.time()
         for folder, pattern in ((self.cells_dir, ".*.tmp*"), (self.root, ".*.tmp*"), (self.claims_dir, ".*.new")):
@@ -475,7 +493,7 @@ class Store:
                 continue
             for path in folder.glob(pattern):
                 try:
-                    if now - path.stat().st_mtime > older_than:
+                    if _writer_gone(path) or now - path.stat().st_mtime > older_than:
                         path.unlink()
                         removed += 1
                 except OSError:

@@ -273,6 +273,32 @@ def test_a_killed_local_worker_does_not_stop_the_grid(tmp_path):
     assert_every_cell_once(results, grid_file)
 
 
+def test_a_write_cut_by_sigkill_leaves_nothing_after_the_next_run(finished_run, tmp_path):
+    """Found by the fault injection: a worker or driver SIGKILLed inside a result or claim write left
+    its temporary file for an hour. The next run removes it at once when the writer is dead on this
+    host, and leaves a live writer's and another host's young files alone."""
+    results = shutil.copytree(finished_run / "r", tmp_path / "r")
+    store = Store(results, "g")
+    # a real writer, killed in the middle of an atomic write (it stops before the rename)
+    code = ("import os, signal, benchmark.store as s\n"
+            "os.replace = lambda *a: os.kill(os.getpid(), signal.SIGKILL)\n"
+            f"s._atomic_write_text(s.Path({str(store.cells_dir / 'x.json')!r}), '{{}}')\n")
+    done = subprocess.run([sys.executable, "-c", code], env=env(), capture_output=True, timeout=60)
+    assert done.returncode == -signal.SIGKILL
+    dead = list(store.cells_dir.glob(".x.json.tmp*"))
+    assert len(dead) == 1
+    host = dead[0].name.split(".tmp-")[1].rsplit("-", 2)[0]
+    live = store.cells_dir / f".y.json.tmp-{host}-{os.getpid()}-abcdef"
+    other_host = store.cells_dir / f".z.json.tmp-elsewhere-{os.getpid()}-abcdef"
+    claim_of_dead = store.claims_dir / dead[0].name.replace(".x.json.", ".x.").__add__(".new")
+    store.claims_dir.mkdir(exist_ok=True)
+    for path in (live, other_host, claim_of_dead):
+        path.write_text("{}")
+    assert main(["run", "--grid", str(finished_run / "g.toml"), "--results-dir", str(results), "--no-progress"]) == 0
+    assert not dead[0].exists() and not claim_of_dead.exists()
+    assert live.exists() and other_host.exists()
+
+
 # ------------------------------------------------------------------------------------------------
 # Tracebacks instead of messages
 # ------------------------------------------------------------------------------------------------
