@@ -41,8 +41,10 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         description="DWF pruning benchmark: run grids of method x architecture x dataset x "
                     "sparsity/lambda x seed cells, collect a tidy CSV, plot curves and tables.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Typical use:\n  python -m benchmark run --grid quick\n  python -m benchmark collect --grid quick\n"
-               "  python -m benchmark plot --grid quick\n  python -m benchmark report --grid quick",
+        epilog="Typical use:\n  python -m benchmark run --grid quick --dry-run   # cells, epochs, hours\n"
+               "  python -m benchmark run --grid quick             # writes results/quick/results.csv when it ends\n"
+               "  python -m benchmark plot                         # the last run's grid\n"
+               "  python -m benchmark report                       # tables and results/quick/report.html",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     owner = COMMAND_OWNERS.get(only or "")

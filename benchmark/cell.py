@@ -215,6 +215,12 @@ def config_hash(config: dict) -> str:
     return hashlib.sha256(canonical_json(config).encode()).hexdigest()[:16]
 
 
+def dense_key(cell: Cell) -> str:
+    """Name of the cached dense training a cell shares (``<cache>/dense-<key>.pt``)."""
+    return config_hash({"arch": cell.arch, "dataset": cell.dataset, "seed": cell.seed,
+                        "schedule": asdict(cell.schedule), "subset": cell.subset, "v": 1})
+
+
 @dataclass
 class DenseModel:
     model: nn.Module
@@ -277,9 +283,7 @@ class Context:
         return evaluate(model, self.data.test, channels_last=self.channels_last)
 
     def dense_key(self) -> str:
-        c = self.cell
-        return config_hash({"arch": c.arch, "dataset": c.dataset, "seed": c.seed,
-                            "schedule": asdict(c.schedule), "subset": c.subset, "v": 1})
+        return dense_key(self.cell)
 
     def dense(self, snapshot: int | str | None = None) -> DenseModel:
         """The dense model of this arch x dataset x schedule x seed, trained once and cached, with its

@@ -65,10 +65,15 @@ def panel_title(arch: str, dataset: str) -> str:
     return f"{ARCH_NAMES.get(arch, arch)} / {DATASET_NAMES.get(dataset, dataset)}"
 
 
+#: What --grid means to plot and report.
+GRID_HELP = ("grid name: the sub-folder of --results-dir to read (a grid's TOML file counts by its name, as run "
+             "names the folder); default: the grid of the last run in --results-dir")
+
+
 def collect_hint(path: Path) -> str:
     grid = path.parent.name or "GRID"
-    return (f"produce it with `python -m benchmark run --grid {grid}` then "
-            f"`python -m benchmark collect --grid {grid}`")
+    return (f"produce it with `python -m benchmark run --grid {grid}` (which writes it when it ends), or rebuild it "
+            f"from the result files with `python -m benchmark collect --grid {grid}`")
 
 
 def read_csv_checked(path: Path | str, required: tuple[str, ...]) -> pd.DataFrame:

@@ -41,6 +41,7 @@ from torch import nn
 
 from benchmark import data as data_mod
 from benchmark import models
+from benchmark.sparsity import prunable_layers
 from benchmark.train import (TrainHooks, check_compile, default_schedule, make_optimizer, pick_device, prepare_input,
                              train, training_step, tune_cpu_allocator)
 
@@ -234,12 +235,17 @@ def bench_data(device: torch.device, rounds: int, quick: bool) -> list[Row]:
 # step: DWF depth 2/3/4 vs dense, per architecture
 # ------------------------------------------------------------------------------------------------
 
-def make_step(arch: str, depth: int | None, device: torch.device, batch: int, compiled: bool = False) -> Callable[[], None]:
-    """One training step of ``arch`` (dense when ``depth`` is None) built as a DWF cell builds it:
-    channels_last on CUDA before factorizing, FactorHooks groups, the shared optimizer, bf16 autocast."""
+def build_training(arch: str, depth: int | None, device: torch.device, batch: int, compiled: bool = False,
+                   masked: bool = False, shape: tuple[tuple[int, int, int], int] | None = None):
+    """(model, hooks, optimizer, step): ``arch`` (dense when ``depth`` is None) built as a cell builds
+    it, channels_last on CUDA before factorizing, FactorHooks groups, the shared optimizer, bf16
+    autocast, and ``step`` one training step on a fixed batch. ``masked`` puts an all-ones mask on
+    every weight (what a pruned model trains with); ``shape`` is (input shape, classes), default
+    the architecture's in STEP_ARCHS."""
     from methods.dwf import FactorHooks, factorize
+    from methods.masks import apply_masks
 
-    in_shape, classes = STEP_ARCHS[arch]
+    in_shape, classes = shape or STEP_ARCHS[arch]
     channels_last = device.type == "cuda" and arch in models.CONV_MODELS
     model = models.build(arch, in_shape, classes, seed=0).to(device)
     if channels_last:
@@ -247,6 +253,8 @@ def make_step(arch: str, depth: int | None, device: torch.device, batch: int, co
     hooks: TrainHooks = TrainHooks() if depth is None else FactorHooks(DWF_LAM, depth, "decay")
     if depth is not None:
         factorize(model, depth, seed=0)
+    if masked:
+        apply_masks(model, {name: torch.ones_like(module.weight) for name, module in prunable_layers(model)})
     optimizer = make_optimizer(model, default_schedule(arch), hooks)
     forward = torch.compile(model) if compiled else model
     gen = torch.Generator().manual_seed(0)
@@ -257,7 +265,12 @@ def make_step(arch: str, depth: int | None, device: torch.device, batch: int, co
     def step():
         training_step(model, x, y, optimizer, hooks, device, forward)
 
-    return step
+    return model, hooks, optimizer, step
+
+
+def make_step(arch: str, depth: int | None, device: torch.device, batch: int, compiled: bool = False) -> Callable[[], None]:
+    """One training step of ``arch`` (dense when ``depth`` is None) as a DWF cell builds it."""
+    return build_training(arch, depth, device, batch, compiled)[3]
 
 
 def bench_step(device: torch.device, rounds: int | None, quick: bool, archs: list[str], compiled: bool) -> list[Row]:

@@ -475,33 +475,42 @@ def save_figure(fig: plt.Figure, stem: Path) -> list[Path]:
     return written
 
 
-def write_plots(grid: str, results_dir: Path | str = "results", plots_dir: Path | str = "plots",
-                at_cr: float | None = None) -> tuple[list[Path], list[str]]:
-    """Draw every figure of a grid's CSVs into ``plots_dir/grid``; returns (files, notes)."""
+def figures(grid: str, results_dir: Path | str = "results",
+            at_cr: float | None = None) -> tuple[list[tuple[str, plt.Figure]], list[str]]:
+    """Every figure of a grid's CSVs as (file stem, figure), and notes about what is left out."""
     source = Path(results_dir) / grid
     results = cv.load_results(source / "results.csv")
     layers = cv.load_layers(source / "layers.csv")
-    out = Path(plots_dir) / grid
     notes = results.notes()
-    files = save_figure(plot_accuracy_vs_cr(results, title=grid), out / "accuracy_vs_cr")
+    drawn = [("accuracy_vs_cr", plot_accuracy_vs_cr(results, title=grid))]
     if layers is None:
         notes.append(f"{source / 'layers.csv'} does not exist: no per-layer figure")
     else:
         fig, layer_notes = plot_layer_sparsity(results, layers, at_cr, title=grid)
         notes += layer_notes
         if fig is not None:
-            files += save_figure(fig, out / "layer_sparsity")
+            drawn.append(("layer_sparsity", fig))
     fig = plot_effective_cr(results, title=grid)
     if fig is None:
         notes.append("effective CR equals CR for every run (or is not in the CSV): no effective-CR figure")
     else:
-        files += save_figure(fig, out / "effective_cr")
+        drawn.append(("effective_cr", fig))
     history = cv.load_history(source / "history.csv")
     if history is not None and len(history):
         fig, trajectory_notes = plot_trajectories(results, history)
         notes += trajectory_notes
         if fig is not None:
-            files += save_figure(fig, out / "trajectories")
+            drawn.append(("trajectories", fig))
+    return drawn, notes
+
+
+def write_plots(grid: str, results_dir: Path | str = "results", plots_dir: Path | str = "plots",
+                at_cr: float | None = None) -> tuple[list[Path], list[str]]:
+    """Draw every figure of a grid's CSVs into ``plots_dir/grid``; returns (files, notes)."""
+    drawn, notes = figures(grid, results_dir, at_cr)
+    files = []
+    for stem, fig in drawn:
+        files += save_figure(fig, Path(plots_dir) / grid / stem)
     return files, notes
 
 
@@ -519,14 +528,14 @@ def positive_float(text: str) -> float:
 def add_commands(sub) -> None:
     p = sub.add_parser(
         "plot", help="draw accuracy-vs-compression, per-layer sparsity and effective-CR figures from the CSV",
-        description="Read <results-dir>/<grid>/results.csv (and layers.csv) written by 'python -m benchmark "
-                    "collect' and write PNG and PDF figures to <plots-dir>/<grid>/: accuracy_vs_cr (mean "
+        description="Read <results-dir>/<grid>/results.csv (and layers.csv), collecting them first from the "
+                    "result files when they are missing or older than the newest one, and write PNG and PDF "
+                    "figures to <plots-dir>/<grid>/: accuracy_vs_cr (mean "
                     "± std over seeds, seeds' curves interpolated on log CR), layer_sparsity (the run of each "
                     "method closest to --at-cr) and effective_cr (only if some run's effective CR differs). "
                     "Never trains. Notes about failed or missing runs go to stderr.",
     )
-    p.add_argument("--grid", default="quick", metavar="NAME",
-                   help="grid name, the sub-folder of --results-dir to read (default quick)")
+    p.add_argument("--grid", metavar="NAME", help=cv.GRID_HELP)
     p.add_argument("--results-dir", default="results", metavar="DIR",
                    help="folder holding <grid>/results.csv (default results)")
     p.add_argument("--plots-dir", default="plots", metavar="DIR",
@@ -539,7 +548,12 @@ def add_commands(sub) -> None:
 
 
 def plot_command(args) -> int:
-    files, notes = write_plots(args.grid, args.results_dir, args.plots_dir, args.at_cr)
+    from benchmark.store import grid_to_read
+
+    grid, said = grid_to_read(args.grid, args.results_dir)
+    for line in said:
+        print(line, file=sys.stderr)
+    files, notes = write_plots(grid, args.results_dir, args.plots_dir, args.at_cr)
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
     for path in files:

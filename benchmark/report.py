@@ -2,10 +2,12 @@
 
 Writes ``<results-dir>/<grid>/tolerance.{md,tex,csv}`` and ``accuracy_at_cr.{md,tex,csv}`` and
 prints both Markdown tables; also ``cost.{md,csv}`` (training epochs and CPU-hours behind each curve)
-and ``settling.{md,csv}`` (thresholded records whose CR still depends on the zero threshold). The numbers come from :mod:`benchmark.curves`, whose docstring pins
-the definitions ("largest CR within k points", interpolation in log CR, no extrapolation, mean ±
-sample std over seeds). The CSVs are tidy (one row per number, unformatted) for further analysis;
-Markdown and LaTeX (booktabs) are wide and formatted for reading.
+and ``settling.{md,csv}`` (thresholded records whose CR still depends on the zero threshold), and
+the results page ``report.html`` (:mod:`benchmark.page`). The numbers come from
+:mod:`benchmark.curves`, whose docstring pins the definitions ("largest CR within k points",
+interpolation in log CR, no extrapolation, mean ± sample std over seeds). The CSVs are tidy (one row
+per number, unformatted) for further analysis; Markdown and LaTeX (booktabs) are wide and formatted
+for reading.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -144,52 +147,68 @@ ACCURACY_EXPLANATION = (
 )
 
 
+@dataclass
+class Table:
+    """One table of the report, tidy (the CSV) and wide (formatted for reading)."""
+
+    stem: str  # file name without suffix
+    title: str
+    explanation: str
+    tidy: pd.DataFrame
+    wide: pd.DataFrame
+    headline: bool  # tolerance and accuracy: with the dense accuracy and the notes, in LaTeX too, printed
+
+
+def build_tables(results: cv.Results, label: str, points=cv.TOLERANCE_POINTS, crs=cv.FIXED_CRS,
+                 with_cost: bool = True) -> list[Table]:
+    """The tolerance and accuracy-at-CR tables, then (``with_cost``) the cost and settling tables."""
+    tolerance = cv.tolerance_table(results, points)
+    accuracy = cv.accuracy_at_cr_table(results, crs)
+    tables = [
+        Table("tolerance", f"Largest CR within {', '.join(f'{k:g}' for k in points)} points of dense ({label} grid)",
+              TOLERANCE_EXPLANATION, tolerance, tolerance_wide(tolerance), True),
+        Table("accuracy_at_cr", f"Accuracy at CR {', '.join(f'{c:g}' for c in crs)} ({label} grid)",
+              ACCURACY_EXPLANATION, accuracy, accuracy_wide(accuracy), True),
+    ]
+    if with_cost:
+        cost, settling = cv.cost_table(results), cv.settling_table(results)
+        tables += [Table("cost", f"Training cost per curve ({label} grid)", COST_EXPLANATION, cost, cost_wide(cost),
+                         False),
+                   Table("settling", f"Is sparsity settled? ({label} grid)", SETTLING_EXPLANATION, settling,
+                         settling_wide(settling), False)]
+    return tables
+
+
 def write_report(grid: str, results_dir: Path | str = "results", points=cv.TOLERANCE_POINTS,
                  crs=cv.FIXED_CRS, threshold_scale: float = 1.0) -> tuple[list[Path], str]:
-    """Write both tables in three formats next to the CSV; returns (files, Markdown of both).
+    """Write the tables next to the CSV (tolerance and accuracy as CSV, Markdown and LaTeX, cost and
+    settling as CSV and Markdown); returns (files, Markdown of the first two).
 
     With ``threshold_scale`` 0.01 or 100 thresholded records are placed at their CR at that multiple
-    of the zero threshold, and the files get a ``-thr<scale>x`` suffix (a robustness check)."""
+    of the zero threshold, and the files get a ``-thr<scale>x`` suffix (a robustness check; no cost
+    or settling tables, which do not depend on it)."""
     folder = Path(results_dir) / grid
     results = cv.load_results(folder / "results.csv", threshold_scale)
     suffix = "" if threshold_scale == 1.0 else f"-thr{threshold_scale:g}x"
-    if suffix:
-        grid = f"{grid}, thresholded CR counted at {threshold_scale:g}x the zero threshold"
+    label = grid if not suffix else f"{grid}, thresholded CR counted at {threshold_scale:g}x the zero threshold"
     notes = results.notes()
     dense = cv.dense_summary(results)
-    tolerance = cv.tolerance_table(results, points)
-    accuracy = cv.accuracy_at_cr_table(results, crs)
-    documents = {
-        "tolerance": (tolerance, tolerance_wide(tolerance),
-                      f"Largest CR within {', '.join(f'{k:g}' for k in points)} points of dense ({grid} grid)",
-                      TOLERANCE_EXPLANATION),
-        "accuracy_at_cr": (accuracy, accuracy_wide(accuracy),
-                           f"Accuracy at CR {', '.join(f'{c:g}' for c in crs)} ({grid} grid)", ACCURACY_EXPLANATION),
-    }
     files, markdown = [], []
-    for stem, (tidy, wide, title, explanation) in documents.items():
-        md = markdown_document(title, explanation, wide, dense, notes)
-        caption = f"{title}. {explanation}"
-        if len(dense):
-            caption += " Dense accuracy: " + "; ".join(dense_lines(dense)) + "."
-        outputs = {
-            folder / f"{stem}{suffix}.csv": tidy.to_csv(index=False),
-            folder / f"{stem}{suffix}.md": md,
-            folder / f"{stem}{suffix}.tex": latex_table(wide, caption, f"tab:{folder.name}-{stem.replace('_', '-')}{suffix}"),
-        }
+    for table in build_tables(results, label, points, crs, with_cost=not suffix):
+        if not table.headline:
+            md = markdown_document(table.title, table.explanation, table.wide, pd.DataFrame(), [])
+            outputs = {folder / f"{table.stem}.csv": table.tidy.to_csv(index=False), folder / f"{table.stem}.md": md}
+        else:
+            md = markdown_document(table.title, table.explanation, table.wide, dense, notes)
+            caption = f"{table.title}. {table.explanation}"
+            if len(dense):
+                caption += " Dense accuracy: " + "; ".join(dense_lines(dense)) + "."
+            label_tex = f"tab:{folder.name}-{table.stem.replace('_', '-')}{suffix}"
+            outputs = {folder / f"{table.stem}{suffix}.csv": table.tidy.to_csv(index=False),
+                       folder / f"{table.stem}{suffix}.md": md,
+                       folder / f"{table.stem}{suffix}.tex": latex_table(table.wide, caption, label_tex)}
+            markdown.append(md)
         for path, text in outputs.items():
-            path.write_text(text, encoding="utf-8")
-            files.append(path)
-        markdown.append(md)
-    if suffix:
-        return files, "\n".join(markdown)
-    for stem, tidy, wide, title, explanation in (
-        ("cost", cv.cost_table(results), None, f"Training cost per curve ({grid} grid)", COST_EXPLANATION),
-        ("settling", cv.settling_table(results), None, f"Is sparsity settled? ({grid} grid)", SETTLING_EXPLANATION),
-    ):
-        wide = cost_wide(tidy) if stem == "cost" else settling_wide(tidy)
-        md = markdown_document(title, explanation, wide, pd.DataFrame(), [])
-        for path, text in ((folder / f"{stem}.csv", tidy.to_csv(index=False)), (folder / f"{stem}.md", md)):
             path.write_text(text, encoding="utf-8")
             files.append(path)
     return files, "\n".join(markdown)
@@ -251,13 +270,15 @@ def positive_floats(text: str) -> list[float]:
 def add_commands(sub) -> None:
     p = sub.add_parser(
         "report", help="write the tolerance table and the accuracy-at-CR table (Markdown, LaTeX, CSV)",
-        description="Read <results-dir>/<grid>/results.csv written by 'python -m benchmark collect' and write "
-                    "tolerance.{md,tex,csv} (largest CR within k points of dense) and accuracy_at_cr.{md,tex,csv} "
-                    "(accuracy at fixed CRs) next to it, then print the Markdown. Accuracy is interpolated "
-                    "linearly in log CR per seed, never extrapolated; mean ± std over seeds. Never trains.",
+        description="Read <results-dir>/<grid>/results.csv (collected first from the result files when it is "
+                    "missing or older than the newest one) and write tolerance.{md,tex,csv} (largest CR within k "
+                    "points of dense), accuracy_at_cr.{md,tex,csv} (accuracy at fixed CRs), cost and settling "
+                    "tables and report.html next to it, then print the Markdown. report.html is one self-contained "
+                    "page (figures, tables, the grid, failed cells, machines, how to rerun) to open in a browser or "
+                    "send. Accuracy is interpolated linearly in log CR per seed, never extrapolated; mean ± std "
+                    "over seeds. Never trains.",
     )
-    p.add_argument("--grid", default="quick", metavar="NAME",
-                   help="grid name, the sub-folder of --results-dir to read (default quick)")
+    p.add_argument("--grid", metavar="NAME", help=cv.GRID_HELP)
     p.add_argument("--results-dir", default="results", metavar="DIR",
                    help="folder holding <grid>/results.csv; the tables are written beside it (default results)")
     p.add_argument("--tolerances", type=positive_floats, default=list(cv.TOLERANCE_POINTS), metavar="K,K,...",
@@ -268,11 +289,23 @@ def add_commands(sub) -> None:
                    help="place thresholded records (DWF, L1) at their CR counted at 0.01x or 100x the zero "
                         "threshold instead of 1x (default 1); the tables get a -thr<scale>x suffix. 0.01 is the "
                         "conservative check: does a conclusion survive weights having to decay 100x further?")
+    p.add_argument("--no-page", action="store_true",
+                   help="write the tables only, not report.html (which draws the figures: seconds more)")
     p.set_defaults(handler=report_command)
 
 
 def report_command(args) -> int:
-    files, markdown = write_report(args.grid, args.results_dir, args.tolerances, args.crs, args.threshold_scale)
+    from benchmark.store import grid_to_read
+
+    grid, said = grid_to_read(args.grid, args.results_dir)
+    for line in said:
+        print(line, file=sys.stderr)
+    files, markdown = write_report(grid, args.results_dir, args.tolerances, args.crs, args.threshold_scale)
     print(markdown)
     print("wrote: " + ", ".join(str(f) for f in files), file=sys.stderr)
+    if not args.no_page and args.threshold_scale == 1.0:
+        from benchmark.page import write_page
+
+        page = write_page(grid, args.results_dir, args.tolerances, args.crs)
+        print(f"page: {page} (one self-contained file: open it in a browser, or send it)", file=sys.stderr)
     return 0

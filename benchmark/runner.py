@@ -215,6 +215,13 @@ def pending_cells(store: Store, cells: list[Cell], retry_failed: bool,
     return sorted(todo, key=priority), skipped
 
 
+def trainings(cell: Cell) -> int:
+    """Models a cell trains and measures: a lottery ticket one per level, other methods one."""
+    if cell.method != "lottery":
+        return 1
+    return len(planned_levels(cell.method_params, prunable_layer_sizes(cell.arch, cell.dataset)))
+
+
 def estimate_epochs(cell: Cell) -> int:
     """Training epochs a cell costs (post-training methods reuse the cached dense training)."""
     p = cell.method_params
@@ -805,6 +812,8 @@ def _selection_args(p) -> None:
 
 
 def add_commands(sub) -> None:
+    from benchmark.estimate import FORMAT_HELP
+
     p = sub.add_parser("run", help="run every unfinished cell of a grid (rerun to resume)",
                        description="Expand the grid into cells, skip finished ones, and run the rest. Each finished "
                                    "cell is written at once to RESULTS_DIR/GRID/cells/; killing the run loses only "
@@ -827,7 +836,17 @@ def add_commands(sub) -> None:
     p.add_argument("--compile", action="store_true",
                    help="train through torch.compile (a speed option: results carry compiled=True, cell ids do not "
                         "change; worth it on GPUs and for conv nets, costs seconds to minutes of compiling per cell)")
-    p.add_argument("--dry-run", action="store_true", help="list the cells that would run and an estimate, run nothing")
+    p.add_argument("--dry-run", action="store_true",
+                   help="list the cells that would run, their training epochs and the hours they take per "
+                        "architecture, one at a time and with --jobs / --jobs-per-gpu; run nothing. Speeds are "
+                        "measured on --device first (seconds, once per machine, torch version and thread count; "
+                        "cached in $BENCHMARK_CACHE_DIR or ~/.cache/dwf-bench)")
+    p.add_argument("--no-estimate", action="store_true",
+                   help="with --dry-run: count cells and epochs only, measure and estimate nothing")
+    p.add_argument("--speeds", metavar="FILE|MACHINE",
+                   help="with --dry-run: estimate for a device that is not here, from " + FORMAT_HELP
+                        + "; or from the speeds measured earlier on a machine whose name contains MACHINE (in the "
+                          "cache, e.g. a shared home)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(handler=run_command)
 
@@ -925,13 +944,19 @@ def run_command(args) -> int:
     grid, cells = _select(args)
     store = Store(args.results_dir, grid.name)
     if args.dry_run:
-        return dry_run(store, cells, args.retry_failed)
+        return dry_run(store, cells, args)
+    if args.no_estimate or args.speeds:
+        raise ValueError(f"{'--no-estimate' if args.no_estimate else '--speeds'} is for --dry-run; add --dry-run "
+                         f"to see the estimate, or leave it out to run")
     if args.compile and args.backend == "local":  # on Dask the workers' machines matter, not this one
         from benchmark.train import check_compile, pick_device
 
         check_compile(pick_device(args.device))
     resume = _resume_command(args)
     try:
+        store.check_writable()
+        _, toml, _ = grids_mod.grid_source(args.grid)
+        store.record_grid(args.grid, grid.source, grid.description, toml, resume)
         summary = run_grid(grid, cells, results_dir=args.results_dir, jobs=args.jobs, jobs_per_gpu=args.jobs_per_gpu,
                            backend=args.backend, scheduler=args.scheduler, data_dir=args.data_dir,
                            device=args.device, retry_failed=args.retry_failed,
@@ -939,6 +964,8 @@ def run_command(args) -> int:
                            scheduler_timeout=args.connect_timeout)
     except (StorageError, RunStopped) as exc:
         _say(f"error: {exc}")
+        if isinstance(exc, RunStopped):  # the disk is fine: the CSVs can show what finished
+            _say(collect_after_run(store))
         _say(f"the run stopped; cells finished before this were recorded. Once that is fixed, resume with: {resume}")
         return 2
     if summary.stopped_by is not None:
@@ -950,6 +977,7 @@ def run_command(args) -> int:
             shown = summary.finished_labels[:10]
             more = f" (and {len(summary.finished_labels) - 10} more, see the log)" if len(summary.finished_labels) > 10 else ""
             _say("finished in this run: " + "; ".join(shown) + more)
+        _say(collect_after_run(store))
         _say(f"log: {summary.log}")
         _say(f"resume with: {resume}")
         return 128 + int(summary.stopped_by)
@@ -962,37 +990,58 @@ def run_command(args) -> int:
         out.append(f"{len(summary.set_aside)} damaged result file(s) set aside to {store.cells_dir / 'damaged'} "
                    f"and their cells run again")
     out.append(f"results: {store.cells_dir}  (log: {summary.log})")
-    out.append(f"next: python -m benchmark collect --grid {args.grid} --results-dir {args.results_dir}")
+    out.append(collect_after_run(store))
+    where = "" if args.results_dir == "results" else f" --results-dir {shlex.quote(str(args.results_dir))}"
+    out.append(f"next: python -m benchmark plot{where}; python -m benchmark report{where}  (both read grid "
+               f"{grid.name}, the last run there; report also writes {store.root / 'report.html'})")
     for line in out:
         _say(line, sys.stdout)
     return 1 if summary.failed or summary.blocked else 0
 
 
-def dry_run(store: Store, cells: list[Cell], retry_failed: bool) -> int:
-    """List what a run would do; reads the result files but changes nothing."""
-    todo, skipped = pending_cells(store, cells, retry_failed)
-    per_epoch = _seconds_per_epoch(store)
+def collect_after_run(store: Store) -> str:
+    """Write the grid's CSVs from every result file, as ``collect`` does; returns the line that says
+    where, or why not. Never raises: what the run did stands either way."""
+    if store.newest_record_ns() is None:
+        return f"no result files in {store.cells_dir} yet, so no CSV"
+    try:
+        csv_path, _, table = store.collect()
+    except (ValueError, OSError) as exc:  # a damaged result file, a disk that refuses the write
+        return f"warning: the CSVs were not written: {exc}"
+    counts = ", ".join(f"{v} {k}" for k, v in table["status"].value_counts().items())
+    return f"CSV: {csv_path} ({len(table)} rows: {counts}), layers.csv and history.csv beside it"
+
+
+def dry_run(store: Store, cells: list[Cell], args) -> int:
+    """List what a run would do and estimate how long it takes; reads the result files (and the
+    speed cache) but changes nothing of the grid's."""
+    todo, skipped = pending_cells(store, cells, args.retry_failed)
     total_epochs = 0
+    planned = []
     lines = []
     for cell in todo:
         epochs = estimate_epochs(cell)
         total_epochs += epochs
+        planned.append((cell, epochs, trainings(cell)))
         lines.append(f"{cell.id}  {cell.label()}  ~{epochs} epochs")
         if len(lines) >= 10_000:
             sys.stdout.write("\n".join(lines) + "\n")
             lines = []
     if lines:
         sys.stdout.write("\n".join(lines) + "\n")
-    estimate = f", about {total_epochs * per_epoch / 60:.0f} min at {per_epoch:.2f} s/epoch measured so far" if per_epoch else ""
-    print(f"{len(todo)} cell(s) to run, {skipped} done or failed; ~{total_epochs} training epochs "
-          f"(+ shared dense trainings){estimate}")
+    from benchmark import estimate
+
+    plan = estimate.plan(planned, Path(args.results_dir) / "cache")
+    shared = (f" and {plan.dense_epochs} in {plan.dense_trainings} dense training(s) that post-training methods share"
+              if plan.dense_trainings else "")
+    print(f"{len(todo)} cell(s) to run, {skipped} done or failed; ~{total_epochs} training epochs in the cells{shared}",
+          flush=True)
+    if plan.trainings and not args.no_estimate:
+        lines = estimate.estimate_lines(plan, device_name=args.device, backend=args.backend, jobs=args.jobs,
+                                        jobs_per_gpu=args.jobs_per_gpu, speeds_arg=args.speeds,
+                                        say=lambda text: _say(text))
+        print("\n".join(lines))
     return 0
-
-
-def _seconds_per_epoch(store: Store) -> float | None:
-    rates = [r["wall_s"] / r["epochs"] for res in store.results(skip_damaged=True) for r in res["records"][:1]
-             if res["status"] == "ok" and r.get("epochs")]
-    return sum(rates) / len(rates) if rates else None
 
 
 def status_command(args) -> int:

@@ -15,7 +15,14 @@ Layout under ``<results-dir>/<grid>/``::
                             the cell's result is written)
     events.jsonl            one line per start / finish / failure, appended by every driver
     logs/<time>-<run>.log   human-readable log of each run
-    results.csv, layers.csv, history.csv   written by ``collect``
+    results.csv, layers.csv, history.csv   written by ``run`` when it ends and by ``collect``;
+                            ``plot`` and ``report`` collect again when they are missing or older
+                            than the newest result file
+    grid.json               the grid as ``run`` last ran it: its TOML, description and command
+    report.html             the results page ``report`` writes
+
+and ``<results-dir>/last-run.json`` names the grid of the last ``run`` there (``plot`` and
+``report`` read that grid when no ``--grid`` is given).
 """
 
 from __future__ import annotations
@@ -50,6 +57,11 @@ CSV_COLUMNS = [
     "epochs", "wall_s", "device", "status", "error",
 ]
 
+
+#: The CSVs ``collect`` writes into a grid's folder.
+CSV_NAMES = ("results.csv", "layers.csv", "history.csv")
+#: Which grid ``run`` ran last in a results folder.
+LAST_RUN = "last-run.json"
 
 #: Columns of history.csv before the per-epoch metrics (one row per record x epoch).
 HISTORY_KEYS = ["cell_id", "level", "variant", "method", "arch", "dataset", "seed", "depth", "lam", "target_cr"]
@@ -561,6 +573,50 @@ class Store:
             history = history[HISTORY_KEYS + ["step"] + [c for c in history.columns if c not in HISTORY_KEYS + ["step"]]]
         return results, layers, history
 
+    def newest_record_ns(self) -> int | None:
+        """When a result file last appeared, changed or went (the folder's own time covers files
+        renamed in or set aside); None without result files."""
+        try:
+            entries = [e for e in os.scandir(self.cells_dir) if e.name.endswith(".json") and not e.name.startswith(".")]
+            if not entries:
+                return None
+            return max(self.cells_dir.stat().st_mtime_ns, *(e.stat().st_mtime_ns for e in entries))
+        except FileNotFoundError:
+            return None
+
+    def stale_csvs(self) -> str | None:
+        """Why the CSVs need collecting (one is missing, or older than the newest result file); None
+        when they are current or there are no result files to collect (a CSV written by hand)."""
+        newest = self.newest_record_ns()
+        if newest is None:
+            return None
+        for name in CSV_NAMES:
+            try:
+                if (self.root / name).stat().st_mtime_ns < newest:
+                    return f"{name} was older than the newest result file"
+            except FileNotFoundError:
+                return f"{name} was missing"
+        return None
+
+    def record_grid(self, grid_arg: str, source: str, description: str, toml: str, command: str) -> None:
+        """Remember the grid as this run runs it (grid.json in its folder) and that it ran last
+        (last-run.json beside the grids' folders), so results can be read and rerun without retyping it."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        at = time.time()
+        _atomic_write_text(self.root / "grid.json", json.dumps(
+            {"grid": self.grid, "grid_arg": grid_arg, "source": source, "description": description,
+             "command": command, "at": at, "toml": toml}, indent=1))
+        _atomic_write_text(self.root.parent / LAST_RUN, json.dumps(
+            {"grid": self.grid, "grid_arg": grid_arg, "command": command, "at": at}, indent=1))
+
+    def grid_record(self) -> dict:
+        """What ``record_grid`` wrote ({} where no run recorded it)."""
+        try:
+            record = json.loads((self.root / "grid.json").read_text())
+        except (OSError, ValueError):
+            return {}
+        return record if isinstance(record, dict) else {}
+
     def collect(self) -> tuple[Path, Path, pd.DataFrame]:
         results, layers, history = self.tables()  # DamagedResults if any record is impossible
         self.root.mkdir(parents=True, exist_ok=True)
@@ -569,3 +625,44 @@ class Store:
         _atomic_write_text(layers_path, layers.to_csv(index=False))
         _atomic_write_text(self.root / "history.csv", history.to_csv(index=False))
         return csv_path, layers_path, results
+
+
+def last_run(results_dir) -> dict | None:
+    """What ``record_grid`` wrote last into ``results_dir`` (None if no run has)."""
+    try:
+        record = json.loads((Path(results_dir) / LAST_RUN).read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("grid"), str) else None
+
+
+def grid_to_read(grid_arg: str | None, results_dir) -> tuple[str, list[str]]:
+    """The grid folder ``plot`` and ``report`` read, with what to tell the user: ``--grid`` as given
+    (a grid file counts by its name, as ``run`` names its folder), else the last run's grid in
+    ``results_dir``. Its CSVs are collected first when they are missing or out of date."""
+    said = []
+    if grid_arg:
+        grid = Path(grid_arg).stem if grid_arg.endswith(".toml") else grid_arg
+    else:
+        last = last_run(results_dir)
+        if last is None:
+            folders = sorted(p.name for p in Path(results_dir).iterdir() if (p / "cells").is_dir()
+                             or (p / "results.csv").is_file()) if Path(results_dir).is_dir() else []
+            raise ValueError(f"no --grid given and {Path(results_dir) / LAST_RUN} does not say which grid ran last "
+                             f"there; " + (f"name one with --grid ({', '.join(folders)})" if folders else
+                                           "run one first, e.g. python -m benchmark run --grid quick"))
+        grid = last["grid"]
+        said.append(f"grid {grid}: the last run in {results_dir} (from {Path(results_dir) / LAST_RUN}; "
+                    f"--grid NAME reads another)")
+    store = Store(results_dir, grid)
+    why = store.stale_csvs()
+    if why:
+        try:
+            csv_path, _, table = store.collect()
+        except StorageError as exc:
+            if not (store.root / "results.csv").is_file():
+                raise
+            said.append(f"warning: {why}, but collecting failed ({exc}); reading the CSV as it is")
+        else:
+            said.append(f"collected {csv_path} ({len(table)} rows): {why}")
+    return grid, said

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,20 @@ def make_data(shape=(1, 8, 8), classes=4, n_train=256, n_test=128, seed=0, augme
     spec = dataclasses.replace(data_mod.get_spec("fashion-mnist"), name="synthetic", shape=shape,
                                num_classes=classes, augment=augment)
     return data_mod.Data(spec, split(n_train), split(n_test), Path("synthetic"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def speed_cache(tmp_path_factory) -> Path:
+    """Dry runs measure speeds and cache them: in a folder of this session (shared by its tests, and
+    by the commands they start), never in the user's ~/.cache."""
+    folder = tmp_path_factory.mktemp("speed-cache")
+    before = os.environ.get("BENCHMARK_CACHE_DIR")
+    os.environ["BENCHMARK_CACHE_DIR"] = str(folder)
+    yield folder
+    if before is None:
+        os.environ.pop("BENCHMARK_CACHE_DIR", None)
+    else:
+        os.environ["BENCHMARK_CACHE_DIR"] = before
 
 
 @pytest.fixture

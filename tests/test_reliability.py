@@ -20,6 +20,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from benchmark import grids
@@ -234,6 +235,7 @@ def test_a_stop_signal_releases_claims_stops_workers_and_says_how_to_resume(tmp_
     assert wait_until(lambda: not any(alive(p) for p in workers), 5)
     first_run = {p.stem: json.loads(p.read_text())["run_id"] for p in store.cells_dir.glob("*.json")}
     assert first_run  # what was finished stays finished: the rerun does not run it again
+    assert len(pd.read_csv(results / "g" / "results.csv")) == len(first_run)  # and is in the CSV already
     rerun = cli(*args)
     assert rerun.returncode == 0, rerun.stderr
     results_now = assert_every_cell_once(results, grid_file)
@@ -534,10 +536,11 @@ def test_collect_refuses_impossible_values_and_names_the_file(copy_of, capsys, f
     result = json.loads(path.read_text())
     result["records"][0][field] = value
     path.write_text(json.dumps(result))
+    written_by_run = (results / "g" / "results.csv").read_text()
     assert main(["collect", "--grid", str(copy_of / "g.toml"), "--results-dir", str(results)]) == 2
     err = capsys.readouterr().err
     assert str(path) in err and says in err, err
-    assert not (results / "g" / "results.csv").exists()
+    assert (results / "g" / "results.csv").read_text() == written_by_run  # the bad value reached no CSV
 
 
 def test_collect_keeps_an_infinite_cr_where_nothing_is_kept(copy_of):
@@ -603,11 +606,14 @@ datasets = ["fashion-mnist"]
 depth = [2, 3, 4, 5, 6, 7, 8, 9, 10, 11]
 lam = [{lams}]
 """)
+    # the estimate from per-epoch times (measuring speeds takes seconds of its own, once per machine)
+    (tmp_path / "speeds.toml").write_text("[epoch_s]\nlenet300 = 2.0\n")
     began, cpu = time.perf_counter(), time.process_time()
-    assert main(["run", "--grid", str(tmp_path / "big.toml"), "--results-dir", str(tmp_path / "r"), "--dry-run"]) == 0
+    assert main(["run", "--grid", str(tmp_path / "big.toml"), "--results-dir", str(tmp_path / "r"), "--dry-run",
+                 "--speeds", str(tmp_path / "speeds.toml")]) == 0
     seconds, cpu = time.perf_counter() - began, time.process_time() - cpu
     out = capsys.readouterr().out
-    assert "100000 cell(s) to run" in out
+    assert "100000 cell(s) to run" in out and "estimated wall time" in out
     # CPU seconds: on a machine busy with other work the wall time says more about the others
     assert cpu < 5, f"dry run of 100,000 cells took {cpu:.1f} CPU s ({seconds:.1f} s wall)"
 

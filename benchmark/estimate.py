@@ -1,0 +1,479 @@
+"""How long a run will take, before it runs: ``run --dry-run`` prints cells, training epochs and
+hours per architecture and for the grid, one cell at a time and with the parallelism the run uses.
+
+Speeds come from a short calibration on the run's device: per architecture x input shape x batch
+size x variant (``dense``, ``masked`` for every pruned model, ``dwf D=k``) a model is built as a cell
+builds it (``perf.build_training``) and a few training steps, an evaluation pass, the per-epoch
+extras (the method's epoch metrics, the checkpoint) and the final measurement are timed. Results are
+cached in ``$BENCHMARK_CACHE_DIR/speeds.json`` (default ``~/.cache/dwf-bench``) under the machine's
+name, the torch version and the thread count, so a later dry run measures only what is new. For
+a device that is not here, ``--speeds`` takes a file of per-epoch times or the name of a machine
+measured earlier (a shared home, or a cache file copied over).
+
+One training (a cell, or a dense training shared through the cache) costs::
+
+    builds x (setup + final) + epochs x (steps x step + test examples x evaluation + epoch extras)
+
+Not counted: starting worker processes and loading datasets (seconds per worker), and methods'
+own scoring passes (SNIP, GraSP, SynFlow rounds), which are small next to training.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from benchmark import data as data_mod
+from benchmark.cell import Cell, dense_key
+from methods import get_method
+
+#: Examples per split of the full datasets (``subset`` keeps the first N of each).
+SPLIT_SIZES = {"mnist": (60_000, 10_000), "fashion-mnist": (60_000, 10_000), "kmnist": (60_000, 10_000),
+               "cifar10": (50_000, 10_000), "cifar100": (50_000, 10_000), "tiny-imagenet": (100_000, 10_000)}
+#: Families whose trainings carry masks (pruned models); the rest train dense or factorized weights.
+MASKED_FAMILIES = {"at-init", "during-training", "lottery", "after-training"}
+#: Timed steps per variant: until they add up to MIN_SECONDS, at least MIN_STEPS, at most MAX_STEPS.
+MIN_STEPS, MIN_SECONDS, MAX_STEPS = 2, 2.0, 200
+EVAL_BATCH = 1000  # train.evaluate's batch
+FORMAT_HELP = ('a TOML or JSON file: machine = "NAME"; [epoch_s] seconds per epoch on the full training set, '
+               'test pass included, per arch or arch/dataset (lenet300 = 0.8, "vgg16/cifar100" = 14); optional '
+               '[slowdown] per variant ("dwf D=4" = 1.3, masked = 1.05; default 1) and cell_s, fixed seconds per cell')
+
+
+@dataclass(frozen=True)
+class Training:
+    """Trainings that cost the same: one cell's (or a shared dense model's), counted in a Plan."""
+
+    arch: str
+    dataset: str
+    variant: str
+    batch: int
+    n_train: int
+    n_test: int
+    epochs: int
+    builds: int  # models built and measured (a lottery ticket: one per level)
+
+
+@dataclass
+class Plan:
+    trainings: Counter  # Training -> how many
+    cells: Counter  # arch -> cells
+    epochs: Counter  # arch -> epochs, shared dense trainings included
+    dense_trainings: int = 0
+    dense_epochs: int = 0
+
+
+def variant(cell: Cell) -> str:
+    """What a cell trains, as far as speed goes: factorized (by depth), masked or dense."""
+    depth = getattr(cell.method_params, "depth", None)
+    if depth is not None:
+        return f"dwf D={depth}"
+    return "masked" if get_method(cell.method).family in MASKED_FAMILIES else "dense"
+
+
+def _sizes(cell: Cell) -> tuple[int, int]:
+    full_train, full_test = SPLIT_SIZES.get(cell.dataset, (50_000, 10_000))
+    if cell.subset is None:
+        return full_train, full_test
+    return min(cell.subset, full_train), min(cell.subset, full_test)
+
+
+def plan(todo: list[tuple[Cell, int, int]], cache_dir: Path) -> Plan:
+    """Group the cells to run, given as (cell, training epochs, builds), into trainings of equal
+    cost, and add one dense training per dense model that post-training methods need and that
+    neither a listed ``dense`` cell trains nor ``cache_dir`` holds already."""
+    trainings: Counter = Counter()
+    cells: Counter = Counter()
+    epochs: Counter = Counter()
+    dense_trained, dense_needed = set(), {}
+    for cell, cell_epochs, builds in todo:
+        n_train, n_test = _sizes(cell)
+        trainings[Training(cell.arch, cell.dataset, variant(cell), cell.schedule.batch_size, n_train, n_test,
+                           cell_epochs, builds)] += 1
+        cells[cell.arch] += 1
+        epochs[cell.arch] += cell_epochs
+        if get_method(cell.method).needs_dense:
+            same = (cell.arch, cell.dataset, cell.seed, cell.schedule, cell.subset)
+            if cell.method == "dense":
+                dense_trained.add(same)
+            else:
+                dense_needed.setdefault(same, cell)
+    result = Plan(trainings, cells, epochs)
+    for same, cell in dense_needed.items():
+        if same in dense_trained or (Path(cache_dir) / f"dense-{dense_key(cell)}.pt").is_file():
+            continue
+        n_train, n_test = _sizes(cell)
+        trainings[Training(cell.arch, cell.dataset, "dense", cell.schedule.batch_size, n_train, n_test,
+                           cell.schedule.epochs, 1)] += 1
+        epochs[cell.arch] += cell.schedule.epochs
+        result.dense_trainings += 1
+        result.dense_epochs += cell.schedule.epochs
+    return result
+
+
+# ------------------------------------------------------------------------------------------------
+# Speeds: measured here (cached) or supplied
+# ------------------------------------------------------------------------------------------------
+
+
+def cache_file() -> Path:
+    """$BENCHMARK_CACHE_DIR/speeds.json, else in the user's cache folder (XDG)."""
+    root = os.environ.get("BENCHMARK_CACHE_DIR")
+    if not root:
+        root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dwf-bench"
+    return Path(root) / "speeds.json"
+
+
+def machine_name(device) -> str:
+    """The GPU's name, or the CPU's model and core count."""
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    cpu = cpu or platform.processor() or platform.machine() or "unknown CPU"
+    name = f"{cpu}, {os.cpu_count() or 1} cores"
+    return f"Apple GPU (mps) on {name}" if device.type == "mps" else name
+
+
+def _unit_key(arch: str, dataset: str, variant_name: str, batch: int) -> str:
+    """What one measurement stands for: the input shape counts, the number of classes does not (the
+    classifier is a sliver of the work), so CIFAR-10 and CIFAR-100 share their measurements."""
+    return f"{arch}|{'x'.join(map(str, data_mod.get_spec(dataset).shape))}|{variant_name}|b{batch}"
+
+
+class Speeds:
+    """Seconds of a Training; ``machine`` and ``source`` say whose speeds they are."""
+
+    machine = ""
+    source = ""
+    load: float | None = None  # load average while measured, where known
+
+    def seconds(self, t: Training) -> float:
+        raise NotImplementedError
+
+
+class Measured(Speeds):
+    """Speeds timed by ``calibrate`` (here, now or earlier)."""
+
+    def __init__(self, machine: str, units: dict[str, dict], source: str):
+        self.machine, self.units, self.source = machine, units, source
+        loads = [u["load"] for u in units.values() if u.get("load") is not None]
+        self.load = max(loads) if loads else None
+
+    def seconds(self, t: Training) -> float:
+        key = _unit_key(t.arch, t.dataset, t.variant, t.batch)
+        u = self.units.get(key)
+        if u is None:
+            raise ValueError(f"the speeds of {self.machine} ({self.source}) have no measurement of {t.arch} "
+                             f"{t.variant} at batch {t.batch}; run a dry run of this grid on that machine once, or "
+                             f"give --speeds FILE ({FORMAT_HELP})")
+        epoch = math.ceil(t.n_train / t.batch) * u["step_s"] + t.n_test * u["eval_s"] + u["tail_s"]
+        return t.builds * (u["setup_s"] + u["final_s"]) + t.epochs * epoch
+
+
+class Supplied(Speeds):
+    """Per-epoch times from a file (for a device that is not here)."""
+
+    def __init__(self, path: Path):
+        self.source = str(path)
+        try:
+            text = path.read_text()
+            values = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(f"--speeds {path}: cannot be read ({exc})") from None
+        except (json.JSONDecodeError, tomllib.TOMLDecodeError) as exc:
+            raise ValueError(f"--speeds {path}: not valid {'JSON' if path.suffix == '.json' else 'TOML'} ({exc}); "
+                             f"expected {FORMAT_HELP}") from None
+        unknown = sorted(set(values) - {"machine", "epoch_s", "slowdown", "cell_s"})
+        if unknown or not isinstance(values.get("epoch_s"), dict) or not values["epoch_s"]:
+            problem = f"unknown key(s) {unknown}" if unknown else "no [epoch_s] table"
+            raise ValueError(f"--speeds {path}: {problem}; expected {FORMAT_HELP}")
+        self.machine = str(values.get("machine") or f"the machine of {path.name}")
+        self.epoch_s = {k: _positive(v, f"--speeds {path}: epoch_s {k!r}") for k, v in values["epoch_s"].items()}
+        self.slowdown = {k: _positive(v, f"--speeds {path}: slowdown {k!r}")
+                         for k, v in (values.get("slowdown") or {}).items()}
+        self.cell_s = _positive(values.get("cell_s", 0), f"--speeds {path}: cell_s", zero=True)
+
+    def seconds(self, t: Training) -> float:
+        base = self.epoch_s.get(f"{t.arch}/{t.dataset}", self.epoch_s.get(t.arch))
+        if base is None:
+            raise ValueError(f"--speeds {self.source}: no epoch time for {t.arch} on {t.dataset}; add "
+                             f'{t.arch} = SECONDS or "{t.arch}/{t.dataset}" = SECONDS under [epoch_s]')
+        full_train = SPLIT_SIZES.get(t.dataset, (t.n_train, 0))[0]
+        epoch = base * self.slowdown.get(t.variant, 1.0) * t.n_train / full_train
+        return t.builds * self.cell_s + t.epochs * epoch
+
+
+def _positive(value, where: str, zero: bool = False) -> float:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < 0 or (value == 0 and not zero):
+        raise ValueError(f"{where} = {value!r} must be a {'non-negative' if zero else 'positive'} number of seconds")
+    return float(value)
+
+
+def _read_cache(path: Path) -> dict:
+    """The speed cache; empty when missing, unreadable or edited into nonsense (then measuring again
+    beats failing a dry run)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {"devices": {}}
+    return data if isinstance(data, dict) and isinstance(data.get("devices"), dict) else {"devices": {}}
+
+
+def stored(name: str) -> Measured:
+    """Speeds measured earlier on a machine whose name contains ``name`` (the most recent)."""
+    path = cache_file()
+    devices = _read_cache(path)["devices"]
+    matches = [(entry.get("measured_at", 0), key, entry) for key, entry in devices.items()
+               if name.lower() in entry.get("machine", "").lower()]
+    if not matches:
+        known = sorted({e.get("machine", "?") for e in devices.values()})
+        raise ValueError(f"--speeds {name}: not a file, and no machine of that name measured in {path} "
+                         f"(known: {', '.join(known) or 'none'}); give a file, {FORMAT_HELP}")
+    _, key, entry = max(matches, key=lambda m: m[0])
+    return Measured(entry["machine"], entry.get("units", {}), f"measured earlier, {key} in {path}")
+
+
+def calibrate(trainings, device, threads: int, say=print) -> Measured:
+    """Speeds of this device at ``threads`` torch threads: what the cache has, the rest measured now
+    (and added to the cache)."""
+    import torch
+
+    from benchmark.store import _atomic_write_text
+
+    machine = machine_name(device)
+    key = f"{device.type}: {machine} | torch {torch.__version__} | {threads} threads"
+    path = cache_file()
+    needed = {_unit_key(t.arch, t.dataset, t.variant, t.batch): t for t in trainings}
+    entry = _read_cache(path)["devices"].get(key, {})
+    units = dict(entry.get("units", {}))
+    missing = {k: t for k, t in needed.items() if k not in units}
+    if missing:
+        say(f"measuring speeds on {device} ({machine}, {threads} threads): {len(missing)} model(s), once; "
+            f"cached in {path}")
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            for unit, t in missing.items():
+                units[unit] = measure(t.arch, t.dataset, t.variant, t.batch, device)
+                say(f"  {t.arch} {t.variant}, batch {t.batch}: {1e3 * units[unit]['step_s']:.1f} ms per step")
+        finally:
+            torch.set_num_threads(before)
+        cache = _read_cache(path)  # again: another dry run may have added to it meanwhile
+        merged = cache["devices"].get(key, {}).get("units", {}) | units
+        cache["devices"][key] = {"machine": machine, "device": device.type, "torch": torch.__version__,
+                                 "threads": threads, "measured_at": time.time(), "units": merged}
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _atomic_write_text(path, json.dumps(cache, indent=1, sort_keys=True))
+        except (OSError, ValueError) as exc:  # a read-only home: the estimate still stands
+            say(f"note: cannot cache the speeds in {path} ({exc}); set BENCHMARK_CACHE_DIR to a writable folder")
+    return Measured(machine, {k: units[k] for k in needed}, f"{threads} threads, cached in {path}")
+
+
+def measure(arch: str, dataset: str, variant_name: str, batch: int, device) -> dict:
+    """Time one variant: setup (build, factorize or mask, optimizer), a training step (the mean of
+    a few), evaluation per test example, the per-epoch extras (epoch metrics, checkpoint) and the
+    final measurement."""
+    import torch
+
+    from benchmark import perf, sparsity
+    from benchmark.train import _save_atomic, evaluate, tune_cpu_allocator
+    from methods.dwf import collapse, factorized_modules
+    from methods.regularization import FLOAT32_EPS
+
+    if device.type == "cpu":
+        tune_cpu_allocator()  # as every CPU training run does
+    spec = data_mod.get_spec(dataset)
+    depth = int(variant_name.split("=")[1]) if variant_name.startswith("dwf D=") else None
+    for _ in range(2):  # the second build is timed: the first pays one-off costs (imports, allocator)
+        began = time.perf_counter()
+        model, hooks, optimizer, step = perf.build_training(arch, depth, device, batch, masked=variant_name == "masked",
+                                                            shape=(spec.shape, spec.num_classes))
+        perf._sync(device)
+        setup_s = time.perf_counter() - began
+    step()  # first-call costs (allocation, kernel selection) stay out
+    times: list[float] = []
+    while len(times) < MAX_STEPS and (len(times) < MIN_STEPS or sum(times) < MIN_SECONDS):
+        perf._sync(device)
+        began = time.perf_counter()
+        step()
+        perf._sync(device)
+        times.append(time.perf_counter() - began)
+    n_eval = min(EVAL_BATCH, 2 * batch)
+    gen = torch.Generator().manual_seed(0)
+    channels = (1, spec.shape[0], 1, 1)
+    split = data_mod.Split(torch.randn(n_eval, *spec.shape, generator=gen).to(device),
+                           torch.randint(0, spec.num_classes, (n_eval,), generator=gen).to(device),
+                           torch.zeros(channels, device=device), torch.ones(channels, device=device))
+    channels_last = device.type == "cuda" and arch in perf.models.CONV_MODELS
+    began = time.perf_counter()
+    evaluate(model, split, channels_last=channels_last)
+    perf._sync(device)
+    eval_s = (time.perf_counter() - began) / n_eval
+    with tempfile.TemporaryDirectory(prefix="dwf-bench-speed-") as tmp:
+        began = time.perf_counter()
+        hooks.epoch_metrics(model)
+        _save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, Path(tmp) / "c.ckpt")
+        tail_s = time.perf_counter() - began
+    began = time.perf_counter()
+    if factorized_modules(model):
+        collapse(model)
+    sparsity.summarize(model, spec.shape, FLOAT32_EPS if depth else 0.0)
+    final_s = time.perf_counter() - began
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    # the mean, not the median: a run's time is the sum of its steps, slow ones (a busy machine) included
+    return {"step_s": sum(times) / len(times), "eval_s": eval_s, "tail_s": tail_s, "setup_s": setup_s,
+            "final_s": final_s, "steps_timed": len(times), "load": load, "measured_at": time.time()}
+
+
+# ------------------------------------------------------------------------------------------------
+# The printed estimate
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Lane:
+    """One way of running the grid: ``workers`` cells at a time at ``speeds``."""
+
+    label: str
+    workers: int
+    speeds: Speeds
+    note: str = ""
+
+
+def hours(seconds: float) -> str:
+    """'0.0016 h (5.6 s)', '0.25 h (15 min)', '5.2 h', '96 h (4.0 days)'."""
+    h = seconds / 3600
+    text = f"{h:.2g} h" if h < 10 else f"{h:.0f} h"
+    if seconds < 3600:
+        text += f" ({seconds:.3g} s)" if seconds < 120 else f" ({seconds / 60:.0f} min)"
+    elif h >= 48:
+        text += f" ({h / 24:.1f} days)"
+    return text
+
+
+def makespan(costs: list[tuple[float, int]], workers: int) -> float:
+    """Wall time of items (seconds, count) spread over ``workers``: the larger of an even share and
+    the longest single item (greedy list scheduling lands within a third of the best above that)."""
+    total = sum(s * n for s, n in costs)
+    longest = max((s for s, n in costs if n), default=0.0)
+    return max(total / workers, longest)
+
+
+def describe(p: Plan, lanes: list[Lane]) -> list[str]:
+    """The table: per arch cells, epochs and hours in each lane, then the total."""
+    per_arch: dict[str, list[list[tuple[float, int]]]] = {}
+    for t, n in p.trainings.items():
+        costs = per_arch.setdefault(t.arch, [[] for _ in lanes])
+        for i, lane in enumerate(lanes):
+            costs[i].append((lane.speeds.seconds(t), n))
+    label_w = max(8, *(len(a) for a in per_arch)) if per_arch else 8
+    heads = [lane.label for lane in lanes]
+    widths = [max(len(h), 18) for h in heads]
+    out = [f"  {'arch':{label_w}s} {'cells':>8s} {'epochs':>10s}   "
+           + "   ".join(f"{h:>{w}s}" for h, w in zip(heads, widths))]
+    totals: list[list[tuple[float, int]]] = [[] for _ in lanes]
+    for arch in sorted(per_arch):
+        cols = [hours(makespan(c, lane.workers)) for c, lane in zip(per_arch[arch], lanes)]
+        out.append(f"  {arch:{label_w}s} {p.cells[arch]:8d} {p.epochs[arch]:10d}   "
+                   + "   ".join(f"{c:>{w}s}" for c, w in zip(cols, widths)))
+        for i, c in enumerate(per_arch[arch]):
+            totals[i] += c
+    cols = [hours(makespan(c, lane.workers)) for c, lane in zip(totals, lanes)]
+    out.append(f"  {'total':{label_w}s} {sum(p.cells.values()):8d} {sum(p.epochs.values()):10d}   "
+               + "   ".join(f"{c:>{w}s}" for c, w in zip(cols, widths)))
+    return out
+
+
+def lanes(*, device_name: str, backend: str, jobs: int | None, jobs_per_gpu: int | None, speeds_arg: str | None,
+          trainings, say=print) -> tuple[list[Lane], list[str]]:
+    """The lanes to show (one cell at a time, then the run's parallelism where it has any) and notes."""
+    cores = os.cpu_count() or 1
+    notes = []
+    if speeds_arg:
+        path = Path(speeds_arg).expanduser()
+        speeds = Supplied(path) if path.is_file() else stored(speeds_arg)
+        serial = Lane("one at a time", 1, speeds)
+        if jobs and jobs > 1:
+            return [serial, Lane(f"{jobs} at a time (--jobs)", jobs, speeds)], notes
+        if jobs_per_gpu:
+            notes.append("--jobs-per-gpu: the number of GPUs over there is not known here; divide by it")
+        return [serial], notes
+    from benchmark.train import pick_device
+
+    try:
+        device = pick_device(device_name)
+    except ValueError as exc:
+        raise ValueError(f"{exc}. To estimate for a device that is not here give --speeds FILE or the name of "
+                         f"a machine measured earlier, or leave the estimate out with --no-estimate") from None
+    serial = Lane("one at a time", 1, calibrate(trainings, device, cores, say))
+    if backend == "dask":
+        notes.append(f"--backend dask: speeds of this machine's {device}; for the workers' devices give --speeds")
+        if jobs:
+            return [serial, Lane(f"{jobs} in flight (--jobs)", jobs, serial.speeds)], notes
+        notes.append("the cluster's size decides how many cells run at once; --jobs N shows N at a time")
+        return [serial], notes
+    if device.type == "cuda":
+        import torch
+
+        if jobs_per_gpu:
+            gpus = torch.cuda.device_count()
+            if jobs_per_gpu > 1:
+                notes.append(f"--jobs-per-gpu {jobs_per_gpu}: cells sharing a GPU are counted as no faster than "
+                             f"one after another (they gain only where one cell leaves the GPU idle; 'perf grid' "
+                             f"measures it)")
+            if gpus > 1:
+                return [serial, Lane(f"{gpus} GPUs (--jobs-per-gpu)", gpus, serial.speeds)], notes
+        elif jobs and jobs > 1:
+            notes.append(f"--jobs {jobs} puts every cell on one GPU: counted as one at a time (use --jobs-per-gpu)")
+        return [serial], notes
+    if jobs and jobs > 1:
+        threads = max(1, cores // jobs)
+        return [serial, Lane(f"{jobs} at a time (--jobs)", jobs, calibrate(trainings, device, threads, say),
+                             f"{threads} thread(s) each")], notes
+    return [serial], notes
+
+
+def estimate_lines(p: Plan, *, device_name: str = "auto", backend: str = "local", jobs: int | None = None,
+                   jobs_per_gpu: int | None = None, speeds_arg: str | None = None, say=print) -> list[str]:
+    """What ``run --dry-run`` prints below its cell count: the machine, the table, the notes."""
+    shown, notes = lanes(device_name=device_name, backend=backend, jobs=jobs, jobs_per_gpu=jobs_per_gpu,
+                         speeds_arg=speeds_arg, trainings=list(p.trainings), say=say)
+    speeds = shown[0].speeds
+    head = f"estimated wall time on {speeds.machine}"
+    if speeds.load is not None:
+        cores = os.cpu_count() or 1
+        busy = ": a busy machine, so the estimate holds while it stays as busy" if speeds.load > cores else ""
+        head += f" (load average {speeds.load:.1f} on {cores} cores while measured{busy})"
+    out = [head + ":"] + describe(p, shown)
+    for lane in shown:
+        if lane.note:
+            out.append(f"  {lane.label}: {lane.note}")
+    out += [f"  note: {n}" for n in notes]
+    out.append(f"  speeds: {speeds.source}" + ("; delete that file to measure again" if "cached in" in speeds.source
+                                              else ""))
+    out.append("  not counted: starting workers, loading datasets, scoring passes (SNIP, GraSP, SynFlow)")
+    return out

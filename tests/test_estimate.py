@@ -1,0 +1,138 @@
+"""Cost before you spend it: `run --dry-run` estimates hours from measured (or supplied) speeds."""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+import pytest
+
+from benchmark import estimate
+from benchmark.__main__ import main
+from benchmark.cell import Cell, dense_key
+
+
+def grid(path: Path, epochs: int = 2, subset: int = 600) -> Path:
+    path.write_text(f"""
+seeds = [0]
+subset = {subset}
+[[experiment]]
+archs = ["lenet300"]
+datasets = ["fashion-mnist"]
+schedule = {{ epochs = {epochs}, batch_size = 64 }}
+[experiment.methods.dense]
+[[experiment.methods.dwf]]
+depth = 3
+lam = 1e-3
+""")
+    return path
+
+
+def total_seconds(out: str, column: int = 0) -> float:
+    """Seconds in the ``total`` row of the printed estimate (column 0: one at a time); under two
+    minutes they are printed as seconds too."""
+    line = next(ln for ln in out.splitlines() if ln.strip().startswith("total"))
+    hours, seconds = re.findall(r"([\d.]+(?:e-?\d+)?) h(?: \(([\d.]+) s\))?", line)[column]
+    return float(seconds) if seconds else float(hours) * 3600
+
+
+def test_each_method_trains_as_factorized_masked_or_dense():
+    def v(method, **params):
+        return estimate.variant(Cell.make(method, "lenet300", "fashion-mnist", params=params))
+
+    assert v("dwf", depth=4) == "dwf D=4" and v("shallow") == "dwf D=2"
+    assert v("snip") == v("magnitude") == v("lottery") == v("rigl") == "masked"
+    assert v("dense") == v("l1") == v("structured-magnitude") == "dense"
+
+
+def test_a_dense_training_shared_by_post_training_methods_counts_once(tmp_path):
+    schedule = {"epochs": 5}
+    magnitude = [Cell.make("magnitude", "lenet300", "fashion-mnist", params={"target_cr": cr}, schedule=schedule)
+                 for cr in (10, 100)]
+    dense = Cell.make("dense", "lenet300", "fashion-mnist", schedule=schedule)
+    alone = estimate.plan([(c, 0, 1) for c in magnitude], tmp_path)
+    assert (alone.dense_trainings, alone.dense_epochs, alone.epochs["lenet300"]) == (1, 5, 5)
+    with_dense = estimate.plan([(dense, 5, 1)] + [(c, 0, 1) for c in magnitude], tmp_path)
+    assert with_dense.dense_trainings == 0 and with_dense.epochs["lenet300"] == 5  # the dense cell trains it
+    (tmp_path / f"dense-{dense_key(magnitude[0])}.pt").write_bytes(b"")
+    assert estimate.plan([(c, 0, 1) for c in magnitude], tmp_path).dense_trainings == 0  # cached already
+
+
+def test_per_epoch_times_from_a_file_give_the_hours_by_hand(tmp_path, capsys):
+    """600 of 60,000 examples: an epoch takes 1% of the file's. Dense: 1 + 2 x 0.6 s; DWF D=3 at
+    twice dense: 1 + 2 x 1.2 s; 5.6 s one at a time, 3.4 s (the longer cell) with two workers."""
+    (tmp_path / "a100.toml").write_text('machine = "Test GPU 9000"\ncell_s = 1\n[epoch_s]\nlenet300 = 60\n'
+                                        '[slowdown]\n"dwf D=3" = 2\n')
+    args = ["run", "--grid", str(grid(tmp_path / "g.toml")), "--results-dir", str(tmp_path / "r"), "--dry-run",
+            "--speeds", str(tmp_path / "a100.toml")]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "2 cell(s) to run, 0 done or failed; ~4 training epochs in the cells" in out
+    assert "estimated wall time on Test GPU 9000:" in out
+    assert total_seconds(out) == pytest.approx(5.6, rel=0.01)
+    assert main(args + ["--jobs", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "2 at a time (--jobs)" in out and total_seconds(out, 1) == pytest.approx(3.4, rel=0.01)
+
+
+@pytest.mark.parametrize("text, says", [
+    ("[epoch_s]\nvgg16 = 10\n", "no epoch time for lenet300 on fashion-mnist; add lenet300 = SECONDS"),
+    ("[epoch_s]\nlenet300 = -1\n", "epoch_s 'lenet300' = -1 must be a positive number of seconds"),
+    ("[epoch_s]\nlenet300 = 1\n[speed]\nx = 1\n", "unknown key(s) ['speed']"),
+    ("epoch_s = [\n", "not valid TOML"),
+])
+def test_a_bad_speeds_file_is_a_message(tmp_path, capsys, text, says):
+    (tmp_path / "s.toml").write_text(text)
+    assert main(["run", "--grid", str(grid(tmp_path / "g.toml")), "--results-dir", str(tmp_path / "r"), "--dry-run",
+                 "--speeds", str(tmp_path / "s.toml")]) == 2
+    err = capsys.readouterr().err
+    assert says in err and str(tmp_path / "s.toml") in err, err
+
+
+def test_estimate_flags_without_a_dry_run_are_refused(tmp_path, capsys):
+    assert main(["run", "--grid", str(grid(tmp_path / "g.toml")), "--results-dir", str(tmp_path / "r"),
+                 "--no-estimate"]) == 2
+    assert "--no-estimate is for --dry-run" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+def test_no_estimate_counts_without_measuring(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("BENCHMARK_CACHE_DIR", str(tmp_path / "cache"))
+    assert main(["run", "--grid", str(grid(tmp_path / "g.toml")), "--results-dir", str(tmp_path / "r"), "--dry-run",
+                 "--no-estimate"]) == 0
+    out = capsys.readouterr().out
+    assert "2 cell(s) to run" in out and "estimated" not in out
+    assert not (tmp_path / "cache").exists()
+
+
+def test_the_estimate_is_within_a_factor_3_of_the_run(tmp_path, capsys, monkeypatch):
+    """Speeds measured here just before and just after the run it estimates (a shared machine's load
+    moves), and the run's wall time within a factor 3 of their mean: not tighter, the machine is
+    noisy and worker start-up is not in the estimate. Then the cache and a stored machine's speeds."""
+    grid_file = grid(tmp_path / "g.toml", epochs=2, subset=1000)
+    machine = estimate.machine_name(__import__("torch").device("cpu"))
+    estimates = []
+
+    def measure_and_estimate(cache: str) -> None:
+        monkeypatch.setenv("BENCHMARK_CACHE_DIR", str(tmp_path / cache))
+        assert main(["run", "--grid", str(grid_file), "--results-dir", str(tmp_path / cache), "--dry-run"]) == 0
+        captured = capsys.readouterr()
+        assert "measuring speeds on cpu" in captured.err and f"estimated wall time on {machine}" in captured.out
+        estimates.append(total_seconds(captured.out))
+
+    measure_and_estimate("before")
+    began = time.perf_counter()
+    assert main(["run", "--grid", str(grid_file), "--results-dir", str(tmp_path / "r"), "--no-progress"]) == 0
+    took = time.perf_counter() - began
+    measure_and_estimate("after")
+    estimated = sum(estimates) / 2
+    assert took / 3 <= estimated <= took * 3, f"estimated {estimates} s, the run took {took:.1f} s"
+
+    grid_again = grid(tmp_path / "g2.toml", epochs=3, subset=1000)
+    assert main(["run", "--grid", str(grid_again), "--results-dir", str(tmp_path / "r"), "--dry-run"]) == 0
+    assert "measuring" not in capsys.readouterr().err  # same models, cached
+    assert main(["run", "--grid", str(grid_again), "--results-dir", str(tmp_path / "r"), "--dry-run", "--speeds",
+                 machine.split(",")[0]]) == 0
+    out = capsys.readouterr().out
+    assert "measured earlier" in out and f"estimated wall time on {machine}" in out
