@@ -157,7 +157,7 @@ def part_env(check: Check) -> list[str]:
 def part_tests(check: Check) -> None:
     outcome, text = check.run("cuda-tests", [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs",
                                              "-m", "cuda", "tests/test_cuda.py"], 240)
-    summary = re.findall(r"=+ (.+) in [\d.]+s", text)
+    summary = re.findall(r"^=*\s*(\d+ (?:passed|failed|skipped|errors?|deselected).*?) in [\d.]+s", text, re.M)
     if summary:
         outcome.result = (outcome.result + "; " if outcome.result else "") + summary[-1]
     failures = [line for line in text.splitlines() if line.startswith(("FAILED", "ERROR"))]
@@ -274,6 +274,7 @@ def part_grids(check: Check, device: str) -> None:
             rates[label] = cells / outcome.seconds * 3600
             packs = sorted({r.get("pack_size", 1) for r in _records(results)})
             outcome.result = f"{cells} cells in {outcome.seconds:.0f} s = {rates[label]:.0f} cells/h; pack sizes {packs}"
+            outcome.details = [f"- {line}" for line in text.splitlines() if line.startswith(("pack auto:", "pack:"))]
     if not rates:
         return
     summary = Outcome("grid-summary", "passed", 0.0, "cells per hour, whole runs (start-up and data loading included)")

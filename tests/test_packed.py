@@ -191,7 +191,7 @@ PACKS = {
     "at-init": _cells("random", [{"target_cr": 10}]) + _cells("snip", [{"target_cr": 10}])
     + _cells("grasp", [{"target_cr": 10}]) + _cells("synflow", [{"target_cr": 10, "rounds": 10}]),
     "magnitude-finetuned": _cells("magnitude", [{"target_cr": 10, "finetune_epochs": 1}], seeds=(0, 1))
-    + _cells("global-magnitude", [{"target_cr": 30, "finetune_epochs": 1}]),
+    + _cells("global-magnitude", [{"target_cr": 3, "finetune_epochs": 1}]),
     "lottery": _cells("lottery", [{"target_cr": 4, "prune_fraction": 0.5, "rewind": 1}], seeds=(0, 1)),
 }
 
@@ -366,6 +366,24 @@ def test_auto_packs_only_where_its_cached_calibration_measured_packing_faster(tm
     assert pack_plan.plan(cells, "auto", device=torch.device("cpu"), cache_dir=tmp_path) == units
     assert len(measured) == 2, "the second plan measured again instead of reading the cache"
     assert pack_plan.plan(cells, "auto", device=None) == cells  # Dask: the workers' devices are unknown here
+
+
+def test_run_packs_by_default_where_auto_measured_it_faster(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("BENCHMARK_PACK", raising=False)  # the suite's conftest sets off
+    monkeypatch.setattr(pack_plan, "measure", lambda *args, **kwargs: {"ratio": 2.0})
+    grid = tmp_path / "g.toml"
+    grid.write_text(GRID.replace("subset = 600", "subset = 100").replace("epochs = 3", "epochs = 1"))
+    assert main(["run", "--grid", str(grid), "--results-dir", str(tmp_path / "r"), "--no-progress"]) == 0
+    assert "pack auto: lenet300 dwf D=2 on cpu: 2 packed 2.00x" in capsys.readouterr().err
+    assert sorted(r["pack_size"] for r in _records(tmp_path / "r").values()) == [2, 2, 2, 2]
+
+
+def test_perf_pack_prints_one_ratio_per_case_and_size(tmp_path, capsys):
+    out = tmp_path / "pack.csv"
+    assert main(["perf", "pack", "--quick", "--device", "cpu", "--out", str(out)]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.endswith("x") and ", pack of 2: " in line]
+    assert [line.split(",")[0] for line in lines] == ["dense LeNet-300-100", "DWF D=3 LeNet-300-100", "SynFlow LeNet-5"]
+    assert out.read_text().count("pack of 2") == 3
 
 
 def test_calibration_times_a_real_pack_against_real_steps():
