@@ -44,6 +44,8 @@ AUTO_MAX = {"cpu": 16, "cuda": 64, "mps": 16}
 AUTO_MIN_SPEEDUP = 1.1
 CALIBRATION_FILE = "pack-calibration.json"
 CALIBRATION_ROUNDS = 5
+#: A calibration whose warm-up round takes longer than this runs at most 3 rounds.
+SLOW_ROUND_S = 2.0
 #: Share of the device's free memory that packs may take (all workers together).
 MEMORY_FRACTION = 0.5
 
@@ -280,7 +282,11 @@ def measure(arch: str, in_shape, classes: int, kind: str, size: int, batch: int,
     seconds: dict[str, list[float]] = {name: [] for name in contenders}
     for fn in contenders.values():
         fn()
+    began = time.perf_counter()
+    for fn in contenders.values():
         fn()
+    if time.perf_counter() - began > SLOW_ROUND_S:  # big models on a CPU: a few rounds tell enough
+        rounds = min(rounds, 3)
     names = list(contenders)
     for r in range(rounds):
         for name in names if r % 2 == 0 else names[::-1]:
