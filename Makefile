@@ -18,7 +18,7 @@ STAMP := $(VENV)/.installed
 SEEDS ?=
 REFERENCE_RUN = $(PY) -m benchmark run --results-dir reference --jobs $(JOBS) $(if $(SEEDS),--seeds $(SEEDS))
 
-.PHONY: run test setup data clean reference
+.PHONY: run test setup data clean reference gpu-check
 
 # A failed or blocked cell makes `run` exit 1; it still writes the grid's CSVs, which are plotted.
 run: setup data
@@ -40,6 +40,12 @@ reference: setup data
 
 test: setup data
 	$(PY) -m pytest -q
+
+# On a machine with a CUDA GPU: the CUDA tests, doctor, perf step/pack, one real epoch each of
+# LeNet-300-100 and VGG-16, and cells per hour with --jobs-per-gpu 1/2/4 and packing, in under 8
+# minutes; writes gpu-check/summary.md (and one log per part). Without a GPU it says so and exits 2.
+gpu-check: setup data
+	$(PY) -m benchmark.gpu_check --out gpu-check
 
 setup: $(STAMP)
 

@@ -375,7 +375,7 @@ def dataclass_dict(obj) -> dict:
 def run_cell(cell: Cell, *, data_dir=None, device: str | torch.device | None = None,
              work_root: Path | str = "results/work", cache_dir: Path | str = "results/cache",
              progress: bool | None = None, data: data_mod.Data | None = None, keep_work: bool = False,
-             compiled: bool = False) -> list[dict]:
+             compiled: bool = False, context=Context) -> list[dict]:
     """Run one cell and return its records. Never raises for a failure of the cell itself: a
     diverged or crashed cell returns one record with ``status`` 'failed' (and the error), a cell
     whose dataset is missing one with status 'blocked' (and the fetch command). A disk that cannot
@@ -383,7 +383,8 @@ def run_cell(cell: Cell, *, data_dir=None, device: str | torch.device | None = N
 
     The per-epoch checkpoints live in ``work_root/<cell id>/``; they are removed when the cell ends
     unless ``keep_work`` (the grid runner keeps them until the driver has written the cell's result,
-    so a driver killed in between loses no training: the rerun finds the last epoch's checkpoint)."""
+    so a driver killed in between loses no training: the rerun finds the last epoch's checkpoint).
+    ``context`` builds the Context (benchmark.pack passes one whose trainings wait for the pack)."""
     began = time.perf_counter()
     dev = device if isinstance(device, torch.device) else pick_device(device)
     # What a bit-identical rerun needs besides the config (DESIGN.md section 9).
@@ -394,7 +395,7 @@ def run_cell(cell: Cell, *, data_dir=None, device: str | torch.device | None = N
         if data is None:
             data = data_mod.load(cell.dataset, data_dir, dev, limit=cell.subset)
         work_dir = Path(work_root) / cell.id
-        ctx = Context(cell, data, dev, work_dir, Path(cache_dir), progress, compiled)
+        ctx = context(cell, data, dev, work_dir, Path(cache_dir), progress, compiled)
         method = method_base.get_method(cell.method)(cell.method_params)
         records = method.run(ctx)
     except data_mod.DatasetMissing as exc:

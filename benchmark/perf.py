@@ -9,6 +9,11 @@
   <= 1.15x for VGG-16 and ResNet-18, <= 1.6x for LeNet-300-100 at depth 4.
 - ``grid``: cells per hour of a small grid through ``benchmark.runner.run_grid`` with 1 and 2 jobs,
   and the peak resident memory of each worker.
+- ``pack``: packed training (``run --pack``) against one model at a time, per pack size (1, 8, 16,
+  64), for dense and DWF D=3 LeNet-300-100 and SynFlow (masked) LeNet-5: one training step of the
+  pack against the same steps of each model alone, through the code ``--pack auto`` calibrates with
+  (``benchmark.pack_plan.measure``). Printed as one ``N.NNx`` per line (cells per hour packed / one
+  at a time, as far as training steps decide it).
 
 The machines this runs on are often shared, so absolute times mean little on their own: every
 comparison alternates its contenders round by round in one process (reversing the order every other
@@ -45,7 +50,7 @@ from benchmark.sparsity import prunable_layers
 from benchmark.train import (TrainHooks, check_compile, default_schedule, make_optimizer, pick_device, prepare_input,
                              train, training_step, tune_cpu_allocator)
 
-WHATS = ("data", "step", "grid")
+WHATS = ("data", "step", "grid", "pack")
 STEP_ARCHS = {"lenet300": ((1, 28, 28), 10), "lenet5": ((1, 28, 28), 10),
               "vgg16": ((3, 32, 32), 10), "resnet18": ((3, 32, 32), 10)}
 DEPTHS = (2, 3, 4)
@@ -56,7 +61,7 @@ DATA_TARGET = 8.0  # ours at least this many times faster than the DataLoader lo
 STEP_TARGETS = {("vgg16", d): 1.15 for d in DEPTHS} | {("resnet18", d): 1.15 for d in DEPTHS} | {("lenet300", 4): 1.6}
 
 #: Rounds (interleaved repetitions) per benchmark unless --repeats says otherwise.
-DEFAULT_ROUNDS = {"data": 3, "step_small": 30, "step_large": 5, "grid": 1}
+DEFAULT_ROUNDS = {"data": 3, "step_small": 30, "step_large": 5, "grid": 1, "pack": 5}
 SMALL_STEP_BLOCK = 10  # LeNet steps take milliseconds: time blocks of steps, not single steps
 QUICK_LIMIT = 2000  # --quick: examples per Fashion-MNIST split in ``data``
 QUICK_GRID = """description = "perf --quick: three one-epoch cells on 200 images"
@@ -443,6 +448,35 @@ def bench_grid(device: torch.device, rounds: int, quick: bool, grid: str | None)
 
 
 # ------------------------------------------------------------------------------------------------
+# pack: packed training against one model at a time
+# ------------------------------------------------------------------------------------------------
+
+#: (what is printed, architecture, input shape, classes, benchmark.pack family): the issue's cases.
+PACK_CASES = [("dense LeNet-300-100", "lenet300", (1, 28, 28), 10, "dense"),
+              ("DWF D=3 LeNet-300-100", "lenet300", (1, 28, 28), 10, "dwf D=3"),
+              ("SynFlow LeNet-5", "lenet5", (1, 28, 28), 10, "masked")]
+PACK_SIZES = (1, 8, 16, 64)
+
+
+def bench_pack(device: torch.device, rounds: int, quick: bool, sizes: tuple[int, ...]) -> list[Row]:
+    """Per case and pack size, one step of the pack against the same steps one model at a time,
+    alternating rounds (``pack_plan.measure``); prints one ratio per line as it goes."""
+    from benchmark.pack_plan import measure
+
+    rows = []
+    batch = 16 if quick else 128
+    for label, arch, shape, classes, kind in PACK_CASES:
+        for size in sizes:
+            result = measure(arch, shape, classes, kind, size, batch, device, rounds)
+            print(f"{label}, pack of {size}: {result['ratio']:.2f}x", flush=True)
+            rows.append(_row("pack", f"{label}, batch {batch}", f"pack of {size}", "s/step", result["packed_rounds"],
+                             ratio=result["ratio"], ratio_of="one at a time / packed, same steps",
+                             device=str(device), threads=torch.get_num_threads(),
+                             note=f"one at a time {result['sequential_s'] * 1e3:.1f} ms per {size} steps"))
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------
 # output and CLI
 # ------------------------------------------------------------------------------------------------
 
@@ -489,7 +523,7 @@ def add_commands(sub) -> None:
     p.add_argument("what", nargs="?", default="all", choices=[*WHATS, "all"],
                    help="data: our epoch vs a torchvision DataLoader epoch; step: DWF D=2/3/4 vs dense step time "
                         "per architecture; grid: cells per hour with --jobs 1 and 2 and peak memory per worker; "
-                        "all: the three (default)")
+                        "pack: packed training vs one model at a time per pack size; all: the four (default)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps or auto (cuda > mps > cpu); default auto")
     p.add_argument("--out", type=Path,
                    help="CSV file for the table (default results/perf/perf-<what>.csv)")
@@ -507,6 +541,8 @@ def add_commands(sub) -> None:
     p.add_argument("--threads", type=int,
                    help="torch intra-op threads for data and step (default: torch's choice, usually the core "
                         "count); grid workers always get cores/jobs each, as 'run' gives them")
+    p.add_argument("--sizes", help=f"pack: comma-separated pack sizes (default {','.join(map(str, PACK_SIZES))}; "
+                                   f"with --quick 2)")
     p.add_argument("--quick", action="store_true",
                    help="tiny settings to check that everything runs (tests): 2000 examples, one round, batch 8 "
                         "for VGG/ResNet, a three-cell grid; ratios are not meaningful and targets are not judged")
@@ -524,6 +560,14 @@ def perf_command(args) -> int:
     unknown = [a for a in archs if a not in STEP_ARCHS]
     if unknown or not archs:
         raise ValueError(f"--archs: unknown {unknown}; choose from {', '.join(STEP_ARCHS)}")
+    sizes = (2,) if args.quick else PACK_SIZES
+    if args.sizes is not None:
+        try:
+            sizes = tuple(int(x) for x in args.sizes.split(",") if x.strip())
+        except ValueError:
+            sizes = ()
+        if not sizes or min(sizes) < 1:
+            raise ValueError(f"--sizes {args.sizes!r}: give comma-separated pack sizes >= 1, e.g. 1,8,16")
     device = pick_device(args.device)
     if args.compile and args.what in ("step", "all"):
         check_compile(device)
@@ -543,6 +587,8 @@ def perf_command(args) -> int:
             rows += bench_data(device, args.repeats or (1 if args.quick else DEFAULT_ROUNDS["data"]), args.quick)
         elif what == "step":
             rows += bench_step(device, args.repeats, args.quick, archs, args.compile)
+        elif what == "pack":
+            rows += bench_pack(device, args.repeats or (1 if args.quick else DEFAULT_ROUNDS["pack"]), args.quick, sizes)
         else:
             rows += bench_grid(device, args.repeats or DEFAULT_ROUNDS["grid"], args.quick, args.grid)
         print(f"[{what}: {time.perf_counter() - began:.0f} s]", file=sys.stderr)

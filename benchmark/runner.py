@@ -57,6 +57,8 @@ WATCH_DRIVER_S = 0.5
 ORPHAN_EXIT = 75
 #: Seconds to wait for a Dask scheduler to answer before giving up with a message.
 DASK_CONNECT_TIMEOUT_S = 10.0
+#: Environment variable holding the default of ``run --pack`` (auto when unset).
+PACK_ENV = "BENCHMARK_PACK"
 
 # ------------------------------------------------------------------------------------------------
 # Worker side
@@ -76,10 +78,11 @@ def _cached_data(cell: Cell, data_dir, device):
     return _DATA_CACHE[key]
 
 
-def execute(config: dict, *, data_dir, device, work_root, cache_dir, threads: int | None, gpu_slots=None,
-            compiled: bool = False, gpu: int | None = None, keep_work: bool = False) -> list[dict]:
+def execute(config: dict | list[dict], *, data_dir, device, work_root, cache_dir, threads: int | None, gpu_slots=None,
+            compiled: bool = False, gpu: int | None = None, keep_work: bool = False) -> list[dict] | dict[str, list[dict]]:
     """Run one cell in a worker process and return its records (never raises for the cell; a full
-    or read-only disk raises StorageError). ``gpu`` pins it to that CUDA device."""
+    or read-only disk raises StorageError). ``gpu`` pins it to that CUDA device. A list of configs
+    is a pack (benchmark.pack): it returns the records of each cell by its id."""
     import torch
 
     from benchmark import data as data_mod
@@ -88,7 +91,8 @@ def execute(config: dict, *, data_dir, device, work_root, cache_dir, threads: in
 
     if threads:
         torch.set_num_threads(threads)
-    cell = Cell.from_config(config)
+    cells = [Cell.from_config(c) for c in config] if isinstance(config, list) else [Cell.from_config(config)]
+    cell = cells[0]
     slot = gpu if gpu is not None else (gpu_slots.get() if gpu_slots is not None else None)
     try:
         dev = pick_device(f"cuda:{slot}" if slot is not None else device)
@@ -98,6 +102,11 @@ def execute(config: dict, *, data_dir, device, work_root, cache_dir, threads: in
             data = _cached_data(cell, data_dir, dev)
         except data_mod.DatasetMissing:
             data = None  # run_cell reports the cell as blocked
+        if isinstance(config, list):
+            from benchmark.pack import run_pack
+
+            return run_pack(cells, data_dir=data_dir, device=dev, work_root=work_root, cache_dir=cache_dir,
+                            data=data, compiled=compiled, keep_work=keep_work)
         return run_cell(cell, data_dir=data_dir, device=dev, work_root=work_root, cache_dir=cache_dir,
                         progress=False, data=data, compiled=compiled, keep_work=keep_work)
     finally:
@@ -534,9 +543,11 @@ def _failed_record(cell: Cell, error: str, tb: str | None = None) -> list[dict]:
 def run_grid(grid: grids_mod.Grid, cells: list[Cell], *, results_dir="results", jobs: int | None = None,
              jobs_per_gpu: int | None = None, backend: str = "local", scheduler: str | None = None,
              data_dir=None, device: str = "auto", retry_failed: bool = False, progress: bool | None = None,
-             compiled: bool = False, scheduler_timeout: float = DASK_CONNECT_TIMEOUT_S) -> RunSummary:
+             compiled: bool = False, scheduler_timeout: float = DASK_CONNECT_TIMEOUT_S,
+             pack: str | int = "off") -> RunSummary:
     """Run every unfinished cell; returns counts. Safe to kill and rerun at any point; a stop
-    signal ends it in order (``summary.stopped_by``)."""
+    signal ends it in order (``summary.stopped_by``). ``pack``: auto, off or N (benchmark.pack_plan);
+    a pack is claimed cell by cell, and each cell's result is written as it would be alone."""
     from tqdm.auto import tqdm
 
     if backend not in ("local", "dask"):
@@ -580,7 +591,7 @@ def run_grid(grid: grids_mod.Grid, cells: list[Cell], *, results_dir="results", 
     began = time.perf_counter()
     started_at = time.time()
     in_flight: dict = {}
-    queue = deque(todo)
+    queue: deque = deque()
     deaths: Counter = Counter()
     try:
         threads = _threads_per_job(jobs or 1)
@@ -595,6 +606,7 @@ def run_grid(grid: grids_mod.Grid, cells: list[Cell], *, results_dir="results", 
             pool = _LocalPool(signals, jobs)
         else:
             pool = _InlinePool(signals)
+        queue.extend(_plan(todo, pack, backend, device, gpu_slots, jobs, threads, compiled, results_dir))
         common = {"data_dir": data_dir, "device": device, "work_root": str(store.work_dir),
                   "cache_dir": str(Path(results_dir) / "cache"), "threads": threads, "compiled": compiled,
                   "keep_work": True}
@@ -636,7 +648,7 @@ def run_grid(grid: grids_mod.Grid, cells: list[Cell], *, results_dir="results", 
                 exc = cancelled
             if exc is None:
                 _, records = future.result()
-                finish(cell, records)
+                finish(cell, records[cell.id] if isinstance(records, dict) else records)
                 return
             if is_disk_error(exc):
                 raise StorageError.from_os_error(exc) from None
@@ -665,51 +677,64 @@ def run_grid(grid: grids_mod.Grid, cells: list[Cell], *, results_dir="results", 
             tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
             finish(cell, _failed_record(cell, f"{type(exc).__name__}: {exc}", tb))
 
+        def take(cell: Cell) -> bool:
+            """Claim ``cell`` for this run, unless it is finished or claimed elsewhere."""
+            status = store.status(cell.id)
+            if status == "ok" or (status in ("failed", "blocked") and _written_since(store, cell.id, started_at)):
+                summary.skipped += 1  # another driver finished it meanwhile
+                bar.update(1)
+                return False
+            if status == "damaged":  # damaged since this run listed the grid
+                moved = store.set_aside(cell.id, "damaged while this run was going")
+                if moved is not None:
+                    summary.set_aside.append((moved, "damaged while this run was going"))
+            if not store.claim(cell.id, run_id):
+                summary.busy += 1
+                bar.update(1)
+                return False
+            store.event("start", cell.id, run_id, label=cell.label())
+            return True
+
         free_slots = list(gpu_slots)
         while queue or in_flight:
             if signals.received:
                 raise Interrupted(signals.received)
             while queue and len(in_flight) < pool.capacity and (not gpu_slots or free_slots):
-                cell = queue.popleft()
-                status = store.status(cell.id)
-                if status == "ok" or (status in ("failed", "blocked") and _written_since(store, cell.id, started_at)):
-                    summary.skipped += 1  # another driver finished it meanwhile
-                    bar.update(1)
+                unit = queue.popleft()
+                cells = [cell for cell in (unit if isinstance(unit, list) else [unit]) if take(cell)]
+                if not cells:
                     continue
-                if status == "damaged":  # damaged since this run listed the grid
-                    moved = store.set_aside(cell.id, "damaged while this run was going")
-                    if moved is not None:
-                        summary.set_aside.append((moved, "damaged while this run was going"))
-                if not store.claim(cell.id, run_id):
-                    summary.busy += 1
-                    bar.update(1)
-                    continue
-                store.event("start", cell.id, run_id, label=cell.label())
                 slot = free_slots.pop(0) if gpu_slots else None
                 args = common if slot is None else {**common, "gpu": slot}
                 try:
-                    future = pool.submit(_execute_tagged, cell.id, cell.config(), args)
+                    if len(cells) == 1:
+                        future = pool.submit(_execute_tagged, cells[0].id, cells[0].config(), args)
+                    else:
+                        future = pool.submit(_execute_tagged, f"{cells[0].id}+{len(cells) - 1}",
+                                             [c.config() for c in cells], args)
                 except Exception as exc:  # noqa: BLE001 - a broken pool refuses work: start a fresh one
                     if not pool.died(exc):
                         raise
-                    store.release(cell.id, run_id)
-                    queue.appendleft(cell)
+                    for cell in cells:
+                        store.release(cell.id, run_id)
+                    queue.appendleft(cells if len(cells) > 1 else cells[0])
                     if slot is not None:
                         free_slots.append(slot)
                     continue
-                in_flight[future] = (cell, slot)
+                in_flight[future] = (cells, slot)
                 if signals.received:
                     raise Interrupted(signals.received)
             if not in_flight:
                 continue
             for future in pool.wait(list(in_flight), timeout=0.25):
-                cell, slot = in_flight.pop(future)
+                cells, slot = in_flight.pop(future)
                 if slot is not None:
                     free_slots.append(slot)
-                outcome(future, cell)
+                for cell in cells:  # a pack's cells one by one, each written as it would be alone
+                    outcome(future, cell)
     except Interrupted as stop:
         summary.stopped_by = stop.signum
-        summary.not_started = len(queue)
+        summary.not_started = sum(len(unit) if isinstance(unit, list) else 1 for unit in queue)
     finally:
         if bar is not None:
             bar.close()
@@ -726,6 +751,35 @@ def run_grid(grid: grids_mod.Grid, cells: list[Cell], *, results_dir="results", 
                         run_id, _signal_name(summary.stopped_by), summary.finished, released, summary.not_started)
         log.info("run %s ended after %.0f s: %s", run_id, time.perf_counter() - began, summary)
     return summary
+
+
+def _plan(todo: list[Cell], pack, backend: str, device: str, gpu_slots: list[int], jobs: int | None,
+          threads: int | None, compiled: bool, results_dir) -> list:
+    """The run's units of work (benchmark.pack_plan): cells, and packs of cells. ``auto`` measures
+    here, on the device and with the threads a local worker gets; on Dask it packs nothing."""
+    from benchmark import pack_plan
+
+    setting = pack_plan.parse_pack(pack)
+    if setting == "off" or compiled:  # packed training does not compile (check_run_inputs refuses --pack N)
+        return list(todo)
+    import torch
+
+    from benchmark.train import pick_device
+
+    dev = None if backend == "dask" else pick_device(f"cuda:{gpu_slots[0]}" if gpu_slots else device)
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        def say(line: str) -> None:
+            log.info(line)
+            _say(line)
+
+        workers = gpu_slots.count(gpu_slots[0]) if gpu_slots else (jobs or 1)
+        return pack_plan.plan(todo, setting, device=dev, workers=workers,
+                              cache_dir=Path(results_dir) / "cache", say=say)
+    finally:
+        torch.set_num_threads(before)
 
 
 def _written_since(store: Store, cell_id: str, since: float) -> bool:
@@ -836,6 +890,11 @@ def add_commands(sub) -> None:
     p.add_argument("--compile", action="store_true",
                    help="train through torch.compile (a speed option: results carry compiled=True, cell ids do not "
                         "change; worth it on GPUs and for conv nets, costs seconds to minutes of compiling per cell)")
+    p.add_argument("--pack", default=os.environ.get(PACK_ENV, "auto"), metavar="auto|off|N",
+                   help="train cells of one structure (architecture, dataset, schedule, method family) as one "
+                        "stacked model in one process: N = up to N cells per pack, off = one cell per task, auto "
+                        f"= pack where a short calibration measured packing faster on this device (default: "
+                        f"${PACK_ENV} or auto). Records gain pack_size; see README, 'Packed training'")
     p.add_argument("--dry-run", action="store_true",
                    help="list the cells that would run, their training epochs and the hours they take per "
                         "architecture, one at a time and with --jobs / --jobs-per-gpu; run nothing. Speeds are "
@@ -902,6 +961,10 @@ def check_run_inputs(args) -> None:
         raise ValueError(f"--jobs {args.jobs}: must be >= 1")
     if args.jobs_per_gpu is not None and args.jobs_per_gpu < 1:
         raise ValueError(f"--jobs-per-gpu {args.jobs_per_gpu}: must be >= 1")
+    from benchmark.pack_plan import parse_pack
+
+    if parse_pack(getattr(args, "pack", "off")) not in ("auto", "off") and getattr(args, "compile", False):
+        raise ValueError(f"--pack {args.pack} with --compile: packed training does not compile; drop one of them")
     _check_results_dir(args.results_dir)
     if args.backend == "local":
         if args.scheduler:
@@ -961,7 +1024,7 @@ def run_command(args) -> int:
                            backend=args.backend, scheduler=args.scheduler, data_dir=args.data_dir,
                            device=args.device, retry_failed=args.retry_failed,
                            progress=False if args.no_progress else None, compiled=args.compile,
-                           scheduler_timeout=args.connect_timeout)
+                           scheduler_timeout=args.connect_timeout, pack=args.pack)
     except (StorageError, RunStopped) as exc:
         _say(f"error: {exc}")
         if isinstance(exc, RunStopped):  # the disk is fine: the CSVs can show what finished

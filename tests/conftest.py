@@ -13,6 +13,10 @@ from benchmark import data as data_mod
 
 torch.set_num_threads(2)
 
+# `run` packs cells by default (--pack auto), after a calibration per results folder. The suite's
+# runner tests are about one cell per task; tests/test_packed.py tests packing, auto included.
+os.environ.setdefault("BENCHMARK_PACK", "off")
+
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 
 
@@ -54,6 +58,17 @@ def tiny_data() -> data_mod.Data:
 def fashion() -> data_mod.Data:
     """The real Fashion-MNIST (Debian package dataset-fashion-mnist; `make test` installs it)."""
     return data_mod.load("fashion-mnist")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``cuda`` are skipped, with the reason, where no GPU is visible."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU: none is visible here (torch.cuda.is_available() is False); "
+                                   "`make gpu-check` runs these on a GPU machine")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
 
 
 def pytest_terminal_summary(terminalreporter):
