@@ -742,7 +742,8 @@ def run_grid(grid: grids_mod.Grid, cells: list[Cell], *, results_dir="results", 
                     outcome(future, cell)
     except Interrupted as stop:
         summary.stopped_by = stop.signum
-        summary.not_started = sum(len(unit) if isinstance(unit, list) else 1 for unit in queue)
+        summary.not_started = (sum(len(unit) if isinstance(unit, list) else 1 for unit in queue) if pool is not None
+                               else len(todo))  # stopped while the workers started (--backend slurm)
     finally:
         if bar is not None:
             bar.close()

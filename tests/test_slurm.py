@@ -202,6 +202,35 @@ def test_smoke_grid_through_slurm_matches_the_local_backend(slurm_cluster, tmp_p
         assert comparable(result) == comparable(by_local[cell_id]), f"cell {cell_id} differs from the local run"
 
 
+def test_a_stop_signal_while_the_jobs_start_cancels_them(slurm_cluster, tmp_path):
+    """SIGTERM right after the jobs are submitted, before any cell: the same orderly stop as
+    later on (exit 143, every cell counted as not started), and squeue empty."""
+    driver = start(*RUN_ARGS, "--results-dir", tmp_path, *SLURM_ARGS)
+    try:
+        lines = []
+        for line in driver.stderr:  # the run says when sbatch took the jobs
+            lines.append(line)
+            if line.startswith("SLURM:") and "submitted" in line:
+                break
+        assert lines and "submitted" in lines[-1], "".join(lines)
+        driver.send_signal(signal.SIGTERM)
+        _, err = driver.communicate(timeout=120)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+            driver.wait()
+    assert driver.returncode == 128 + signal.SIGTERM, err
+    assert "none left in squeue" in err and no_traceback(err), err
+    assert "stopped by SIGTERM: 0 cell(s) finished" in err and f"{len(smoke_ids())} not started" in err, err
+    assert squeue() == []
+
+
+def smoke_ids() -> set[str]:
+    from benchmark import grids
+
+    return {cell.id for cell in grids.load_grid("smoke").cells}
+
+
 def test_a_job_slurm_refuses_is_one_line_naming_it_and_nothing_is_queued(slurm_cluster, tmp_path):
     done = cli(*RUN_ARGS, "--results-dir", tmp_path, *SLURM_ARGS, "--slurm-partition", "nosuchpartition")
     assert done.returncode == 2, done.stderr
