@@ -17,15 +17,17 @@ from pathlib import Path
 
 #: What installs dask-jobqueue (the version range pyproject.toml's ``cluster`` extra pins).
 INSTALL = "pip install 'dask-jobqueue>=0.9,<0.10'  (or pip install -e '.[cluster]')"
-#: Seconds a worker whose scheduler (this driver) is gone waits before its job ends by itself; it
-#: bounds how long jobs outlive a driver killed with SIGKILL, which cannot cancel them.
+#: Seconds a starting worker tries to reach its scheduler (this driver) before giving up, ending its
+#: job. A connected worker stops as soon as it loses the driver; together they bound how long jobs
+#: outlive a driver killed with SIGKILL, which cannot cancel them.
 DEATH_TIMEOUT_S = 60
 #: How long teardown waits for cancelled jobs to leave squeue (they pass through "completing").
 LEAVE_QUEUE_S = 60.0
 #: How often, while no worker has connected, the driver says what its jobs are waiting for.
 SAY_PENDING_EVERY_S = 60.0
 
-_WALLTIME = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$|^\d+-\d+$")
+#: SLURM's time formats: MINUTES, MINUTES:SECONDS, HOURS:MINUTES:SECONDS, DAYS-HOURS[:MINUTES[:SECONDS]].
+_WALLTIME = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$")
 
 
 @dataclasses.dataclass(frozen=True)
