@@ -52,6 +52,17 @@ def _tail(path: Path, lines: int = 5) -> str:
         return "(no log)"
 
 
+def _listening(ports) -> dict[int, str]:
+    """{port: IPv4 address listened on} for the given TCP ports (Linux /proc/net/tcp)."""
+    found = {}
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, state = line.split()[1], line.split()[3]
+        address, port = local.split(":")
+        if state == "0A" and int(port, 16) in ports:  # 0A: LISTEN
+            found[int(port, 16)] = socket.inet_ntoa(bytes.fromhex(address)[::-1])
+    return found
+
+
 def _config(folder: Path, node: str, ctld_port: int, node_port: int) -> str:
     cpus = max(2, os.cpu_count() or 1)
     return f"""\
@@ -106,7 +117,8 @@ def slurm_cluster(tmp_path_factory):
     key.write_bytes(os.urandom(1024))
     key.chmod(0o400)
     conf = folder / "slurm.conf"
-    conf.write_text(_config(folder, "dwfnode", _free_port(), _free_port()))
+    ports = (_free_port(), _free_port())
+    conf.write_text(_config(folder, "dwfnode", *ports))
     before = os.environ.get("SLURM_CONF")
     os.environ["SLURM_CONF"] = str(conf)
     daemons: list[subprocess.Popen] = []
@@ -134,6 +146,7 @@ def slurm_cluster(tmp_path_factory):
         if not wait_until(idle, 30, every=0.5):
             pytest.skip(f"slurmctld/slurmd did not come up here: slurmctld: {_tail(folder / 'slurmctld.log')}; "
                         f"slurmd: {_tail(folder / 'slurmd.log')}")
+        assert _listening(ports) == {port: "127.0.0.1" for port in ports}  # slurmctld, slurmd: loopback only
         yield folder
     finally:
         for proc in reversed(daemons):  # slurmd, slurmctld, munged: each ours, by its pid
