@@ -22,7 +22,7 @@ STAMP := $(VENV)/.installed
 SEEDS ?=
 REFERENCE_RUN = $(PY) -m benchmark run --results-dir reference --jobs $(JOBS) --pack off $(if $(SEEDS),--seeds $(SEEDS))
 
-.PHONY: run test setup data clean reference gpu-check
+.PHONY: run test test-packages setup data clean reference gpu-check
 
 # A failed or blocked cell makes `run` exit 1; it still writes the grid's CSVs, which are plotted.
 run: setup data
@@ -42,8 +42,22 @@ reference: setup data
 	$(PY) -m benchmark report --grid lenet-reference --results-dir reference --crs 10,30,100,300,1000 --threshold-scale 0.01 > /dev/null
 	@echo "reference: CSVs, figures and tables in reference/lenet-reference/ (README: Results)"
 
-test: setup data
+test: setup data test-packages
 	$(PY) -m pytest -q
+
+# Debian packages some tests need: slurm-wlm + munge (a private SLURM, tests/test_slurm.py) and
+# chromium (the report page, tests/test_workflow.py). Installed when missing and we are root with
+# apt; otherwise, or if apt fails, those tests skip and say why, and the build goes on.
+test-packages:
+	@missing=""; \
+	command -v slurmctld >/dev/null 2>&1 && command -v slurmd >/dev/null 2>&1 || missing="$$missing slurm-wlm"; \
+	command -v munged >/dev/null 2>&1 || missing="$$missing munge"; \
+	command -v chromium >/dev/null 2>&1 || command -v chromium-headless-shell >/dev/null 2>&1 || missing="$$missing chromium"; \
+	if [ -n "$$missing" ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing Debian packages for the tests:$$missing"; \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; } \
+	    || echo "warning: apt-get could not install$$missing; the tests that need them will skip"; \
+	fi
 
 # On a machine with a CUDA GPU: the CUDA tests, doctor, perf step/pack, one real epoch each of
 # LeNet-300-100 and VGG-16, and cells per hour with --jobs-per-gpu 1/2/4 and packing, in under 8

@@ -130,6 +130,12 @@ def doctor_command(args) -> int:
         r.more(f"dask: distributed {dask_version} installed; run --backend dask --scheduler tcp://HOST:8786")
         if args.scheduler:
             _check_scheduler(r, args.scheduler)
+    import shutil
+
+    jobqueue, sbatch = _version("dask_jobqueue"), shutil.which("sbatch")
+    r.more(f"slurm: dask-jobqueue {jobqueue or 'not installed'}, sbatch {sbatch or 'not on PATH'}"
+           + ("; run --backend slurm" if jobqueue and sbatch else
+              "" if jobqueue else " (pip install -e '.[cluster]' for --backend slurm)"))
 
     # ---- a training step per device
     for name in found:

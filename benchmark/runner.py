@@ -544,15 +544,16 @@ def run_grid(grid: grids_mod.Grid, cells: list[Cell], *, results_dir="results", 
              jobs_per_gpu: int | None = None, backend: str = "local", scheduler: str | None = None,
              data_dir=None, device: str = "auto", retry_failed: bool = False, progress: bool | None = None,
              compiled: bool = False, scheduler_timeout: float = DASK_CONNECT_TIMEOUT_S,
-             pack: str | int = "off") -> RunSummary:
+             pack: str | int = "off", slurm=None) -> RunSummary:
     """Run every unfinished cell; returns counts. Safe to kill and rerun at any point; a stop
     signal ends it in order (``summary.stopped_by``). ``pack``: auto, off or N (benchmark.pack_plan);
-    a pack is claimed cell by cell, and each cell's result is written as it would be alone."""
+    a pack is claimed cell by cell, and each cell's result is written as it would be alone. ``slurm``
+    (benchmark.slurm.SlurmOptions, with backend dask): the Dask workers run in SLURM jobs it starts."""
     from tqdm.auto import tqdm
 
     if backend not in ("local", "dask"):
         raise ValueError(f"unknown backend {backend!r}; use local or dask")
-    if backend == "dask" and not scheduler:
+    if backend == "dask" and not scheduler and slurm is None:
         raise ValueError("--backend dask needs --scheduler ADDRESS (e.g. tcp://10.0.0.5:8786)")
     gpu_slots: list[int] = []
     n_gpus = 0
@@ -595,7 +596,14 @@ def run_grid(grid: grids_mod.Grid, cells: list[Cell], *, results_dir="results", 
     deaths: Counter = Counter()
     try:
         threads = _threads_per_job(jobs or 1)
-        if backend == "dask":
+        if backend == "dask" and slurm is not None:
+            from benchmark import slurm as slurm_mod
+
+            pool = slurm_mod.pool(signals, slurm, jobs, scheduler_timeout, store.root / "slurm-logs", _say)
+            threads = None
+            if data_dir:
+                pool.check_data_dir(str(data_dir))
+        elif backend == "dask":
             pool = _DaskPool(signals, scheduler, jobs, scheduler_timeout)
             threads = None
             if data_dir:
@@ -734,7 +742,8 @@ def run_grid(grid: grids_mod.Grid, cells: list[Cell], *, results_dir="results", 
                     outcome(future, cell)
     except Interrupted as stop:
         summary.stopped_by = stop.signum
-        summary.not_started = sum(len(unit) if isinstance(unit, list) else 1 for unit in queue)
+        summary.not_started = (sum(len(unit) if isinstance(unit, list) else 1 for unit in queue) if pool is not None
+                               else len(todo))  # stopped while the workers started (--backend slurm)
     finally:
         if bar is not None:
             bar.close()
@@ -879,8 +888,9 @@ def add_commands(sub) -> None:
                         "or with --backend dask the most cells in flight (default: all worker threads)")
     p.add_argument("--jobs-per-gpu", type=int,
                    help="with GPUs: run at most K cells per GPU at a time, each pinned to its GPU (jobs = GPUs x K)")
-    p.add_argument("--backend", choices=["local", "dask"], default="local",
-                   help="local processes (default) or an existing Dask cluster (needs --scheduler)")
+    p.add_argument("--backend", choices=["local", "dask", "slurm"], default="local",
+                   help="local processes (default), an existing Dask cluster (needs --scheduler), or Dask workers "
+                        "in SLURM jobs this run starts and cancels (--slurm-* below)")
     p.add_argument("--scheduler", help="Dask scheduler address for --backend dask, e.g. tcp://host:8786")
     p.add_argument("--connect-timeout", type=float, default=DASK_CONNECT_TIMEOUT_S, metavar="SECONDS",
                    help=f"with --backend dask: how long to try reaching the scheduler (default {DASK_CONNECT_TIMEOUT_S:g})")
@@ -907,6 +917,9 @@ def add_commands(sub) -> None:
                         + "; or from the speeds measured earlier on a machine whose name contains MACHINE (in the "
                           "cache, e.g. a shared home)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    from benchmark import slurm
+
+    slurm.add_arguments(p)
     p.set_defaults(handler=run_command)
 
     s = sub.add_parser("status", help="finished / failed / blocked / running / to do, per method",
@@ -966,6 +979,15 @@ def check_run_inputs(args) -> None:
     if parse_pack(getattr(args, "pack", "off")) not in ("auto", "off") and getattr(args, "compile", False):
         raise ValueError(f"--pack {args.pack} with --compile: packed training does not compile; drop one of them")
     _check_results_dir(args.results_dir)
+    from benchmark import slurm
+
+    if args.backend == "slurm":
+        if args.scheduler:
+            raise ValueError(f"--scheduler {args.scheduler} is for --backend dask; --backend slurm starts its own "
+                             f"scheduler: leave --scheduler out")
+        args.slurm_options = slurm.options_from_args(args, installed=not getattr(args, "dry_run", False))
+    elif slurm.given_flags(args):
+        raise ValueError(f"{slurm.given_flags(args)[0]} is for --backend slurm; add --backend slurm or leave it out")
     if args.backend == "local":
         if args.scheduler:
             raise ValueError(f"--scheduler {args.scheduler} is for --backend dask; add --backend dask or leave it out")
@@ -1021,10 +1043,12 @@ def run_command(args) -> int:
         _, toml, _ = grids_mod.grid_source(args.grid)
         store.record_grid(args.grid, grid.source, grid.description, toml, resume)
         summary = run_grid(grid, cells, results_dir=args.results_dir, jobs=args.jobs, jobs_per_gpu=args.jobs_per_gpu,
-                           backend=args.backend, scheduler=args.scheduler, data_dir=args.data_dir,
+                           backend="dask" if args.backend == "slurm" else args.backend, scheduler=args.scheduler,
+                           data_dir=args.data_dir,
                            device=args.device, retry_failed=args.retry_failed,
                            progress=False if args.no_progress else None, compiled=args.compile,
-                           scheduler_timeout=args.connect_timeout, pack=args.pack)
+                           scheduler_timeout=args.connect_timeout, pack=args.pack,
+                           slurm=getattr(args, "slurm_options", None))
     except (StorageError, RunStopped) as exc:
         _say(f"error: {exc}")
         if isinstance(exc, RunStopped):  # the disk is fine: the CSVs can show what finished
@@ -1100,7 +1124,8 @@ def dry_run(store: Store, cells: list[Cell], args) -> int:
     print(f"{len(todo)} cell(s) to run, {skipped} done or failed; ~{total_epochs} training epochs in the cells{shared}",
           flush=True)
     if plan.trainings and not args.no_estimate:
-        lines = estimate.estimate_lines(plan, device_name=args.device, backend=args.backend, jobs=args.jobs,
+        lines = estimate.estimate_lines(plan, device_name=args.device, jobs=args.jobs,
+                                        backend="dask" if args.backend == "slurm" else args.backend,
                                         jobs_per_gpu=args.jobs_per_gpu, speeds_arg=args.speeds,
                                         say=lambda text: _say(text))
         print("\n".join(lines))

@@ -210,8 +210,19 @@ def test_the_page_renders_every_figure_and_table_in_headless_chromium(copy, tmp_
              "imgs.length + ' images, ' + [...document.querySelectorAll('table')].filter(t => t.rows.length > 1 "
              "&& t.offsetHeight > 0).length + ' tables'; });</script></body>")
     (tmp_path / "probe.html").write_text(page.replace("</body>", probe))
-    done = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=5000",
-                           "--dump-dom", (tmp_path / "probe.html").as_uri()], capture_output=True, text=True, timeout=120)
+    # --no-sandbox: Chromium refuses to run as root with its sandbox; a fresh profile each time, and
+    # no background traffic, so that no earlier state and no network (CI has none) play a part
+    browser = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+               "--no-first-run", "--virtual-time-budget=5000"]
+    done = subprocess.run([*browser, f"--user-data-dir={tmp_path / 'profile-dom'}", "--dump-dom",
+                           (tmp_path / "probe.html").as_uri()], capture_output=True, text=True, timeout=120)
     title = re.search(r"<title>(.*?)</title>", done.stdout)
     assert title, done.stderr[-2000:]
     assert title.group(1) == "rendered 4/4 images, 6 tables", title.group(1)
+    # a picture of the page, for a person to look at (kept in pytest's tmp folder)
+    shot = tmp_path / "report.png"
+    done = subprocess.run([*browser, f"--user-data-dir={tmp_path / 'profile-shot'}", "--window-size=1200,2400",
+                           "--hide-scrollbars", f"--screenshot={shot}", (copy.results / "g" / "report.html").as_uri()],
+                          capture_output=True, text=True, timeout=120)
+    assert shot.is_file() and shot.stat().st_size > 10_000, done.stderr[-2000:]
+    print(f"screenshot of the page: {shot}")
