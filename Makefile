@@ -63,7 +63,7 @@ test-packages:
 # LeNet-300-100 and VGG-16, and cells per hour with --jobs-per-gpu 1/2/4 and packing, in under 8
 # minutes; writes gpu-check/summary.md (and one log per part). Without a GPU it says so and exits 2.
 gpu-check: setup data
-	$(PY) -m benchmark.gpu_check --out gpu-check
+	$(PY) -m benchmark.speed.gpu_check --out gpu-check
 
 setup: $(STAMP)
 

@@ -11,27 +11,27 @@ import importlib
 import os
 import sys
 
-from benchmark.errors import Interrupted, RunStopped
+from benchmark.core.errors import Interrupted, RunStopped
 
 #: Modules that contribute sub-commands, in the order ``--help`` lists them.
 COMMAND_MODULES = [
-    "benchmark.runner",  # run, status, collect, list
-    "benchmark.cli_cell",  # cell
-    "benchmark.plot",  # plot
-    "benchmark.report",  # report
-    "benchmark.data_cli",  # data
-    "benchmark.perf",  # perf
-    "benchmark.doctor",  # doctor
+    "benchmark.cli.run",  # run, status, collect, list
+    "benchmark.cli.cell",  # cell
+    "benchmark.analysis.plot",  # plot
+    "benchmark.analysis.report",  # report
+    "benchmark.cli.data",  # data
+    "benchmark.speed.perf",  # perf
+    "benchmark.cli.doctor",  # doctor
 ]
 
 
 #: Which module owns which command, so that one command imports only its module (a dry run of a
 #: large grid should not wait for matplotlib). A command missing here still works: then every
 #: module is imported, as for ``--help``.
-COMMAND_OWNERS = {"run": "benchmark.runner", "status": "benchmark.runner", "collect": "benchmark.runner",
-                  "list": "benchmark.runner", "cell": "benchmark.cli_cell", "plot": "benchmark.plot",
-                  "report": "benchmark.report", "data": "benchmark.data_cli", "perf": "benchmark.perf",
-                  "doctor": "benchmark.doctor"}
+COMMAND_OWNERS = {"run": "benchmark.cli.run", "status": "benchmark.cli.run", "collect": "benchmark.cli.run",
+                  "list": "benchmark.cli.run", "cell": "benchmark.cli.cell", "plot": "benchmark.analysis.plot",
+                  "report": "benchmark.analysis.report", "data": "benchmark.cli.data", "perf": "benchmark.speed.perf",
+                  "doctor": "benchmark.cli.doctor"}
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
@@ -57,7 +57,11 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     words = list(sys.argv[1:] if argv is None else argv)
     command = words[0] if words and not words[0].startswith("-") else None
-    parser = build_parser(command)
+    try:
+        parser = build_parser(command)
+    except ValueError as exc:  # a method plugin that does not load
+        _say(f"error: {exc}")
+        return 2
     args = parser.parse_args(argv)
     if not getattr(args, "handler", None):
         parser.print_help()

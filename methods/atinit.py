@@ -37,9 +37,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from benchmark import data as data_mod
-from benchmark.sparsity import prunable_layers
-from methods.base import Method, register
+from benchmark.engine import data as data_mod
+from benchmark.engine.sparsity import prunable_layers
+from benchmark.core.method import Method, register
+from methods import structures
 from methods.masks import apply_masks, check_target_cr, kept_count, masks_from_scores, remove_masks
 
 Batches = list[tuple[torch.Tensor, torch.Tensor]]
@@ -153,6 +154,10 @@ class AtInit(Method):
     """Shared run: score the initial model, keep the top scores globally, train with the mask held."""
 
     family = "at-init"
+    columns = ("scope", "prune_wall_s")
+
+    def pack_family(self):
+        return structures.MASKED, ()
 
     @dataclass(frozen=True)
     class Params(Method.Params):
@@ -189,6 +194,8 @@ class RandomPruning(ScoredAtInit):
     """Random pruning at initialization (uniform over the network)."""
 
     name = "random"
+    curve_order = 9
+    plot_style = (7, 0.2, "8", ":")
 
     def scores(self, model, ctx):
         return random_scores(model, ctx.cell.seed)
@@ -215,6 +222,8 @@ class SNIP(ScoredAtInit):
     """SNIP: prune at initialization by connection sensitivity |g * w|."""
 
     name = "snip"
+    curve_order = 10
+    plot_style = (5, 0.0, "<", ":")
 
     @dataclass(frozen=True)
     class Params(DataScoredParams):
@@ -230,6 +239,8 @@ class GraSP(ScoredAtInit):
     """GraSP: prune at initialization preserving gradient flow (keep the largest w * Hg)."""
 
     name = "grasp"
+    curve_order = 11
+    plot_style = (6, 0.35, ">", ":")
 
     @dataclass(frozen=True)
     class Params(DataScoredParams):
@@ -253,6 +264,8 @@ class SynFlow(AtInit):
     """SynFlow: data-free iterative pruning at initialization (100 rounds, exponential schedule)."""
 
     name = "synflow"
+    curve_order = 12
+    plot_style = (8, 0.45, "p", ":")
 
     @dataclass(frozen=True)
     class Params(AtInit.Params):

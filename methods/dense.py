@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from methods.base import Method, register
+from benchmark.core.method import Method, register
+from methods import structures
 
 
 @register
@@ -12,6 +13,11 @@ class Dense(Method):
     name = "dense"
     family = "reference"
     needs_dense = True
+    is_reference = True
+    columns = ("dense_wall_s",)
+
+    def pack_family(self):
+        return structures.DENSE, ()
 
     def run(self, ctx):
         dense = ctx.dense()

@@ -21,9 +21,10 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from benchmark.sparsity import prunable_layers, threshold_sensitivity, unparametrize, zero_below
-from benchmark.train import TrainHooks
-from methods.base import Method, register
+from benchmark.engine.sparsity import prunable_layers, threshold_sensitivity, unparametrize, zero_below
+from benchmark.engine.train import TrainHooks
+from benchmark.core.method import Method, register
+from methods import structures
 from methods.regularization import RegularizerParams, schedule_with_lr, settling_metrics
 
 #: Deepest factorization accepted (ours): far beyond any depth studied, and the truncated
@@ -178,6 +179,9 @@ class DWF(Method):
 
     name = "dwf"
     family = "regularization"
+    curve_order = 0
+    plot_ramp = True  # one blue ramp over the depths, darker = deeper
+    columns = ("lr", "balance_error", "zeroed_by_threshold", "lam_convention", "cr_thr_small", "cr_thr_large")
 
     @dataclass(frozen=True)
     class Params(RegularizerParams):
@@ -198,11 +202,30 @@ class DWF(Method):
                 problems.append(f"init_eps={self.init_eps} must be in (0, 2) (a fraction of sigma_w)")
             return problems
 
+    @classmethod
+    def curve_label(cls, values):
+        depth = values.get("depth")
+        return f"dwf D={int(float(depth))}" if depth is not None and depth == depth else cls.name
+
+    @classmethod
+    def curve_rank(cls, values):
+        depth = values.get("depth")
+        return float(depth) if depth is not None and depth == depth else 0.0
+
+    def training_schedule(self, schedule):
+        return schedule_with_lr(schedule, self.params.lr)
+
+    def step_variant(self):
+        return structures.factorized(self.params.depth)
+
+    def pack_family(self):
+        return structures.factorized(self.params.depth), (self.params.lr, self.params.skip_last)
+
     def run(self, ctx):
         p = self.params
         model = ctx.new_model()
         factorize(model, p.depth, ctx.cell.seed, p.init, p.init_eps, p.skip_last)
-        schedule = schedule_with_lr(ctx, p.lr)
+        schedule = self.training_schedule(ctx.schedule)
         history, _ = ctx.train(model, FactorHooks(p.lam, p.depth, p.penalty, p.threshold), schedule=schedule)
         balance = balance_error(model)
         collapse(model)
@@ -217,6 +240,17 @@ class Shallow(DWF):
     """Shallow factorization: DWF with D = 2 (lasso-equivalent), reported under its own name."""
 
     name = "shallow"
+    curve_order = 1
+    plot_ramp = False
+    plot_style = (9, 0.0, "v", "-")
+
+    @classmethod
+    def curve_label(cls, values):
+        return cls.name
+
+    @classmethod
+    def curve_rank(cls, values):
+        return 0.0
 
     @dataclass(frozen=True)
     class Params(DWF.Params):

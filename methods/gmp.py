@@ -35,8 +35,8 @@ from typing import Literal
 
 import torch
 
-from benchmark.sparsity import prunable_layers
-from methods.base import Method, register
+from benchmark.engine.sparsity import prunable_layers
+from benchmark.core.method import Method, register
 from methods.masks import (apply_masks, check_target_cr, kept_count, magnitude_scores, read_masks, remove_masks,
                            top_k_mask, warn_empty_layers)
 from methods.sparse_training import SparseTrainingHooks, kept_for_density, set_masks
@@ -110,6 +110,9 @@ class GMP(Method):
 
     name = "gmp"
     family = "during-training"
+    curve_order = 6
+    plot_style = (1, 0.6, "s", (0, (3, 1, 1, 1)))
+    columns = ("pruning_steps",)
 
     @dataclass(frozen=True)
     class Params(Method.Params):

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from benchmark.sparsity import prunable_layers, threshold_sensitivity, zero_below
-from benchmark.train import TrainHooks
-from methods.base import Method, register
+from benchmark.engine.sparsity import prunable_layers, threshold_sensitivity, zero_below
+from benchmark.engine.train import TrainHooks
+from benchmark.core.method import Method, register
+from methods import structures
 from methods.regularization import RegularizerParams, schedule_with_lr, settling_metrics
 
 
@@ -41,15 +42,24 @@ class L1(Method):
 
     name = "l1"
     family = "regularization"
+    curve_order = 2
+    plot_style = (2, 0.0, "P", "-")
+    columns = ("lr", "zeroed_by_threshold", "cr_thr_small", "cr_thr_large")
 
     @dataclass(frozen=True)
     class Params(RegularizerParams):
         lam: float = 1e-5
 
+    def training_schedule(self, schedule):
+        return schedule_with_lr(schedule, self.params.lr)
+
+    def pack_family(self):
+        return structures.L1, (self.params.lr,)
+
     def run(self, ctx):
         p = self.params
         model = ctx.new_model()
-        schedule = schedule_with_lr(ctx, p.lr)
+        schedule = self.training_schedule(ctx.schedule)
         history, _ = ctx.train(model, L1Hooks(p.lam, p.threshold), schedule=schedule)
         settling = threshold_sensitivity(model, p.threshold)
         zeroed = zero_below(model, p.threshold)

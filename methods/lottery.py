@@ -12,7 +12,7 @@ target_cr)`` weights. How a level retrains is ``retrain``:
   and the rest of the schedule is trained from there: the learning rate and batch order of those
   steps (joining mid-epoch for an iteration), with a fresh optimizer state, so every level ends at
   the same point of the schedule as the dense run. Only the points the dense cache keeps
-  (``benchmark.cell.REWIND_POINTS``) are allowed.
+  (``benchmark.engine.train.REWIND_POINTS``) are allowed.
 - ``lr_rewind`` (learning-rate rewinding, Renda et al. 2020): the weights stay as the previous level
   trained them (pruned ones zero); only the learning-rate schedule and batch order go back to
   ``rewind`` (any epoch or iteration: no snapshot is needed), and the rest of the schedule is
@@ -39,8 +39,10 @@ from typing import Literal
 import torch
 from torch import nn
 
-from benchmark.sparsity import prunable_layers
-from methods.base import Method, register
+from benchmark.engine import train as training
+from benchmark.engine.sparsity import prunable_layers
+from benchmark.core.method import Method, register
+from methods import structures
 from methods.masks import (apply_masks, check_target_cr, kept_count, magnitude_scores, masks_from_scores, read_masks,
                            remove_masks)
 
@@ -53,10 +55,8 @@ _ITERATION = re.compile(r"(\d+)it")
 
 
 def rewind_points() -> tuple[int | str, ...]:
-    """The points the dense cache keeps (imported late: benchmark.cell imports this package)."""
-    from benchmark.cell import REWIND_POINTS
-
-    return REWIND_POINTS
+    """The points the dense cache keeps (read when asked: tests change them)."""
+    return training.REWIND_POINTS
 
 
 def rewind_steps(point: int | str, steps_per_epoch: int) -> int:
@@ -126,6 +126,9 @@ class Lottery(Method):
     name = "lottery"
     family = "lottery"
     needs_dense = True
+    curve_order = 5
+    plot_style = (4, 0.0, "h", "-.")
+    columns = ("level", "level_target_cr", "dense_test_acc")
 
     @dataclass(frozen=True)
     class Params(Method.Params):
@@ -177,6 +180,25 @@ class Lottery(Method):
                     f"{kept_count(total, self.target_cr):,} of {total:,} prunable weights, no more than the "
                     f"{output:,} of the output layer, which stays dense; target_cr must be <= "
                     f"{math.floor(total / (output + 1) * 100) / 100:g}"]
+
+    @classmethod
+    def curve_label(cls, values):
+        """What differs from the LTH's ticket: ``lottery LRR rewind=500it dense-output``."""
+        retrain = values.get("retrain") or "rewind"
+        label = cls.name + {"lr_rewind": " LRR", "finetune": " FT"}.get(retrain, "")
+        if retrain != "finetune" and values.get("rewind") not in (None, 0):
+            label += f" rewind={values['rewind']}"
+        return label + (" dense-output" if values.get("prune_output") is False else "")
+
+    def trainings(self, layer_sizes):
+        return len(planned_levels(self.params, layer_sizes))
+
+    def training_epochs(self, schedule, layer_sizes):
+        """Its levels, each training ``level_epochs`` (an iteration rewind counts whole epochs)."""
+        return self.trainings(layer_sizes) * level_epochs(self.params, schedule.epochs, None)
+
+    def pack_family(self):
+        return structures.MASKED, ("lottery", self.params.rewind)
 
     def run(self, ctx):
         p = self.params

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from methods.base import Method, register
+from benchmark.core.method import Method, register
+from methods import structures
 from methods.masks import apply_masks, check_target_cr, magnitude_scores, masks_from_scores, remove_masks
 
 
@@ -23,6 +24,9 @@ class Magnitude(Method):
     family = "after-training"
     needs_dense = True
     scope = "layer"
+    curve_order = 3
+    plot_style = (1, 0.0, "X", "--")
+    columns = ("scope", "finetune_lr", "dense_test_acc")
 
     @dataclass(frozen=True)
     class Params(Method.Params):
@@ -37,6 +41,18 @@ class Magnitude(Method):
             if self.finetune_lr is not None and not self.finetune_lr > 0:
                 problems.append(f"finetune_lr={self.finetune_lr} must be > 0 (or none for the schedule's lr / 10)")
             return problems
+
+    @classmethod
+    def curve_label(cls, values):
+        """``+FT`` when fine-tuned: the paper's magnitude baselines are not."""
+        return f"{cls.name} +FT" if (values.get("finetune_epochs") or 0) > 0 else cls.name
+
+    def training_epochs(self, schedule, layer_sizes):
+        return self.params.finetune_epochs
+
+    def pack_family(self):
+        p = self.params
+        return (structures.MASKED, (p.finetune_epochs, p.finetune_lr)) if p.finetune_epochs else None
 
     def run(self, ctx):
         p = self.params
@@ -64,3 +80,5 @@ class GlobalMagnitude(Magnitude):
 
     name = "global-magnitude"
     scope = "global"
+    curve_order = 4
+    plot_style = (3, 0.0, "*", "--")

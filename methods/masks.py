@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from benchmark.sparsity import prunable_layers, unparametrize
+from benchmark.engine.sparsity import prunable_layers, unparametrize
 
 Scope = Literal["global", "layer"]
 

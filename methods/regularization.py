@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from benchmark.sparsity import cr_at, threshold_sensitivity
-from methods.base import Method
+from benchmark.engine.sparsity import cr_at, threshold_sensitivity
+from benchmark.core.method import Method
 
 #: float32 machine epsilon: the zero threshold of the authors' follow-up work (ours as default).
 FLOAT32_EPS = 1.19e-7
@@ -29,10 +29,10 @@ class RegularizerParams(Method.Params):
         return problems
 
 
-def schedule_with_lr(ctx, lr: float | None):
-    """The cell's schedule, with the method's own learning rate if it sets one (factorized nets
-    need larger rates than dense ones)."""
-    return ctx.schedule.replace(lr=lr) if lr else ctx.schedule
+def schedule_with_lr(schedule, lr: float | None):
+    """``schedule`` with the method's own learning rate if it sets one (factorized nets need
+    larger rates than dense ones): what ``Method.training_schedule`` declares for them."""
+    return schedule.replace(lr=lr) if lr else schedule
 
 
 def settling_metrics(model, threshold: float) -> dict:

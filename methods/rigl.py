@@ -58,8 +58,8 @@ from typing import Literal
 import torch
 from torch import nn
 
-from benchmark.sparsity import prunable_layers
-from methods.base import Method, register
+from benchmark.engine.sparsity import prunable_layers
+from benchmark.core.method import Method, register
 from methods.masks import (Mask, apply_masks, check_target_cr, kept_count, mask_of_module, read_masks, remove_masks,
                            top_k_mask, warn_empty_layers)
 from methods.sparse_training import SparseTrainingHooks, decision_generator, kept_for_density, set_masks
@@ -214,6 +214,7 @@ class DynamicSparse(Method):
     """Sparse training with drop-and-grow mask updates (RigL, SET)."""
 
     family = "during-training"
+    columns = ("prune_wall_s", "mask_updates")
     growth: str
 
     @dataclass(frozen=True)
@@ -266,4 +267,6 @@ class RigL(DynamicSparse):
     """RigL: sparse training, drop smallest |w| and grow largest |dense gradient| on a cosine schedule."""
 
     name = "rigl"
+    curve_order = 7
+    plot_style = (6, 0.0, "^", (0, (3, 1, 1, 1)))
     growth = "gradient"

@@ -20,8 +20,8 @@ import math
 import torch
 from torch import nn
 
-from benchmark.sparsity import cr_at, prunable_layers
-from benchmark.train import TrainHooks
+from benchmark.engine.sparsity import cr_at, prunable_layers
+from benchmark.engine.train import TrainHooks
 from methods.masks import mask_of_module, read_masks
 
 

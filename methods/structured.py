@@ -9,7 +9,7 @@ nothing about compression. The record therefore measures it against the ORIGINAL
 - ``cr_effective`` = dense prunable weights / effective weights of the pruned model (equal to ``cr``
   unless a layer lost every path);
 - ``speedup`` = dense conv/linear MACs / MACs of the pruned model with nonzero weights (the MAC
-  count of ``benchmark.sparsity`` on both models, so it matches the other methods' column);
+  count of ``benchmark.engine.sparsity`` on both models, so it matches the other methods' column);
 - ``prunable_params``, ``total_params`` and ``macs`` are the dense model's, as for other methods;
   ``params_dense/params_pruned``, ``macs_dense/macs_pruned`` and ``latency_ms_dense/_pruned``
   (median of timed forward passes of one batch) show the physical change;
@@ -35,9 +35,9 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from benchmark import sparsity
-from benchmark.train import autocast, prepare_input
-from methods.base import Method, register
+from benchmark.engine import sparsity
+from benchmark.engine.train import autocast, prepare_input
+from benchmark.core.method import Method, register
 
 #: Fine-tuning length when ``finetune_epochs`` is None: this fraction of the schedule's epochs,
 #: rounded up (ours). A short recovery phase keeps the extra compute small next to the dense
@@ -193,19 +193,13 @@ def _fixed_input(shape, device: torch.device) -> torch.Tensor:
     return torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(device)
 
 
-def _nonzero_params(model: nn.Module) -> int:
-    return sum(int(sparsity.nonzero(p).sum()) for _, p in sparsity.logical_parameters(model))
-
-
-def _ratio(total: float, kept: float) -> float:
-    return total / kept if kept else math.inf
-
-
 class StructuredMethod(Method):
     """Shared run of the structured methods; subclasses choose the channel importance."""
 
     family = "structured"
     needs_dense = True
+    columns = ("params_dense", "params_pruned", "macs_dense", "macs_pruned", "latency_ms_dense", "latency_ms_pruned",
+               "channel_ratio_reached", "floored_groups", "test_acc_before_finetune")
 
     @dataclass(frozen=True)
     class Params(Method.Params):
@@ -227,6 +221,9 @@ class StructuredMethod(Method):
                 problems.append(f"latency_repeats={self.latency_repeats} must be >= 1")
             return problems
 
+    def training_epochs(self, schedule, layer_sizes):
+        return self.params.finetune_epochs or 0  # None (a share of the schedule) counts as 0 here, as before
+
     def importance(self) -> tp.importance.Importance:
         raise NotImplementedError
 
@@ -242,7 +239,6 @@ class StructuredMethod(Method):
         model = dense.model
         batch = ctx.schedule.batch_size
         dense_stats = sparsity.summarize(model, ctx.input_shape, effective=False)
-        dense_layers = {s["name"]: s for s in dense_stats["layers"]}
         dense_latency = latency_ms(model, ctx.input_shape, batch, ctx.device, p.latency_repeats, ctx.channels_last)
 
         example = _fixed_input((1, *ctx.input_shape), ctx.device)
@@ -258,28 +254,11 @@ class StructuredMethod(Method):
         pruned_latency = latency_ms(model, ctx.input_shape, batch, ctx.device, p.latency_repeats, ctx.channels_last)
         record = ctx.measure(model, history=history)
 
-        pruned_layers = record["layers"]
-        kept = sum(layer["nonzero"] for layer in pruned_layers)
-        effective = sum(layer["effective"] for layer in pruned_layers)
-        kept_macs = sum(layer["nonzero_macs"] for layer in pruned_layers)
-        pruned_macs = sum(layer["macs"] for layer in pruned_layers)
-        for layer in pruned_layers:
-            base = dense_layers[layer["name"]]
-            layer.update(dense_shape=base["shape"], numel=base["numel"], macs=base["macs"],
-                         sparsity=1.0 - layer["nonzero"] / base["numel"])
-        prunable = dense_stats["prunable_params"]
+        pruned_params, pruned_macs = record["total_params"], sum(layer["macs"] for layer in record["layers"])
+        record.update(sparsity.summarize_against_dense(model, record, dense_stats))
         record.update(
-            cr=_ratio(prunable, kept),
-            sparsity=1.0 - kept / prunable,
-            cr_total=_ratio(dense_stats["total_params"], _nonzero_params(model)),
-            cr_effective=_ratio(prunable, effective),
-            speedup=_ratio(dense_stats["macs"], kept_macs),
-            prunable_params=prunable,
-            nonzero_params=kept,
-            total_params=dense_stats["total_params"],
-            macs=dense_stats["macs"],
             params_dense=dense_stats["total_params"],
-            params_pruned=record["total_params"],
+            params_pruned=pruned_params,
             macs_dense=dense_stats["macs"],
             macs_pruned=pruned_macs,
             latency_ms_dense=dense_latency,
@@ -304,6 +283,8 @@ class StructuredMagnitude(StructuredMethod):
     """Channel pruning by group weight norm (Torch-Pruning), after dense training, then fine-tuning."""
 
     name = "structured-magnitude"
+    curve_order = 13
+    plot_style = (1, 0.45, "d", (0, (5, 1, 1, 1, 1, 1)))
 
     @dataclass(frozen=True)
     class Params(StructuredMethod.Params):
@@ -326,6 +307,8 @@ class StructuredRandom(StructuredMethod):
     """Channel pruning at random (seeded by the cell), after dense training, then fine-tuning."""
 
     name = "structured-random"
+    curve_order = 14
+    plot_style = (7, 0.5, "d", (0, (5, 1, 1, 1, 1, 1)))
 
     def importance(self):
         return tp.importance.RandomImportance()

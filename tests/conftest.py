@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny in-memory datasets for fast unit tests, the real Fashion-MNIST for the rest."""
+"""Shared fixtures: tiny in-memory datasets for fast unit tests, and a speed cache of the session's own."""
 
 from __future__ import annotations
 
@@ -9,16 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmark import data as data_mod
+from benchmark.engine import data as data_mod
 
 torch.set_num_threads(2)
 
 # `run` packs cells by default (--pack auto), after a calibration per results folder. The suite's
 # runner tests are about one cell per task; tests/test_packed.py tests packing, auto included.
 os.environ.setdefault("BENCHMARK_PACK", "off")
-
-FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
-
 
 def make_data(shape=(1, 8, 8), classes=4, n_train=256, n_test=128, seed=0, augment=False) -> data_mod.Data:
     """A learnable synthetic dataset: each class is a fixed random pattern plus noise."""
@@ -52,12 +49,6 @@ def speed_cache(tmp_path_factory) -> Path:
 @pytest.fixture
 def tiny_data() -> data_mod.Data:
     return make_data()
-
-
-@pytest.fixture(scope="session")
-def fashion() -> data_mod.Data:
-    """The real Fashion-MNIST (Debian package dataset-fashion-mnist; `make test` installs it)."""
-    return data_mod.load("fashion-mnist")
 
 
 def pytest_collection_modifyitems(config, items):

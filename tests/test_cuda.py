@@ -1,5 +1,5 @@
 """The CUDA paths (issue 15): every test here is marked ``cuda`` and skipped, with the reason, where
-no GPU is visible. ``make gpu-check`` runs them on a GPU machine (benchmark/gpu_check.py).
+no GPU is visible. ``make gpu-check`` runs them on a GPU machine (benchmark/speed/gpu_check.py).
 
 Covered: bf16 autocast in the training step, channels_last for conv nets, factorized layers under
 autocast, exact resume on CUDA, ``--jobs-per-gpu`` slots, ``--compile``, packed training.
@@ -13,12 +13,13 @@ import pytest
 import torch
 from torch import nn
 
-from benchmark import data as data_mod
-from benchmark import grids, models
-from benchmark.cell import Cell, Context, run_cell
-from benchmark.pack import run_pack
-from benchmark.runner import run_grid
-from benchmark.train import Schedule, TrainHooks, check_compile, train, training_step
+from benchmark.engine import data as data_mod
+from benchmark.execution import grids
+from benchmark.engine import models
+from benchmark.execution.cell import Cell, Context, run_cell
+from benchmark.execution.pack import run_pack
+from benchmark.execution.runner import run_grid
+from benchmark.engine.train import Schedule, TrainHooks, check_compile, train, training_step
 from conftest import make_data
 from methods.dwf import factorize, factors_of
 

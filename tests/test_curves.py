@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from benchmark import curves as cv
+from benchmark.analysis import curves as cv
 
 COLUMNS = ["grid", "cell_id", "method", "family", "variant", "arch", "dataset", "seed", "depth", "lam", "target_cr",
            "level", "test_acc", "cr", "cr_total", "cr_effective", "speedup", "sparsity", "epochs", "wall_s", "device",
@@ -22,7 +22,7 @@ def result_row(method, seed, cr, acc, arch="lenet300", dataset="mnist", depth=No
     row = dict.fromkeys(COLUMNS, "")
     row.update(grid="quick", cell_id=f"{method}-{depth}-{arch}-{dataset}-{seed}-{cr}", method=method, arch=arch,
                dataset=dataset, seed=seed, depth="" if depth is None else depth, test_acc=acc, cr=cr,
-               cr_effective=cr, status=status, variant=cv.derive_variant(method, depth))
+               cr_effective=cr, status=status, variant=cv.derive_variant(method, {"depth": depth}))
     row.update(extra)
     return row
 

@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from benchmark import runner
+from benchmark.execution import runner
 from benchmark.__main__ import main
-from benchmark.store import Store
+from benchmark.execution.store import Store
 
 from test_runner import tiny_grid
 
@@ -29,7 +29,7 @@ def test_dask_backend_matches_local_backend(tmp_path, cluster):
     # the cells ran in the Dask workers (they loaded the data), not in this process
     assert not runner._DATA_CACHE
     with distributed.Client(cluster.scheduler_address) as client:
-        loaded = client.run(lambda: len(__import__("benchmark.runner").runner._DATA_CACHE))
+        loaded = client.run(lambda: len(__import__("importlib").import_module("benchmark.execution.runner")._DATA_CACHE))
     assert sum(loaded.values()) >= 1
     assert main(["run", "--grid", str(grid_file), "--results-dir", str(local), "--no-progress"]) == 0
     local_results = {r["cell_id"]: r for r in Store(local, "g").results()}

@@ -3,6 +3,7 @@ augmentation and batching, the ``data`` CLI, and Fashion-MNIST on the real Debia
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import os
 import pickle
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from benchmark import data as data_mod
+from benchmark.engine import data as data_mod
 from benchmark.__main__ import main
 
 DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")
@@ -30,6 +31,13 @@ def isolated_discovery(tmp_path, monkeypatch):
     monkeypatch.delenv(data_mod.ENV_VAR, raising=False)
     monkeypatch.delenv(data_mod.CACHE_ENV_VAR, raising=False)
     monkeypatch.chdir(tmp_path)
+
+
+def system_locations_at(monkeypatch, folder: Path) -> None:
+    """Make ``folder`` every dataset's only system location (as /usr/share/datasets/... is for
+    Fashion-MNIST on Debian), so that "installed system-wide" and "missing" are both real here."""
+    for name, spec in list(data_mod.DATASETS.items()):
+        monkeypatch.setitem(data_mod.DATASETS, name, dataclasses.replace(spec, system_dirs=(str(folder),)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -297,9 +305,11 @@ def test_discovery_order_data_dir_then_env_then_local_data(tmp_path, monkeypatch
     assert data_mod.load("mnist", explicit).train.y.tolist() == expected.tolist()
 
 
-@needs_debian_fashion
-def test_system_location_comes_after_local_data(tmp_path):
-    assert data_mod.locate("fashion-mnist") == DEBIAN_FASHION
+def test_system_location_comes_after_local_data(tmp_path, monkeypatch):
+    system = tmp_path / "usr-share"
+    write_mnist_like(system, first_train_labels=[9, 0, 0, 3, 0, 2, 7, 2, 5, 5])  # Fashion-MNIST's first labels
+    system_locations_at(monkeypatch, system)
+    assert data_mod.locate("fashion-mnist") == system
     write_mnist_like(tmp_path / "data")
     assert data_mod.locate("fashion-mnist") == tmp_path / "data"
 
@@ -316,8 +326,7 @@ def test_a_flat_folder_of_another_dataset_is_not_served(tmp_path):
 
 @pytest.mark.parametrize("name", list(data_mod.DATASETS))
 def test_missing_dataset_names_every_place_and_the_fetch_command(tmp_path, monkeypatch, name):
-    if any(Path(d).is_dir() for d in data_mod.get_spec(name).system_dirs):
-        pytest.skip(f"{name} is installed system-wide, so it is never missing here")
+    system_locations_at(monkeypatch, tmp_path / "system")  # nothing installed system-wide
     monkeypatch.setenv(data_mod.ENV_VAR, str(tmp_path / "env"))
     (tmp_path / "explicit").mkdir()
     write_mnist_like(tmp_path / "explicit" / "partial", gz=True)
@@ -329,7 +338,7 @@ def test_missing_dataset_names_every_place_and_the_fetch_command(tmp_path, monke
         data_mod.load(name, searched_root)
     message = str(caught.value)
     places = data_mod.candidate_folders(name, searched_root)
-    assert searched_root in places[0].parents and places[-1] == tmp_path / "data"
+    assert searched_root in places[0].parents and places[-2:] == [tmp_path / "data", tmp_path / "system"]
     for place in places:
         assert str(place) in message
     assert str(tmp_path / "env") in message and str(tmp_path / "data") in message
@@ -340,9 +349,8 @@ def test_missing_dataset_names_every_place_and_the_fetch_command(tmp_path, monke
         assert "no t10k-labels-idx1-ubyte[.gz]" in message
 
 
-def test_missing_fashion_mnist_suggests_the_debian_package(tmp_path):
-    if DEBIAN_FASHION.is_dir():
-        pytest.skip("fashion-mnist is installed system-wide, so it is never missing here")
+def test_missing_fashion_mnist_suggests_the_debian_package(tmp_path, monkeypatch):
+    system_locations_at(monkeypatch, tmp_path / "system")
     with pytest.raises(data_mod.DatasetMissing, match="apt-get install dataset-fashion-mnist"):
         data_mod.locate("fashion-mnist", tmp_path)
 

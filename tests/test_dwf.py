@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from benchmark import models
-from benchmark.cell import Cell, run_cell
-from benchmark.train import Schedule, train
+from benchmark.engine import models
+from benchmark.execution.cell import Cell, run_cell
+from benchmark.engine.train import Schedule, train
 from methods import make_params
 from methods.dwf import FactorHooks, balance_error, collapse, factorize, factorized_modules, factors_of, init_factors
 

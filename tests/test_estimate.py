@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from benchmark import estimate
+from benchmark.speed import estimate
 from benchmark.__main__ import main
-from benchmark.cell import Cell, dense_key
+from benchmark.execution.cell import Cell, dense_key
 
 
 def grid(path: Path, epochs: int = 2, subset: int = 600) -> Path:

@@ -95,7 +95,7 @@ def reference(tmp_path_factory) -> dict:
 
 
 def grid_cell_ids(g: Path) -> set[str]:
-    from benchmark import grids
+    from benchmark.execution import grids
 
     return {c.id for c in grids.load_grid(str(g)).cells}
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benchmark import data as data_mod
-from benchmark import gpu_check
+from benchmark.engine import data as data_mod
+from benchmark.speed import gpu_check
 
 PARTS = ["env", "cuda-tests", "doctor", "perf-step", "perf-pack", "epoch-lenet300", "epoch-vgg16"]
 

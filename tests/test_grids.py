@@ -2,8 +2,8 @@
 
 import pytest
 
-from benchmark import grids
-from benchmark.cell import Cell
+from benchmark.execution import grids
+from benchmark.execution.cell import Cell
 
 GRID = """
 description = "two experiments"

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benchmark import sparsity
-from benchmark.cell import REWIND_EPOCHS, Cell, Context, run_cell
+from benchmark.engine import sparsity
+from benchmark.engine.train import REWIND_EPOCHS
+from benchmark.execution.cell import Cell, Context, run_cell
 from methods.lottery import level_keep_counts, rewound_model
 from methods.masks import kept_count, magnitude_scores, masks_from_scores, read_masks
 

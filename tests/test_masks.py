@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch.nn.utils import parametrize
 
-from benchmark import models, sparsity
-from benchmark.train import Schedule, train
+from benchmark.engine import models, sparsity
+from benchmark.engine.train import Schedule, train
 from methods.masks import (apply_masks, kept_count, magnitude_scores, masks_from_scores, read_masks,
                            remove_masks)
 from tests.conftest import make_data

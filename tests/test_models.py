@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from benchmark import models
+from benchmark.engine import models
 
 # Parameter counts worked out from the architectures (LeNet-300-100's is the classic 266,610). VGG convs
 # have no bias (BatchNorm follows), e.g. VGG-16: conv weights 14,710,464 + BN 8,448 + linear 5,130.

@@ -23,13 +23,14 @@ import pytest
 import torch
 from torch import nn
 
-from benchmark import models, pack_plan
+from benchmark.engine import models
+from benchmark.execution import pack_plan
 from benchmark.__main__ import main
-from benchmark.cell import Cell, run_cell
-from benchmark.pack import pack_key, run_pack
-from benchmark.packed_model import NotStackable, StackedModel
-from benchmark.packed_train import Job, resume, train_packed, why_not_packable
-from benchmark.train import Schedule, TrainHooks, train
+from benchmark.execution.cell import Cell, run_cell
+from benchmark.execution.pack import pack_key, run_pack
+from benchmark.engine.packed_model import NotStackable, StackedModel
+from benchmark.engine.packed_train import Job, resume, train_packed, why_not_packable
+from benchmark.engine.train import Schedule, TrainHooks, train
 from conftest import make_data
 from methods.dwf import FactorHooks, factorize
 from methods.gmp import GMPHooks

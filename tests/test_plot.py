@@ -11,8 +11,8 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 
-from benchmark import curves as cv  # noqa: E402
-from benchmark import plot  # noqa: E402
+from benchmark.analysis import curves as cv  # noqa: E402
+from benchmark.analysis import plot  # noqa: E402
 from benchmark.__main__ import build_parser, main  # noqa: E402
 
 PANELS = [("lenet300", "mnist"), ("lenet5", "fashion-mnist")]
@@ -22,7 +22,7 @@ LAYERS = [("fc1", 1000), ("fc2", 100), ("fc3", 10)]
 def result_row(method, seed, cr, acc, arch="lenet300", dataset="mnist", depth=None, status="ok", cr_effective=None,
                level="") -> dict:
     return {"grid": "g", "cell_id": f"{method}{depth}-{arch}-{dataset}-{seed}-{cr}", "method": method,
-            "variant": cv.derive_variant(method, depth), "arch": arch, "dataset": dataset, "seed": seed,
+            "variant": cv.derive_variant(method, {"depth": depth}), "arch": arch, "dataset": dataset, "seed": seed,
             "depth": depth, "level": level, "test_acc": acc, "cr": cr,
             "cr_effective": cr if cr_effective is None else cr_effective, "status": status}
 

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from benchmark.cell import Cell, run_cell
+from benchmark.execution.cell import Cell, run_cell
 from methods.atinit import (grasp_scores, linearized_copy, random_scores, scoring_batches, snip_scores,
                             synflow_masks, synflow_scores)
 from methods.masks import kept_count
@@ -146,7 +146,7 @@ def test_snip_scores_with_running_statistics_by_default_and_grasp_with_batch_sta
 
 
 def test_random_scores_are_seeded_and_spread_over_layers():
-    from benchmark import models
+    from benchmark.engine import models
     from methods.masks import masks_from_scores
 
     model = models.build("lenet300", (1, 8, 8), 4, 0)

@@ -12,9 +12,9 @@ import pandas as pd
 import pytest
 import torch
 
-from benchmark import grids
-from benchmark.cell import Cell, run_cell
-from benchmark.store import Store
+from benchmark.execution import grids
+from benchmark.execution.cell import Cell, run_cell
+from benchmark.execution.store import Store
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = ROOT / "reference"

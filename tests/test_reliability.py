@@ -23,10 +23,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from benchmark import grids
+from benchmark.execution import grids
 from benchmark.__main__ import main
-from benchmark.cell import Cell, config_hash
-from benchmark.store import Store
+from benchmark.execution.cell import Cell, config_hash
+from benchmark.execution.store import Store
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -282,9 +282,9 @@ def test_a_write_cut_by_sigkill_leaves_nothing_after_the_next_run(finished_run, 
     results = shutil.copytree(finished_run / "r", tmp_path / "r")
     store = Store(results, "g")
     # a real writer, killed in the middle of an atomic write (it stops before the rename)
-    code = ("import os, signal, benchmark.store as s\n"
+    code = ("import os, signal, benchmark.core.files as f\n"
             "os.replace = lambda *a: os.kill(os.getpid(), signal.SIGKILL)\n"
-            f"s._atomic_write_text(s.Path({str(store.cells_dir / 'x.json')!r}), '{{}}')\n")
+            f"f.atomic_write_text(f.Path({str(store.cells_dir / 'x.json')!r}), '{{}}')\n")
     done = subprocess.run([sys.executable, "-c", code], env=env(), capture_output=True, timeout=60)
     assert done.returncode == -signal.SIGKILL
     dead = list(store.cells_dir.glob(".x.json.tmp*"))
@@ -404,7 +404,7 @@ def test_a_full_disk_stops_the_run_with_a_message_and_leaves_no_partial_files(tm
 
 
 def test_a_full_disk_while_writing_a_result_raises_a_clear_error_and_leaves_no_tmp(small_disk):
-    from benchmark.errors import StorageError
+    from benchmark.core.errors import StorageError
 
     disk = small_disk(64)
     store = Store(disk, "g")
@@ -648,7 +648,7 @@ def test_doctor_says_what_a_run_would_use_and_that_training_works(tmp_path):
 RACER = r"""
 import os, sys, time
 from pathlib import Path
-from benchmark.store import Store
+from benchmark.execution.store import Store
 
 
 class SlowStore(Store):
@@ -722,7 +722,7 @@ def test_two_threads_checkpointing_one_cell_never_tear_the_file(tmp_path):
     half-written file into place, or failed because it was gone."""
     import torch
 
-    from benchmark.train import _save_atomic
+    from benchmark.core.files import save_atomic
 
     path = tmp_path / "work" / "train.ckpt"
     path.parent.mkdir()
@@ -731,7 +731,7 @@ def test_two_threads_checkpointing_one_cell_never_tear_the_file(tmp_path):
     def save(value):
         try:
             for _ in range(30):
-                _save_atomic({"x": torch.full((50_000,), float(value))}, path)
+                save_atomic({"x": torch.full((50_000,), float(value))}, path)
         except Exception as exc:  # noqa: BLE001
             errors.append(exc)
 

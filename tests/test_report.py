@@ -7,8 +7,8 @@ import math
 import pandas as pd
 import pytest
 
-from benchmark import curves as cv
-from benchmark import report
+from benchmark.analysis import curves as cv
+from benchmark.analysis import report
 from benchmark.__main__ import main
 
 

@@ -13,9 +13,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from benchmark import grids, runner
+from benchmark.execution import grids, runner
 from benchmark.__main__ import main
-from benchmark.store import Store
+from benchmark.execution.store import Store
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -251,7 +251,7 @@ def test_jobs_per_gpu_without_a_gpu_is_an_error_not_ignored(tmp_path, capsys):
 
 
 def test_the_dry_run_estimate_counts_the_epochs_each_method_trains():
-    from benchmark.cell import Cell
+    from benchmark.execution.cell import Cell
 
     schedule = {"epochs": 10}
     lottery = Cell.make("lottery", "lenet300", "fashion-mnist", params={"target_cr": 4.0, "prune_fraction": 0.5},
@@ -269,7 +269,7 @@ def test_the_dry_run_estimate_counts_the_epochs_each_method_trains():
 def test_the_dry_run_counts_the_lottery_levels_the_method_trains():
     """0.8^-3 is 1.953125 but computes as 1.9531249999999998: three levels of 20% reach it, and the
     estimate must say three, as the method does (a formula of its own said four)."""
-    from benchmark.cell import Cell
+    from benchmark.execution.cell import Cell
     from methods.lottery import level_keep_counts
 
     cell = Cell.make("lottery", "lenet300", "fashion-mnist", params={"target_cr": 0.8 ** -3},

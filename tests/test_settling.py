@@ -7,12 +7,12 @@ import pytest
 import torch
 from torch import nn
 
-from benchmark import curves as cv
-from benchmark import plot as plot_mod
+from benchmark.analysis import curves as cv
+from benchmark.analysis import plot as plot_mod
 from benchmark.__main__ import main
-from benchmark.cell import Cell, run_cell
-from benchmark.sparsity import cr_at, threshold_sensitivity
-from benchmark.store import variant_label
+from benchmark.execution.cell import Cell, run_cell
+from benchmark.engine.sparsity import cr_at, threshold_sensitivity
+from benchmark.execution.store import variant_label
 
 from test_runner import tiny_grid
 

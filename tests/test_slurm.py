@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmark import slurm
+from benchmark.execution import slurm
 from benchmark.__main__ import build_parser, main
 
 from test_fault_injection import comparable
@@ -239,7 +239,7 @@ def test_a_stop_signal_while_the_jobs_start_cancels_them(slurm_cluster, tmp_path
 
 
 def smoke_ids() -> set[str]:
-    from benchmark import grids
+    from benchmark.execution import grids
 
     return {cell.id for cell in grids.load_grid("smoke").cells}
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from benchmark import models, sparsity
+from benchmark.engine import models, sparsity
 
 
 def _mlp():

@@ -9,10 +9,10 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from benchmark import models, sparsity
-from benchmark.cell import Cell, run_cell
-from benchmark.train import Schedule
-from methods.base import make_params
+from benchmark.engine import models, sparsity
+from benchmark.execution.cell import Cell, run_cell
+from benchmark.engine.train import Schedule
+from benchmark.core.method import make_params
 from methods.structured import StructuredMagnitude, _choose_removals, prune_channels
 
 from conftest import make_data

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from benchmark import models
-from benchmark.cell import Cell, run_cell
-from benchmark.train import Diverged, Schedule, TrainHooks, pick_device, train
+from benchmark.engine import models
+from benchmark.execution.cell import Cell, run_cell
+from benchmark.engine.train import Diverged, Schedule, TrainHooks, pick_device, train
 from methods.dwf import factorize
 
 from conftest import make_data
@@ -71,7 +71,7 @@ def test_joining_the_schedule_at_a_rewind_epoch_continues_it_exactly():
 
 
 def _compile_works() -> bool:
-    from benchmark.train import check_compile
+    from benchmark.engine.train import check_compile
 
     try:
         check_compile(torch.device("cpu"))
@@ -161,7 +161,7 @@ def test_schedule_rejects_bad_values():
 
 
 def test_warmup_rises_linearly_then_cosine_decays_to_zero():
-    from benchmark.train import lr_factor
+    from benchmark.engine.train import lr_factor
 
     f = lr_factor(warmup_steps=4, total_steps=12)
     assert [f(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]

@@ -19,7 +19,7 @@ import pandas as pd
 import pytest
 
 from benchmark.__main__ import main
-from benchmark.store import Store
+from benchmark.execution.store import Store
 
 GRID = """
 description = "workflow test grid"
@@ -187,7 +187,7 @@ def test_report_no_page_writes_no_page(copy):
 
 
 def test_a_page_without_a_recorded_grid_says_so(copy):
-    from benchmark.page import write_page
+    from benchmark.analysis.page import write_page
 
     (copy.results / "g" / "grid.json").unlink()
     text = write_page("g", copy.results).read_text()

@@ -19,9 +19,10 @@ from pathlib import Path
 import pandas as pd
 
 from benchmark import __version__
-from benchmark import curves as cv
-from benchmark import report
-from benchmark.store import Store, _atomic_write_text
+from benchmark.analysis import curves as cv
+from benchmark.analysis import report
+from benchmark.core.files import atomic_write_text
+from benchmark.execution.store import Store
 
 PAGE = "report.html"
 #: Resolution of the embedded figures: sharp on screen, a page that still fits in an email.
@@ -112,7 +113,7 @@ def grid_section(store: Store, grid: str) -> tuple[str, str, str]:
     record = store.grid_record()
     if record:
         return record.get("description", ""), record.get("source", ""), record.get("toml", "")
-    from benchmark import grids
+    from benchmark.execution import grids
 
     try:
         _, toml, source = grids.grid_source(grid)
@@ -136,7 +137,7 @@ def commands(store: Store, grid: str, results_dir) -> list[str]:
 def write_page(grid: str, results_dir: Path | str = "results", points=cv.TOLERANCE_POINTS, crs=cv.FIXED_CRS,
                at_cr: float | None = None) -> Path:
     """Write ``<results_dir>/<grid>/report.html`` from the grid's CSVs; returns its path."""
-    from benchmark import plot
+    from benchmark.analysis import plot
 
     store = Store(results_dir, grid)
     results = cv.load_results(store.root / "results.csv")
@@ -199,5 +200,5 @@ def write_page(grid: str, results_dir: Path | str = "results", points=cv.TOLERAN
             f"<title>dwf-bench: {_e(grid)}</title>\n<style>{STYLE}</style>\n</head>\n<body>\n"
             + "\n".join(p for p in parts if p) + "\n</body>\n</html>\n")
     path = store.root / PAGE
-    _atomic_write_text(path, page)
+    atomic_write_text(path, page)
     return path

@@ -1,18 +1,18 @@
 """``python -m benchmark perf``: the speed claims of this project, measured as ratios on this machine.
 
-- ``data``: one LeNet-300-100 / Fashion-MNIST epoch through ``benchmark.train.train`` (tensor-resident
+- ``data``: one LeNet-300-100 / Fashion-MNIST epoch through ``benchmark.engine.train.train`` (tensor-resident
   batches) against a plain torchvision ``DataLoader`` loop training the same model with the same
   optimizer. Target on CPU: ours >= 8x faster.
 - ``step``: one training step (forward, backward, optimizer; batch 128) of DWF depth 2, 3, 4 against
   the dense model, for every architecture, through the real code path (``models.build``,
   ``methods.dwf.factorize``, ``FactorHooks`` groups, ``train.make_optimizer``). Targets on CPU:
   <= 1.15x for VGG-16 and ResNet-18, <= 1.6x for LeNet-300-100 at depth 4.
-- ``grid``: cells per hour of a small grid through ``benchmark.runner.run_grid`` with 1 and 2 jobs,
+- ``grid``: cells per hour of a small grid through ``benchmark.execution.runner.run_grid`` with 1 and 2 jobs,
   and the peak resident memory of each worker.
 - ``pack``: packed training (``run --pack``) against one model at a time, per pack size (1, 8, 16,
   64), for dense and DWF D=3 LeNet-300-100 and SynFlow (masked) LeNet-5: one training step of the
   pack against the same steps of each model alone, through the code ``--pack auto`` calibrates with
-  (``benchmark.pack_plan.measure``). Printed as one ``N.NNx`` per line (cells per hour packed / one
+  (``benchmark.execution.pack_plan.measure``). Printed as one ``N.NNx`` per line (cells per hour packed / one
   at a time, as far as training steps decide it).
 
 The machines this runs on are often shared, so absolute times mean little on their own: every
@@ -20,7 +20,7 @@ comparison alternates its contenders round by round in one process (reversing th
 round), reports median times, and takes each ratio as the median of the ratios within a round, so
 load that comes and goes hits all contenders alike. Targets are checked here, on ratios, never in
 unit tests. CPU runs tune glibc's allocator first, as every CPU training run does
-(``benchmark.train.tune_cpu_allocator``; BENCHMARK_NO_MALLOC_TUNING=1 measures without it).
+(``benchmark.engine.train.tune_cpu_allocator``; BENCHMARK_NO_MALLOC_TUNING=1 measures without it).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import csv
 import gzip
+import io
 import json
 import math
 import os
@@ -44,10 +45,12 @@ from typing import Callable
 import torch
 from torch import nn
 
-from benchmark import data as data_mod
-from benchmark import models
-from benchmark.sparsity import prunable_layers
-from benchmark.train import (TrainHooks, check_compile, default_schedule, make_optimizer, pick_device, prepare_input,
+from benchmark.core.files import atomic_write_text
+from benchmark.engine import data as data_mod
+from benchmark.engine import models
+from methods import structures
+from benchmark.engine.sparsity import prunable_layers
+from benchmark.engine.train import (TrainHooks, check_compile, default_schedule, make_optimizer, pick_device, prepare_input,
                              train, training_step, tune_cpu_allocator)
 
 WHATS = ("data", "step", "grid", "pack")
@@ -230,7 +233,7 @@ def bench_data(device: torch.device, rounds: int, quick: bool) -> list[Row]:
     return [
         _row("data", case, "torchvision DataLoader (ToTensor+Normalize, shuffle, num_workers=0)", "s/epoch",
              seconds["plain"], ratio=1.0, ratio_of="DataLoader / this", note=f"dataset setup {tv_setup:.2f} s", **common),
-        _row("data", case, "ours (benchmark.train.train, tensor-resident)", "s/epoch", seconds["ours"],
+        _row("data", case, "ours (benchmark.engine.train.train, tensor-resident)", "s/epoch", seconds["ours"],
              ratio=speedup, ratio_of="DataLoader / this", target=target, met=met,
              note=f"load + normalize once {ours_setup:.2f} s; epoch includes the test pass on both sides", **common),
     ]
@@ -384,7 +387,8 @@ def run_grid_child(grid: str, jobs: int, device: str) -> dict:
     """Run the grid through ``run_grid`` in a fresh process and a fresh results folder, and watch the
     peak resident memory of that process (the worker when jobs=1) and of each worker it starts."""
     with tempfile.TemporaryDirectory(prefix="perf-grid-") as tmp:
-        code = ("import json, sys, time; from benchmark import grids, runner; g = grids.load_grid(sys.argv[1]); "
+        code = ("import json, sys, time; from benchmark.execution import grids, runner; "
+                "g = grids.load_grid(sys.argv[1]); "
                 "t = time.perf_counter(); s = runner.run_grid(g, g.cells, results_dir=sys.argv[2], jobs=int(sys.argv[3]), "
                 "device=sys.argv[4], progress=False); "
                 "print(json.dumps({'seconds': time.perf_counter() - t, 'cells': len(g.cells), 'finished': s.finished, "
@@ -415,7 +419,7 @@ def run_grid_child(grid: str, jobs: int, device: str) -> dict:
 
 
 def bench_grid(device: torch.device, rounds: int, quick: bool, grid: str | None) -> list[Row]:
-    from benchmark import grids
+    from benchmark.execution import grids
 
     with tempfile.TemporaryDirectory(prefix="perf-gridfile-") as tmp:
         if grid is None and quick:
@@ -451,17 +455,17 @@ def bench_grid(device: torch.device, rounds: int, quick: bool, grid: str | None)
 # pack: packed training against one model at a time
 # ------------------------------------------------------------------------------------------------
 
-#: (what is printed, architecture, input shape, classes, benchmark.pack family): the issue's cases.
-PACK_CASES = [("dense LeNet-300-100", "lenet300", (1, 28, 28), 10, "dense"),
-              ("DWF D=3 LeNet-300-100", "lenet300", (1, 28, 28), 10, "dwf D=3"),
-              ("SynFlow LeNet-5", "lenet5", (1, 28, 28), 10, "masked")]
+#: (what is printed, architecture, input shape, classes, structure of methods.structures): the issue's cases.
+PACK_CASES = [("dense LeNet-300-100", "lenet300", (1, 28, 28), 10, structures.DENSE),
+              ("DWF D=3 LeNet-300-100", "lenet300", (1, 28, 28), 10, structures.factorized(3)),
+              ("SynFlow LeNet-5", "lenet5", (1, 28, 28), 10, structures.MASKED)]
 PACK_SIZES = (1, 8, 16, 64)
 
 
 def bench_pack(device: torch.device, rounds: int, quick: bool, sizes: tuple[int, ...]) -> list[Row]:
     """Per case and pack size, one step of the pack against the same steps one model at a time,
     alternating rounds (``pack_plan.measure``); prints one ratio per line as it goes."""
-    from benchmark.pack_plan import measure
+    from benchmark.execution.pack_plan import measure
 
     rows = []
     batch = 16 if quick else 128
@@ -505,13 +509,12 @@ def format_table(rows: list[Row]) -> str:
 
 def write_csv(rows: list[Row], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=COLUMNS)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: ("" if v is None else v) for k, v in asdict(row).items()})
-    os.replace(tmp, path)
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=COLUMNS)
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: ("" if v is None else v) for k, v in asdict(row).items()})
+    atomic_write_text(path, text.getvalue())
 
 
 def add_commands(sub) -> None:

@@ -57,9 +57,9 @@ def doctor_command(args) -> int:
     r = _Report()
     import torch
 
-    from benchmark import data as data_mod
-    from benchmark.runner import _threads_per_job
-    from benchmark.train import available_devices, pick_device
+    from benchmark.engine import data as data_mod
+    from benchmark.execution.runner import _threads_per_job
+    from benchmark.engine.train import available_devices, pick_device
 
     versions = [f"python {platform.python_version()}", f"torch {torch.__version__}"]
     for module, name in (("numpy", "numpy"), ("joblib", "joblib"), ("torch_pruning", "torch-pruning"),
@@ -152,7 +152,7 @@ def doctor_command(args) -> int:
 
 
 def _check_results(r: _Report, results_dir: str) -> None:
-    from benchmark.errors import StorageError
+    from benchmark.core.errors import StorageError
 
     path = Path(results_dir)
     if path.exists() and not path.is_dir():
@@ -181,7 +181,7 @@ def _check_results(r: _Report, results_dir: str) -> None:
 
 def _check_worker(r: _Report) -> None:
     """Start one local worker process the way run --jobs N does, and time it."""
-    from benchmark.runner import StopSignals, _LocalPool
+    from benchmark.execution.runner import StopSignals, _LocalPool
 
     began = time.perf_counter()
     pool = _LocalPool(StopSignals(), 1)
@@ -212,8 +212,8 @@ def _check_step(r: _Report, device_name: str) -> None:
     loss must be finite and the weights must move."""
     import torch
 
-    from benchmark import models
-    from benchmark.train import Schedule, TrainHooks, make_optimizer, training_step
+    from benchmark.engine import models
+    from benchmark.engine.train import Schedule, TrainHooks, make_optimizer, training_step
     from methods.dwf import FactorHooks, factorize
 
     device = torch.device(device_name)

@@ -27,6 +27,8 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
+from benchmark.core.files import atomic_write
+
 ENV_VAR = "BENCHMARK_DATA"
 CACHE_ENV_VAR = "BENCHMARK_DATA_CACHE"
 DEFAULT_DATA_DIR = Path("data")
@@ -303,13 +305,10 @@ def _load_cache(cache: Path, count: int) -> tuple[np.ndarray, np.ndarray] | None
 
 
 def _save_cache(cache: Path, x: np.ndarray, y: np.ndarray) -> None:
-    tmp = cache.with_name(f"{cache.stem}.tmp{os.getpid()}.npz")
     try:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(tmp, x=x, y=y)
-        os.replace(tmp, cache)
-    except OSError:
-        tmp.unlink(missing_ok=True)  # read-only dataset folder: decode again next time
+        atomic_write(cache, lambda fh: np.savez(fh, x=x, y=y), binary=True, durable=False, make_parents=True)
+    except OSError:  # read-only dataset folder: decode again next time
+        pass
 
 
 def _tiny_read(folder: Path, split: str, limit: int | None) -> tuple[np.ndarray, np.ndarray]:

@@ -3,8 +3,8 @@
 Writes ``<results-dir>/<grid>/tolerance.{md,tex,csv}`` and ``accuracy_at_cr.{md,tex,csv}`` and
 prints both Markdown tables; also ``cost.{md,csv}`` (training epochs and CPU-hours behind each curve)
 and ``settling.{md,csv}`` (thresholded records whose CR still depends on the zero threshold), and
-the results page ``report.html`` (:mod:`benchmark.page`). The numbers come from
-:mod:`benchmark.curves`, whose docstring pins the definitions ("largest CR within k points",
+the results page ``report.html`` (:mod:`benchmark.analysis.page`). The numbers come from
+:mod:`benchmark.analysis.curves`, whose docstring pins the definitions ("largest CR within k points",
 interpolation in log CR, no extrapolation, mean ± sample std over seeds). The CSVs are tidy (one row
 per number, unformatted) for further analysis; Markdown and LaTeX (booktabs) are wide and formatted
 for reading.
@@ -12,7 +12,6 @@ for reading.
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 from dataclasses import dataclass
@@ -20,7 +19,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from benchmark import curves as cv
+from benchmark.analysis import curves as cv
+from benchmark.core.validation import argparse_type, positive_numbers
 
 MISSING = "–"  # shown where a value is not defined (out of the measured range)
 
@@ -256,17 +256,6 @@ def settling_wide(table: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def positive_floats(text: str) -> list[float]:
-    """argparse type: '1,5,10' -> [1.0, 5.0, 10.0], all > 0."""
-    try:
-        values = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        values = []
-    if not values or not all(v > 0 and math.isfinite(v) for v in values):
-        raise argparse.ArgumentTypeError(f"expected comma-separated positive numbers, got {text!r}")
-    return values
-
-
 def add_commands(sub) -> None:
     p = sub.add_parser(
         "report", help="write the tolerance table and the accuracy-at-CR table (Markdown, LaTeX, CSV)",
@@ -281,9 +270,11 @@ def add_commands(sub) -> None:
     p.add_argument("--grid", metavar="NAME", help=cv.GRID_HELP)
     p.add_argument("--results-dir", default="results", metavar="DIR",
                    help="folder holding <grid>/results.csv; the tables are written beside it (default results)")
-    p.add_argument("--tolerances", type=positive_floats, default=list(cv.TOLERANCE_POINTS), metavar="K,K,...",
+    p.add_argument("--tolerances", type=argparse_type(positive_numbers, "--tolerances"),
+                   default=list(cv.TOLERANCE_POINTS), metavar="K,K,...",
                    help="accuracy drops in percentage points for the tolerance table (default 1,5,10)")
-    p.add_argument("--crs", type=positive_floats, default=list(cv.FIXED_CRS), metavar="CR,CR,...",
+    p.add_argument("--crs", type=argparse_type(positive_numbers, "--crs"), default=list(cv.FIXED_CRS),
+                   metavar="CR,CR,...",
                    help="compression ratios for the accuracy table (default 10,100,1000)")
     p.add_argument("--threshold-scale", type=float, choices=sorted(cv.THRESHOLD_SCALES), default=1.0,
                    help="place thresholded records (DWF, L1) at their CR counted at 0.01x or 100x the zero "
@@ -295,7 +286,7 @@ def add_commands(sub) -> None:
 
 
 def report_command(args) -> int:
-    from benchmark.store import grid_to_read
+    from benchmark.execution.store import grid_to_read
 
     grid, said = grid_to_read(args.grid, args.results_dir)
     for line in said:
@@ -304,7 +295,7 @@ def report_command(args) -> int:
     print(markdown)
     print("wrote: " + ", ".join(str(f) for f in files), file=sys.stderr)
     if not args.no_page and args.threshold_scale == 1.0:
-        from benchmark.page import write_page
+        from benchmark.analysis.page import write_page
 
         page = write_page(grid, args.results_dir, args.tolerances, args.crs)
         print(f"page: {page} (one self-contained file: open it in a browser, or send it)", file=sys.stderr)

@@ -5,7 +5,7 @@ schedule and the structure of what they train (``pack_key``). ``run_pack`` runs 
 method, unchanged, each in a thread of its own, one thread at a time: when a method asks its
 context to train (``Context.train``, or ``Context.dense`` for the cached dense model), its thread
 waits; once every cell waits or has finished, the waiting trainings that can stack
-(``benchmark.packed_train.signature``) train together as one model, each into its own checkpoint,
+(``benchmark.engine.packed_train.signature``) train together as one model, each into its own checkpoint,
 and every method goes on. Its own ``train`` call then finds the finished checkpoint and returns
 the history without training, so a method sees what it would see alone. A lottery ticket's levels
 are successive trainings: each level of the cells of a pack trains together.
@@ -31,44 +31,34 @@ from pathlib import Path
 
 import torch
 
-from benchmark.cell import REWIND_EPOCHS, REWIND_ITERATIONS, Cell, Context, _file_lock, run_cell
-from benchmark.packed_model import NotStackable
-from benchmark.packed_train import Job, resume, signature, train_packed, why_not_packable
-from benchmark.train import TrainHooks
+from benchmark.engine.train import REWIND_EPOCHS, REWIND_ITERATIONS
+from benchmark.execution.cell import Cell, Context, run_cell
+from benchmark.core.files import file_lock
+from benchmark.core.method import get_method
+from benchmark.engine.packed_model import NotStackable
+from benchmark.engine.packed_train import Job, resume, signature, train_packed, why_not_packable
+from benchmark.engine.train import TrainHooks
 
 log = logging.getLogger("benchmark.run")
 
-#: How a method's cells pack: method name -> function of its parameters giving (family, what else
-#: must be equal). Cells of one family train models of one structure and pack together; methods
-#: not listed never pack: ``gmp``, ``rigl`` and ``set`` change each cell's mask on their own
-#: schedule between steps, structured pruning changes the shapes, magnitude pruning without
-#: fine-tuning trains nothing but the dense model (which packs as ``dense``).
-FAMILIES = {
-    "dense": lambda p: ("dense", ()),
-    "l1": lambda p: ("l1", (p.lr,)),
-    "dwf": lambda p: (f"dwf D={p.depth}", (p.lr, p.skip_last)),
-    "shallow": lambda p: ("dwf D=2", (p.lr, p.skip_last)),
-    "random": lambda p: ("masked", ()),
-    "snip": lambda p: ("masked", ()),
-    "grasp": lambda p: ("masked", ()),
-    "synflow": lambda p: ("masked", ()),
-    "magnitude": lambda p: ("masked", (p.finetune_epochs, p.finetune_lr)) if p.finetune_epochs else None,
-    "global-magnitude": lambda p: ("masked", (p.finetune_epochs, p.finetune_lr)) if p.finetune_epochs else None,
-    "lottery": lambda p: ("masked", ("lottery", p.rewind)),
-}
+def _pack_family(cell: Cell) -> tuple[str, tuple] | None:
+    """What the cell's method says about packing (``Method.pack_family``): (structure, what else
+    must be equal), or None. Methods that pack none of their cells: ``gmp``, ``rigl`` and ``set``
+    change each cell's mask on their own schedule between steps, structured pruning changes the
+    shapes, magnitude pruning without fine-tuning trains nothing but the dense model (which packs
+    with the dense cells)."""
+    return get_method(cell.method)(cell.method_params).pack_family()
 
 
 def family(cell: Cell) -> str | None:
     """The structure family a cell trains (what calibration measures), or None if it never packs."""
-    rule = FAMILIES.get(cell.method)
-    found = rule(cell.method_params) if rule else None
+    found = _pack_family(cell)
     return found[0] if found else None
 
 
 def pack_key(cell: Cell) -> tuple | None:
     """Cells with equal keys may form one pack; None: the cell runs alone."""
-    rule = FAMILIES.get(cell.method)
-    found = rule(cell.method_params) if rule else None
+    found = _pack_family(cell)
     if found is None:
         return None
     return (cell.arch, cell.dataset, cell.subset, cell.schedule, found[0], found[1])
@@ -209,7 +199,7 @@ def _train_waiting(waiting: list[_Member], data) -> None:
         jobs = []
         for request in sorted(unique.values(), key=lambda r: str(r.job.checkpoint)):
             if request.lock is not None:
-                locks.enter_context(_file_lock(request.lock))
+                locks.enter_context(file_lock(request.lock))
                 if request.done is not None and request.done.is_file():
                     continue
             if why_not_packable(request.job) is None:

@@ -3,7 +3,7 @@
 Three figures, each as PNG and PDF in ``<plots-dir>/<grid>/``:
 
 - ``accuracy_vs_cr``: one panel per arch x dataset, accuracy against compression on a log axis,
-  a mean line with a ±1 std band over seeds per variant (aggregation in :mod:`benchmark.curves`),
+  a mean line with a ±1 std band over seeds per variant (aggregation in :mod:`benchmark.analysis.curves`),
   the single runs as faint markers and the dense accuracy as a dashed reference line;
 - ``layer_sparsity``: per panel, the weights each layer keeps in the run of each variant closest
   to one CR, so layer collapse (a layer pruned to nothing) is visible;
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import textwrap
 
-import argparse
 import functools
 import math
 import sys
@@ -38,7 +37,8 @@ import pandas as pd  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
 
-from benchmark import curves as cv  # noqa: E402
+from benchmark.analysis import curves as cv  # noqa: E402
+from benchmark.core.validation import argparse_type, positive_numbers  # noqa: E402
 
 #: A run counts as "at" the chosen CR when its CR is within this factor of it.
 AT_CR_FACTOR = 2.0
@@ -54,27 +54,9 @@ def _palette() -> list:
     return sns.color_palette("colorblind", 10)
 
 
-# method -> (palette index, darken, marker, line style); families share a line style
-_FIXED = {
-    "shallow": (9, 0.0, "v", "-"),
-    "l1": (2, 0.0, "P", "-"),
-    "magnitude": (1, 0.0, "X", "--"),
-    "global-magnitude": (3, 0.0, "*", "--"),
-    "lottery": (4, 0.0, "h", "-."),
-    "gmp": (1, 0.6, "s", (0, (3, 1, 1, 1))),
-    "rigl": (6, 0.0, "^", (0, (3, 1, 1, 1))),
-    "set": (9, 0.4, "v", (0, (3, 1, 1, 1))),
-    "random": (7, 0.2, "8", ":"),
-    "snip": (5, 0.0, "<", ":"),
-    "grasp": (6, 0.35, ">", ":"),
-    "synflow": (8, 0.45, "p", ":"),
-    "structured-magnitude": (1, 0.45, "d", (0, (5, 1, 1, 1, 1, 1))),
-    "structured-random": (7, 0.5, "d", (0, (5, 1, 1, 1, 1, 1))),
-    "structured-global": (3, 0.45, "d", (0, (5, 1, 1, 1, 1, 1))),
-}
-_DWF_MARKERS = ("o", "s", "D", "^", "v", "p")
+_RAMP_MARKERS = ("o", "s", "D", "^", "v", "p")  # the curves of a method with a colour ramp, in turn
 _VARIANT_LINES = ("-", (0, (5, 2)), (0, (1, 1)), (0, (6, 1, 1, 1, 1, 1)))  # a method's variants, in turn
-_SPARE = [0, 5, 2, 4, 6, 8]  # palette slots for methods this file does not know
+_SPARE = [0, 5, 2, 4, 6, 8]  # palette slots for methods without a plot_style
 
 
 @dataclass(frozen=True)
@@ -91,20 +73,28 @@ def _darken(color, amount: float) -> tuple:
     return tuple(float(c) * (1 - amount) for c in color)
 
 
-def variant_styles(info: dict[str, tuple[str, object]]) -> dict[str, Style]:
-    """A fixed style per variant (same variant, same look in every figure of a grid)."""
+def variant_styles(info: dict[str, tuple[str, dict]]) -> dict[str, Style]:
+    """A fixed style per variant (same variant, same look in every figure of a grid), from each
+    method's ``plot_style`` / ``plot_ramp``; ``info`` is ``Results.variant_info()``."""
     styles = {}
-    dwf = sorted((float(d) if d is not None and not pd.isna(d) else 0.0, v) for v, (m, d) in info.items() if m == "dwf")
-    for i, (_, variant) in enumerate(dwf):
-        amount = 0.7 * i / max(1, len(dwf) - 1)
-        styles[variant] = Style(_darken(_palette()[0], amount), _DWF_MARKERS[i % len(_DWF_MARKERS)], "-")
+    ramps: dict[str, list] = {}  # method -> [(curve rank, variant)] of a method drawn as a colour ramp
+    for variant, (method, values) in info.items():
+        found = cv.method_class(method)
+        if found is not None and found.plot_ramp:
+            ramps.setdefault(method, []).append((found.curve_rank(values), variant))
+    for ramp in ramps.values():
+        ramp.sort()
+        for i, (_, variant) in enumerate(ramp):
+            amount = 0.7 * i / max(1, len(ramp) - 1)
+            styles[variant] = Style(_darken(_palette()[0], amount), _RAMP_MARKERS[i % len(_RAMP_MARKERS)], "-")
     spare = 0
     others: dict[str, int] = {}  # method -> its variants styled so far besides the plain one
     for variant, (method, _) in sorted(info.items()):
-        if variant in styles or method == cv.DENSE_METHOD:
+        if variant in styles or cv.is_reference(method):
             continue
-        if method in _FIXED:
-            slot, darken, marker, ls = _FIXED[method]
+        found = cv.method_class(method)
+        if found is not None and found.plot_style is not None:
+            slot, darken, marker, ls = found.plot_style
             if variant != method:  # "magnitude +FT", "lottery LRR": the method's colour, darker, and a
                 i = others[method] = others.get(method, -1) + 1  # line of its own (the first one solid)
                 darken += 0.35 if i % 2 == 0 else 0.15
@@ -211,7 +201,7 @@ def default_at_cr(results: cv.Results, arch: str, dataset: str) -> float:
     """100, or less when most variants of the panel never get that far: the median over variants of
     the largest CR each reaches (so one variant that stops early does not pull every panel down)."""
     finite = results.panel_rows(arch, dataset)
-    finite = finite[np.isfinite(finite.cr) & (finite.method != cv.DENSE_METHOD)]
+    finite = finite[np.isfinite(finite.cr) & ~cv.reference_rows(finite)]
     if finite.empty:
         return DEFAULT_AT_CR
     reached_by_most = float(finite.groupby("variant").cr.max().median())
@@ -222,7 +212,7 @@ def runs_closest_to(results: cv.Results, arch: str, dataset: str, at_cr: float) 
     """Per variant, the run whose CR is closest to ``at_cr`` in log scale; variants with none within
     a factor AT_CR_FACTOR are returned by name instead."""
     frame = results.panel_rows(arch, dataset)
-    frame = frame[np.isfinite(frame.cr) & (frame.cr > 0) & (frame.method != cv.DENSE_METHOD)].copy()
+    frame = frame[np.isfinite(frame.cr) & (frame.cr > 0) & ~cv.reference_rows(frame)].copy()
     frame["distance"] = np.abs(np.log(frame.cr / at_cr))
     picked, too_far = [], []
     for variant in results.variants(arch, dataset):
@@ -332,7 +322,7 @@ def plot_effective_cr(results: cv.Results, title: str = "", rel_tol: float = 1e-
     """Direct CR against effective CR (log-log) for the variants where they differ; None if nowhere."""
     if "cr_effective" not in results.ok.columns:
         return None
-    ok = results.ok[results.ok.method != cv.DENSE_METHOD]
+    ok = results.ok[~cv.reference_rows(results.ok)]
     ok = ok[np.isfinite(ok.cr) & ok.cr_effective.notna()]
     differs = ~np.isclose(ok.cr_effective, ok.cr, rtol=rel_tol, atol=0)
     shown = set(ok.loc[differs, "variant"])
@@ -514,17 +504,6 @@ def write_plots(grid: str, results_dir: Path | str = "results", plots_dir: Path 
     return files, notes
 
 
-def positive_float(text: str) -> float:
-    """argparse type: a finite number > 0 (a CR)."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
-
-
 def add_commands(sub) -> None:
     p = sub.add_parser(
         "plot", help="draw accuracy-vs-compression, per-layer sparsity and effective-CR figures from the CSV",
@@ -540,7 +519,8 @@ def add_commands(sub) -> None:
                    help="folder holding <grid>/results.csv (default results)")
     p.add_argument("--plots-dir", default="plots", metavar="DIR",
                    help="figures go to <plots-dir>/<grid>/ (default plots)")
-    p.add_argument("--at-cr", type=positive_float, default=None, metavar="CR",
+    one_cr = argparse_type(lambda text, where: positive_numbers(text, where)[0], "--at-cr")
+    p.add_argument("--at-cr", type=one_cr, default=None, metavar="CR",
                    help="CR of the per-layer figure: each method's run closest to it (within a factor "
                         f"{AT_CR_FACTOR:g}) is shown (default: {DEFAULT_AT_CR:g}, or less if most methods of a "
                         "panel stop earlier: the median of their largest CRs)")
@@ -548,7 +528,7 @@ def add_commands(sub) -> None:
 
 
 def plot_command(args) -> int:
-    from benchmark.store import grid_to_read
+    from benchmark.execution.store import grid_to_read
 
     grid, said = grid_to_read(args.grid, args.results_dir)
     for line in said:

@@ -1,7 +1,7 @@
-"""Train several models at once, each as ``benchmark.train.train`` would train it alone.
+"""Train several models at once, each as ``benchmark.engine.train.train`` would train it alone.
 
 A ``Job`` holds the arguments of one ``train`` call. ``train_packed`` stacks the jobs' models
-(``benchmark.packed_model``) and runs the shared loop once for all of them: each model gets its own
+(``benchmark.engine.packed_model``) and runs the shared loop once for all of them: each model gets its own
 batches (the seeded permutation its own run would draw), its own weight decay per tensor and its
 own penalty from its hooks, its own evaluation, history, snapshots and divergence check. Every
 epoch ends with one checkpoint per job in ``train``'s own format at the job's own path, so a killed
@@ -26,9 +26,10 @@ from torch import nn
 from torch.nn import functional as F
 from torch.nn.utils import parametrize
 
-from benchmark import data as data_mod
-from benchmark.packed_model import NotStackable, StackedModel, structure
-from benchmark.train import (Diverged, Schedule, TrainHooks, _clone_state, _diverged_message, _save_atomic, autocast,
+from benchmark.core.files import save_atomic
+from benchmark.engine import data as data_mod
+from benchmark.engine.packed_model import NotStackable, StackedModel, structure
+from benchmark.engine.train import (Diverged, Schedule, TrainHooks, _clone_state, _diverged_message, autocast,
                              step_key,
                              lr_factor, make_optimizer, prepare_input, tune_cpu_allocator)
 
@@ -209,7 +210,7 @@ class _Penalty(nn.Module):
 @torch.no_grad()
 def evaluate_packed(model: StackedModel, split: data_mod.Split, channels_last: bool = False,
                     batch_size: int = 1000) -> tuple[list[float], list[float]]:
-    """Per job (accuracy, mean loss) over a whole split, as ``benchmark.train.evaluate`` computes
+    """Per job (accuracy, mean loss) over a whole split, as ``benchmark.engine.train.evaluate`` computes
     them; the split is read in chunks of ``batch_size / P`` examples, so memory stays that of one
     model's evaluation."""
     size = model.size
@@ -327,7 +328,7 @@ def train_packed(jobs: list[Job], data: data_mod.Data) -> None:
                 job.snapshots[epoch + 1] = _clone_state(job.model)
             optimizer_state, scheduler_state = _member_optimizer_state(
                 job, schedule, (epoch + 1 - first) * steps_per_epoch, first * steps_per_epoch, factor)
-            _save_atomic({
+            save_atomic({
                 "model": job.model.state_dict(), "optimizer": optimizer_state, "scheduler": scheduler_state,
                 "history": job.history, "wall_s": job.wall_s, "epoch": epoch + 1, "snapshots": job.snapshots,
                 "hooks": job.hooks.state_dict(),

@@ -1,4 +1,4 @@
-"""``make gpu-check`` (``python -m benchmark.gpu_check``): every CUDA path of this suite, checked and
+"""``make gpu-check`` (``python -m benchmark.speed.gpu_check``): every CUDA path of this suite, checked and
 timed on one GPU in under 8 minutes, in one summary file.
 
 Parts, in this order, each a command of its own under its own timeout (a part that fails or runs
@@ -193,8 +193,8 @@ def vgg_share_of_peak(step_s: float, batch: int, peak_tflops: float | None = Non
     share of the GPU's dense bf16 peak."""
     import torch
 
-    from benchmark import models
-    from benchmark.sparsity import layer_macs, prunable_layers
+    from benchmark.engine import models
+    from benchmark.engine.sparsity import layer_macs, prunable_layers
 
     model = models.build("vgg16", (3, 32, 32), 10)
     positions = layer_macs(model, (3, 32, 32))
@@ -307,7 +307,7 @@ def _records(results: Path) -> list[dict]:
 # ------------------------------------------------------------------------------------------------
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmark.gpu_check", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m benchmark.speed.gpu_check", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--out", type=Path, default=Path("gpu-check"), help="folder for summary.md and the logs (default gpu-check)")

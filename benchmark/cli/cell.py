@@ -6,8 +6,8 @@ import argparse
 import json
 import sys
 
-from benchmark import data as data_mod
-from benchmark import models
+from benchmark.engine import data as data_mod
+from benchmark.engine import models
 
 
 def parse_assignments(items: list[str] | None, flag: str = "--set") -> dict[str, str]:
@@ -27,7 +27,7 @@ def add_common_io(p: argparse.ArgumentParser) -> None:
 
 
 def add_commands(sub) -> None:
-    from methods import METHODS
+    from benchmark.core.method import all_methods
 
     p = sub.add_parser(
         "cell", help="run one cell (method x arch x dataset x params x seed) and print its result records",
@@ -35,7 +35,7 @@ def add_commands(sub) -> None:
                     "--json). Parameters not given use the architecture's default schedule and the method's "
                     "defaults (see 'python -m benchmark list').",
     )
-    p.add_argument("method", choices=sorted(METHODS), help="method name")
+    p.add_argument("method", choices=sorted(all_methods()), help="method name")
     p.add_argument("--arch", required=True, choices=list(models.MODELS), help="architecture")
     p.add_argument("--dataset", required=True, choices=list(data_mod.DATASETS), help="dataset")
     p.add_argument("--seed", type=int, default=0, help="seed of init, data order and pruning scores (default 0)")
@@ -59,8 +59,8 @@ def add_commands(sub) -> None:
 def run_command(args) -> int:
     from pathlib import Path
 
-    from benchmark.cell import Cell, run_cell
-    from benchmark.train import pick_device
+    from benchmark.execution.cell import Cell, run_cell
+    from benchmark.engine.train import pick_device
 
     if args.data_dir and not Path(args.data_dir).expanduser().is_dir():
         raise ValueError(f"--data-dir {args.data_dir}: no such folder. Datasets are searched there first; fix the "
@@ -71,7 +71,7 @@ def run_command(args) -> int:
                                   "weight_decay": args.weight_decay, "momentum": args.momentum}.items() if v is not None}
     cell = Cell.make(args.method, args.arch, args.dataset, args.seed, parse_assignments(args.set), schedule, args.subset)
     if args.compile:
-        from benchmark.train import check_compile, pick_device
+        from benchmark.engine.train import check_compile, pick_device
 
         check_compile(pick_device(args.device))
     records = run_cell(cell, data_dir=args.data_dir, device=args.device, work_root=args.work_dir,

@@ -36,7 +36,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-from benchmark.cell import Cell
+from benchmark.execution.cell import Cell
 
 GRID_KEYS = {"description", "seeds", "schedule", "subset", "experiment", "include"}
 EXPERIMENT_KEYS = {"archs", "datasets", "seeds", "schedule", "subset", "methods", "name"}
@@ -73,6 +73,20 @@ def grid_source(name_or_path: str) -> tuple[str, str, str]:
         text = _presets().joinpath(f"{name_or_path}.toml").read_text()
         return name_or_path, text, f"preset {name_or_path!r}"
     raise ValueError(f"unknown grid {name_or_path!r}: not a preset ({', '.join(preset_names())}) and not a file")
+
+
+def grid_folder(name_or_path: str, reading: bool = False) -> str:
+    """The results folder a ``--grid`` value names, the same for every command: a grid file's name
+    without ``.toml`` (``run --grid my/grid.toml`` writes ``<results-dir>/grid/``), a preset's name.
+    For commands that only read results (``collect``, ``plot``, ``report``, with ``reading``) any
+    other value is taken as the folder's name, so ``plot --grid grid`` still reads that run (and a
+    missing folder is reported by the reader, with the command that makes it)."""
+    path = Path(name_or_path)
+    if name_or_path.endswith(".toml") or path.is_file():
+        return path.stem
+    if reading or name_or_path in preset_names():
+        return name_or_path
+    raise ValueError(f"unknown grid {name_or_path!r}: not a preset ({', '.join(preset_names())}) and not a grid file")
 
 
 def load_grid(name_or_path: str, _chain: tuple[str, ...] = ()) -> Grid:
@@ -123,11 +137,11 @@ MAX_INCLUDE_DEPTH = 16
 
 def parse_grid(text: str, name: str = "grid", source: str = "<text>", _chain: tuple[str, ...] = ()) -> Grid:
     """Parse and validate a grid; GridError lists every problem with its file and line."""
-    from benchmark import data as data_mod
-    from benchmark import models
-    from benchmark.cell import canonical_json, capacity_problems, cell_id, check_seed, check_subset
-    from benchmark.train import Schedule, default_schedule
-    from methods import base as method_base
+    from benchmark.engine import data as data_mod
+    from benchmark.engine import models
+    from benchmark.execution.cell import canonical_json, capacity_problems, cell_id, check_seed, check_subset
+    from benchmark.engine.train import Schedule, default_schedule
+    from benchmark.core import method as method_base
 
     try:
         raw = tomllib.loads(text)
@@ -351,7 +365,7 @@ def _matches(value, wanted: list[str]) -> bool:
 
 def with_seeds(cells: list[Cell], seeds: list[int] | None) -> list[Cell]:
     """Replace every cell's seed by each of ``seeds`` (the --seeds flag)."""
-    from benchmark.cell import check_seed
+    from benchmark.execution.cell import check_seed
 
     if not seeds:
         return cells

@@ -36,15 +36,15 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-from benchmark import data as data_mod
-from benchmark.cell import Cell, dense_key
-from methods import get_method
+from benchmark.engine import data as data_mod
+from benchmark.execution.cell import Cell, dense_key
+from benchmark.core.method import get_method
+from methods import structures
 
 #: Examples per split of the full datasets (``subset`` keeps the first N of each).
 SPLIT_SIZES = {"mnist": (60_000, 10_000), "fashion-mnist": (60_000, 10_000), "kmnist": (60_000, 10_000),
                "cifar10": (50_000, 10_000), "cifar100": (50_000, 10_000), "tiny-imagenet": (100_000, 10_000)}
 #: Families whose trainings carry masks (pruned models); the rest train dense or factorized weights.
-MASKED_FAMILIES = {"at-init", "during-training", "lottery", "after-training"}
 #: Timed steps per variant: until they add up to MIN_SECONDS, at least MIN_STEPS, at most MAX_STEPS.
 MIN_STEPS, MIN_SECONDS, MAX_STEPS = 2, 2.0, 200
 EVAL_BATCH = 1000  # train.evaluate's batch
@@ -77,11 +77,9 @@ class Plan:
 
 
 def variant(cell: Cell) -> str:
-    """What a cell trains, as far as speed goes: factorized (by depth), masked or dense."""
-    depth = getattr(cell.method_params, "depth", None)
-    if depth is not None:
-        return f"dwf D={depth}"
-    return "masked" if get_method(cell.method).family in MASKED_FAMILIES else "dense"
+    """What a cell trains, as far as speed goes (``Method.step_variant``): factorized (by depth),
+    masked or dense."""
+    return get_method(cell.method)(cell.method_params).step_variant()
 
 
 def _sizes(cell: Cell) -> tuple[int, int]:
@@ -107,7 +105,7 @@ def plan(todo: list[tuple[Cell, int, int]], cache_dir: Path) -> Plan:
         epochs[cell.arch] += cell_epochs
         if get_method(cell.method).needs_dense:
             same = (cell.arch, cell.dataset, cell.seed, cell.schedule, cell.subset)
-            if cell.method == "dense":
+            if get_method(cell.method).is_reference:
                 dense_trained.add(same)
             else:
                 dense_needed.setdefault(same, cell)
@@ -116,7 +114,7 @@ def plan(todo: list[tuple[Cell, int, int]], cache_dir: Path) -> Plan:
         if same in dense_trained or (Path(cache_dir) / f"dense-{dense_key(cell)}.pt").is_file():
             continue
         n_train, n_test = _sizes(cell)
-        trainings[Training(cell.arch, cell.dataset, "dense", cell.schedule.batch_size, n_train, n_test,
+        trainings[Training(cell.arch, cell.dataset, structures.DENSE, cell.schedule.batch_size, n_train, n_test,
                            cell.schedule.epochs, 1)] += 1
         epochs[cell.arch] += cell.schedule.epochs
         result.dense_trainings += 1
@@ -261,7 +259,7 @@ def calibrate(trainings, device, threads: int, say=print) -> Measured:
     (and added to the cache)."""
     import torch
 
-    from benchmark.store import _atomic_write_text
+    from benchmark.core.files import atomic_write_text
 
     machine = machine_name(device)
     key = f"{device.type}: {machine} | torch {torch.__version__} | {threads} threads"
@@ -287,7 +285,7 @@ def calibrate(trainings, device, threads: int, say=print) -> Measured:
                                  "threads": threads, "measured_at": time.time(), "units": merged}
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            _atomic_write_text(path, json.dumps(cache, indent=1, sort_keys=True))
+            atomic_write_text(path, json.dumps(cache, indent=1, sort_keys=True))
         except (OSError, ValueError) as exc:  # a read-only home: the estimate still stands
             say(f"note: cannot cache the speeds in {path} ({exc}); set BENCHMARK_CACHE_DIR to a writable folder")
     return Measured(machine, {k: units[k] for k in needed}, f"{threads} threads, cached in {path}")
@@ -299,18 +297,20 @@ def measure(arch: str, dataset: str, variant_name: str, batch: int, device) -> d
     final measurement."""
     import torch
 
-    from benchmark import perf, sparsity
-    from benchmark.train import _save_atomic, evaluate, tune_cpu_allocator
+    from benchmark.speed import perf
+    from benchmark.engine import sparsity
+    from benchmark.core.files import save_atomic
+    from benchmark.engine.train import evaluate, tune_cpu_allocator
     from methods.dwf import collapse, factorized_modules
     from methods.regularization import FLOAT32_EPS
 
     if device.type == "cpu":
         tune_cpu_allocator()  # as every CPU training run does
     spec = data_mod.get_spec(dataset)
-    depth = int(variant_name.split("=")[1]) if variant_name.startswith("dwf D=") else None
+    depth = structures.depth_of(variant_name)
     for _ in range(2):  # the second build is timed: the first pays one-off costs (imports, allocator)
         began = time.perf_counter()
-        model, hooks, optimizer, step = perf.build_training(arch, depth, device, batch, masked=variant_name == "masked",
+        model, hooks, optimizer, step = perf.build_training(arch, depth, device, batch, masked=variant_name == structures.MASKED,
                                                             shape=(spec.shape, spec.num_classes))
         perf._sync(device)
         setup_s = time.perf_counter() - began
@@ -336,7 +336,7 @@ def measure(arch: str, dataset: str, variant_name: str, batch: int, device) -> d
     with tempfile.TemporaryDirectory(prefix="dwf-bench-speed-") as tmp:
         began = time.perf_counter()
         hooks.epoch_metrics(model)
-        _save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, Path(tmp) / "c.ckpt")
+        save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, Path(tmp) / "c.ckpt")
         tail_s = time.perf_counter() - began
     began = time.perf_counter()
     if factorized_modules(model):
@@ -422,7 +422,7 @@ def lanes(*, device_name: str, backend: str, jobs: int | None, jobs_per_gpu: int
         if jobs_per_gpu:
             notes.append("--jobs-per-gpu: the number of GPUs over there is not known here; divide by it")
         return [serial], notes
-    from benchmark.train import pick_device
+    from benchmark.engine.train import pick_device
 
     try:
         device = pick_device(device_name)

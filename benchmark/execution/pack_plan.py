@@ -1,10 +1,10 @@
 """Which cells a run packs together (``run --pack auto|off|N``), and the measurement ``auto`` uses.
 
 - ``off`` (or 1): every cell is its own unit of work, as before packing existed.
-- ``N``: cells with equal ``benchmark.pack.pack_key`` go in packs of up to N.
+- ``N``: cells with equal ``benchmark.execution.pack.pack_key`` go in packs of up to N.
 - ``auto`` (the default): per (device, architecture, family), a short calibration times one
   training step of a pack against the same steps one model at a time, through the real code
-  (``benchmark.packed_train.TrainingPack`` and ``benchmark.train.training_step``), alternating
+  (``benchmark.engine.packed_train.TrainingPack`` and ``benchmark.engine.train.training_step``), alternating
   rounds. Cells pack only where the pack measured at least ``AUTO_MIN_SPEEDUP`` times faster, in
   packs of at most ``AUTO_MAX`` cells and of a share of the group per worker, so that ``--jobs``
   workers still have work side by side.
@@ -28,14 +28,14 @@ from typing import Callable
 
 import torch
 
-from benchmark import data as data_mod
-from benchmark import models
-from benchmark.cell import Cell
-from benchmark.pack import family, pack_key
-from benchmark.packed_train import Job, TrainingPack
-from benchmark.sparsity import prunable_layers
-from benchmark.train import (TrainHooks, default_schedule, make_optimizer, prepare_input, training_step,
-                             tune_cpu_allocator)
+from benchmark.core.files import atomic_write_text
+from benchmark.engine import data as data_mod
+from benchmark.engine import models
+from benchmark.execution.cell import Cell
+from benchmark.execution.pack import family, pack_key
+from methods import structures
+from benchmark.engine.packed_train import Job, TrainingPack
+from benchmark.engine.train import default_schedule, make_optimizer, prepare_input, training_step, tune_cpu_allocator
 
 #: Largest pack ``auto`` makes per device type; on a CPU larger packs gain little.
 AUTO_MAX = {"cpu": 16, "cuda": 64, "mps": 16}
@@ -126,7 +126,8 @@ def _chunks(group: list[Cell], setting: str | int, device: torch.device, workers
 # ------------------------------------------------------------------------------------------------
 
 def _depth(cell: Cell) -> int:
-    return int(getattr(cell.method_params, "depth", 1) or 1) if cell.method in ("dwf", "shallow") else 1
+    """Copies of each weight the cell trains (its factors; 1 unless factorized)."""
+    return structures.depth_of(family(cell)) or 1
 
 
 def member_bytes(arch: str, dataset: str, depth: int, batch: int) -> int:
@@ -204,9 +205,7 @@ def calibrate(cell: Cell, size: int, device: torch.device, cache_dir: Path | Non
     if path is not None:
         cache = _read_cache(path) | {key: result | {"measured_at": time.strftime("%Y-%m-%d %H:%M:%S")}}
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        tmp.write_text(json.dumps(cache, indent=1, sort_keys=True))
-        os.replace(tmp, path)
+        atomic_write_text(path, json.dumps(cache, indent=1, sort_keys=True), durable=False)
     return result["ratio"], False
 
 
@@ -221,12 +220,8 @@ def _read_cache(path: Path | None) -> dict:
 
 
 def calibration_members(arch: str, in_shape, classes: int, kind: str, size: int, device: torch.device) -> list[Job]:
-    """``size`` models of ``kind`` (a ``benchmark.pack.family``) as their cells would build them,
+    """``size`` models of ``kind`` (a ``benchmark.execution.pack.family``) as their cells would build them,
     each with its own λ where the family has one."""
-    from methods.dwf import FactorHooks, factorize
-    from methods.l1 import L1Hooks
-    from methods.masks import apply_masks
-
     schedule = default_schedule(arch)
     channels_last = device.type == "cuda" and arch in models.CONV_MODELS
     jobs = []
@@ -234,17 +229,7 @@ def calibration_members(arch: str, in_shape, classes: int, kind: str, size: int,
         model = models.build(arch, in_shape, classes, seed=i).to(device)
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
-        hooks = TrainHooks()
-        if kind.startswith("dwf D="):
-            depth = int(kind.split("=")[1])
-            factorize(model, depth, seed=i)
-            hooks = FactorHooks(1e-4 * (1 + i), depth, "decay")
-        elif kind == "l1":
-            hooks = L1Hooks(1e-5 * (1 + i))
-        elif kind == "masked":
-            gen = torch.Generator().manual_seed(i)
-            apply_masks(model, {name: torch.rand(m.weight.shape, generator=gen) < 0.1
-                                for name, m in prunable_layers(model)})
+        hooks = structures.stand_in(kind, model, i)
         jobs.append(Job(model, schedule, i, Path(os.devnull), hooks, channels_last=channels_last))
     return jobs
 

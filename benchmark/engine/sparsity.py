@@ -194,6 +194,40 @@ def summarize(model: nn.Module, input_shape, threshold: float = 0.0, effective: 
     }
 
 
+def summarize_against_dense(model: nn.Module, summary: dict, dense: dict) -> dict:
+    """The metrics above for a model made physically smaller (structured pruning), counted against
+    the dense model it came from, so that they mean what they mean for every other method.
+
+    ``summary`` is ``summarize(model, ...)`` of the smaller model and ``dense`` that of the dense
+    one (same layer names). Ratios have the dense counts above and the smaller model's nonzero
+    counts below; ``prunable_params``, ``total_params`` and ``macs`` are the dense model's; each
+    layer keeps its own ``shape`` and gets ``dense_shape``, the dense ``numel`` and ``macs`` and a
+    ``sparsity`` against them. Returns the changed keys (``layers`` included, as new dicts).
+    """
+    dense_layers = {layer["name"]: layer for layer in dense["layers"]}
+    layers = summary["layers"]
+    kept = sum(layer["nonzero"] for layer in layers)
+    prunable = dense["prunable_params"]
+    nonzero_all = sum(int(nonzero(p).sum()) for _, p in logical_parameters(model))
+    counted = []
+    for layer in layers:
+        base = dense_layers[layer["name"]]
+        counted.append(layer | {"dense_shape": base["shape"], "numel": base["numel"], "macs": base["macs"],
+                                "sparsity": 1.0 - layer["nonzero"] / base["numel"]})
+    return {
+        "cr": _ratio(prunable, kept),
+        "sparsity": 1.0 - kept / prunable,
+        "cr_total": _ratio(dense["total_params"], nonzero_all),
+        "cr_effective": _ratio(prunable, sum(layer["effective"] for layer in layers)),
+        "speedup": _ratio(dense["macs"], sum(layer["nonzero_macs"] for layer in layers)),
+        "prunable_params": prunable,
+        "nonzero_params": kept,
+        "total_params": dense["total_params"],
+        "macs": dense["macs"],
+        "layers": counted,
+    }
+
+
 def cr_at(model: nn.Module, threshold: float) -> float:
     """CR of the prunable weights counting ``|w| < threshold`` as zero (cheap: no forward pass)."""
     total = kept = 0

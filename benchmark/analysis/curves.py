@@ -44,10 +44,6 @@ import pandas as pd
 REQUIRED_RESULT_COLUMNS = ("arch", "dataset", "method", "seed", "test_acc", "cr")
 #: Columns ``layers.csv`` must have.
 REQUIRED_LAYER_COLUMNS = ("cell_id", "level", "layer", "layer_index", "sparsity")
-#: Methods drawn in this order (families of DESIGN.md section 3); unknown methods follow, sorted.
-METHOD_ORDER = ("dwf", "shallow", "l1", "magnitude", "global-magnitude", "lottery", "gmp", "rigl", "set", "random", "snip",
-                "grasp", "synflow", "structured-magnitude", "structured-random", "structured-global")
-DENSE_METHOD = "dense"
 #: Tolerance levels in accuracy points and fixed CRs of the report (the paper's headline metric).
 TOLERANCE_POINTS = (1.0, 5.0, 10.0)
 FIXED_CRS = (10.0, 100.0, 1000.0)
@@ -66,8 +62,8 @@ def panel_title(arch: str, dataset: str) -> str:
 
 
 #: What --grid means to plot and report.
-GRID_HELP = ("grid name: the sub-folder of --results-dir to read (a grid's TOML file counts by its name, as run "
-             "names the folder); default: the grid of the last run in --results-dir")
+GRID_HELP = ("preset name or path to a grid TOML file, as for run: its results folder <results-dir>/<name> is read "
+             "(an earlier run's folder name works too); default: the grid of the last run in --results-dir")
 
 
 def collect_hint(path: Path) -> str:
@@ -109,17 +105,39 @@ def level_key(values: pd.Series) -> pd.Series:
     return values.map(one)
 
 
-def derive_variant(method: str, depth) -> str:
-    """One line per variant: DWF depths apart, every other method by its name."""
-    if method == "dwf" and depth is not None and not pd.isna(depth):
-        return f"dwf D={int(float(depth))}"
-    return str(method)
+def method_class(method: str):
+    """The installed method of this name, or None (a CSV may hold methods of a plugin that is not
+    installed here: they are drawn and tabled by their name, after the known ones)."""
+    from benchmark.core.method import all_methods
+
+    return all_methods().get(str(method))
 
 
-def _variant_sort_key(method: str, depth, variant: str):
-    rank = METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER)
-    d = float(depth) if depth is not None and not pd.isna(depth) else 0.0
-    return (rank, method if rank == len(METHOD_ORDER) else "", d, variant)
+def is_reference(method: str) -> bool:
+    """Whether rows of ``method`` are the reference line (the dense model), not a curve."""
+    found = method_class(method)
+    return bool(found and found.is_reference)
+
+
+def reference_rows(frame: pd.DataFrame) -> pd.Series:
+    """Which rows of ``frame`` are the reference (dense) model's."""
+    return frame["method"].map(is_reference).astype(bool)
+
+
+def derive_variant(method: str, values) -> str:
+    """The curve of a row that has no ``variant`` (CSVs written before it was a column):
+    ``Method.curve_label`` of its columns, the method's name for a method not installed here."""
+    found = method_class(method)
+    return found.curve_label(values) if found else str(method)
+
+
+def _variant_sort_key(method: str, values, variant: str):
+    """Known methods in their ``curve_order``, each one's curves by ``curve_rank``; unknown ones
+    after them, by name."""
+    found = method_class(method)
+    order = found.curve_order if found else math.inf
+    rank = found.curve_rank(values) if found else 0.0
+    return (order, method if order == math.inf else "", rank, variant)
 
 
 @dataclass
@@ -230,17 +248,17 @@ class Results:
     def variants(self, arch: str | None = None, dataset: str | None = None, ok_only: bool = True) -> list[str]:
         """Variants (dense excluded) in drawing order, optionally of one panel."""
         frame = self.ok if ok_only else self.rows
-        frame = frame[frame.method != DENSE_METHOD]
+        frame = frame[~reference_rows(frame)]
         if arch is not None:
             frame = frame[(frame.arch == arch) & (frame.dataset == dataset)]
         firsts = frame.drop_duplicates("variant")
-        keyed = [(_variant_sort_key(r.method, r.depth, r.variant), r.variant) for r in firsts.itertuples()]
+        keyed = [(_variant_sort_key(r["method"], r, r["variant"]), r["variant"]) for r in firsts.to_dict("records")]
         return [v for _, v in sorted(keyed)]
 
-    def variant_info(self) -> dict[str, tuple[str, object]]:
-        """variant -> (method, depth) of its first row, for styling."""
+    def variant_info(self) -> dict[str, tuple[str, dict]]:
+        """variant -> (method, columns of its first row), for styling."""
         firsts = self.rows.drop_duplicates("variant")
-        return {r.variant: (r.method, r.depth) for r in firsts.itertuples()}
+        return {r["variant"]: (r["method"], r) for r in firsts.to_dict("records")}
 
     def panel_rows(self, arch: str, dataset: str, variant: str | None = None) -> pd.DataFrame:
         frame = self.ok[(self.ok.arch == arch) & (self.ok.dataset == dataset)]
@@ -254,7 +272,7 @@ class Results:
 
     def dense_by_seed(self, arch: str, dataset: str) -> dict:
         frame = self.panel_rows(arch, dataset)
-        frame = frame[frame.method == DENSE_METHOD]
+        frame = frame[reference_rows(frame)]
         return frame.groupby("seed")["test_acc"].mean().to_dict()
 
     def dense_for(self, arch: str, dataset: str, seed) -> float:
@@ -328,7 +346,7 @@ def load_results(path: Path | str, threshold_scale: float = 1.0) -> Results:
     frame["status"] = frame["status"].fillna("missing").astype(str).str.strip() if "status" in frame.columns else "ok"
     frame["method"] = frame["method"].astype(str)
     frame["arch"], frame["dataset"] = frame["arch"].astype(str), frame["dataset"].astype(str)
-    derived = [derive_variant(m, d) for m, d in zip(frame.method, frame.depth)]
+    derived = [derive_variant(row["method"], row) for row in frame.to_dict("records")]
     if "variant" in frame.columns:
         given = frame["variant"]
         frame["variant"] = [str(g) if isinstance(g, str) and g.strip() else d for g, d in zip(given, derived)]
@@ -451,10 +469,13 @@ def cost_table(results: Results) -> pd.DataFrame:
     frame = results.ok
     for arch, dataset in results.panels():
         panel = frame[(frame.arch == arch) & (frame.dataset == dataset)]
-        for variant in ["dense"] + results.variants(arch, dataset):
-            group = panel[panel.variant == variant] if variant != "dense" else panel[panel.method == DENSE_METHOD]
+        reference = reference_rows(panel)
+        groups = [panel[reference & (panel.variant == v)] for v in sorted(set(panel.variant[reference]))]
+        groups += [panel[~reference & (panel.variant == v)] for v in results.variants(arch, dataset)]
+        for group in groups:
             if group.empty:
                 continue
+            variant = group.variant.iloc[0]
             epochs = pd.to_numeric(group.get("epochs"), errors="coerce") if "epochs" in group else pd.Series(dtype=float)
             cells = group.drop_duplicates("cell_id") if "cell_id" in group else group
             wall = pd.to_numeric(cells.get("wall_s"), errors="coerce").fillna(0.0) if "wall_s" in cells else 0.0

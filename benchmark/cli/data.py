@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from benchmark import data as data_mod
+from benchmark.engine import data as data_mod
 
 
 def add_commands(sub) -> None:

@@ -32,7 +32,6 @@ import errno
 import json
 import math
 import os
-import re
 import socket
 import time
 import uuid
@@ -40,7 +39,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from benchmark.errors import StorageError
+from benchmark.core.errors import StorageError
+from benchmark.core.method import all_methods
+from benchmark.core.files import atomic_write_text, file_lock, pid_alive, process_start, temporary_name, writer_gone
 
 #: How often a running driver touches its claims, and how old another host's claim may get
 #: before it counts as abandoned (ten missed heartbeats: generous for clock skew on shared disks).
@@ -68,77 +69,12 @@ HISTORY_KEYS = ["cell_id", "level", "variant", "method", "arch", "dataset", "see
 
 
 def variant_label(record: dict) -> str:
-    """The curve a record belongs to: the method, with the depth for DWF, ``+FT`` for a pruned
-    dense model that was fine-tuned (the paper's magnitude baselines are not), and for a lottery
-    ticket what differs from the LTH's (``lottery LRR rewind=500it dense-output``)."""
-    if record.get("method") == "dwf" and record.get("depth") is not None:
-        return f"dwf D={int(record['depth'])}"
-    if record.get("method") == "lottery":
-        retrain = record.get("retrain") or "rewind"
-        label = "lottery" + {"lr_rewind": " LRR", "finetune": " FT"}.get(retrain, "")
-        if retrain != "finetune" and record.get("rewind") not in (None, 0):
-            label += f" rewind={record['rewind']}"
-        return label + (" dense-output" if record.get("prune_output") is False else "")
-    if record.get("family") == "after-training" and (record.get("finetune_epochs") or 0) > 0:
-        return f"{record.get('method')} +FT"
-    return str(record.get("method"))
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename: readers see the old file or
-    the new one, never a torn one. If the write fails (full disk, read-only folder) the temporary
-    file is removed and a StorageError names the file and what to do."""
-    tmp = path.with_name(f".{path.name}.tmp-{_HOST_TAG}-{os.getpid()}-{uuid.uuid4().hex[:6]}")
-    try:
-        with open(tmp, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        if isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError):
-            raise StorageError.from_os_error(exc, path) from None
-        raise
-
-
-_HOST_TAG = re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname()) or "host"
-# ``.<name>.tmp-<host>-<pid>-<6 hex>``: who wrote a leftover temporary file, so that one whose
-# writer is gone (a SIGKILL mid-write) is removed at once instead of after an hour
-_TMP_WRITER = re.compile(r"\.tmp-(?P<host>[A-Za-z0-9_.]+)-(?P<pid>\d+)-[0-9a-f]{6}(\.new)?$")
-
-
-def _writer_gone(path: Path) -> bool:
-    """True if ``path`` is a temporary file written on this host by a process that no longer runs."""
-    match = _TMP_WRITER.search(path.name)
-    return bool(match) and match["host"] == _HOST_TAG and not pid_alive(int(match["pid"]))
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether process ``pid`` runs on this host (a zombie, dead but not yet reaped, does not)."""
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
-
-
-def process_start(pid: int) -> int | None:
-    """When process ``pid`` started (clock ticks since boot, Linux), to tell a live driver from an
-    unrelated process that reuses its pid; None where /proc does not say."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return int(stat.rsplit(")", 1)[1].split()[19])
-    except (OSError, ValueError, IndexError):
-        return None
+    """The curve a record (or CSV row) belongs to, as its method labels it (``Method.curve_label``:
+    ``dwf D=3``, ``magnitude +FT``, ``lottery LRR rewind=500it``); a method that is not installed
+    here is labelled by its name."""
+    method = str(record.get("method"))
+    known = all_methods()
+    return known[method].curve_label(record) if method in known else method
 
 
 #: Record values that are ratios of counts (>= 1; +inf when nothing is kept, a real outcome): these
@@ -318,7 +254,7 @@ class Store:
             return None
         except OSError as exc:
             raise StorageError.from_os_error(exc, dest) from None
-        _atomic_write_text(dest.with_suffix(".reason.txt"), reason + "\n")
+        atomic_write_text(dest.with_suffix(".reason.txt"), reason + "\n")
         return dest
 
     def write(self, cell_id: str, config: dict, records: list[dict], run_id: str) -> dict:
@@ -327,7 +263,7 @@ class Store:
         result = {"cell_id": cell_id, "grid": self.grid, "status": status, "config": config, "run_id": run_id,
                   "finished_at": time.time(), "records": records}
         self.cells_dir.mkdir(parents=True, exist_ok=True)
-        _atomic_write_text(self.path(cell_id), json.dumps(result))
+        atomic_write_text(self.path(cell_id), json.dumps(result))
         return result
 
     def results(self, skip_damaged: bool = False) -> list[dict]:
@@ -362,7 +298,7 @@ class Store:
     def claim(self, cell_id: str, run_id: str) -> bool:
         """Take the cell for this run; False if a live driver holds it (or it is finished)."""
         path = self._claim_path(cell_id)
-        tmp = self.claims_dir / f".{cell_id}.tmp-{_HOST_TAG}-{os.getpid()}-{uuid.uuid4().hex[:6]}.new"
+        tmp = temporary_name(self.claims_dir / cell_id, ".new")  # linked into place, not renamed
         try:
             self.claims_dir.mkdir(parents=True, exist_ok=True)
             with open(tmp, "w") as fh:
@@ -383,18 +319,10 @@ class Store:
             return False
         return True
 
-    @contextlib.contextmanager
     def _takeover_lock(self):
         """One driver at a time decides about and replaces stale claims (flock: released by the
         kernel when its holder dies, so a killed driver cannot leave it held)."""
-        import fcntl
-
-        with open(self.claims_dir / ".takeover.lock", "a+") as fh:
-            fcntl.flock(fh, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
+        return file_lock(self.claims_dir / ".takeover.lock")
 
     def _take_over(self, path: Path, tmp: Path) -> bool:
         """Replace ``path`` by our claim ``tmp`` if the claim there is stale. Under the takeover lock
@@ -505,7 +433,7 @@ class Store:
                 continue
             for path in folder.glob(pattern):
                 try:
-                    if _writer_gone(path) or now - path.stat().st_mtime > older_than:
+                    if writer_gone(path) or now - path.stat().st_mtime > older_than:
                         path.unlink()
                         removed += 1
                 except OSError:
@@ -603,10 +531,10 @@ class Store:
         (last-run.json beside the grids' folders), so results can be read and rerun without retyping it."""
         self.root.mkdir(parents=True, exist_ok=True)
         at = time.time()
-        _atomic_write_text(self.root / "grid.json", json.dumps(
+        atomic_write_text(self.root / "grid.json", json.dumps(
             {"grid": self.grid, "grid_arg": grid_arg, "source": source, "description": description,
              "command": command, "at": at, "toml": toml}, indent=1))
-        _atomic_write_text(self.root.parent / LAST_RUN, json.dumps(
+        atomic_write_text(self.root.parent / LAST_RUN, json.dumps(
             {"grid": self.grid, "grid_arg": grid_arg, "command": command, "at": at}, indent=1))
 
     def grid_record(self) -> dict:
@@ -621,9 +549,9 @@ class Store:
         results, layers, history = self.tables()  # DamagedResults if any record is impossible
         self.root.mkdir(parents=True, exist_ok=True)
         csv_path, layers_path = self.root / "results.csv", self.root / "layers.csv"
-        _atomic_write_text(csv_path, results.to_csv(index=False))
-        _atomic_write_text(layers_path, layers.to_csv(index=False))
-        _atomic_write_text(self.root / "history.csv", history.to_csv(index=False))
+        atomic_write_text(csv_path, results.to_csv(index=False))
+        atomic_write_text(layers_path, layers.to_csv(index=False))
+        atomic_write_text(self.root / "history.csv", history.to_csv(index=False))
         return csv_path, layers_path, results
 
 
@@ -637,12 +565,14 @@ def last_run(results_dir) -> dict | None:
 
 
 def grid_to_read(grid_arg: str | None, results_dir) -> tuple[str, list[str]]:
-    """The grid folder ``plot`` and ``report`` read, with what to tell the user: ``--grid`` as given
-    (a grid file counts by its name, as ``run`` names its folder), else the last run's grid in
+    """The grid folder ``plot`` and ``report`` read, with what to tell the user: the folder ``--grid``
+    names (``grids.grid_folder``: a preset, a grid file, or an earlier run's folder), else the last run's grid in
     ``results_dir``. Its CSVs are collected first when they are missing or out of date."""
+    from benchmark.execution.grids import grid_folder
+
     said = []
     if grid_arg:
-        grid = Path(grid_arg).stem if grid_arg.endswith(".toml") else grid_arg
+        grid = grid_folder(grid_arg, reading=True)
     else:
         last = last_run(results_dir)
         if last is None:

@@ -7,7 +7,6 @@ records. The runner, the CLI's ``cell`` command and the tests all go through ``r
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import json
@@ -21,21 +20,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from benchmark import data as data_mod
-from benchmark import models, sparsity
-from benchmark.errors import StorageError, is_disk_error
-from benchmark.train import (Diverged, History, Schedule, TrainHooks, _save_atomic, default_schedule, epoch_steps,
-                             evaluate, pick_device, step_key, train)
-from methods import base as method_base
-
-#: Where the dense cache keeps a copy of the weights (lottery-ticket rewind points): after these
-#: epochs and after these optimizer steps (keyed ``"500it"``). Every point is one more copy of the
-#: model in the cache file and in each per-epoch checkpoint of the dense run (VGG-16: 59 MB each), so
-#: the set is small: the epochs ticket papers rewind to and a log-spaced set of early iterations.
-REWIND_EPOCHS = (0, 1, 2)
-REWIND_ITERATIONS = (100, 500, 2000)
-REWIND_POINTS: tuple[int | str, ...] = REWIND_EPOCHS + tuple(step_key(k) for k in REWIND_ITERATIONS)
-
+from benchmark.engine import data as data_mod
+from benchmark.engine import models, sparsity
+from benchmark.core.errors import StorageError, is_disk_error
+from benchmark.core.files import file_lock, save_atomic
+from benchmark.core.validation import coerce
+from benchmark.engine import train as training
+from benchmark.engine.train import (Diverged, History, Schedule, TrainHooks, default_schedule, epoch_steps,
+                                    evaluate, pick_device, train)
+from benchmark.core import method as method_base
 
 #: Seeds go to torch and numpy generators; numpy's take 32 bits.
 MAX_SEED = 2**32 - 1
@@ -74,7 +67,7 @@ def capacity_problems(method: str, params, arch: str, dataset: str) -> list[str]
 
 def check_seed(seed, where: str = "seed") -> int:
     """A seed as an integer in [0, 2^32 - 1], or ValueError naming it."""
-    value = method_base.coerce(seed, int, where)
+    value = coerce(seed, int, where)
     if not 0 <= value <= MAX_SEED:
         raise ValueError(f"{where}={value} is out of range: seeds are integers in [0, {MAX_SEED}] (2^32 - 1)")
     return value
@@ -83,7 +76,7 @@ def check_seed(seed, where: str = "seed") -> int:
 def check_subset(subset, where: str = "subset") -> int | None:
     if subset is None:
         return None
-    value = method_base.coerce(subset, int, where)
+    value = coerce(subset, int, where)
     if value < 1:
         raise ValueError(f"{where}={subset!r} must be a positive number of examples")
     return value
@@ -166,8 +159,8 @@ class Cell:
 
     def label(self) -> str:
         """Human-readable name for logs and listings, e.g. ``dwf D=3 [lam=0.001] lenet300/fashion-mnist seed=0``."""
-        name = f"dwf D={self.method_params.depth}" if self.method == "dwf" else self.method
-        extra = ",".join(f"{k}={v}" for k, v in sorted(self.params.items()) if k != "depth")
+        name = method_base.get_method(self.method).curve_label(asdict(self.method_params))
+        extra = ",".join(f"{k}={v}" for k, v in sorted(self.params.items()) if str(v) not in name)
         return f"{name} [{extra}] {self.arch}/{self.dataset} seed={self.seed}"
 
 
@@ -287,7 +280,7 @@ class Context:
 
     def dense(self, snapshot: int | str | None = None) -> DenseModel:
         """The dense model of this arch x dataset x schedule x seed, trained once and cached, with its
-        snapshots at the ``REWIND_POINTS`` the run reached (memory-mapped on the CPU: a cell reads
+        snapshots at the ``training.REWIND_POINTS`` the run reached (memory-mapped on the CPU: a cell reads
         only the one it rewinds to).
 
         Concurrent cells on one machine wait on a file lock instead of training it twice. A cache
@@ -299,9 +292,9 @@ class Context:
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         key = self.dense_key()
         final = self.cache_dir / f"dense-{key}.pt"
-        with _file_lock(self.cache_dir / f"dense-{key}.lock"):
+        with file_lock(self.cache_dir / f"dense-{key}.lock"):
             cached = torch.load(final, map_location="cpu", mmap=True, weights_only=False) if final.is_file() else None
-            kept = cached.get("snapshot_points", REWIND_EPOCHS) if cached is not None else ()
+            kept = cached.get("snapshot_points", training.REWIND_EPOCHS) if cached is not None else ()
             if cached is None or (snapshot is not None and snapshot not in kept):
                 fresh = self._train_dense(key)
                 if cached is not None and not _same_state(cached["model"], fresh["model"]):
@@ -309,7 +302,7 @@ class Context:
                         f"the dense cache {final} keeps no snapshot at {snapshot!r} (an older version wrote it), and "
                         f"training it again here did not reproduce its weights (another torch build, thread count or "
                         f"device?). Delete it to train the dense model afresh for every cell that uses it")
-                _save_atomic(fresh, final)
+                save_atomic(fresh, final)
                 (self.cache_dir / f"dense-{key}.ckpt").unlink(missing_ok=True)
                 cached = torch.load(final, map_location="cpu", mmap=True, weights_only=False)
         model = self.new_model()
@@ -320,11 +313,11 @@ class Context:
         model = self.new_model()
         history, snaps = train(model, self.data, self.schedule, seed=self.cell.seed,
                                checkpoint=self.cache_dir / f"dense-{key}.ckpt", progress=self.progress,
-                               desc="dense", channels_last=self.channels_last, snapshot_epochs=REWIND_EPOCHS,
-                               snapshot_steps=REWIND_ITERATIONS, compiled=self.compiled)
+                               desc="dense", channels_last=self.channels_last, snapshot_epochs=training.REWIND_EPOCHS,
+                               snapshot_steps=training.REWIND_ITERATIONS, compiled=self.compiled)
         acc, _ = self.evaluate(model)
         return {"model": model.state_dict(), "history": history.epochs, "wall_s": history.wall_s,
-                "snapshots": snaps, "snapshot_points": list(REWIND_POINTS), "test_acc": acc,
+                "snapshots": snaps, "snapshot_points": list(training.REWIND_POINTS), "test_acc": acc,
                 "config": self.cell.config()}
 
     def measure(self, model: nn.Module, threshold: float = 0.0, history: History | list | None = None,
@@ -342,21 +335,6 @@ class Context:
 
 def _same_state(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k].cpu(), b[k].cpu()) for k in a)
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path):
-    try:
-        import fcntl
-    except ImportError:  # Windows: no lock, at worst a dense model is trained twice
-        yield
-        return
-    with open(path, "a+") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def cell_columns(cell: Cell) -> dict:
@@ -384,7 +362,7 @@ def run_cell(cell: Cell, *, data_dir=None, device: str | torch.device | None = N
     The per-epoch checkpoints live in ``work_root/<cell id>/``; they are removed when the cell ends
     unless ``keep_work`` (the grid runner keeps them until the driver has written the cell's result,
     so a driver killed in between loses no training: the rerun finds the last epoch's checkpoint).
-    ``context`` builds the Context (benchmark.pack passes one whose trainings wait for the pack)."""
+    ``context`` builds the Context (benchmark.execution.pack passes one whose trainings wait for the pack)."""
     began = time.perf_counter()
     dev = device if isinstance(device, torch.device) else pick_device(device)
     # What a bit-identical rerun needs besides the config (DESIGN.md section 9).

@@ -28,7 +28,6 @@ import contextlib
 import logging
 import math
 import os
-import shlex
 import signal
 import sys
 import threading
@@ -39,12 +38,12 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from benchmark import grids as grids_mod
-from benchmark.cell import Cell, prunable_layer_sizes
-from benchmark.errors import Interrupted, RunStopped, StorageError, is_disk_error
-from benchmark.store import HEARTBEAT_S, DamagedResult, Store, pid_alive
-from methods import get_method
-from methods.lottery import level_epochs, planned_levels
+from benchmark.execution import grids as grids_mod
+from benchmark.execution.cell import Cell, prunable_layer_sizes
+from benchmark.core.errors import Interrupted, RunStopped, StorageError, is_disk_error
+from benchmark.core.files import pid_alive
+from benchmark.execution.store import HEARTBEAT_S, DamagedResult, Store
+from benchmark.core.method import get_method
 
 log = logging.getLogger("benchmark.run")
 
@@ -69,7 +68,7 @@ _DATA_CACHE: dict = {}
 
 def _cached_data(cell: Cell, data_dir, device):
     """Workers are reused across cells: keep the last dataset on its device instead of reloading."""
-    from benchmark import data as data_mod
+    from benchmark.engine import data as data_mod
 
     key = (cell.dataset, str(data_dir), str(device), cell.subset)
     if key not in _DATA_CACHE:
@@ -82,12 +81,12 @@ def execute(config: dict | list[dict], *, data_dir, device, work_root, cache_dir
             compiled: bool = False, gpu: int | None = None, keep_work: bool = False) -> list[dict] | dict[str, list[dict]]:
     """Run one cell in a worker process and return its records (never raises for the cell; a full
     or read-only disk raises StorageError). ``gpu`` pins it to that CUDA device. A list of configs
-    is a pack (benchmark.pack): it returns the records of each cell by its id."""
+    is a pack (benchmark.execution.pack): it returns the records of each cell by its id."""
     import torch
 
-    from benchmark import data as data_mod
-    from benchmark.cell import run_cell
-    from benchmark.train import pick_device
+    from benchmark.engine import data as data_mod
+    from benchmark.execution.cell import run_cell
+    from benchmark.engine.train import pick_device
 
     if threads:
         torch.set_num_threads(threads)
@@ -103,7 +102,7 @@ def execute(config: dict | list[dict], *, data_dir, device, work_root, cache_dir
         except data_mod.DatasetMissing:
             data = None  # run_cell reports the cell as blocked
         if isinstance(config, list):
-            from benchmark.pack import run_pack
+            from benchmark.execution.pack import run_pack
 
             return run_pack(cells, data_dir=data_dir, device=dev, work_root=work_root, cache_dir=cache_dir,
                             data=data, compiled=compiled, keep_work=keep_work)
@@ -194,7 +193,7 @@ class RunSummary:
 def priority(cell: Cell) -> int:
     """Dense trainings first (they feed the shared cache), post-training methods last."""
     method = get_method(cell.method)
-    if cell.method == "dense":
+    if method.is_reference:
         return 0
     return 2 if method.needs_dense else 1
 
@@ -224,22 +223,19 @@ def pending_cells(store: Store, cells: list[Cell], retry_failed: bool,
     return sorted(todo, key=priority), skipped
 
 
+def _method(cell: Cell):
+    return get_method(cell.method)(cell.method_params)
+
+
 def trainings(cell: Cell) -> int:
-    """Models a cell trains and measures: a lottery ticket one per level, other methods one."""
-    if cell.method != "lottery":
-        return 1
-    return len(planned_levels(cell.method_params, prunable_layer_sizes(cell.arch, cell.dataset)))
+    """Models a cell trains and measures (``Method.trainings``: a lottery ticket one per level)."""
+    return _method(cell).trainings(prunable_layer_sizes(cell.arch, cell.dataset))
 
 
 def estimate_epochs(cell: Cell) -> int:
-    """Training epochs a cell costs (post-training methods reuse the cached dense training)."""
-    p = cell.method_params
-    if cell.method == "lottery":  # the method's own plan: its levels, each training level_epochs
-        levels = len(planned_levels(p, prunable_layer_sizes(cell.arch, cell.dataset)))
-        return math.ceil(levels * level_epochs(p, cell.schedule.epochs, None))
-    if get_method(cell.method).needs_dense and cell.method != "dense":
-        return int(getattr(p, "finetune_epochs", 0) or 0)
-    return cell.schedule.epochs
+    """Training epochs a cell costs (``Method.training_epochs``; post-training methods reuse the
+    cached dense training)."""
+    return math.ceil(_method(cell).training_epochs(cell.schedule, prunable_layer_sizes(cell.arch, cell.dataset)))
 
 
 def _threads_per_job(jobs: int) -> int:
@@ -532,7 +528,7 @@ class _DaskPool(_InlinePool):
 
 
 def _failed_record(cell: Cell, error: str, tb: str | None = None) -> list[dict]:
-    from benchmark.cell import cell_columns
+    from benchmark.execution.cell import cell_columns
 
     record = cell_columns(cell) | {"status": "failed", "error": error, "config": cell.config(), "wall_s": 0.0}
     if tb:
@@ -546,9 +542,9 @@ def run_grid(grid: grids_mod.Grid, cells: list[Cell], *, results_dir="results", 
              compiled: bool = False, scheduler_timeout: float = DASK_CONNECT_TIMEOUT_S,
              pack: str | int = "off", slurm=None) -> RunSummary:
     """Run every unfinished cell; returns counts. Safe to kill and rerun at any point; a stop
-    signal ends it in order (``summary.stopped_by``). ``pack``: auto, off or N (benchmark.pack_plan);
+    signal ends it in order (``summary.stopped_by``). ``pack``: auto, off or N (benchmark.execution.pack_plan);
     a pack is claimed cell by cell, and each cell's result is written as it would be alone. ``slurm``
-    (benchmark.slurm.SlurmOptions, with backend dask): the Dask workers run in SLURM jobs it starts."""
+    (benchmark.execution.slurm.SlurmOptions, with backend dask): the Dask workers run in SLURM jobs it starts."""
     from tqdm.auto import tqdm
 
     if backend not in ("local", "dask"):
@@ -597,7 +593,7 @@ def run_grid(grid: grids_mod.Grid, cells: list[Cell], *, results_dir="results", 
     try:
         threads = _threads_per_job(jobs or 1)
         if backend == "dask" and slurm is not None:
-            from benchmark import slurm as slurm_mod
+            from benchmark.execution import slurm as slurm_mod
 
             pool = slurm_mod.pool(signals, slurm, jobs, scheduler_timeout, store.root / "slurm-logs", _say)
             threads = None
@@ -764,16 +760,16 @@ def run_grid(grid: grids_mod.Grid, cells: list[Cell], *, results_dir="results", 
 
 def _plan(todo: list[Cell], pack, backend: str, device: str, gpu_slots: list[int], jobs: int | None,
           threads: int | None, compiled: bool, results_dir) -> list:
-    """The run's units of work (benchmark.pack_plan): cells, and packs of cells. ``auto`` measures
+    """The run's units of work (benchmark.execution.pack_plan): cells, and packs of cells. ``auto`` measures
     here, on the device and with the threads a local worker gets; on Dask it packs nothing."""
-    from benchmark import pack_plan
+    from benchmark.execution import pack_plan
 
     setting = pack_plan.parse_pack(pack)
     if setting == "off" or compiled:  # packed training does not compile (check_run_inputs refuses --pack N)
         return list(todo)
     import torch
 
-    from benchmark.train import pick_device
+    from benchmark.engine.train import pick_device
 
     dev = None if backend == "dask" else pick_device(f"cuda:{gpu_slots[0]}" if gpu_slots else device)
     before = torch.get_num_threads()
@@ -855,357 +851,3 @@ def _no_bar(progress: bool | None) -> bool:
         return not (sys.stderr.isatty() if progress is None else progress)
     except (OSError, ValueError):
         return True
-
-
-# ------------------------------------------------------------------------------------------------
-# CLI
-# ------------------------------------------------------------------------------------------------
-
-
-def _grid_args(p) -> None:
-    p.add_argument("--grid", default="quick",
-                   help="preset name (see 'list') or path to a grid TOML file (default: quick)")
-    p.add_argument("--results-dir", default="results", help="where result files go (default: results)")
-
-
-def _selection_args(p) -> None:
-    p.add_argument("--only", action="append", metavar="KEY=VALUE[,VALUE]",
-                   help="keep cells whose method/arch/dataset/seed/parameter matches; repeatable (all must match)")
-    p.add_argument("--seeds", help="comma-separated seeds replacing the grid's, e.g. 0,1,2")
-
-
-def add_commands(sub) -> None:
-    from benchmark.estimate import FORMAT_HELP
-
-    p = sub.add_parser("run", help="run every unfinished cell of a grid (rerun to resume)",
-                       description="Expand the grid into cells, skip finished ones, and run the rest. Each finished "
-                                   "cell is written at once to RESULTS_DIR/GRID/cells/; killing the run loses only "
-                                   "the cells in flight, and running the same command again resumes.")
-    _grid_args(p)
-    _selection_args(p)
-    p.add_argument("--jobs", type=int,
-                   help="cells at once: local worker processes (default 1; on CPU each gets cores/jobs threads), "
-                        "or with --backend dask the most cells in flight (default: all worker threads)")
-    p.add_argument("--jobs-per-gpu", type=int,
-                   help="with GPUs: run at most K cells per GPU at a time, each pinned to its GPU (jobs = GPUs x K)")
-    p.add_argument("--backend", choices=["local", "dask", "slurm"], default="local",
-                   help="local processes (default), an existing Dask cluster (needs --scheduler), or Dask workers "
-                        "in SLURM jobs this run starts and cancels (--slurm-* below)")
-    p.add_argument("--scheduler", help="Dask scheduler address for --backend dask, e.g. tcp://host:8786")
-    p.add_argument("--connect-timeout", type=float, default=DASK_CONNECT_TIMEOUT_S, metavar="SECONDS",
-                   help=f"with --backend dask: how long to try reaching the scheduler (default {DASK_CONNECT_TIMEOUT_S:g})")
-    p.add_argument("--data-dir", help="dataset folder (default: $BENCHMARK_DATA, ./data, system locations)")
-    p.add_argument("--device", default="auto", help="cpu, cuda, mps or auto (default auto: cuda > mps > cpu)")
-    p.add_argument("--retry-failed", action="store_true", help="run failed cells again (blocked cells are always retried)")
-    p.add_argument("--compile", action="store_true",
-                   help="train through torch.compile (a speed option: results carry compiled=True, cell ids do not "
-                        "change; worth it on GPUs and for conv nets, costs seconds to minutes of compiling per cell)")
-    p.add_argument("--pack", default=os.environ.get(PACK_ENV, "auto"), metavar="auto|off|N",
-                   help="train cells of one structure (architecture, dataset, schedule, method family) as one "
-                        "stacked model in one process: N = up to N cells per pack, off = one cell per task, auto "
-                        f"= pack where a short calibration measured packing faster on this device (default: "
-                        f"${PACK_ENV} or auto). Records gain pack_size; see README, 'Packed training'")
-    p.add_argument("--dry-run", action="store_true",
-                   help="list the cells that would run, their training epochs and the hours they take per "
-                        "architecture, one at a time and with --jobs / --jobs-per-gpu; run nothing. Speeds are "
-                        "measured on --device first (seconds, once per machine, torch version and thread count; "
-                        "cached in $BENCHMARK_CACHE_DIR or ~/.cache/dwf-bench)")
-    p.add_argument("--no-estimate", action="store_true",
-                   help="with --dry-run: count cells and epochs only, measure and estimate nothing")
-    p.add_argument("--speeds", metavar="FILE|MACHINE",
-                   help="with --dry-run: estimate for a device that is not here, from " + FORMAT_HELP
-                        + "; or from the speeds measured earlier on a machine whose name contains MACHINE (in the "
-                          "cache, e.g. a shared home)")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    from benchmark import slurm
-
-    slurm.add_arguments(p)
-    p.set_defaults(handler=run_command)
-
-    s = sub.add_parser("status", help="finished / failed / blocked / running / to do, per method",
-                       description="Count the grid's cells by state, per method, from the result files.")
-    _grid_args(s)
-    _selection_args(s)
-    s.add_argument("--errors", action="store_true", help="also print the error of every failed or blocked cell")
-    s.set_defaults(handler=status_command)
-
-    c = sub.add_parser("collect", help="write RESULTS_DIR/GRID/results.csv and layers.csv from the result files",
-                       description="One row per result record in results.csv (failed and blocked cells included, "
-                                   "with their status) and one row per record x layer in layers.csv.")
-    _grid_args(c)
-    c.set_defaults(handler=collect_command)
-
-    ls = sub.add_parser("list", help="grids, methods (with parameters), architectures and datasets",
-                        description="List what can be named in grids and on the command line.")
-    ls.set_defaults(handler=list_command)
-
-
-def _parse_seeds(text: str | None) -> list[int] | None:
-    if not text:
-        return None
-    from benchmark.cell import check_seed
-
-    seeds = []
-    for item in text.split(","):
-        try:
-            seeds.append(check_seed(item.strip(), "--seeds"))
-        except ValueError as exc:
-            raise ValueError(f"{exc} (--seeds takes comma-separated integers, e.g. 0,1,2)") from None
-    return seeds
-
-
-def _check_results_dir(results_dir) -> None:
-    path = Path(results_dir)
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"--results-dir {results_dir} is a file, not a folder; give a folder (it is created if missing)")
-
-
-def _select(args) -> tuple[grids_mod.Grid, list[Cell]]:
-    grid = grids_mod.load_grid(args.grid)
-    seeds = _parse_seeds(getattr(args, "seeds", None))
-    cells = grids_mod.filter_cells(grids_mod.with_seeds(grid.cells, seeds), getattr(args, "only", None))
-    return grid, cells
-
-
-def check_run_inputs(args) -> None:
-    """Everything about a run's flags that can be checked before anything trains, each with a
-    message naming the flag, the value and what is allowed."""
-    if args.jobs is not None and args.jobs < 1:
-        raise ValueError(f"--jobs {args.jobs}: must be >= 1")
-    if args.jobs_per_gpu is not None and args.jobs_per_gpu < 1:
-        raise ValueError(f"--jobs-per-gpu {args.jobs_per_gpu}: must be >= 1")
-    from benchmark.pack_plan import parse_pack
-
-    if parse_pack(getattr(args, "pack", "off")) not in ("auto", "off") and getattr(args, "compile", False):
-        raise ValueError(f"--pack {args.pack} with --compile: packed training does not compile; drop one of them")
-    _check_results_dir(args.results_dir)
-    from benchmark import slurm
-
-    if args.backend == "slurm":
-        if args.scheduler:
-            raise ValueError(f"--scheduler {args.scheduler} is for --backend dask; --backend slurm starts its own "
-                             f"scheduler: leave --scheduler out")
-        args.slurm_options = slurm.options_from_args(args, installed=not getattr(args, "dry_run", False))
-    elif slurm.given_flags(args):
-        raise ValueError(f"{slurm.given_flags(args)[0]} is for --backend slurm; add --backend slurm or leave it out")
-    if args.backend == "local":
-        if args.scheduler:
-            raise ValueError(f"--scheduler {args.scheduler} is for --backend dask; add --backend dask or leave it out")
-        from benchmark.train import pick_device
-
-        pick_device(args.device)  # ValueError naming the device and what this machine has
-        if args.data_dir and not Path(args.data_dir).expanduser().is_dir():
-            raise ValueError(f"--data-dir {args.data_dir}: no such folder. Datasets are searched there first; fix "
-                             f"the path, or leave --data-dir out to search $BENCHMARK_DATA, ./data and system "
-                             f"locations ('python -m benchmark data check' lists them)")
-    else:
-        if args.jobs_per_gpu:
-            raise ValueError("--jobs-per-gpu is for the local backend; with --backend dask each worker has its "
-                             "devices, and --jobs caps the cells in flight")
-        import torch
-
-        from benchmark.train import DEVICE_TYPES
-
-        if args.device != "auto":  # the workers' devices: only the name can be checked here
-            try:
-                kind = torch.device(args.device).type
-            except (RuntimeError, TypeError):
-                kind = None
-            if kind not in DEVICE_TYPES:
-                raise ValueError(f"--device {args.device!r} is not a device; use auto, cpu, cuda, cuda:N or mps")
-        if not args.connect_timeout > 0:
-            raise ValueError(f"--connect-timeout {args.connect_timeout}: must be > 0 seconds")
-
-
-def _resume_command(args) -> str:
-    argv = getattr(args, "argv", None)
-    if argv is None:
-        argv = sys.argv[1:]
-    return "python -m benchmark " + shlex.join(argv)
-
-
-def run_command(args) -> int:
-    check_run_inputs(args)
-    grid, cells = _select(args)
-    store = Store(args.results_dir, grid.name)
-    if args.dry_run:
-        return dry_run(store, cells, args)
-    if args.no_estimate or args.speeds:
-        raise ValueError(f"{'--no-estimate' if args.no_estimate else '--speeds'} is for --dry-run; add --dry-run "
-                         f"to see the estimate, or leave it out to run")
-    if args.compile and args.backend == "local":  # on Dask the workers' machines matter, not this one
-        from benchmark.train import check_compile, pick_device
-
-        check_compile(pick_device(args.device))
-    resume = _resume_command(args)
-    try:
-        store.check_writable()
-        _, toml, _ = grids_mod.grid_source(args.grid)
-        store.record_grid(args.grid, grid.source, grid.description, toml, resume)
-        summary = run_grid(grid, cells, results_dir=args.results_dir, jobs=args.jobs, jobs_per_gpu=args.jobs_per_gpu,
-                           backend="dask" if args.backend == "slurm" else args.backend, scheduler=args.scheduler,
-                           data_dir=args.data_dir,
-                           device=args.device, retry_failed=args.retry_failed,
-                           progress=False if args.no_progress else None, compiled=args.compile,
-                           scheduler_timeout=args.connect_timeout, pack=args.pack,
-                           slurm=getattr(args, "slurm_options", None))
-    except (StorageError, RunStopped) as exc:
-        _say(f"error: {exc}")
-        if isinstance(exc, RunStopped):  # the disk is fine: the CSVs can show what finished
-            _say(collect_after_run(store))
-        _say(f"the run stopped; cells finished before this were recorded. Once that is fixed, resume with: {resume}")
-        return 2
-    if summary.stopped_by is not None:
-        name = _signal_name(summary.stopped_by)
-        _say(f"stopped by {name}: {summary.finished} cell(s) finished and recorded in this run, "
-             f"{summary.stopped_in_flight} in flight stopped and released (their per-epoch checkpoints are kept), "
-             f"{summary.not_started} not started.")
-        if summary.finished_labels:
-            shown = summary.finished_labels[:10]
-            more = f" (and {len(summary.finished_labels) - 10} more, see the log)" if len(summary.finished_labels) > 10 else ""
-            _say("finished in this run: " + "; ".join(shown) + more)
-        _say(collect_after_run(store))
-        _say(f"log: {summary.log}")
-        _say(f"resume with: {resume}")
-        return 128 + int(summary.stopped_by)
-    out = [f"grid {grid.name}: {summary.finished} finished now, {summary.skipped} already done, "
-           f"{summary.failed} failed, {summary.blocked} blocked, {summary.busy} running in another process"]
-    if summary.worker_deaths:
-        out.append(f"{summary.worker_deaths} time(s) a worker process died under a cell; "
-                   f"{summary.requeued} cell(s) were run again")
-    if summary.set_aside:
-        out.append(f"{len(summary.set_aside)} damaged result file(s) set aside to {store.cells_dir / 'damaged'} "
-                   f"and their cells run again")
-    out.append(f"results: {store.cells_dir}  (log: {summary.log})")
-    out.append(collect_after_run(store))
-    where = "" if args.results_dir == "results" else f" --results-dir {shlex.quote(str(args.results_dir))}"
-    out.append(f"next: python -m benchmark plot{where}; python -m benchmark report{where}  (both read grid "
-               f"{grid.name}, the last run there; report also writes {store.root / 'report.html'})")
-    for line in out:
-        _say(line, sys.stdout)
-    return 1 if summary.failed or summary.blocked else 0
-
-
-def collect_after_run(store: Store) -> str:
-    """Write the grid's CSVs from every result file, as ``collect`` does; returns the line that says
-    where, or why not. Never raises: what the run did stands either way."""
-    if store.newest_record_ns() is None:
-        return f"no result files in {store.cells_dir} yet, so no CSV"
-    try:
-        csv_path, _, table = store.collect()
-    except (ValueError, OSError) as exc:  # a damaged result file, a disk that refuses the write
-        return f"warning: the CSVs were not written: {exc}"
-    counts = ", ".join(f"{v} {k}" for k, v in table["status"].value_counts().items())
-    return f"CSV: {csv_path} ({len(table)} rows: {counts}), layers.csv and history.csv beside it"
-
-
-def dry_run(store: Store, cells: list[Cell], args) -> int:
-    """List what a run would do and estimate how long it takes; reads the result files (and the
-    speed cache) but changes nothing of the grid's."""
-    todo, skipped = pending_cells(store, cells, args.retry_failed)
-    total_epochs = 0
-    planned = []
-    lines = []
-    for cell in todo:
-        epochs = estimate_epochs(cell)
-        total_epochs += epochs
-        planned.append((cell, epochs, trainings(cell)))
-        lines.append(f"{cell.id}  {cell.label()}  ~{epochs} epochs")
-        if len(lines) >= 10_000:
-            sys.stdout.write("\n".join(lines) + "\n")
-            lines = []
-    if lines:
-        sys.stdout.write("\n".join(lines) + "\n")
-    from benchmark import estimate
-
-    plan = estimate.plan(planned, Path(args.results_dir) / "cache")
-    shared = (f" and {plan.dense_epochs} in {plan.dense_trainings} dense training(s) that post-training methods share"
-              if plan.dense_trainings else "")
-    print(f"{len(todo)} cell(s) to run, {skipped} done or failed; ~{total_epochs} training epochs in the cells{shared}",
-          flush=True)
-    if plan.trainings and not args.no_estimate:
-        lines = estimate.estimate_lines(plan, device_name=args.device, jobs=args.jobs,
-                                        backend="dask" if args.backend == "slurm" else args.backend,
-                                        jobs_per_gpu=args.jobs_per_gpu, speeds_arg=args.speeds,
-                                        say=lambda text: _say(text))
-        print("\n".join(lines))
-    return 0
-
-
-def status_command(args) -> int:
-    _check_results_dir(args.results_dir)
-    grid, cells = _select(args)
-    store = Store(args.results_dir, grid.name)
-    running = store.claimed()
-    table: dict[str, Counter] = {}
-    errors, damaged = [], []
-    existing = store.finished_ids()
-    for cell in cells:
-        result = None
-        if cell.id in existing:
-            try:
-                result = store.read(cell.id)
-            except DamagedResult as exc:
-                damaged.append(exc)
-        status = result["status"] if result else "todo"
-        state = {"ok": "finished", "todo": "running" if cell.id in running else "todo"}.get(status, status)
-        table.setdefault(cell.method, Counter())[state] += 1
-        if state in ("failed", "blocked"):
-            errors.append((cell, (result["records"] or [{}])[0].get("error", "")))
-    states = ["finished", "failed", "blocked", "running", "todo"]
-    print(f"grid {grid.name} ({len(cells)} cells) in {store.root}")
-    print(f"{'method':22s}" + "".join(f"{s:>10s}" for s in states))
-    for method, counts in sorted(table.items()):
-        print(f"{method:22s}" + "".join(f"{counts[s]:>10d}" for s in states))
-    totals = sum(table.values(), Counter())
-    print(f"{'total':22s}" + "".join(f"{totals[s]:>10d}" for s in states))
-    if damaged:
-        print(f"\n{len(damaged)} damaged result file(s), counted as to do ('run' sets them aside and reruns their cells):")
-        for exc in damaged:
-            print(f"  {exc}")
-    if args.errors:
-        for cell, error in errors:
-            print(f"\n{cell.id} {cell.label()}:\n  {error}")
-    elif errors:
-        print(f"\n{len(errors)} cell(s) failed or blocked; see them with --errors, rerun failed ones with "
-              f"'python -m benchmark run --grid {args.grid} --retry-failed'")
-    return 0
-
-
-def collect_command(args) -> int:
-    _check_results_dir(args.results_dir)
-    name = grids_mod.grid_source(args.grid)[0]
-    store = Store(args.results_dir, name)
-    if not store.cells_dir.is_dir() or not any(store.cells_dir.glob("*.json")):
-        raise FileNotFoundError(f"no result files in {store.cells_dir}; run 'python -m benchmark run --grid {args.grid}' first")
-    csv_path, layers_path, results = store.collect()
-    counts = results["status"].value_counts().to_dict()
-    print(f"{csv_path}: {len(results)} rows ({', '.join(f'{v} {k}' for k, v in counts.items())})")
-    print(f"{layers_path}")
-    return 0
-
-
-def list_command(args) -> int:
-    import dataclasses
-
-    from benchmark import data as data_mod
-    from benchmark import models
-    from methods import METHODS
-
-    print("grids:")
-    for name in grids_mod.preset_names():
-        grid = grids_mod.load_grid(name)
-        print(f"  {name:8s} {len(grid.cells):5d} cells  {grid.description}")
-    print("methods (parameters with defaults):")
-    for name, method in sorted(METHODS.items()):
-        params = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(method.Params))
-        print(f"  {name:22s} [{method.family}] {method.describe()}\n  {'':22s} {params or '-'}")
-    print("architectures: " + ", ".join(models.MODELS))
-    print("datasets:")
-    for name in data_mod.DATASETS:
-        try:
-            where = str(data_mod.locate(name))
-        except data_mod.DatasetMissing:
-            where = f"missing ({data_mod.fetch_command(name)})"
-        print(f"  {name:14s} {where}")
-    return 0

@@ -18,7 +18,6 @@ import math
 import os
 import platform
 import sys
-import threading
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -27,8 +26,9 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from benchmark import data as data_mod
-from benchmark.errors import StorageError, is_disk_error
+from benchmark.engine import data as data_mod
+from benchmark.core.files import save_atomic
+from benchmark.core.validation import coerce
 
 
 @dataclass(frozen=True)
@@ -72,8 +72,6 @@ class Schedule:
         """A schedule from (possibly string) values, through the coercer method parameters use:
         integers refuse 2.7 and true, numbers refuse nan and inf. One ValueError lists every
         problem."""
-        from methods.base import coerce
-
         if not isinstance(values, dict):
             raise ValueError(f"schedule must be a table of settings (e.g. {{ epochs = 20 }}), got {values!r}")
         known = {f.name: f.type for f in fields(cls)}
@@ -116,6 +114,15 @@ def default_schedule(arch: str) -> Schedule:
         if arch.startswith(prefix):
             return schedule
     return Schedule()
+
+
+#: Where the dense cache keeps a copy of the weights (lottery-ticket rewind points): after these
+#: epochs and after these optimizer steps (keyed ``"500it"``). Every point is one more copy of the
+#: model in the cache file and in each per-epoch checkpoint of the dense run (VGG-16: 59 MB each), so
+#: the set is small: the epochs ticket papers rewind to and a log-spaced set of early iterations.
+REWIND_EPOCHS = (0, 1, 2)
+REWIND_ITERATIONS = (100, 500, 2000)
+REWIND_POINTS: tuple[int | str, ...] = REWIND_EPOCHS + tuple(f"{k}it" for k in REWIND_ITERATIONS)  # step_key
 
 
 class Diverged(RuntimeError):
@@ -304,28 +311,6 @@ class History:
         return self.epochs[-1] if self.epochs else {}
 
 
-def _save_atomic(obj, path: Path) -> None:
-    """``torch.save`` through a temporary file and a rename: a reader sees the old file or the new
-    one. Writing through a Python file object makes a full disk an OSError (ENOSPC) instead of an
-    opaque RuntimeError, and the temporary file is removed whatever stops the write. The folder is
-    created if it is missing (a finished copy of the same cell may have cleaned it up)."""
-    # unique per write: two tasks of one cell in one process (a Dask worker's threads) must not share it
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}-{threading.get_ident()}-{time.monotonic_ns()}")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as fh:
-            torch.save(obj, fh)
-        os.replace(tmp, path)
-    except BaseException as exc:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        # torch may wrap the OSError of the file object's write in a RuntimeError
-        cause = exc.__context__ if isinstance(exc, RuntimeError) and isinstance(exc.__context__, OSError) else exc
-        if is_disk_error(cause):
-            raise StorageError.from_os_error(cause, path) from None
-        raise
-
-
 def progress_bar(total: int, desc: str, enabled: bool | None):
     from tqdm.auto import tqdm
 
@@ -440,7 +425,7 @@ def train(
             if epoch + 1 in snapshot_epochs:
                 snapshots[epoch + 1] = _clone_state(model)
             if checkpoint is not None:
-                _save_atomic({
+                save_atomic({
                     "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "history": history.epochs, "wall_s": history.wall_s,
                     "epoch": epoch + 1, "snapshots": snapshots, "hooks": hooks.state_dict(),

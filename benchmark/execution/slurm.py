@@ -313,7 +313,7 @@ def _signals_held(say):
 
 
 def _pool_base():
-    from benchmark.runner import _DaskPool
+    from benchmark.execution.runner import _DaskPool
 
     return _DaskPool
 
@@ -365,7 +365,7 @@ def pool(signals, options: SlurmOptions, jobs: int | None, timeout: float, defau
                 if self._submitted() and not jobs and not self._workers():
                     time.sleep(5)  # a replacement may be on its way; a second look decides
                     if not queued(self.name) and not self._workers():
-                        from benchmark.errors import RunStopped
+                        from benchmark.core.errors import RunStopped
 
                         raise RunStopped(f"the SLURM jobs {self.name} ended before a Dask worker connected; their "
                                          f"output is in {log_dir} (is this Python, {sys.executable}, there on the "

@@ -1,0 +1,229 @@
+"""The Method interface and the registry of methods (built-in and from other packages).
+
+A method is a small class with a ``Params`` dataclass (its cell's serializable config, defaults
+that are the paper's or marked as ours) and a ``run(ctx)`` that returns result records. It acts on
+training only through ``benchmark.engine.train.TrainHooks``; the harness owns data, models, the
+training loop and the metrics (reached through the context it passes in:
+``benchmark.execution.cell.Context``).
+
+Methods are found in two places, through one registry: the built-in ``methods`` package, and the
+entry-point group ``dwf_bench.methods`` of any installed distribution (each entry point names a
+module whose import registers its methods, or a ``Method`` subclass). ``get_method`` and
+``all_methods`` load both the first time they are asked.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib
+import math
+import typing
+from importlib.metadata import entry_points
+from typing import Any, ClassVar, Mapping
+
+from benchmark.core.validation import coerce
+
+METHODS: dict[str, type["Method"]] = {}
+
+#: The package whose import registers the built-in methods.
+BUILTIN_PACKAGE = "methods"
+#: The entry-point group through which other packages add methods.
+ENTRY_POINT_GROUP = "dwf_bench.methods"
+_LOADED: list[bool] = []
+
+
+class Method:
+    """One pruning or factorization method. Subclasses set ``name`` and ``family``, a ``Params``
+    dataclass and ``run``; the class attributes and methods below tell the harness what it needs
+    to know about them (which curve a record is on, how it is drawn, what it trains and how
+    long), so that no module outside ``methods/`` names a method."""
+
+    name: ClassVar[str]
+    family: ClassVar[str]  # regularization / after-training / at-init / during-training / lottery / structured / reference
+    #: Needs a trained dense model of its cell's arch x dataset x schedule x seed (shared via a cache).
+    needs_dense: ClassVar[bool] = False
+    #: Trains what the others reuse (the dense model): its cells run first in a grid, and its rows
+    #: are the reference line of figures and tables, not a curve.
+    is_reference: ClassVar[bool] = False
+    #: Where its curves come in legends and tables, lower first (DESIGN.md section 3's families);
+    #: methods that leave it unset follow, by name.
+    curve_order: ClassVar[float] = math.inf
+    #: Its look in figures: (slot 0-9 of the colour-blind palette, darkening 0-1, marker, line
+    #: style); families share a line style. None: a spare colour with a circle marker.
+    plot_style: ClassVar[tuple | None] = None
+    #: Its curves share one colour ramp, darker as ``curve_rank`` grows (DWF's depths).
+    plot_ramp: ClassVar[bool] = False
+    #: Result columns its records add besides its parameters and the shared metrics (``list``
+    #: shows them; README "Metrics" explains them).
+    columns: ClassVar[tuple[str, ...]] = ()
+
+    @dataclasses.dataclass(frozen=True)
+    class Params:
+        def validate(self) -> list[str]:
+            return []
+
+    def __init__(self, params: "Method.Params"):
+        self.params = params
+
+    def run(self, ctx: Any) -> list[dict]:
+        """Train / prune / evaluate; one record per point on the curve (most methods: one)."""
+        raise NotImplementedError
+
+    @classmethod
+    def describe(cls) -> str:
+        return (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+
+    # -- what the harness asks ------------------------------------------------------------------
+
+    @classmethod
+    def curve_label(cls, values: Mapping[str, Any]) -> str:
+        """The curve (``variant`` column) of a record or CSV row with these columns (its
+        parameters among them): the method's name unless a parameter makes another curve."""
+        return cls.name
+
+    @classmethod
+    def curve_rank(cls, values: Mapping[str, Any]) -> float:
+        """Order of this method's curves among themselves (DWF: the depth)."""
+        return 0.0
+
+    def training_schedule(self, schedule):
+        """The schedule its training uses: the cell's, or one it declares (its own learning rate)."""
+        return schedule
+
+    def trainings(self, layer_sizes: tuple[int, ...]) -> int:
+        """Models a cell trains and measures (a lottery ticket: one per level)."""
+        return 1
+
+    def training_epochs(self, schedule, layer_sizes: tuple[int, ...]) -> float:
+        """Epochs of training a cell costs, for estimates; a shared dense training counts for the
+        reference method only."""
+        return schedule.epochs if self.is_reference or not self.needs_dense else 0
+
+    def step_variant(self) -> str:
+        """What one of its training steps costs like, for time estimates: ``dense``, ``masked``
+        (a mask multiplies each weight) or a structure of ``methods.structures``."""
+        return "masked" if self.family in ("at-init", "during-training", "lottery", "after-training") else "dense"
+
+    def pack_family(self) -> tuple[str, tuple] | None:
+        """(structure, what else must be equal) for cells that may train as one stacked model
+        (``benchmark.execution.pack``): a structure of ``methods.structures``. None: never packs."""
+        return None
+
+
+def register(cls: type[Method]) -> type[Method]:
+    if cls.name in METHODS:
+        raise ValueError(f"method {cls.name!r} registered twice")
+    METHODS[cls.name] = cls
+    return cls
+
+
+def load_methods() -> dict[str, type[Method]]:
+    """Register the built-in methods and every ``dwf_bench.methods`` entry point (once per process);
+    returns the registry. An entry point that fails to load is an error naming it."""
+    if not _LOADED:
+        importlib.import_module(BUILTIN_PACKAGE)
+        for point in entry_points(group=ENTRY_POINT_GROUP):
+            try:
+                loaded = point.load()
+            except Exception as exc:  # noqa: BLE001 - name the plugin that broke, whatever broke it
+                raise PluginError(f"the method plugin {point.name!r} ({point.value}, entry-point group "
+                                  f"{ENTRY_POINT_GROUP}) failed to load: {type(exc).__name__}: {exc}; fix or "
+                                  f"uninstall the package that declares it") from exc
+            if isinstance(loaded, type) and issubclass(loaded, Method) and METHODS.get(loaded.name) is not loaded:
+                register(loaded)
+        _LOADED.append(True)
+    return METHODS
+
+
+class PluginError(ValueError):
+    """An installed package declares a method that cannot be loaded (bad input, not a crash)."""
+
+
+def all_methods() -> dict[str, type[Method]]:
+    """Every method by name, built-in and from installed packages."""
+    return load_methods()
+
+
+def get_method(name: str) -> type[Method]:
+    try:
+        return load_methods()[name]
+    except KeyError:
+        raise ValueError(f"unknown method {name!r}; choose one of: {', '.join(sorted(METHODS))}") from None
+
+
+def param_fields(method: type[Method]) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(method.Params)}
+
+
+@functools.lru_cache(maxsize=None)
+def _type_hints(params_cls: type) -> dict:
+    """Resolved annotations of a Params class, once per class (resolving them per cell made a
+    100,000-cell dry run take most of a minute)."""
+    return typing.get_type_hints(params_cls)
+
+
+def _field_type(method: type[Method], field: dataclasses.Field):
+    return _type_hints(method.Params)[field.name]
+
+
+
+
+class ParamsError(ValueError):
+    """Every problem with a method's parameters; ``problems`` pairs each message with the parameter
+    it is about (None when it is about no single one), so a grid can point at each one's line."""
+
+    def __init__(self, problems: list[tuple[str | None, str]]):
+        super().__init__("; ".join(message for _, message in problems))
+        self.problems = problems
+
+
+def make_params(method: type[Method] | str, values: dict | None = None) -> Method.Params:
+    """Build a method's validated Params from a dict of (possibly string) values.
+
+    Raises ParamsError (a ValueError) naming every unknown key, every value of the wrong type and
+    every value out of range, with what is allowed.
+    """
+    method = get_method(method) if isinstance(method, str) else method
+    values = dict(values or {})
+    fields_ = param_fields(method)
+    problems: list[tuple[str | None, str]] = []
+    unknown = sorted(set(values) - set(fields_))
+    if unknown:
+        allowed = ", ".join(f"{n} ({_type_name(_field_type(method, f))}, default {_default(f)!r})"
+                            for n, f in fields_.items()) or "none"
+        problems.append((unknown[0], f"unknown parameter(s) {unknown} for method {method.name!r}; allowed: {allowed}"))
+    coerced, bad = {}, set()
+    for name, value in values.items():
+        if name in fields_:
+            try:
+                coerced[name] = coerce(value, _field_type(method, fields_[name]), f"{method.name}.{name}")
+            except ValueError as exc:
+                problems.append((name, str(exc)))
+                bad.add(name)
+    # The values that coerced are range-checked even when others did not (their defaults stand in),
+    # so one message lists every problem.
+    params = method.Params(**coerced)
+    for problem in params.validate():
+        name = problem.split("=", 1)[0].strip()
+        if name not in bad:
+            problems.append((name if name in fields_ else None, f"{method.name}.{problem}"))
+    if not problems:
+        return params
+    raise ParamsError(problems)
+
+
+def _default(field: dataclasses.Field):
+    return field.default if field.default is not dataclasses.MISSING else field.default_factory()
+
+
+def _type_name(annotation) -> str:
+    if typing.get_origin(annotation) is typing.Literal:
+        return "one of " + "/".join(map(str, typing.get_args(annotation)))
+    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+
+
+def non_default(params: Method.Params) -> dict:
+    """The parameters that differ from their defaults (what a cell id hashes)."""
+    return {f.name: getattr(params, f.name) for f in dataclasses.fields(params)
+            if getattr(params, f.name) != _default(f)}

@@ -1,0 +1,1 @@
+"""Speed: measured ratios (perf), the dry-run cost estimate, and the GPU check."""
