@@ -296,8 +296,12 @@ def test_a_write_cut_by_sigkill_leaves_nothing_after_the_next_run(finished_run, 
     store.claims_dir.mkdir(exist_ok=True)
     for path in (live, other_host, claim_of_dead):
         path.write_text("{}")
+    # and a SIGKILLed driver's claim on a cell no run reaches (not in this grid): stale, so it goes
+    stale_claim = store.claims_dir / "notacell.claim"
+    stale_claim.write_text(json.dumps({"host": socket.gethostname(), "pid": int(dead[0].name.rsplit("-", 2)[1]),
+                                       "run_id": "killed"}))
     assert main(["run", "--grid", str(finished_run / "g.toml"), "--results-dir", str(results), "--no-progress"]) == 0
-    assert not dead[0].exists() and not claim_of_dead.exists()
+    assert not dead[0].exists() and not claim_of_dead.exists() and not stale_claim.exists()
     assert live.exists() and other_host.exists()
 
 
@@ -667,6 +671,8 @@ for r in range(rounds):
         time.sleep(0.0005)
     won = store.claim("abc", f"run-{os.getpid()}")
     (root / f"res-{r}-{os.getpid()}").write_text("1" if won else "0")
+while not (root / "stop").exists():  # a driver that has exited is dead: its claim may be taken over
+    time.sleep(0.01)
 """
 
 

@@ -425,7 +425,8 @@ class Store:
     def sweep_leftovers(self, older_than: float = 3600.0) -> int:
         """Remove temporary files a killed process left mid-write (a result's ``.*.tmp*``, a
         claim's ``.*.new``): at once when this host wrote it and the writer is dead, otherwise (another
-        host's, an older name) once it is older than any write takes; returns how many."""
+        host's, an older name) once it is older than any write takes; and stale claims (their driver
+        is dead, or on another host stopped touching them); returns how many."""
         removed = 0
         now = time.time()
         for folder, pattern in ((self.cells_dir, ".*.tmp*"), (self.root, ".*.tmp*"), (self.claims_dir, ".*.new")):
@@ -438,6 +439,12 @@ class Store:
                         removed += 1
                 except OSError:
                     pass
+        if self.claims_dir.is_dir():  # claims of dead drivers, also on cells no run will reach soon
+            for path in self.claims_dir.glob("*.claim"):
+                with contextlib.suppress(OSError), self._takeover_lock():
+                    if self._stale(path):
+                        path.unlink(missing_ok=True)
+                        removed += 1
         return removed
 
     def remove_work(self, cell_id: str) -> None:
