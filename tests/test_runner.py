@@ -242,6 +242,19 @@ def test_each_run_writes_its_own_log(tmp_path):
     assert sum("0 to run, 3 already done" in text for text in logs) == 1
 
 
+def test_the_log_survives_a_library_that_reconfigures_logging(tmp_path):
+    """logging.config.dictConfig (import-linter, distributed and others call it) disables every logger
+    that exists already; a run in that process must still write its log."""
+    import logging.config
+
+    grid_file = tiny_grid(tmp_path / "g.toml", lams=(1e-4,))
+    logging.getLogger("benchmark.run")  # exists before the reconfiguration, as after any earlier run
+    logging.config.dictConfig({"version": 1})
+    main(["run", "--grid", str(grid_file), "--results-dir", str(tmp_path), "--no-progress"])
+    (log_file,) = (tmp_path / "g" / "logs").glob("*.log")
+    assert "3 to run, 0 already done" in log_file.read_text()
+
+
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the no-GPU message")
 def test_jobs_per_gpu_without_a_gpu_is_an_error_not_ignored(tmp_path, capsys):
     grid_file = tiny_grid(tmp_path / "g.toml")

@@ -268,6 +268,7 @@ def _setup_logging(store: Store, run_id: str) -> Path:
     log.handlers[:] = [handler]
     log.setLevel(logging.INFO)
     log.propagate = False
+    log.disabled = False  # a library's logging.config.dictConfig in this process may have disabled it
     return path
 
 
