@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from test_reliability import alive, assert_every_cell_once, children, cli, events, start, wait_until
+from procs import alive, assert_every_cell_once, children, cli, events, start, wait_until
 
 pytestmark = pytest.mark.slow
 

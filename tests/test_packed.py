@@ -32,6 +32,7 @@ from benchmark.engine.packed_model import NotStackable, StackedModel
 from benchmark.engine.packed_train import Job, resume, train_packed, why_not_packable
 from benchmark.engine.train import Schedule, TrainHooks, train
 from conftest import make_data
+from procs import alive, children, cli, env
 from methods.dwf import FactorHooks, factorize
 from methods.gmp import GMPHooks
 from methods.l1 import L1Hooks
@@ -286,32 +287,6 @@ lam = [1e-5, 1e-4]
 """
 
 
-def _env() -> dict:
-    return {**os.environ, "PYTHONPATH": str(ROOT)}
-
-
-def _run(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "benchmark", "run", *map(str, args)], env=_env(),
-                          capture_output=True, text=True, timeout=600)
-
-
-def _children(pid: int) -> set[int]:
-    found = set()
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        try:
-            found |= {int(c) for c in (task / "children").read_text().split()}
-        except OSError:
-            pass
-    return found
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
-
-
 def _records(results: Path) -> dict[str, dict]:
     return {p.stem: json.loads(p.read_text())["records"][0] for p in sorted((results / "g" / "cells").glob("*.json"))}
 
@@ -322,29 +297,29 @@ def _records(results: Path) -> dict[str, dict]:
 def test_a_killed_pack_resumes_from_its_checkpoints_to_the_uninterrupted_result(tmp_path):
     grid = tmp_path / "g.toml"
     grid.write_text(GRID)
-    whole = _run("--grid", grid, "--results-dir", tmp_path / "whole", "--no-progress", "--pack", "3", "--jobs", "2")
+    whole = cli("run", "--grid", grid, "--results-dir", tmp_path / "whole", "--no-progress", "--pack", "3", "--jobs", "2")
     assert whole.returncode == 0, whole.stderr
     expected = _records(tmp_path / "whole")
     assert sorted(r["pack_size"] for r in expected.values()) == [2, 2, 2, 2]
 
     results = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "-m", "benchmark", "run", "--grid", str(grid), "--results-dir",
-                             str(results), "--no-progress", "--pack", "3", "--jobs", "2"], env=_env(),
+                             str(results), "--no-progress", "--pack", "3", "--jobs", "2"], env=env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     work = results / "g" / "work"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and not list(work.glob("*/train.ckpt")):
         time.sleep(0.05)
     assert list(work.glob("*/train.ckpt")), proc.communicate()
-    workers = _children(proc.pid)
+    workers = children(proc.pid)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and any(_alive(p) for p in workers):
+    while time.monotonic() < deadline and any(alive(p) for p in workers):
         time.sleep(0.05)
-    assert not any(_alive(p) for p in workers), "a pack's worker outlived its driver"
+    assert not any(alive(p) for p in workers), "a pack's worker outlived its driver"
     assert not list((results / "g" / "cells").glob("*.json")), "killed before any cell finished"
-    rerun = _run("--grid", grid, "--results-dir", results, "--no-progress", "--pack", "3", "--jobs", "2")
+    rerun = cli("run", "--grid", grid, "--results-dir", results, "--no-progress", "--pack", "3", "--jobs", "2")
     assert rerun.returncode == 0, rerun.stderr
     resumed = _records(results)
     assert resumed.keys() == expected.keys()

@@ -25,7 +25,7 @@ from benchmark.execution import slurm
 from benchmark.__main__ import build_parser, main
 
 from test_fault_injection import comparable
-from test_reliability import assert_every_cell_once, cli, env, events, no_traceback, nothing_trained, start, wait_until
+from procs import assert_every_cell_once, cli, events, no_traceback, nothing_trained, start, wait_until
 
 pytestmark = pytest.mark.slurm
 

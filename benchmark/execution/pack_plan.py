@@ -35,6 +35,7 @@ from benchmark.execution.cell import Cell
 from benchmark.execution.pack import family, pack_key
 from methods import structures
 from benchmark.engine.packed_train import Job, TrainingPack
+from benchmark.engine.timing import interleave, paired_ratio
 from benchmark.engine.train import default_schedule, make_optimizer, prepare_input, training_step, tune_cpu_allocator
 
 #: Largest pack ``auto`` makes per device type; on a CPU larger packs gain little.
@@ -234,11 +235,6 @@ def calibration_members(arch: str, in_shape, classes: int, kind: str, size: int,
     return jobs
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def measure(arch: str, in_shape, classes: int, kind: str, size: int, batch: int, device: torch.device,
             rounds: int = CALIBRATION_ROUNDS) -> dict:
     """Time one step of ``size`` models packed against one step of each alone, in alternating
@@ -264,7 +260,6 @@ def measure(arch: str, in_shape, classes: int, kind: str, size: int, batch: int,
         pack.step(x_all, y_all, schedule.lr, device)
 
     contenders = {"sequential": one_at_a_time, "packed": packed}
-    seconds: dict[str, list[float]] = {name: [] for name in contenders}
     for fn in contenders.values():
         fn()
     began = time.perf_counter()
@@ -272,15 +267,8 @@ def measure(arch: str, in_shape, classes: int, kind: str, size: int, batch: int,
         fn()
     if time.perf_counter() - began > SLOW_ROUND_S:  # big models on a CPU: a few rounds tell enough
         rounds = min(rounds, 3)
-    names = list(contenders)
-    for r in range(rounds):
-        for name in names if r % 2 == 0 else names[::-1]:
-            _sync(device)
-            began = time.perf_counter()
-            contenders[name]()
-            _sync(device)
-            seconds[name].append(time.perf_counter() - began)
-    ratio = statistics.median(a / b for a, b in zip(seconds["sequential"], seconds["packed"]))
+    seconds = interleave(contenders, rounds, device)
+    ratio = paired_ratio(seconds["sequential"], seconds["packed"])
     return {"ratio": ratio, "sequential_s": statistics.median(seconds["sequential"]),
             "packed_s": statistics.median(seconds["packed"]), "size": size, "batch": batch, "rounds": rounds,
             "sequential_rounds": seconds["sequential"], "packed_rounds": seconds["packed"]}

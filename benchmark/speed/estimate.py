@@ -36,6 +36,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
+from benchmark.engine.timing import sync
 from benchmark.engine import data as data_mod
 from benchmark.execution.cell import Cell, dense_key
 from benchmark.core.method import get_method
@@ -312,15 +313,15 @@ def measure(arch: str, dataset: str, variant_name: str, batch: int, device) -> d
         began = time.perf_counter()
         model, hooks, optimizer, step = perf.build_training(arch, depth, device, batch, masked=variant_name == structures.MASKED,
                                                             shape=(spec.shape, spec.num_classes))
-        perf._sync(device)
+        sync(device)
         setup_s = time.perf_counter() - began
     step()  # first-call costs (allocation, kernel selection) stay out
     times: list[float] = []
     while len(times) < MAX_STEPS and (len(times) < MIN_STEPS or sum(times) < MIN_SECONDS):
-        perf._sync(device)
+        sync(device)
         began = time.perf_counter()
         step()
-        perf._sync(device)
+        sync(device)
         times.append(time.perf_counter() - began)
     n_eval = min(EVAL_BATCH, 2 * batch)
     gen = torch.Generator().manual_seed(0)
@@ -331,7 +332,7 @@ def measure(arch: str, dataset: str, variant_name: str, batch: int, device) -> d
     channels_last = device.type == "cuda" and arch in perf.models.CONV_MODELS
     began = time.perf_counter()
     evaluate(model, split, channels_last=channels_last)
-    perf._sync(device)
+    sync(device)
     eval_s = (time.perf_counter() - began) / n_eval
     with tempfile.TemporaryDirectory(prefix="dwf-bench-speed-") as tmp:
         began = time.perf_counter()

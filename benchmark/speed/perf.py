@@ -50,6 +50,7 @@ from benchmark.engine import data as data_mod
 from benchmark.engine import models
 from methods import structures
 from benchmark.engine.sparsity import prunable_layers
+from benchmark.engine.timing import interleave, paired_ratio, sync
 from benchmark.engine.train import (TrainHooks, check_compile, default_schedule, make_optimizer, pick_device, prepare_input,
                              train, training_step, tune_cpu_allocator)
 
@@ -108,39 +109,10 @@ class Row:
 COLUMNS = [f.name for f in fields(Row)]
 
 
-def _sync(device: torch.device) -> None:
-    """Wait for queued GPU work, so that a timer reads finished work."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
-
-
-def interleave(contenders: dict[str, Callable[[], object]], rounds: int, device: torch.device) -> dict[str, list[float]]:
-    """Seconds per call of each contender, one call each per round, the order reversed every other
-    round so that neither drift nor a noisy neighbour favours whoever runs first."""
-    seconds: dict[str, list[float]] = {name: [] for name in contenders}
-    names = list(contenders)
-    for r in range(rounds):
-        for name in names if r % 2 == 0 else names[::-1]:
-            _sync(device)
-            began = time.perf_counter()
-            contenders[name]()
-            _sync(device)
-            seconds[name].append(time.perf_counter() - began)
-    return seconds
-
-
 def _row(bench: str, case: str, variant: str, unit: str, samples: list[float], per: int = 1, **extra) -> Row:
     """A row from timed samples, each covering ``per`` units (a block of steps)."""
     values = [s / per for s in samples]
     return Row(bench, case, variant, unit, statistics.median(values), min(values), max(values), len(values), **extra)
-
-
-def paired_ratio(numerator: list[float], denominator: list[float]) -> float:
-    """Median over rounds of the ratio within each round: contenders of one round ran seconds apart,
-    so a slow phase of the machine divides out instead of landing on whoever it hit."""
-    return statistics.median(a / b for a, b in zip(numerator, denominator))
 
 
 def _judge(ratio: float, target: float | None, at_least: bool, device: torch.device) -> tuple[str, str]:
@@ -303,7 +275,7 @@ def bench_step(device: torch.device, rounds: int | None, quick: bool, archs: lis
                 began = time.perf_counter()
                 step()  # first-call costs (allocation, kernel selection, compilation) stay out
                 step()
-                _sync(device)
+                sync(device)
                 warmup_s[key] = time.perf_counter() - began
 
                 def block_of(step=step):
