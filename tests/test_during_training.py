@@ -450,6 +450,7 @@ def test_a_killed_cell_resumes_from_its_checkpoint_to_the_same_weights_and_recor
     ("rigl", {"end": 0.0}, r"end=0.0 must be in \(0, 1\]"),
     ("rigl", {"distribution": "er"}, r"distribution='er' is not allowed; choose one of \['erk', 'uniform'\]"),
     ("set", {"interval": -1}, r"interval=-1 must be >= 1"),
+    ("rigl", {"init": "kaiming"}, r"init='kaiming' is not allowed; choose one of \['dense', 'sparse'\]"),
     ("set", {"target_cr": "inf"}, r"target_cr=inf"),
 ])
 def test_bad_parameters_fail_before_training_naming_the_value_and_what_is_allowed(method, params, named):
@@ -462,3 +463,29 @@ def test_defaults_leave_the_cell_id_alone_and_families_are_during_training():
     for method in ("gmp", "rigl", "set"):
         assert get_method(method).family == "during-training"
         assert cell_of(method).id == cell_of(method, target_cr=10.0, interval=100, end=0.75).id
+    assert cell_of("rigl").id == cell_of("rigl", init="dense").id != cell_of("rigl", init="sparse").id
+
+
+@pytest.mark.parametrize("method", ["rigl", "set"])
+def test_sparse_init_rescales_each_unit_to_its_kept_fan_in_and_keeps_the_mask(tmp_path, method):
+    """init="sparse": the same mask, each unit's kept weights times sqrt(fan-in / kept fan-in), so a
+    unit's pre-activation variance is the dense initialization's whatever its density."""
+    data = make_data(shape=(1, 28, 28), classes=10)
+    built = {}
+    for init in ("dense", "sparse"):
+        cell = Cell.make(method, "lenet5", "fashion-mnist", params={"target_cr": 100.0, "init": init},
+                         schedule=SCHEDULE)
+        model, _ = get_method(method)(cell.method_params).prepare(context(cell, tmp_path, data))
+        built[init] = model
+    assert get_method(method).curve_label({"init": "sparse"}) == f"{method} sparse-init"
+    assert get_method(method).curve_label({"init": "dense"}) == method
+    dense_masks, sparse_masks = read_masks(built["dense"]), read_masks(built["sparse"])
+    for (name, plain), (_, rescaled) in zip(prunable_layers(built["dense"]), prunable_layers(built["sparse"])):
+        mask = dense_masks[name]
+        assert torch.equal(mask, sparse_masks[name]), name
+        kept = mask.flatten(1).sum(1)
+        assert (kept < mask[0].numel()).all(), name  # CR 100: every unit lost inputs
+        per_unit = (mask[0].numel() / kept.clamp(min=1)).sqrt()
+        expected = per_unit.view(-1, *[1] * (mask.dim() - 1)).expand(mask.shape)[mask]
+        ratio = rescaled.weight.detach()[mask] / plain.weight.detach()[mask]
+        torch.testing.assert_close(ratio, expected.to(ratio.dtype), rtol=1e-5, atol=0)
