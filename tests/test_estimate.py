@@ -136,3 +136,34 @@ def test_the_estimate_is_within_a_factor_3_of_the_run(tmp_path, capsys, monkeypa
                  machine.split(",")[0]]) == 0
     out = capsys.readouterr().out
     assert "measured earlier" in out and f"estimated wall time on {machine}" in out
+
+
+def test_a_speed_cached_while_the_machine_was_busy_is_measured_again_once_it_is_not(tmp_path, capsys, monkeypatch):
+    """A speed measured under a load above the core count (a grid running) overstates the hours many
+    times; once the machine is less than half as busy, the next dry run measures it again. A speed
+    measured on a quiet machine stays cached."""
+    import json
+    import os
+
+    monkeypatch.setenv("BENCHMARK_CACHE_DIR", str(tmp_path / "cache"))
+    grid_file = grid(tmp_path / "g.toml")
+    args = ["run", "--grid", str(grid_file), "--results-dir", str(tmp_path / "r"), "--dry-run"]
+    assert main(args) == 0
+    capsys.readouterr()
+    cache_path = tmp_path / "cache" / "speeds.json"
+    cache = json.loads(cache_path.read_text())
+    (entry,) = cache["devices"].values()
+    (busy_key, busy), (quiet_key, quiet) = sorted(entry["units"].items())
+    cores = os.cpu_count() or 1
+    busy.update(step_s=99.0, load=1000.0 * cores)  # as if measured under a huge load
+    quiet.update(step_s=77.0, load=0.0)
+    cache_path.write_text(json.dumps(cache))
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.1, 0.1, 0.1))
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "1 model(s)" in err and "1 measured again: cached while the machine was busy" in err
+    units = next(iter(json.loads(cache_path.read_text())["devices"].values()))["units"]
+    assert units[busy_key]["step_s"] < 1.0 and units[busy_key]["load"] == 0.1
+    assert units[quiet_key]["step_s"] == 77.0  # quiet measurements are kept
+    assert estimate.measured_while_busy({"load": 8.0}, 3.0, 2) and not estimate.measured_while_busy({"load": 8.0}, 5.0, 2)
+    assert not estimate.measured_while_busy({"load": 1.5}, 0.1, 2)

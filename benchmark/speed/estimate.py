@@ -255,6 +255,14 @@ def stored(name: str) -> Measured:
     return Measured(entry["machine"], entry.get("units", {}), f"measured earlier, {key} in {path}")
 
 
+def measured_while_busy(unit: dict, load_now: float | None, cores: int) -> bool:
+    """A cached speed taken while the load average exceeded the cores, on a machine now less than half
+    as busy: it would overstate the hours many times over (a 2-core machine running a grid slows a
+    2-thread step about tenfold), so it is measured again."""
+    then = unit.get("load")
+    return then is not None and load_now is not None and then > cores and load_now < then / 2
+
+
 def calibrate(trainings, device, threads: int, say=print) -> Measured:
     """Speeds of this device at ``threads`` torch threads: what the cache has, the rest measured now
     (and added to the cache)."""
@@ -268,10 +276,13 @@ def calibrate(trainings, device, threads: int, say=print) -> Measured:
     needed = {_unit_key(t.arch, t.dataset, t.variant, t.batch): t for t in trainings}
     entry = _read_cache(path)["devices"].get(key, {})
     units = dict(entry.get("units", {}))
-    missing = {k: t for k, t in needed.items() if k not in units}
+    load_now = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    busy = {k for k, t in needed.items() if k in units and measured_while_busy(units[k], load_now, os.cpu_count() or 1)}
+    missing = {k: t for k, t in needed.items() if k not in units or k in busy}
     if missing:
+        again = f" ({len(busy)} measured again: cached while the machine was busy)" if busy else ""
         say(f"measuring speeds on {device} ({machine}, {threads} threads): {len(missing)} model(s), once; "
-            f"cached in {path}")
+            f"cached in {path}{again}")
         before = torch.get_num_threads()
         torch.set_num_threads(threads)
         try:
