@@ -1,5 +1,6 @@
 """The committed reference results (``reference/``, README "Results"): every record is recomputable
-from its own config, the committed CSVs are what ``collect`` makes of the committed records, and a
+from its own config, the committed CSVs are what ``collect`` makes of the committed records, the
+committed tables are what ``report`` makes of those CSVs, the README quotes those tables, and a
 committed record is reproduced by training its cell again."""
 
 from __future__ import annotations
@@ -85,3 +86,54 @@ def test_the_quick_grid_is_a_subset_of_the_committed_reference_seed_0():
     missing = [cell.label() if hasattr(cell, "label") else cell.id for cell in quick if cell.id not in committed]
     assert not missing, f"quick cells not in reference/lenet-reference: {missing}"
     assert {cell.method for cell in quick} >= {"dense", "dwf", "l1", "gmp", "rigl", "lottery", "synflow"}
+
+
+REPORTED = {  # grid: (the --crs its committed tables were made with, the table files to compare)
+    "lenet-reference": ((10, 30, 100, 300, 1000), ("tolerance", "accuracy_at_cr", "cost", "settling")),
+    "lenet-calibration": (None, ("tolerance", "accuracy_at_cr", "cost", "settling")),
+}
+
+
+@pytest.mark.parametrize("grid", sorted(REPORTED))
+def test_committed_tables_are_what_report_makes_of_the_committed_csv(grid, tmp_path):
+    """The Markdown tables the README quotes are rebuilt, byte for byte, from the committed results.csv
+    (and, for the reference, the same at 0.01x the zero threshold)."""
+    from benchmark.analysis.report import write_report
+
+    crs, stems = REPORTED[grid]
+    (tmp_path / grid).mkdir()
+    shutil.copy(REFERENCE / grid / "results.csv", tmp_path / grid / "results.csv")
+    kwargs = {"crs": crs} if crs else {}
+    write_report(grid, tmp_path, **kwargs)
+    names = [f"{stem}.md" for stem in stems]
+    if grid == "lenet-reference":
+        write_report(grid, tmp_path, threshold_scale=0.01, **kwargs)
+        names += ["tolerance-thr0.01x.md", "accuracy_at_cr-thr0.01x.md"]
+    for name in names:
+        assert (tmp_path / grid / name).read_text() == (REFERENCE / grid / name).read_text(), f"{grid}/{name}"
+
+
+def table_rows(text: str, header: str) -> list[list[str]]:
+    """The body rows of the Markdown table that starts with ``header``, as lists of cell strings."""
+    lines = text[text.index(header):].splitlines()[2:]
+    return [[cell.strip() for cell in line.strip().strip("|").split("|")]
+            for line in lines[:next(i for i, line in enumerate(lines) if not line.startswith("| "))]]
+
+
+def test_the_readme_results_tables_are_the_committed_tables():
+    """README "Results" quotes the committed tables; a regenerated table that the README did not follow
+    fails here, so the numbers a reader cites are the ones the records give."""
+    readme = (ROOT / "README.md").read_text()
+    folder = REFERENCE / "lenet-reference"
+    accuracy = table_rows((folder / "accuracy_at_cr.md").read_text(), "| arch |")
+    tolerance = table_rows((folder / "tolerance.md").read_text(), "| arch |")
+
+    def of(rows, arch):
+        return [row[2:] for row in rows if row[0] == arch]
+
+    assert table_rows(readme, "| method | seeds | CR 10 |") == of(accuracy, "LeNet-300-100")
+    assert table_rows(readme, "| method | seeds | ≤ 1 pt |") == of(tolerance, "LeNet-300-100")
+    # LeNet-5: one seed so far, so the seeds column is left out and the 10-point tolerance appended
+    tolerance_10 = {row[0]: row[-1] for row in of(tolerance, "LeNet-5")}
+    expected = [[row[0], *row[2:], tolerance_10.get(row[0], "–")] for row in of(accuracy, "LeNet-5")]
+    assert table_rows(readme, "| method | CR 10 | CR 30 | CR 100 | CR 300 | CR 1000 | CR within 10 pts") == expected
