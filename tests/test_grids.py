@@ -108,3 +108,33 @@ def test_the_lenet_grid_holds_every_reference_cell():
     lenet = {cell.id for cell in grids.load_grid("lenet").cells}
     missing = [cell.label for cell in grids.load_grid("lenet-reference").cells if cell.id not in lenet]
     assert not missing, missing[:5]
+
+
+def test_an_include_table_moves_the_included_grid_onto_other_datasets(tmp_path, monkeypatch):
+    """`{ grid = ..., datasets = [...] }` gives the cells the grid itself would give with those datasets
+    in every experiment: same ids, so records are shared with a grid written out in full."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "base.toml").write_text(GRID)
+    (tmp_path / "moved.toml").write_text('include = [{ grid = "base.toml", datasets = ["mnist", "kmnist"] }]\n')
+    written_out = GRID.replace('datasets = ["fashion-mnist", "mnist"]', 'datasets = ["mnist", "kmnist"]') \
+                      .replace('datasets = ["fashion-mnist"]', 'datasets = ["mnist", "kmnist"]')
+    moved = grids.load_grid("moved.toml").cells
+    base = grids.load_grid("base.toml").cells
+    assert {c.dataset for c in moved} == {"mnist", "kmnist"}
+    assert len(moved) == 2 * len({(c.method, c.arch, c.seed, str(c.params)) for c in base})
+    assert sorted(c.id for c in moved) == sorted(c.id for c in grids.parse_grid(written_out).cells)
+
+
+@pytest.mark.parametrize("item, message", [
+    ('{ grid = "base.toml", datasets = ["mnits"] }', "unknown dataset 'mnits'"),
+    ('{ grid = "base.toml", sets = ["mnist"] }', "unknown key(s) ['sets'] in an include table"),
+    ('{ datasets = ["mnist"] }', 'an include table needs grid = "<preset or file>"'),
+    ('{ grid = "base.toml", datasets = "mnist" }', "datasets must be a non-empty list of names, got 'mnist'"),
+])
+def test_a_bad_include_table_is_named_with_its_line(tmp_path, monkeypatch, item, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "base.toml").write_text(GRID)
+    (tmp_path / "moved.toml").write_text(f'description = "x"\ninclude = [{item}]\n')
+    with pytest.raises(grids.GridError) as err:
+        grids.load_grid("moved.toml")
+    assert message in str(err.value) and "moved.toml:2" in str(err.value)

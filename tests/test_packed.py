@@ -29,7 +29,7 @@ from benchmark.__main__ import main
 from benchmark.execution.cell import Cell, run_cell
 from benchmark.execution.pack import pack_key, run_pack
 from benchmark.engine.packed_model import NotStackable, StackedModel
-from benchmark.engine.packed_train import Job, resume, train_packed, why_not_packable
+from benchmark.engine.packed_train import Job, previous_checkpoint, resume, resume_together, train_packed, why_not_packable
 from benchmark.engine.train import Schedule, TrainHooks, train
 from conftest import make_data
 from procs import alive, children, cli, env
@@ -188,6 +188,63 @@ def test_packed_training_keeps_the_iteration_snapshots_a_lottery_rewinds_to(tmp_
             for name, tensor in state.items():
                 assert relative_gap(tensor, job.snapshots[key][name]) < 1e-6, (key, name)
         assert torch.load(job.checkpoint, weights_only=False)["snapshots"].keys() == snapshots.keys()
+
+
+class _Killed(BaseException):
+    """The process dying: nothing after it runs."""
+
+
+class _DiesAtEpoch(TrainHooks):
+    """Dies when its job's epoch ``epoch`` ends, after the jobs before it in the pack saved theirs."""
+
+    def __init__(self, epoch: int):
+        self.epoch, self.ended = epoch, 0
+
+    def epoch_metrics(self, model):
+        self.ended += 1
+        if self.ended == self.epoch:
+            raise _Killed
+        return {}
+
+
+@pytest.mark.parametrize("dies_at", [1, 2])
+def test_a_pack_killed_between_its_checkpoint_writes_resumes_whole_to_the_uninterrupted_weights(tmp_path, dies_at):
+    """A kill between two of a pack's checkpoint writes leaves its jobs an epoch apart (at the first
+    epoch, one with a checkpoint and the others without). They resume together at the earlier
+    epoch and end bit for bit where the uninterrupted pack ends; apart, in packs of other sizes,
+    they would not."""
+    data = make_data(n_train=96, n_test=64)
+    schedule = SCHEDULE.replace(epochs=3)
+    seeds = (0, 1, 2)
+
+    def jobs(folder, hooks=lambda i: TrainHooks()):
+        return [Job(_member("dense", s, 0)[0], schedule, s, tmp_path / folder / f"{s}.ckpt", hooks(i))
+                for i, s in enumerate(seeds)]
+
+    whole = jobs("whole")
+    resume_together(whole)
+    train_packed(whole, data)
+
+    with pytest.raises(_Killed):
+        killed = jobs("killed", lambda i: _DiesAtEpoch(dies_at) if i == 1 else TrainHooks())
+        resume_together(killed)
+        train_packed(killed, data)
+    epochs = [torch.load(tmp_path / "killed" / f"{s}.ckpt", weights_only=False)["epoch"]
+              if (tmp_path / "killed" / f"{s}.ckpt").is_file() else 0 for s in seeds]
+    assert epochs == [dies_at, dies_at - 1, dies_at - 1]
+    assert previous_checkpoint(tmp_path / "killed" / "0.ckpt").is_file() == (dies_at > 1)
+
+    resumed = jobs("killed")
+    resume_together(resumed)
+    assert [j.start_epoch for j in resumed] == [dies_at - 1] * 3
+    train_packed(resumed, data)
+    for theirs, ours in zip(whole, resumed):
+        assert [e["epoch"] for e in ours.history] == [1, 2, 3]
+        for a, b in zip(theirs.history, ours.history):
+            assert {k: v for k, v in a.items() if k != "seconds"} == {k: v for k, v in b.items() if k != "seconds"}
+        mine = dict(ours.model.named_parameters())
+        for name, p in theirs.model.named_parameters():
+            assert torch.equal(p, mine[name]), name
 
 
 def test_hooks_that_act_between_steps_do_not_pack():

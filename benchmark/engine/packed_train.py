@@ -17,6 +17,8 @@ gradients before the fused SGD kernel instead of inside it. In float64 the final
 from __future__ import annotations
 
 import math
+import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +28,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.nn.utils import parametrize
 
-from benchmark.core.files import save_atomic
+from benchmark.core.files import save_atomic, temporary_name
 from benchmark.engine import data as data_mod
 from benchmark.engine.packed_model import NotStackable, StackedModel, structure
 from benchmark.engine.train import (Diverged, Schedule, TrainHooks, _clone_state, _diverged_message, autocast,
@@ -86,15 +88,50 @@ def decays(job: Job) -> dict[str, float]:
     return decay
 
 
-def resume(job: Job) -> None:
-    """Load the job's checkpoint if there is one (``train``'s format): weights, momentum, history."""
+def previous_checkpoint(checkpoint: Path) -> Path:
+    """Where a packed job keeps its checkpoint of the epoch before (see ``resume_together``)."""
+    return checkpoint.with_name(checkpoint.name + ".prev")
+
+
+def _checkpoint_epoch(path: Path) -> int | None:
+    if not path.is_file():
+        return None
+    return torch.load(path, map_location="cpu", weights_only=False, mmap=True)["epoch"]
+
+
+def _keep_previous(checkpoint: Path) -> None:
+    """Link the checkpoint about to be replaced as the previous one (a copy where the file system
+    has no hard links)."""
+    if not checkpoint.is_file():
+        return
+    previous = previous_checkpoint(checkpoint)
+    tmp = temporary_name(previous)
+    try:
+        os.link(checkpoint, tmp)
+    except OSError:
+        shutil.copyfile(checkpoint, tmp)
+    os.replace(tmp, previous)
+
+
+def resume(job: Job, epoch: int | None = None) -> None:
+    """Load the job's checkpoint if there is one (``train``'s format): weights, momentum, history.
+
+    With ``epoch``, resume at that epoch instead: from the checkpoint or the previous one kept
+    beside it, or from the model as built when ``epoch`` is the job's first.
+    """
     job.start_epoch = job.first_epoch
-    if not job.checkpoint.is_file():
+    path: Path | None = job.checkpoint
+    if epoch is not None:
+        path = next((p for p in (job.checkpoint, previous_checkpoint(job.checkpoint)) if _checkpoint_epoch(p) == epoch),
+                    None)
+        if path is None and epoch != job.first_epoch:
+            raise ValueError(f"{job.checkpoint}: no checkpoint of epoch {epoch} to resume from")
+    if path is None or not path.is_file():
         if job.first_epoch in job.snapshot_epochs:
             job.snapshots[job.first_epoch] = _clone_state(job.model)
         return
     device = next(job.model.parameters()).device
-    state = torch.load(job.checkpoint, map_location=device, weights_only=False)
+    state = torch.load(path, map_location=device, weights_only=False)
     job.model.load_state_dict(state["model"])
     optimizer = make_optimizer(job.model, job.schedule, job.hooks)
     optimizer.load_state_dict(state["optimizer"])
@@ -105,10 +142,40 @@ def resume(job: Job) -> None:
     job.hooks.load_state_dict(state.get("hooks", {}))
 
 
+def resume_together(jobs: list[Job]) -> None:
+    """``resume`` every job, those that stack at the latest epoch they all reach.
+
+    A pack writes its jobs' checkpoints one after another, so a kill between two writes leaves
+    jobs of one pack an epoch apart. Resumed as they stand they would train apart, in packs of
+    another size, whose sums round differently; each job keeps its previous checkpoint, so the
+    pack resumes whole at the earlier epoch and ends exactly as it would have uninterrupted. Jobs
+    further apart (checkpoints of another packing) resume where they stand.
+    """
+    groups: dict[tuple, list[Job]] = {}
+    for job in jobs:
+        groups.setdefault(_stack_key(job), []).append(job)
+    for group in groups.values():
+        latest = [_checkpoint_epoch(j.checkpoint) for j in group]
+        latest = [j.first_epoch if e is None else e for j, e in zip(group, latest)]
+        target = min(latest)
+
+        def reaches(job: Job, last: int) -> bool:
+            return last == target or (target == job.first_epoch and last == target + 1) or \
+                _checkpoint_epoch(previous_checkpoint(job.checkpoint)) == target
+
+        common = all(reaches(j, e) for j, e in zip(group, latest))
+        for job in group:
+            resume(job, target if common else None)
+
+
+def _stack_key(job: Job) -> tuple:
+    """What jobs must share to train as one model, their epoch aside."""
+    return (job.schedule, job.first_epoch, job.channels_last, structure(job.model), tuple(sorted(decays(job))))
+
+
 def signature(job: Job) -> tuple:
     """Jobs with equal signatures (after ``resume``) train together."""
-    return (job.schedule, job.first_epoch, job.start_epoch, job.channels_last, structure(job.model),
-            tuple(sorted(decays(job))))
+    return _stack_key(job) + (job.start_epoch,)
 
 
 class TrainingPack:
@@ -328,6 +395,7 @@ def train_packed(jobs: list[Job], data: data_mod.Data) -> None:
                 job.snapshots[epoch + 1] = _clone_state(job.model)
             optimizer_state, scheduler_state = _member_optimizer_state(
                 job, schedule, (epoch + 1 - first) * steps_per_epoch, first * steps_per_epoch, factor)
+            _keep_previous(job.checkpoint)
             save_atomic({
                 "model": job.model.state_dict(), "optimizer": optimizer_state, "scheduler": scheduler_state,
                 "history": job.history, "wall_s": job.wall_s, "epoch": epoch + 1, "snapshots": job.snapshots,

@@ -17,7 +17,8 @@ experiment; an experiment's ``schedule`` is laid over the architecture's default
     depth = [2, 3, 4]
     lam = [1e-4, 1e-3]
 
-``include = ["lenet", "path/other.toml"]`` adds the cells of other grids (presets or files).
+``include = ["lenet", "path/other.toml"]`` adds the cells of other grids (presets or files);
+an item ``{ grid = "lenet-reference", datasets = ["mnist", "kmnist"] }`` adds them on other datasets.
 Validation collects every problem (unknown names, wrong types, impossible values) with its line
 before anything trains.
 """
@@ -131,6 +132,36 @@ def _key_lines(text: str) -> dict[tuple[str, str], int]:
     return lines
 
 
+INCLUDE_KEYS = {"grid", "datasets"}
+
+
+def _include_entry(entry, problems: list[str], where: str) -> tuple[str | None, list[str] | None]:
+    """(grid, datasets or None) of one ``include`` item: a grid's name or file, or a table
+    ``{ grid = ..., datasets = [...] }`` that moves the grid's cells onto other datasets (one
+    grid's settings reused on every dataset, without a copy of the file)."""
+    if isinstance(entry, str):
+        return entry, None
+    unknown = sorted(set(entry) - INCLUDE_KEYS)
+    if unknown:
+        problems.append(f"{where}: unknown key(s) {unknown} in an include table; allowed: {sorted(INCLUDE_KEYS)}")
+    grid, datasets = entry.get("grid"), entry.get("datasets")
+    if not isinstance(grid, str):
+        problems.append(f"{where}: an include table needs grid = \"<preset or file>\", got {grid!r}")
+        return None, None
+    if datasets is not None and (not isinstance(datasets, list) or not datasets
+                                 or not all(isinstance(d, str) for d in datasets)):
+        problems.append(f"{where}: include {grid!r}: datasets must be a non-empty list of names, got {datasets!r}")
+        return None, None
+    return grid, datasets
+
+
+def _on_datasets(cell: Cell, datasets: list[str] | None) -> list[Cell]:
+    """The cell on each of ``datasets`` (itself when None); a bad name raises ValueError naming it."""
+    if datasets is None:
+        return [cell]
+    return [Cell.make(cell.method, cell.arch, d, cell.seed, cell.params, cell.schedule, cell.subset) for d in datasets]
+
+
 #: How deep includes may nest (a cycle is reported before this; this bounds honest nesting).
 MAX_INCLUDE_DEPTH = 16
 
@@ -165,8 +196,9 @@ def parse_grid(text: str, name: str = "grid", source: str = "<text>", _chain: tu
     includes = raw.get("include", [])
     if isinstance(includes, str):
         includes = [includes]
-    if not isinstance(includes, list) or not all(isinstance(i, str) for i in includes):
-        problems.append(f"{where('', 'include')}: include must be a list of grid names or files, got {includes!r}")
+    if not isinstance(includes, list) or not all(isinstance(i, (str, dict)) for i in includes):
+        problems.append(f"{where('', 'include')}: include must be a list of grid names or files, or of tables "
+                        f'like {{ grid = "lenet-reference", datasets = ["mnist"] }}, got {includes!r}')
         includes = []
     if not isinstance(experiments, list) or not all(isinstance(e, dict) for e in experiments):
         problems.append(f"{where('', 'experiment')}: experiment must be a list of [[experiment]] tables, "
@@ -175,7 +207,10 @@ def parse_grid(text: str, name: str = "grid", source: str = "<text>", _chain: tu
     if not (experiments or includes) and not problems:
         problems.append(f"{source}: a grid needs at least one [[experiment]] table or an include list")
     cells: dict[str, Cell] = {}
-    for included in includes:
+    for entry in includes:
+        included, datasets = _include_entry(entry, problems, where('', 'include'))
+        if included is None:
+            continue
         try:
             _, _, included_source = grid_source(included)
             identity = _identity(included, included_source)
@@ -189,7 +224,8 @@ def parse_grid(text: str, name: str = "grid", source: str = "<text>", _chain: tu
                                 f"{MAX_INCLUDE_DEPTH} grids")
                 continue
             for cell in load_grid(included, _chain=chain + (identity,)).cells:
-                cells.setdefault(cell.id, cell)
+                for copy in _on_datasets(cell, datasets):
+                    cells.setdefault(copy.id, copy)
         except (ValueError, FileNotFoundError) as exc:
             problems.append(f"{where('', 'include')}: include {included!r}: {exc}")
 

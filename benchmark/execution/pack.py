@@ -36,7 +36,7 @@ from benchmark.execution.cell import Cell, Context, run_cell
 from benchmark.core.files import file_lock
 from benchmark.core.method import get_method
 from benchmark.engine.packed_model import NotStackable
-from benchmark.engine.packed_train import Job, resume, signature, train_packed, why_not_packable
+from benchmark.engine.packed_train import Job, resume_together, signature, train_packed, why_not_packable
 from benchmark.engine.train import TrainHooks
 
 log = logging.getLogger("benchmark.run")
@@ -203,8 +203,8 @@ def _train_waiting(waiting: list[_Member], data) -> None:
                 if request.done is not None and request.done.is_file():
                     continue
             if why_not_packable(request.job) is None:
-                resume(request.job)
                 jobs.append(request.job)
+        resume_together(jobs)
         groups: dict[tuple, list[Job]] = {}
         for job in jobs:
             groups.setdefault(signature(job), []).append(job)
