@@ -305,6 +305,8 @@ def test_a_pack_of_cells_records_what_each_cell_records_alone(tmp_path, float64,
             for name, tensor in state.items():
                 if tensor.is_floating_point():
                     assert relative_gap(tensor, ours_w[file][name]) < 1e-6, (cell.label(), file, name)
+    # the shared cache holds what it holds after cells alone: no dense training's progress files
+    assert sorted(p.name for p in (tmp_path / "p").glob("cache/*")) == sorted(p.name for p in (tmp_path / "a").glob("cache/*"))
 
 
 def test_a_diverging_cell_fails_alone_and_the_others_train_as_a_pack_without_it(tmp_path):

@@ -26,6 +26,7 @@ from benchmark.core.errors import StorageError, is_disk_error
 from benchmark.core.files import file_lock, save_atomic
 from benchmark.core.validation import coerce
 from benchmark.engine import train as training
+from benchmark.engine.packed_train import previous_checkpoint
 from benchmark.engine.train import (Diverged, History, Schedule, TrainHooks, default_schedule, epoch_steps,
                                     evaluate, pick_device, train)
 from benchmark.core import method as method_base
@@ -303,7 +304,9 @@ class Context:
                         f"training it again here did not reproduce its weights (another torch build, thread count or "
                         f"device?). Delete it to train the dense model afresh for every cell that uses it")
                 save_atomic(fresh, final)
-                (self.cache_dir / f"dense-{key}.ckpt").unlink(missing_ok=True)
+                progress_file = self.cache_dir / f"dense-{key}.ckpt"
+                progress_file.unlink(missing_ok=True)
+                previous_checkpoint(progress_file).unlink(missing_ok=True)  # kept there when a pack trained it
                 cached = torch.load(final, map_location="cpu", mmap=True, weights_only=False)
         model = self.new_model()
         model.load_state_dict(cached["model"])
