@@ -234,7 +234,8 @@ def test_seed_without_dense_uses_the_mean_dense(tmp_path):
 
 def test_accuracy_at_fixed_crs_interpolates_and_leaves_out_of_range_blank(tmp_path):
     path = tmp_path / "quick" / "results.csv"
-    rows = two_seed_rows()[:-1]  # seed 1 stops at CR 100
+    rows = two_seed_rows()
+    rows[-1].update(cr="inf", test_acc=0.1)  # seed 1 stops at CR 100: its strongest lambda pruned everything
     write_csv(path, rows)
     table = cv.accuracy_at_cr_table(cv.load_results(path), crs=(10, math.sqrt(1000), 1000, 5000))
     table = table.set_index("cr")
@@ -248,3 +249,22 @@ def test_accuracy_at_fixed_crs_interpolates_and_leaves_out_of_range_blank(tmp_pa
     assert table.loc[1000, "n_seeds"] == 1 and table.loc[1000, "seeds_total"] == 2
     # CR 5000: nobody -> blank, never extrapolated
     assert table.loc[5000, "n_seeds"] == 0 and np.isnan(table.loc[5000, "acc_pct_mean"])
+
+
+def test_a_seed_whose_sweep_is_still_running_is_left_out_and_noted(tmp_path):
+    """Seed 1 has run 1 of the 3 cells seed 0 ran (its low-CR end only): averaged in, it would pull
+    the mean at CR 10 toward its own value and make the tolerance answer a mean of two different
+    questions. A failed cell counts as run, so seed 2 (one cell diverged) stays in."""
+    path = tmp_path / "quick" / "results.csv"
+    rows = [result_row("dense", s, 1, 0.98) for s in (0, 1, 2)]
+    rows += [result_row("dwf", 0, cr, acc, depth=3) for cr, acc in ((2, 0.97), (10, 0.95), (100, 0.90))]
+    rows += [result_row("dwf", 1, 2, 0.96, depth=3)]
+    rows += [result_row("dwf", 2, cr, acc, depth=3) for cr, acc in ((2, 0.97), (10, 0.93))]
+    rows += [result_row("dwf", 2, "", "", depth=3, status="failed", cell_id="dwf-diverged")]
+    write_csv(path, rows)
+    results = cv.load_results(path)
+    assert [c.seed for c in results.seed_curves("lenet300", "mnist", "dwf D=3")] == [0, 2]
+    assert results.partial_seeds("lenet300", "mnist", "dwf D=3") == {1: (1, 3)}
+    assert "lenet300/mnist dwf D=3: seed 1 left out of curves and tables, 1 of its 3 cells run so far" in results.notes()
+    table = cv.accuracy_at_cr_table(results, crs=(10.0,))
+    assert table.n_seeds.tolist() == [2] and table.acc_pct_mean.tolist() == pytest.approx([94.0])

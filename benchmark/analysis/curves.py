@@ -16,6 +16,10 @@ Choices (DESIGN.md section 2, "Sparsity is an outcome": compare at matched CR, n
   mean and std use the seeds whose range covers it. The line is drawn only where every seed covers
   the CR, so the mean never jumps where a seed's curve ends (if the ranges do not overlap at all,
   it is drawn wherever some seed covers it). The measured points themselves are drawn too.
+- **Partial seeds.** A seed that has run fewer cells of a variant than that variant's fullest seed
+  in the panel (failed cells count as run) is a sweep still going: its few points would pull the
+  mean and std toward one end of the curve, so curves, tables and figures leave it out, and the
+  notes say so. Grids cross seeds with everything, so a finished grid has no partial seed.
 - **Dense reference.** Rows with method ``dense`` give the dense accuracy per (arch, dataset, seed).
   A seed without its own dense row is compared with the mean dense accuracy of that panel.
 - **Largest CR within k points.** Walk each seed's curve (points sorted by CR, with the dense point
@@ -268,7 +272,20 @@ class Results:
 
     def seed_curves(self, arch: str, dataset: str, variant: str) -> list[Curve]:
         frame = self.panel_rows(arch, dataset, variant)
-        return [Curve.from_points(seed, g.cr, g.test_acc) for seed, g in frame.groupby("seed", sort=True)]
+        partial = self.partial_seeds(arch, dataset, variant)
+        return [Curve.from_points(seed, g.cr, g.test_acc) for seed, g in frame.groupby("seed", sort=True)
+                if seed not in partial]
+
+    def partial_seeds(self, arch: str, dataset: str, variant: str) -> dict:
+        """seed -> (cells run, cells of the fullest seed) for each seed with fewer cells of ``variant``
+        than its fullest seed in this panel (see "Partial seeds" above)."""
+        frame = self.rows[(self.rows.arch == arch) & (self.rows.dataset == dataset) & (self.rows.variant == variant)]
+        if "cell_id" in frame.columns and frame.cell_id.astype(str).str.len().gt(0).all():
+            counts = frame.groupby("seed").cell_id.nunique()
+        else:
+            counts = frame.groupby("seed").size()
+        most = counts.max() if len(counts) else 0
+        return {seed: (int(n), int(most)) for seed, n in counts.items() if n < most}
 
     def dense_by_seed(self, arch: str, dataset: str) -> dict:
         frame = self.panel_rows(arch, dataset)
@@ -315,6 +332,9 @@ class Results:
                 have = set(self.panel_rows(arch, dataset, variant).seed)
                 if seeds - have:
                     notes.append(f"{name} {variant}: seed(s) {', '.join(map(str, sorted(seeds - have)))} missing")
+                for seed, (run, most) in sorted(self.partial_seeds(arch, dataset, variant).items()):
+                    notes.append(f"{name} {variant}: seed {seed} left out of curves and tables, {run} of its "
+                                 f"{most} cells run so far")
         return notes
 
 
