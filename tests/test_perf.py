@@ -79,6 +79,20 @@ def test_perf_grid_reports_cells_per_hour_and_memory_per_worker(tmp_path):
             assert 0 < float(row["own_rss_mb"]) <= float(row["peak_rss_mb"])
 
 
+def test_perf_grid_pack_runs_the_grid_both_ways_and_compares_their_records(tmp_path, capsys):
+    out = tmp_path / "grid-pack.csv"
+    assert main(["perf", "grid-pack", "--quick", "--device", "cpu", "--jobs", "1", "--out", str(out)]) == 0
+    rows = read_rows(out)
+    assert [r["variant"] for r in rows] == ["--pack off", "--pack auto"]
+    assert_sane_times(rows)
+    assert float(rows[0]["ratio"]) == 1.0
+    assert float(rows[1]["ratio"]) == pytest.approx(float(rows[0]["median_s"]) / float(rows[1]["median_s"]))
+    # the built-in quick grid has three one-record cells; both runs' records were read back and paired
+    assert "against off, 3 records: test accuracy within" in rows[1]["note"]
+    assert "failed" not in rows[0]["note"] + rows[1]["note"]
+    assert "--pack auto / --pack off:" in capsys.readouterr().out
+
+
 @pytest.mark.slow
 def test_perf_all_runs_every_benchmark_into_one_table_at_the_default_place(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -120,7 +134,7 @@ def test_every_perf_flag_is_explained_in_help():
     for action in sub._actions:
         assert action.help and action.help != argparse.SUPPRESS, action.option_strings or action.dest
     text = sub.format_help()
-    for flag in ("--device", "--out", "--repeats", "--compile", "--quick", "--grid", "--archs", "--threads"):
+    for flag in ("--device", "--out", "--repeats", "--compile", "--quick", "--grid", "--archs", "--threads", "--jobs"):
         assert flag in text
 
 
@@ -129,6 +143,8 @@ def test_bad_perf_arguments_are_named(capsys):
     assert "alexnet" in capsys.readouterr().err
     assert main(["perf", "data", "--repeats", "0"]) == 2
     assert "--repeats" in capsys.readouterr().err
+    assert main(["perf", "grid-pack", "--jobs", "0"]) == 2
+    assert "--jobs 0" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------------

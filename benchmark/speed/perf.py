@@ -14,6 +14,10 @@
   pack against the same steps of each model alone, through the code ``--pack auto`` calibrates with
   (``benchmark.execution.pack_plan.measure``). Printed as one ``N.NNx`` per line (cells per hour packed / one
   at a time, as far as training steps decide it).
+- ``grid-pack`` (not part of ``all``: it runs a whole grid twice per round, the ``quick`` grid about an
+  hour on 2 cores): cells per hour of a grid with ``run --pack auto`` against ``--pack off``, same
+  ``--jobs``, each in a fresh results folder so ``auto`` pays its calibration, plus the largest
+  accuracy and CR differences between the two runs' records. Target on CPU: auto >= off (1.00x).
 
 The machines this runs on are often shared, so absolute times mean little on their own: every
 comparison alternates its contenders round by round in one process (reversing the order every other
@@ -65,7 +69,7 @@ DATA_TARGET = 8.0  # ours at least this many times faster than the DataLoader lo
 STEP_TARGETS = {("vgg16", d): 1.15 for d in DEPTHS} | {("resnet18", d): 1.15 for d in DEPTHS} | {("lenet300", 4): 1.6}
 
 #: Rounds (interleaved repetitions) per benchmark unless --repeats says otherwise.
-DEFAULT_ROUNDS = {"data": 3, "step_small": 30, "step_large": 5, "grid": 1, "pack": 5}
+DEFAULT_ROUNDS = {"data": 3, "step_small": 30, "step_large": 5, "grid": 1, "pack": 5, "grid-pack": 1}
 SMALL_STEP_BLOCK = 10  # LeNet steps take milliseconds: time blocks of steps, not single steps
 QUICK_LIMIT = 2000  # --quick: examples per Fashion-MNIST split in ``data``
 QUICK_GRID = """description = "perf --quick: three one-epoch cells on 200 images"
@@ -355,17 +359,22 @@ def _is_worker(pid: int) -> bool:
     return "python" in cmdline and "resource_tracker" not in cmdline and "semaphore_tracker" not in cmdline
 
 
-def run_grid_child(grid: str, jobs: int, device: str) -> dict:
+def run_grid_child(grid: str, jobs: int, device: str, pack: str = "off") -> dict:
     """Run the grid through ``run_grid`` in a fresh process and a fresh results folder, and watch the
-    peak resident memory of that process (the worker when jobs=1) and of each worker it starts."""
+    peak resident memory of that process (the worker when jobs=1) and of each worker it starts.
+    ``records`` maps each cell to its records' (test accuracy, CR, pack size)."""
     with tempfile.TemporaryDirectory(prefix="perf-grid-") as tmp:
         code = ("import json, sys, time; from benchmark.execution import grids, runner; "
+                "from benchmark.execution.store import Store; "
                 "g = grids.load_grid(sys.argv[1]); "
                 "t = time.perf_counter(); s = runner.run_grid(g, g.cells, results_dir=sys.argv[2], jobs=int(sys.argv[3]), "
-                "device=sys.argv[4], progress=False); "
-                "print(json.dumps({'seconds': time.perf_counter() - t, 'cells': len(g.cells), 'finished': s.finished, "
-                "'failed': s.failed, 'blocked': s.blocked}))")
-        proc = subprocess.Popen([sys.executable, "-c", code, grid, tmp, str(jobs), device],
+                "device=sys.argv[4], progress=False, pack=sys.argv[5]); seconds = time.perf_counter() - t; "
+                "store = Store(sys.argv[2], g.name); "
+                "records = {c.id: [(r.get('test_acc'), r.get('cr'), r.get('pack_size', 1)) "
+                "for r in (store.read(c.id) or {}).get('records', [])] for c in g.cells}; "
+                "print(json.dumps({'seconds': seconds, 'cells': len(g.cells), 'finished': s.finished, "
+                "'failed': s.failed, 'blocked': s.blocked, 'records': records}))")
+        proc = subprocess.Popen([sys.executable, "-c", code, grid, tmp, str(jobs), device, pack],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         peaks: dict[int, tuple[int, int]] = {}  # pid -> (peak resident, largest anonymous seen), kB
         watch = Path("/proc").is_dir()
@@ -420,6 +429,69 @@ def bench_grid(device: torch.device, rounds: int, quick: bool, grid: str | None)
                          peak_rss_mb=max(run["worker_peak_mb"] for run in runs),
                          own_rss_mb=max(run["worker_anon_mb"] for run in runs), device=str(device),
                          threads=max(1, (os.cpu_count() or 1) // jobs), note=note))
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------
+# grid-pack: a whole grid with --pack auto against --pack off
+# ------------------------------------------------------------------------------------------------
+
+GRID_PACK_TARGET = 1.0  # issue 15 on CPU: auto is never slower than off on the quick grid
+
+
+def _largest_differences(off: dict, auto: dict) -> tuple[float, float, int]:
+    """Largest |test accuracy difference| (points) and |relative CR difference| between the two runs'
+    records of each cell, and how many records were compared (float32 packs sum in another order)."""
+    acc, cr, compared = 0.0, 0.0, 0
+    for cell_id, records in off.items():
+        for (acc_off, cr_off, _), (acc_auto, cr_auto, _) in zip(records, auto.get(cell_id, [])):
+            if None in (acc_off, acc_auto, cr_off, cr_auto):
+                continue
+            compared += 1
+            acc = max(acc, abs(acc_off - acc_auto) * 100)
+            if math.isfinite(cr_off) and math.isfinite(cr_auto) and cr_off > 0:
+                cr = max(cr, abs(cr_auto - cr_off) / cr_off)
+    return acc, cr, compared
+
+
+def bench_grid_pack(device: torch.device, rounds: int, quick: bool, grid: str | None, jobs: int) -> list[Row]:
+    """The whole grid, each round once with ``--pack off`` and once with ``--pack auto`` (order
+    reversed every other round), each in a fresh results folder so ``auto`` pays its calibration.
+    The ratio is cells per hour auto / off: what packing buys a user on this device, all costs in."""
+    from benchmark.execution import grids
+
+    with tempfile.TemporaryDirectory(prefix="perf-gridfile-") as tmp:
+        if grid is None and quick:
+            grid = str(Path(tmp) / "perf-quick.toml")
+            Path(grid).write_text(QUICK_GRID)
+        grid = grid or "quick"
+        loaded = grids.load_grid(grid)
+        runs: dict[str, list[dict]] = {"off": [], "auto": []}
+        for r in range(rounds):
+            for mode in ("off", "auto") if r % 2 == 0 else ("auto", "off"):
+                result = run_grid_child(grid, jobs, str(device), pack=mode)
+                runs[mode].append(result)
+                print(f"grid {loaded.name}, --jobs {jobs} --pack {mode}: {result['seconds']:.0f} s for "
+                      f"{result['cells']} cells", flush=True)
+    per_cell = {mode: [run["seconds"] / max(1, run["cells"]) for run in done] for mode, done in runs.items()}
+    ratio = paired_ratio(per_cell["off"], per_cell["auto"])
+    target, met = _judge(ratio, None if quick else GRID_PACK_TARGET, True, device)
+    acc, cr, compared = _largest_differences(runs["off"][-1]["records"], runs["auto"][-1]["records"])
+    packed = sorted({size for records in runs["auto"][-1]["records"].values() for *_, size in records})
+    rows = []
+    for mode in ("off", "auto"):
+        bad = sum(run["failed"] + run["blocked"] for run in runs[mode])
+        note = f"{bad} failed/blocked cell runs; " if bad else ""
+        if mode == "auto":
+            note += (f"pack sizes {packed}; against off, {compared} records: test accuracy within {acc:.2f} "
+                     f"points, CR within {cr:.2%}")
+        rows.append(_row("grid-pack", f"grid {loaded.name}, {len(loaded.cells)} cells, --jobs {jobs}",
+                         f"--pack {mode}", "s/cell", per_cell[mode],
+                         ratio=paired_ratio(per_cell["off"], per_cell[mode]), ratio_of="cells per hour / --pack off",
+                         cells_per_hour=3600 / statistics.median(per_cell[mode]), device=str(device),
+                         threads=max(1, (os.cpu_count() or 1) // jobs),
+                         target=target if mode == "auto" else "", met=met if mode == "auto" else "", note=note))
+    print(f"grid {loaded.name}: --pack auto / --pack off: {ratio:.2f}x", flush=True)
     return rows
 
 
@@ -495,24 +567,27 @@ def add_commands(sub) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description=__doc__.split("\n\n", 1)[1],
     )
-    p.add_argument("what", nargs="?", default="all", choices=[*WHATS, "all"],
+    p.add_argument("what", nargs="?", default="all", choices=[*WHATS, "grid-pack", "all"],
                    help="data: our epoch vs a torchvision DataLoader epoch; step: DWF D=2/3/4 vs dense step time "
                         "per architecture; grid: cells per hour with --jobs 1 and 2 and peak memory per worker; "
-                        "pack: packed training vs one model at a time per pack size; all: the four (default)")
+                        "pack: packed training vs one model at a time per pack size; all: the four (default); "
+                        "grid-pack: a whole grid with --pack auto vs --pack off (long: not part of all)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps or auto (cuda > mps > cpu); default auto")
     p.add_argument("--out", type=Path,
                    help="CSV file for the table (default results/perf/perf-<what>.csv)")
     p.add_argument("--repeats", type=int,
                    help=f"interleaved rounds per comparison (default: data {DEFAULT_ROUNDS['data']}, step "
                         f"{DEFAULT_ROUNDS['step_small']} blocks of {SMALL_STEP_BLOCK} steps for LeNets and "
-                        f"{DEFAULT_ROUNDS['step_large']} single steps for VGG/ResNet, grid {DEFAULT_ROUNDS['grid']})")
+                        f"{DEFAULT_ROUNDS['step_large']} single steps for VGG/ResNet, grid and grid-pack {DEFAULT_ROUNDS['grid']})")
     p.add_argument("--compile", action="store_true",
                    help="step: also time torch.compile'd models (ratio to the compiled dense model and the "
                         "eager/compiled speedup); compiling VGG/ResNet takes minutes on a small CPU")
     p.add_argument("--archs", default=",".join(STEP_ARCHS),
                    help=f"step: comma-separated architectures (default {','.join(STEP_ARCHS)})")
-    p.add_argument("--grid", help="grid: preset name or TOML file to run (default: the smoke preset; with "
-                                  "--quick, a built-in three-cell grid)")
+    p.add_argument("--grid", help="grid, grid-pack: preset name or TOML file to run (default: smoke for grid, "
+                                  "quick for grid-pack; with --quick, a built-in three-cell grid)")
+    p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
+                   help="grid-pack: worker processes of both runs, as 'run --jobs' (default: 2, or 1 on one core)")
     p.add_argument("--threads", type=int,
                    help="torch intra-op threads for data and step (default: torch's choice, usually the core "
                         "count); grid workers always get cores/jobs each, as 'run' gives them")
@@ -527,6 +602,8 @@ def add_commands(sub) -> None:
 def perf_command(args) -> int:
     if args.repeats is not None and args.repeats < 1:
         raise ValueError(f"--repeats {args.repeats}: must be >= 1")
+    if args.jobs < 1:
+        raise ValueError(f"--jobs {args.jobs}: must be >= 1")
     if args.threads is not None:
         if args.threads < 1:
             raise ValueError(f"--threads {args.threads}: must be >= 1")
@@ -564,6 +641,8 @@ def perf_command(args) -> int:
             rows += bench_step(device, args.repeats, args.quick, archs, args.compile)
         elif what == "pack":
             rows += bench_pack(device, args.repeats or (1 if args.quick else DEFAULT_ROUNDS["pack"]), args.quick, sizes)
+        elif what == "grid-pack":
+            rows += bench_grid_pack(device, args.repeats or DEFAULT_ROUNDS["grid-pack"], args.quick, args.grid, args.jobs)
         else:
             rows += bench_grid(device, args.repeats or DEFAULT_ROUNDS["grid"], args.quick, args.grid)
         print(f"[{what}: {time.perf_counter() - began:.0f} s]", file=sys.stderr)
