@@ -438,6 +438,18 @@ def test_perf_pack_prints_one_ratio_per_case_and_size(tmp_path, capsys):
     lines = [line for line in capsys.readouterr().out.splitlines() if line.endswith("x") and ", pack of 2: " in line]
     assert [line.split(",")[0] for line in lines] == ["dense LeNet-300-100", "DWF D=3 LeNet-300-100", "SynFlow LeNet-5"]
     assert out.read_text().count("pack of 2") == 3
+    assert out.read_text().count("hardware limit") == 3
+
+
+def test_the_packing_limit_counts_every_weight_layers_three_products():
+    from benchmark.speed import perf
+
+    # LeNet-300-100: 784x300 + 300x100 + 100x10 multiply-adds per example, forward + two gradients
+    assert perf.step_flops("lenet300", (1, 28, 28), 10, 128) == 6 * 128 * (784 * 300 + 300 * 100 + 100 * 10)
+    # LeNet-5: a convolution's weights act once per output position (28x28 for conv1, padding 2; 10x10 for conv2)
+    macs = 150 * 28 * 28 + 2400 * 10 * 10 + 400 * 120 + 120 * 84 + 84 * 10
+    assert perf.step_flops("lenet5", (1, 28, 28), 10, 1) == 6 * macs
+    assert perf.matmul_rate(torch.device("cpu"), rounds=1) > 1e8
 
 
 def test_calibration_times_a_real_pack_against_real_steps():

@@ -215,7 +215,8 @@ def part_perf_pack(check: Check, device: str) -> None:
     command = benchmark_command("perf", "pack", "--device", device, "--out", str(csv_path))
     outcome, text = check.run("perf-pack", command + (["--quick"] if check.dry_run else []), 150)
     found = [line.strip() for line in text.splitlines() if re.search(r"\d\.\d\dx$", line.strip())]
-    outcome.details = [f"- {line}" for line in found]
+    limits = [line.strip() for line in text.splitlines() if line.strip().endswith("(hardware limit)")]
+    outcome.details = [f"- {line}" for line in found + limits]
     if found:
         outcome.result = (outcome.result + "; " if outcome.result else "") + f"{len(found)} ratios (below)"
 

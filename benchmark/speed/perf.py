@@ -53,7 +53,7 @@ from benchmark.core.files import atomic_write_text
 from benchmark.engine import data as data_mod
 from benchmark.engine import models
 from methods import structures
-from benchmark.engine.sparsity import prunable_layers
+from benchmark.engine.sparsity import layer_macs, prunable_layers
 from benchmark.engine.timing import interleave, paired_ratio, sync
 from benchmark.engine.train import (TrainHooks, check_compile, default_schedule, make_optimizer, pick_device, prepare_input,
                              train, training_step, tune_cpu_allocator)
@@ -506,21 +506,59 @@ PACK_CASES = [("dense LeNet-300-100", "lenet300", (1, 28, 28), 10, structures.DE
 PACK_SIZES = (1, 8, 16, 64)
 
 
+def step_flops(arch: str, shape, classes: int, batch: int) -> int:
+    """Floating-point operations of one training step in its weight layers: forward, input gradient
+    and weight gradient, each 2 per multiply-add (activations, pooling and the update not counted)."""
+    model = models.build(arch, shape, classes)
+    positions = layer_macs(model, shape)
+    return 6 * batch * sum(m.weight.numel() * positions[name] for name, m in prunable_layers(model))
+
+
+def matmul_rate(device: torch.device, rounds: int = 10) -> float:
+    """The device's float32 FLOP/s on large square matrix products (best of ``rounds`` at two
+    sizes): the rate no packing of small products can beat."""
+    best = 0.0
+    for n in ((4096, 8192) if device.type == "cuda" else (512, 1024)):
+        a, b = (torch.randn(n, n, device=device) for _ in range(2))
+        for _ in range(rounds + 1):
+            sync(device)
+            began = time.perf_counter()
+            a @ b
+            sync(device)
+            best = max(best, 2 * n ** 3 / (time.perf_counter() - began))
+    return best
+
+
 def bench_pack(device: torch.device, rounds: int, quick: bool, sizes: tuple[int, ...]) -> list[Row]:
     """Per case and pack size, one step of the pack against the same steps one model at a time,
-    alternating rounds (``pack_plan.measure``); prints one ratio per line as it goes."""
+    alternating rounds (``pack_plan.measure``); prints one ratio per line as it goes. Per case it
+    also prints the hardware's limit: one model's step against its weight layers' FLOPs at the
+    device's large-matmul rate. Packing only removes what a step spends beyond that arithmetic
+    (per-op launches, small-kernel inefficiency), so no pack can be faster than the limit."""
     from benchmark.execution.pack_plan import measure
 
     rows = []
     batch = 16 if quick else 128
+    rate = matmul_rate(device)
     for label, arch, shape, classes, kind in PACK_CASES:
+        flops = step_flops(arch, shape, classes, batch)
+        case_rows = []
         for size in sizes:
             result = measure(arch, shape, classes, kind, size, batch, device, rounds)
             print(f"{label}, pack of {size}: {result['ratio']:.2f}x", flush=True)
-            rows.append(_row("pack", f"{label}, batch {batch}", f"pack of {size}", "s/step", result["packed_rounds"],
-                             ratio=result["ratio"], ratio_of="one at a time / packed, same steps",
-                             device=str(device), threads=torch.get_num_threads(),
-                             note=f"one at a time {result['sequential_s'] * 1e3:.1f} ms per {size} steps"))
+            case_rows.append(_row("pack", f"{label}, batch {batch}", f"pack of {size}", "s/step", result["packed_rounds"],
+                                  ratio=result["ratio"], ratio_of="one at a time / packed, same steps",
+                                  device=str(device), threads=torch.get_num_threads(),
+                                  note=f"one at a time {result['sequential_s'] * 1e3:.1f} ms per {size} steps"))
+            case_rows[-1].step_s = result["sequential_s"] / size
+        step_s = statistics.median(row.step_s for row in case_rows)
+        limit = step_s / (flops / rate)
+        print(f"{label}: one step {step_s * 1e3:.2f} ms, its {flops / 1e6:.0f} MFLOP take {flops / rate * 1e3:.2f} ms "
+              f"at {device.type}'s best matmul rate, {rate / 1e9:.0f} GFLOP/s: packing can gain at most about {limit:.2f}x "
+              f"(hardware limit)", flush=True)
+        for row in case_rows:
+            row.note += f"; hardware limit {limit:.2f}x ({flops / 1e6:.0f} MFLOP per step at {rate / 1e9:.0f} GFLOP/s)"
+        rows += case_rows
     return rows
 
 
