@@ -14,8 +14,8 @@
   pack against the same steps of each model alone, through the code ``--pack auto`` calibrates with
   (``benchmark.execution.pack_plan.measure``). Printed as one ``N.NNx`` per line (cells per hour packed / one
   at a time, as far as training steps decide it).
-- ``grid-pack`` (not part of ``all``: it runs a whole grid twice per round, the ``quick`` grid about an
-  hour on 2 cores): cells per hour of a grid with ``run --pack auto`` against ``--pack off``, same
+- ``grid-pack`` (not part of ``all``: it runs a whole grid twice per round: the ``quick`` grid took 33
+  minutes on 2 cores): cells per hour of a grid with ``run --pack auto`` against ``--pack off``, same
   ``--jobs``, each in a fresh results folder so ``auto`` pays its calibration, plus the largest
   accuracy and CR differences between the two runs' records. Target on CPU: auto >= off (1.00x).
 
@@ -542,7 +542,7 @@ def bench_pack(device: torch.device, rounds: int, quick: bool, sizes: tuple[int,
     rate = matmul_rate(device)
     for label, arch, shape, classes, kind in PACK_CASES:
         flops = step_flops(arch, shape, classes, batch)
-        case_rows = []
+        case_rows, step_seconds = [], []
         for size in sizes:
             result = measure(arch, shape, classes, kind, size, batch, device, rounds)
             print(f"{label}, pack of {size}: {result['ratio']:.2f}x", flush=True)
@@ -550,8 +550,8 @@ def bench_pack(device: torch.device, rounds: int, quick: bool, sizes: tuple[int,
                                   ratio=result["ratio"], ratio_of="one at a time / packed, same steps",
                                   device=str(device), threads=torch.get_num_threads(),
                                   note=f"one at a time {result['sequential_s'] * 1e3:.1f} ms per {size} steps"))
-            case_rows[-1].step_s = result["sequential_s"] / size
-        step_s = statistics.median(row.step_s for row in case_rows)
+            step_seconds.append(result["sequential_s"] / size)
+        step_s = statistics.median(step_seconds)
         limit = step_s / (flops / rate)
         print(f"{label}: one step {step_s * 1e3:.2f} ms, its {flops / 1e6:.0f} MFLOP take {flops / rate * 1e3:.2f} ms "
               f"at {device.type}'s best matmul rate, {rate / 1e9:.0f} GFLOP/s: packing can gain at most about {limit:.2f}x "
