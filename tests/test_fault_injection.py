@@ -269,12 +269,18 @@ def test_dask_worker_killed_in_the_middle_of_a_cell(reference, cluster, tmp_path
     with distributed.Client(cluster.scheduler_address) as client:
         proc = start("run", "--grid", g, "--results-dir", results, "--no-progress", "--backend", "dask",
                      "--scheduler", cluster.scheduler_address)
+
+        def busy_workers() -> list[str]:
+            return [w for w, tasks in client.processing().items() if tasks]
+
         for round_ in range(2):
             assert wait_until(lambda: sum(e["event"] == "start" for e in events(results, "g")) > 2 * round_
                               or proc.poll() is not None, 300, every=0.05)
             if proc.poll() is not None:
                 break
-            busy = [w for w, tasks in client.processing().items() if tasks]
+            # the driver logs "start" just before it submits: wait for the scheduler to place the task
+            wait_until(lambda: busy_workers() or proc.poll() is not None, 60, every=0.02)
+            busy = busy_workers()
             if busy:
                 pid = client.run(os.getpid, workers=[busy[0]])[busy[0]]
                 os.kill(pid, signal.SIGKILL)
