@@ -515,11 +515,13 @@ def step_flops(arch: str, shape, classes: int, batch: int) -> int:
 
 
 def matmul_rate(device: torch.device, rounds: int = 10) -> float:
-    """The device's float32 FLOP/s on large square matrix products (best of ``rounds`` at two
-    sizes): the rate no packing of small products can beat."""
+    """The device's FLOP/s on large square matrix products (best of ``rounds`` at two sizes), in the
+    dtype training computes in there (bf16 on CUDA, under autocast; float32 elsewhere): the rate no
+    packing of small products can beat."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     best = 0.0
     for n in ((4096, 8192) if device.type == "cuda" else (512, 1024)):
-        a, b = (torch.randn(n, n, device=device) for _ in range(2))
+        a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
         for _ in range(rounds + 1):
             sync(device)
             began = time.perf_counter()
