@@ -30,6 +30,7 @@ unit tests. CPU runs tune glibc's allocator first, as every CPU training run doe
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import gzip
 import io
@@ -399,15 +400,22 @@ def run_grid_child(grid: str, jobs: int, device: str, pack: str = "off") -> dict
     return result
 
 
-def bench_grid(device: torch.device, rounds: int, quick: bool, grid: str | None) -> list[Row]:
+@contextlib.contextmanager
+def _grid_to_run(grid: str | None, quick: bool, default: str):
+    """(grid argument, loaded grid): the one asked for, else the built-in three-cell grid under
+    --quick (written to a temporary file for the child runs), else ``default``."""
     from benchmark.execution import grids
 
     with tempfile.TemporaryDirectory(prefix="perf-gridfile-") as tmp:
         if grid is None and quick:
             grid = str(Path(tmp) / "perf-quick.toml")
             Path(grid).write_text(QUICK_GRID)
-        grid = grid or "smoke"
-        loaded = grids.load_grid(grid)
+        grid = grid or default
+        yield grid, grids.load_grid(grid)
+
+
+def bench_grid(device: torch.device, rounds: int, quick: bool, grid: str | None) -> list[Row]:
+    with _grid_to_run(grid, quick, "smoke") as (grid, loaded):
         results: dict[int, list[dict]] = {1: [], 2: []}
         for r in range(rounds):
             for jobs in (1, 2) if r % 2 == 0 else (2, 1):
@@ -458,14 +466,7 @@ def bench_grid_pack(device: torch.device, rounds: int, quick: bool, grid: str | 
     """The whole grid, each round once with ``--pack off`` and once with ``--pack auto`` (order
     reversed every other round), each in a fresh results folder so ``auto`` pays its calibration.
     The ratio is cells per hour auto / off: what packing buys a user on this device, all costs in."""
-    from benchmark.execution import grids
-
-    with tempfile.TemporaryDirectory(prefix="perf-gridfile-") as tmp:
-        if grid is None and quick:
-            grid = str(Path(tmp) / "perf-quick.toml")
-            Path(grid).write_text(QUICK_GRID)
-        grid = grid or "quick"
-        loaded = grids.load_grid(grid)
+    with _grid_to_run(grid, quick, "quick") as (grid, loaded):
         runs: dict[str, list[dict]] = {"off": [], "auto": []}
         for r in range(rounds):
             for mode in ("off", "auto") if r % 2 == 0 else ("auto", "off"):
