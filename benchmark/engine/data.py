@@ -534,9 +534,11 @@ class Data:
     train: Split
     test: Split
     source: Path
+    val: Split | None = None  # held out of the training set (Schedule.validation), or None
 
     def to(self, device) -> "Data":
-        return Data(self.spec, self.train.to(device), self.test.to(device), self.source)
+        return Data(self.spec, self.train.to(device), self.test.to(device), self.source,
+                    None if self.val is None else self.val.to(device))
 
 
 # Splits above this many bytes as float32 are kept as uint8 and normalized per batch
@@ -561,16 +563,46 @@ def _to_split(images: np.ndarray, labels: np.ndarray, spec: DatasetSpec, device,
     return Split(x, y, mean, std)
 
 
-def load(name: str, data_dir=None, device="cpu", limit: int | None = None) -> Data:
+def load(name: str, data_dir=None, device="cpu", limit: int | None = None, validation: int = 0) -> Data:
     """Load both splits of ``name`` onto ``device``. ``limit`` keeps the first N of each (tests, perf,
-    subset cells); Tiny ImageNet's train order interleaves classes so the first N cover all."""
+    subset cells); Tiny ImageNet's train order interleaves classes so the first N cover all.
+    ``validation`` > 0 moves that many training examples (``validation_indices``) into ``Data.val``."""
     spec = get_spec(name)
     folder = locate(name, data_dir)
-    splits = {}
-    for split in spec.splits:
-        images, labels = spec.read(folder, split, limit)
-        splits[split] = _to_split(images, labels, spec, device, folder)
-    return Data(spec, splits["train"], splits["test"], folder)
+    arrays = {split: spec.read(folder, split, limit) for split in spec.splits}
+    val = None
+    if validation:
+        images, labels = arrays["train"]
+        held = np.zeros(len(labels), dtype=bool)
+        held[validation_indices(labels, validation)] = True
+        arrays["train"] = images[~held], labels[~held]
+        val = _to_split(images[held], labels[held], spec, device, folder)
+    splits = {split: _to_split(images, labels, spec, device, folder) for split, (images, labels) in arrays.items()}
+    return Data(spec, splits["train"], splits["test"], folder, val)
+
+
+#: Seed of the validation draw. Fixed, not the cell's seed: every cell of a dataset (every seed,
+#: method and setting) holds out the same examples, so their validation scores compare.
+VALIDATION_SEED = 2_502_024_960
+
+
+def validation_indices(labels: np.ndarray, count: int) -> np.ndarray:
+    """Sorted indices of ``count`` training examples to hold out, stratified by class: each class
+    gives its share of ``count`` (rounded by largest remainder, ties to the lower class), drawn
+    uniformly within the class by ``VALIDATION_SEED``. Depends only on the labels and ``count``."""
+    labels = np.asarray(labels)
+    total = len(labels)
+    if not 0 < count < total:
+        raise ValueError(f"schedule validation={count} must be between 1 and {total - 1}: it holds out that many "
+                         f"of the {total} training examples (lower it, or 0 for no validation split)")
+    classes, sizes = np.unique(labels, return_counts=True)
+    exact = count * sizes / total
+    quota = np.floor(exact).astype(np.int64)
+    by_remainder = np.lexsort((classes, -(exact - quota)))
+    quota[by_remainder[:count - int(quota.sum())]] += 1
+    rng = np.random.Generator(np.random.PCG64(VALIDATION_SEED))
+    picked = [rng.permutation(np.flatnonzero(labels == c))[:q] for c, q in zip(classes, quota)]
+    return np.sort(np.concatenate(picked))
 
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:

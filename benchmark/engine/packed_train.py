@@ -382,6 +382,8 @@ def train_packed(jobs: list[Job], data: data_mod.Data) -> None:
                 return
         pack.sync()
         accs, losses = evaluate_packed(pack.model, data.test, channels_last)
+        val_accs, val_losses = evaluate_packed(pack.model, data.val, channels_last) if data.val is not None \
+            else ([None] * len(alive), None)
         seconds = (time.perf_counter() - began) / len(alive)
         lr = schedule.lr * factor((epoch + 1) * steps_per_epoch)
         for i, job in enumerate(alive):
@@ -389,6 +391,7 @@ def train_packed(jobs: list[Job], data: data_mod.Data) -> None:
             job.history.append({
                 "epoch": epoch + 1, "train_loss": float(loss_sum[i]) / max(seen, 1),
                 "train_acc": float(correct[i]) / max(seen, 1), "test_loss": losses[i], "test_acc": accs[i],
+                **({} if val_losses is None else {"val_acc": val_accs[i], "val_loss": val_losses[i]}),
                 "lr": lr, "seconds": seconds,
             } | job.hooks.epoch_metrics(job.model))
             if epoch + 1 in job.snapshot_epochs:

@@ -6,8 +6,9 @@ with an atomic checkpoint that also holds the hooks' own state, and a run that f
 continues from it: batches depend only on (seed, epoch), so a resumed run ends with the same weights
 as an uninterrupted one.
 
-Evaluation uses the official test split (there is no validation split and no model selection:
-the reported model is the one after the last epoch).
+Evaluation uses the official test split, and the validation split when the schedule holds one out
+(``Schedule.validation``): settings are chosen on it, never on the test split. There is no
+early stopping: the reported model is the one after the last epoch.
 """
 
 from __future__ import annotations
@@ -42,6 +43,10 @@ class Schedule:
     batch_size: int = 128
     nesterov: bool = False
     warmup_epochs: int = 0  # linear warm-up of the learning rate before the cosine decay
+    #: Training examples held out as a validation split (class-stratified, the same examples for every
+    #: cell of a dataset whatever its seed: ``benchmark.engine.data.validation_indices``); 0: none, and
+    #: all of the training set trains. Settings are chosen on this split, never on the test set.
+    validation: int = 0
 
     def __post_init__(self):
         problems = []
@@ -57,8 +62,20 @@ class Schedule:
             problems.append(f"batch_size={self.batch_size} must be >= 1")
         if not 0 <= self.warmup_epochs <= max(self.epochs, 0):
             problems.append(f"warmup_epochs={self.warmup_epochs} must be in [0, epochs={self.epochs}]")
+        if self.validation < 0:
+            problems.append(f"validation={self.validation} must be >= 0 (training examples held out; 0: none)")
         if problems:
             raise ValueError("bad schedule: " + "; ".join(problems))
+
+    def config(self) -> dict:
+        """The settings that identify this schedule (cell ids, dense-cache keys, records). Options
+        added after the first records were written are left out while they have their default, so
+        every earlier cell keeps its id."""
+        values = asdict(self)
+        for name, default in OPT_IN_DEFAULTS.items():
+            if values[name] == default:
+                del values[name]
+        return values
 
     def replace(self, **changes) -> "Schedule":
         return Schedule(**(asdict(self) | changes))
@@ -96,7 +113,9 @@ class Schedule:
 
 #: Field types of Schedule as classes (its annotations are strings under postponed evaluation).
 _SCHEDULE_TYPES = {"epochs": int, "lr": float, "momentum": float, "weight_decay": float, "batch_size": int,
-                   "nesterov": bool, "warmup_epochs": int}
+                   "nesterov": bool, "warmup_epochs": int, "validation": int}
+#: Schedule settings that are part of a cell's identity only when they differ from these defaults.
+OPT_IN_DEFAULTS = {"validation": 0}
 
 
 #: Default schedules per architecture family (DESIGN.md section 5). LeNet weight decay and the
@@ -300,6 +319,14 @@ def evaluate(model: nn.Module, split: data_mod.Split, batch_size: int = 1000, ch
     return float(correct) / n, float(loss) / n
 
 
+def validation_metrics(model: nn.Module, data: data_mod.Data, channels_last: bool = False) -> dict:
+    """``val_acc`` and ``val_loss`` on the held-out split, or nothing when there is none."""
+    if data.val is None:
+        return {}
+    acc, loss = evaluate(model, data.val, channels_last=channels_last)
+    return {"val_acc": acc, "val_loss": loss}
+
+
 @dataclass
 class History:
     epochs: list[dict] = field(default_factory=list)
@@ -415,12 +442,13 @@ def train(
                 raise Diverged(_diverged_message(epoch, steps_per_epoch - 1, float(loss_sum), schedule))
             hooks.after_epoch(model, epoch)
             test_acc, test_loss = evaluate(model, data.test, channels_last=channels_last)
+            held_out = validation_metrics(model, data, channels_last)
             seconds = time.perf_counter() - began
             history.wall_s += seconds
             history.epochs.append({
                 "epoch": epoch + 1, "train_loss": float(loss_sum) / max(seen, 1),
                 "train_acc": float(correct) / max(seen, 1), "test_loss": test_loss, "test_acc": test_acc,
-                "lr": optimizer.param_groups[0]["lr"], "seconds": seconds,
+                **held_out, "lr": optimizer.param_groups[0]["lr"], "seconds": seconds,
             } | hooks.epoch_metrics(model))
             if epoch + 1 in snapshot_epochs:
                 snapshots[epoch + 1] = _clone_state(model)

@@ -28,7 +28,7 @@ from benchmark.core.validation import coerce
 from benchmark.engine import train as training
 from benchmark.engine.packed_train import previous_checkpoint
 from benchmark.engine.train import (Diverged, History, Schedule, TrainHooks, default_schedule, epoch_steps,
-                                    evaluate, pick_device, train)
+                                    evaluate, pick_device, train, validation_metrics)
 from benchmark.core import method as method_base
 
 #: Seeds go to torch and numpy generators; numpy's take 32 bits.
@@ -167,7 +167,7 @@ class Cell:
 
 @functools.lru_cache(maxsize=1024)
 def _schedule_config(schedule: Schedule) -> dict:
-    return asdict(schedule)
+    return schedule.config()
 
 
 @functools.lru_cache(maxsize=1024)
@@ -212,7 +212,7 @@ def config_hash(config: dict) -> str:
 def dense_key(cell: Cell) -> str:
     """Name of the cached dense training a cell shares (``<cache>/dense-<key>.pt``)."""
     return config_hash({"arch": cell.arch, "dataset": cell.dataset, "seed": cell.seed,
-                        "schedule": asdict(cell.schedule), "subset": cell.subset, "v": 1})
+                        "schedule": cell.schedule.config(), "subset": cell.subset, "v": 1})
 
 
 @dataclass
@@ -327,7 +327,7 @@ class Context:
                 **extra) -> dict:
         """Evaluate and measure ``model`` as it stands; ``extra`` is added to the record."""
         acc, loss = self.evaluate(model)
-        record = {"test_acc": acc, "test_loss": loss}
+        record = {"test_acc": acc, "test_loss": loss} | validation_metrics(model, self.data, self.channels_last)
         record.update(sparsity.summarize(model, self.input_shape, threshold))
         epochs = history.epochs if isinstance(history, History) else (history or [])
         record["history"] = epochs
@@ -374,7 +374,10 @@ def run_cell(cell: Cell, *, data_dir=None, device: str | torch.device | None = N
                                    "config": cell.config()}
     try:
         if data is None:
-            data = data_mod.load(cell.dataset, data_dir, dev, limit=cell.subset)
+            data = data_mod.load(cell.dataset, data_dir, dev, limit=cell.subset, validation=cell.schedule.validation)
+        elif (data.val is None) != (cell.schedule.validation == 0):
+            raise ValueError(f"the data passed to run_cell {'lacks' if data.val is None else 'has'} a validation split, "
+                             f"but the cell's schedule says validation={cell.schedule.validation}")
         work_dir = Path(work_root) / cell.id
         ctx = context(cell, data, dev, work_dir, Path(cache_dir), progress, compiled)
         method = method_base.get_method(cell.method)(cell.method_params)

@@ -287,7 +287,7 @@ def parse_grid(text: str, name: str = "grid", source: str = "<text>", _chain: tu
                                                           **exp_schedule})
                 except ValueError as exc:
                     problems.append(f"{schedule_where}: {exc}")
-        schedule_json = {arch: canonical_json(asdict(schedule)) for arch, schedule in schedules.items()}
+        schedule_json = {arch: canonical_json(schedule.config()) for arch, schedule in schedules.items()}
         methods = exp.get("methods", {})
         if not isinstance(methods, dict) or not methods:
             problems.append(f"{where(table, 'methods')}: experiment has no [experiment.methods.NAME] tables")

@@ -70,10 +70,11 @@ def _cached_data(cell: Cell, data_dir, device):
     """Workers are reused across cells: keep the last dataset on its device instead of reloading."""
     from benchmark.engine import data as data_mod
 
-    key = (cell.dataset, str(data_dir), str(device), cell.subset)
+    key = (cell.dataset, str(data_dir), str(device), cell.subset, cell.schedule.validation)
     if key not in _DATA_CACHE:
         _DATA_CACHE.clear()
-        _DATA_CACHE[key] = data_mod.load(cell.dataset, data_dir, device, limit=cell.subset)
+        _DATA_CACHE[key] = data_mod.load(cell.dataset, data_dir, device, limit=cell.subset,
+                                         validation=cell.schedule.validation)
     return _DATA_CACHE[key]
 
 
