@@ -44,6 +44,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from benchmark.core.interpolation import REL_EPS, interpolate_log_cr
+
 #: Columns ``results.csv`` must have; the rest are optional.
 REQUIRED_RESULT_COLUMNS = ("arch", "dataset", "method", "seed", "test_acc", "cr")
 #: Columns ``layers.csv`` must have.
@@ -57,7 +59,7 @@ ARCH_NAMES = {"lenet300": "LeNet-300-100", "lenet5": "LeNet-5", "vgg16": "VGG-16
 DATASET_NAMES = {"mnist": "MNIST", "fashion-mnist": "Fashion-MNIST", "kmnist": "KMNIST", "cifar10": "CIFAR-10",
                  "cifar100": "CIFAR-100", "tiny-imagenet": "Tiny ImageNet"}
 _GRID_POINTS = 80
-_REL_EPS = 1e-9  # CRs closer than this (relative) count as equal
+_REL_EPS = REL_EPS  # CRs closer than this (relative) count as equal
 _ACC_EPS = 1e-12  # so that 0.99 - 0.10 >= 0.89 holds despite float rounding
 
 
@@ -165,19 +167,6 @@ class Curve:
     def at(self, crs) -> np.ndarray:
         """Accuracy interpolated linearly in log(CR); NaN outside the measured range."""
         return interpolate_log_cr(self.cr, self.acc, crs)
-
-
-def interpolate_log_cr(cr, acc, at) -> np.ndarray:
-    """Linear interpolation of ``acc`` against log(``cr``) at ``at``; NaN outside [min cr, max cr]."""
-    cr, acc = np.asarray(cr, float), np.asarray(acc, float)
-    at = np.atleast_1d(np.asarray(at, float))
-    out = np.full(at.shape, np.nan)
-    if len(cr) == 0:
-        return out
-    inside = (at >= cr[0] * (1 - _REL_EPS)) & (at <= cr[-1] * (1 + _REL_EPS))
-    clipped = np.clip(at[inside], cr[0], cr[-1])
-    out[inside] = np.interp(np.log(clipped), np.log(cr), acc)
-    return out
 
 
 def largest_cr_within(cr, acc, dense_acc: float, points: float) -> tuple[float, bool]:

@@ -154,7 +154,7 @@ class Table:
     stem: str  # file name without suffix
     title: str
     explanation: str
-    tidy: pd.DataFrame
+    tidy: pd.DataFrame | None  # None: the table's CSV is written by another command
     wide: pd.DataFrame
     headline: bool  # tolerance and accuracy: with the dense accuracy and the notes, in LaTeX too, printed
 
@@ -176,6 +176,10 @@ def build_tables(results: cv.Results, label: str, points=cv.TOLERANCE_POINTS, cr
                          False),
                    Table("settling", f"Is sparsity settled? ({label} grid)", SETTLING_EXPLANATION, settling,
                          settling_wide(settling), False)]
+        picks = tuning_table(results.path.parent)
+        if picks is not None:
+            tables.append(Table("tuning", f"Settings chosen on the validation split ({label} grid)",
+                                TUNING_EXPLANATION, None, picks, False))
     return tables
 
 
@@ -197,7 +201,9 @@ def write_report(grid: str, results_dir: Path | str = "results", points=cv.TOLER
     for table in build_tables(results, label, points, crs, with_cost=not suffix):
         if not table.headline:
             md = markdown_document(table.title, table.explanation, table.wide, pd.DataFrame(), [])
-            outputs = {folder / f"{table.stem}.csv": table.tidy.to_csv(index=False), folder / f"{table.stem}.md": md}
+            outputs = {folder / f"{table.stem}.md": md}
+            if table.tidy is not None:  # None: its CSV is the run's own (tuning.csv)
+                outputs[folder / f"{table.stem}.csv"] = table.tidy.to_csv(index=False)
         else:
             md = markdown_document(table.title, table.explanation, table.wide, dense, notes)
             caption = f"{table.title}. {table.explanation}"
@@ -212,6 +218,33 @@ def write_report(grid: str, results_dir: Path | str = "results", points=cv.TOLER
             path.write_text(text, encoding="utf-8")
             files.append(path)
     return files, "\n".join(markdown)
+
+
+TUNING_EXPLANATION = (
+    "Each tuned curve's candidates with their validation score (mean validation accuracy over the tuning seeds "
+    "and scoring CRs, log-CR interpolation; beyond a candidate's measured CRs by more than 1.5x: chance); "
+    "the pick in bold. Test data never enters a pick. Tuning cells and their CPU-hours are what the choice cost "
+    "(docs/tuning.md)."
+)
+
+
+def tuning_table(folder: Path) -> pd.DataFrame | None:
+    """The grid's tuning table (``tuning.csv``, written by ``run``) one row per curve, formatted; None
+    without one."""
+    path = folder / "tuning.csv"
+    if not path.is_file():
+        return None
+    tidy = cv.read_csv_checked(path, ("curve", "parameter", "candidate", "val_score", "picked", "tuning_cells",
+                                      "tuning_cpu_hours"))
+    rows = []
+    for curve, group in tidy.groupby("curve", sort=False):
+        picked = group["picked"].astype(str).str.lower() == "true"
+        scores = [f"**{c:g}: {100 * v:.2f}**" if p else f"{c:g}: {100 * v:.2f}"
+                  for c, v, p in zip(group["candidate"].astype(float), group["val_score"].astype(float), picked)]
+        first = group.iloc[0]
+        rows.append({"curve": curve, "parameter": first["parameter"], "candidates: validation score (%)": ", ".join(scores),
+                     "tuning cells": int(first["tuning_cells"]), "CPU-hours": f"{float(first['tuning_cpu_hours']):.2f}"})
+    return pd.DataFrame(rows)
 
 
 COST_EXPLANATION = (

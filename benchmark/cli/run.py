@@ -10,7 +10,7 @@ from pathlib import Path
 
 from benchmark.core.errors import RunStopped, StorageError
 from benchmark.execution import grids as grids_mod
-from benchmark.execution import slurm
+from benchmark.execution import slurm, tuning
 from benchmark.execution.cell import Cell
 from benchmark.execution.runner import (DASK_CONNECT_TIMEOUT_S, PACK_ENV, _say, _signal_name, estimate_epochs,
                                         pending_cells, run_grid, trainings)
@@ -114,11 +114,44 @@ def _check_results_dir(results_dir) -> None:
         raise ValueError(f"--results-dir {results_dir} is a file, not a folder; give a folder (it is created if missing)")
 
 
-def _select(args) -> tuple[grids_mod.Grid, list[Cell]]:
+def _select(args) -> tuple[grids_mod.Grid, list[Cell], list[tuning.TuneGroup]]:
+    """The grid, its fixed cells and its tuned curves, as --seeds and --only select them (the
+    filters see a tuned curve's cells as the grid wrote them; its tuning cells come with it)."""
     grid = grids_mod.load_grid(args.grid)
     seeds = _parse_seeds(getattr(args, "seeds", None))
-    cells = grids_mod.filter_cells(grids_mod.with_seeds(grid.cells, seeds), getattr(args, "only", None))
-    return grid, cells
+    only = getattr(args, "only", None)
+    cells = grids_mod.with_seeds(grid.cells, seeds)
+    if not grid.tune_groups:
+        return grid, grids_mod.filter_cells(cells, only), []
+    kept = {c.id for c in grids_mod.filter_cells(cells + grids_mod.with_seeds(grid.final_templates(), seeds), only)}
+    groups = []
+    for group in grid.tune_groups:
+        finals = [c for c in grids_mod.with_seeds(group.finals, seeds) if c.id in kept]
+        if finals:
+            groups.append(tuning.TuneGroup(group.spec, group.target, finals, group.tuning))
+    return grid, [c for c in cells if c.id in kept], groups
+
+
+def _picks(grid: grids_mod.Grid, groups: list[tuning.TuneGroup], results_dir) -> tuple[list[Cell], list[str]]:
+    """The final cells of the selected tuned curves whose tuning is complete, and lines that say
+    what was picked and what waits. Rewrites the grid's tuning table from every tuned curve."""
+    tuning_store = Store(results_dir, tuning.folder(grid.name))
+
+    def read(cell_id: str):
+        return _read_quietly(tuning_store, cell_id)  # a damaged one: run sets it aside and trains it again
+
+    every, _ = tuning.resolve(grid.tune_groups, read)
+    if every:
+        Store(results_dir, grid.name).write_picks(tuning.table_rows(every))
+    picks, waiting = tuning.resolve(groups, read)
+    finals = [cell for chosen in picks for cell in chosen.group.final_cells(chosen.value)]
+    lines = [f"tuning: {len(picks)} of {len(groups)} tuned curve(s) have their pick "
+             f"({', '.join(f'{p.group.label}: {p.group.spec.parameter}={p.value}' for p in picks[:6])}"
+             f"{', ...' if len(picks) > 6 else ''}); table: {Store(results_dir, grid.name).root / tuning.TABLE}"]
+    for group, done, total in waiting:
+        lines.append(f"  waiting: {group.label} has {done} of {total} tuning cells done; its {len(group.finals)} "
+                     f"final cell(s) run once all are (run the same command again)")
+    return finals, lines
 
 
 def check_run_inputs(args) -> None:
@@ -178,10 +211,10 @@ def _resume_command(args) -> str:
 
 def run_command(args) -> int:
     check_run_inputs(args)
-    grid, cells = _select(args)
+    grid, cells, groups = _select(args)
     store = Store(args.results_dir, grid.name)
     if args.dry_run:
-        return dry_run(store, cells, args)
+        return dry_run(store, cells, args, grid, groups)
     if args.no_estimate or args.speeds:
         raise ValueError(f"{'--no-estimate' if args.no_estimate else '--speeds'} is for --dry-run; add --dry-run "
                          f"to see the estimate, or leave it out to run")
@@ -194,12 +227,31 @@ def run_command(args) -> int:
         store.check_writable()
         _, toml, _ = grids_mod.grid_source(args.grid)
         store.record_grid(args.grid, grid.source, grid.description, toml, resume)
-        summary = run_grid(grid, cells, results_dir=args.results_dir, jobs=args.jobs, jobs_per_gpu=args.jobs_per_gpu,
-                           backend="dask" if args.backend == "slurm" else args.backend, scheduler=args.scheduler,
-                           data_dir=args.data_dir, device=args.device, retry_failed=args.retry_failed,
-                           progress=False if args.no_progress else None, compiled=args.compile,
-                           scheduler_timeout=args.connect_timeout, pack=args.pack,
-                           slurm=getattr(args, "slurm_options", None))
+        options = dict(results_dir=args.results_dir, jobs=args.jobs, jobs_per_gpu=args.jobs_per_gpu,
+                       backend="dask" if args.backend == "slurm" else args.backend, scheduler=args.scheduler,
+                       data_dir=args.data_dir, device=args.device, retry_failed=args.retry_failed,
+                       progress=False if args.no_progress else None, compiled=args.compile,
+                       scheduler_timeout=args.connect_timeout, pack=args.pack,
+                       slurm=getattr(args, "slurm_options", None))
+        tuning_lines: list[str] = []
+        summary = None
+        if groups:  # first the tuning cells, in their own folder; then the picks' final cells
+            cells_to_tune = tuning.tuning_cells(groups)
+            tuning_grid = grids_mod.Grid(tuning.folder(grid.name), f"tuning cells of {grid.name}", cells_to_tune,
+                                         grid.source)
+            _say(f"tuning {len(groups)} curve(s) on the validation split: {len(cells_to_tune)} tuning cell(s) in "
+                 f"{Store(args.results_dir, tuning_grid.name).root}")
+            first = run_grid(tuning_grid, cells_to_tune, **options)
+            if first.stopped_by is not None:
+                summary = first
+            else:
+                finals, tuning_lines = _picks(grid, groups, args.results_dir)
+                tuning_lines.insert(0, f"tuning cells: {first.finished} finished now, {first.skipped} already done, "
+                                       f"{first.failed} failed (a failed candidate scores as chance), "
+                                       f"{first.blocked} blocked")
+                cells = cells + finals
+        if summary is None:
+            summary = run_grid(grid, cells, **options)
     except (StorageError, RunStopped) as exc:
         _say(f"error: {exc}")
         if isinstance(exc, RunStopped):  # the disk is fine: the CSVs can show what finished
@@ -219,7 +271,7 @@ def run_command(args) -> int:
         _say(f"log: {summary.log}")
         _say(f"resume with: {resume}")
         return 128 + int(summary.stopped_by)
-    out = [f"grid {grid.name}: {summary.finished} finished now, {summary.skipped} already done, "
+    out = tuning_lines + [f"grid {grid.name}: {summary.finished} finished now, {summary.skipped} already done, "
            f"{summary.failed} failed, {summary.blocked} blocked, {summary.busy} running in another process"]
     if summary.worker_deaths:
         out.append(f"{summary.worker_deaths} time(s) a worker process died under a cell; "
@@ -250,9 +302,19 @@ def collect_after_run(store: Store) -> str:
     return f"CSV: {csv_path} ({len(table)} rows: {counts}), layers.csv and history.csv beside it"
 
 
-def dry_run(store: Store, cells: list[Cell], args) -> int:
+def dry_run(store: Store, cells: list[Cell], args, grid: grids_mod.Grid | None = None,
+            groups: list[tuning.TuneGroup] = ()) -> int:
     """List what a run would do and estimate how long it takes; reads the result files (and the
-    speed cache) but changes nothing of the grid's."""
+    speed cache) but changes nothing of the grid's. Tuned curves: their tuning cells, and the final
+    cells of those whose pick is known."""
+    if groups:
+        tuning_store = Store(args.results_dir, tuning.folder(grid.name))
+        tuning_todo, _ = pending_cells(tuning_store, tuning.tuning_cells(groups), args.retry_failed)
+        picks, waiting = tuning.resolve(groups, lambda i: _read_quietly(tuning_store, i))
+        cells = tuning_todo + cells + [c for p in picks for c in p.group.final_cells(p.value)]
+        print(f"tuning: {len(tuning_todo)} tuning cell(s) to run (in {tuning_store.root}); {len(picks)} of "
+              f"{len(groups)} tuned curve(s) have their pick; the final cells of {len(waiting)} "
+              f"({sum(len(g.finals) for g, _, _ in waiting)} cells) wait for it and are not listed")
     todo, skipped = pending_cells(store, cells, args.retry_failed)
     total_epochs = 0
     planned = []
@@ -283,9 +345,25 @@ def dry_run(store: Store, cells: list[Cell], args) -> int:
     return 0
 
 
+def _read_quietly(store: Store, cell_id: str):
+    try:
+        return store.read(cell_id)
+    except DamagedResult:
+        return None
+
+
 def status_command(args) -> int:
     _check_results_dir(args.results_dir)
-    grid, cells = _select(args)
+    grid, cells, groups = _select(args)
+    if groups:
+        tuning_store = Store(args.results_dir, tuning.folder(grid.name))
+        picks, waiting = tuning.resolve(groups, lambda i: _read_quietly(tuning_store, i))
+        states = Counter((_read_quietly(tuning_store, c.id) or {}).get("status", "todo")
+                         for c in tuning.tuning_cells(groups))
+        print(f"tuning ({tuning_store.root}): {states['ok']} finished, {states['failed']} failed, "
+              f"{states['blocked']} blocked, {states['todo']} to do; {len(picks)} of {len(groups)} tuned curve(s) "
+              f"picked, {len(waiting)} waiting (their final cells are not counted below until then)")
+        cells = cells + [c for p in picks for c in p.group.final_cells(p.value)]
     store = Store(args.results_dir, grid.name)
     running = store.claimed()
     table: dict[str, Counter] = {}

@@ -28,7 +28,7 @@ from __future__ import annotations
 import itertools
 import re
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
 
@@ -37,10 +37,11 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
+from benchmark.execution import tuning
 from benchmark.execution.cell import Cell
 
 GRID_KEYS = {"description", "seeds", "schedule", "subset", "experiment", "include"}
-EXPERIMENT_KEYS = {"archs", "datasets", "seeds", "schedule", "subset", "methods", "name"}
+EXPERIMENT_KEYS = {"archs", "datasets", "seeds", "schedule", "subset", "methods", "name", "tune"}
 
 
 class GridError(ValueError):
@@ -51,8 +52,14 @@ class GridError(ValueError):
 class Grid:
     name: str
     description: str
-    cells: list[Cell]
+    cells: list[Cell]  # the cells whose settings are fixed (every cell when nothing is tuned)
     source: str
+    #: Curves whose setting is chosen on the validation split first (``benchmark.execution.tuning``).
+    tune_groups: list[tuning.TuneGroup] = field(default_factory=list)
+
+    def final_templates(self) -> list[Cell]:
+        """The tuned curves' cells as the grid wrote them (before their pick)."""
+        return [cell for group in self.tune_groups for cell in group.finals]
 
 
 def preset_names() -> list[str]:
@@ -207,6 +214,7 @@ def parse_grid(text: str, name: str = "grid", source: str = "<text>", _chain: tu
     if not (experiments or includes) and not problems:
         problems.append(f"{source}: a grid needs at least one [[experiment]] table or an include list")
     cells: dict[str, Cell] = {}
+    groups: list[tuning.TuneGroup] = []
     for entry in includes:
         included, datasets = _include_entry(entry, problems, where('', 'include'))
         if included is None:
@@ -223,9 +231,16 @@ def parse_grid(text: str, name: str = "grid", source: str = "<text>", _chain: tu
                 problems.append(f"{where('', 'include')}: include {included!r} nests deeper than "
                                 f"{MAX_INCLUDE_DEPTH} grids")
                 continue
-            for cell in load_grid(included, _chain=chain + (identity,)).cells:
+            included_grid = load_grid(included, _chain=chain + (identity,))
+            for cell in included_grid.cells:
                 for copy in _on_datasets(cell, datasets):
                     cells.setdefault(copy.id, copy)
+            for group in included_grid.tune_groups:
+                if datasets is None:
+                    groups.append(group)
+                else:
+                    groups += tuning.build_groups(group.spec, [copy for cell in group.finals
+                                                               for copy in _on_datasets(cell, datasets)])
         except (ValueError, FileNotFoundError) as exc:
             problems.append(f"{where('', 'include')}: include {included!r}: {exc}")
 
@@ -292,6 +307,10 @@ def parse_grid(text: str, name: str = "grid", source: str = "<text>", _chain: tu
         if not isinstance(methods, dict) or not methods:
             problems.append(f"{where(table, 'methods')}: experiment has no [experiment.methods.NAME] tables")
             methods = {}
+        spec = None
+        if "tune" in exp:
+            spec = tuning.parse_spec(exp["tune"], list(methods), where(f"{table}.tune"), problems)
+        tuned: dict[str, Cell] = {}
         for method, entries in methods.items():
             try:
                 method_cls = method_base.get_method(method)
@@ -306,6 +325,10 @@ def parse_grid(text: str, name: str = "grid", source: str = "<text>", _chain: tu
                                     f"got {entry!r}")
                     continue
                 keys, values, empty = [], [], False
+                if spec is not None and spec.tunes(method) and spec.parameter in entry \
+                        and tuning.target_of(method, spec.parameter) == "method":
+                    problems.append(f"{where(entry_table, spec.parameter)}: {method}.{spec.parameter} is chosen by "
+                                    f"this experiment's tune table; remove it here (its candidates are in tune)")
                 for key, value in entry.items():
                     if isinstance(value, list) and not value:
                         problems.append(f"{where(entry_table, key)}: {method}.{key} = [] is an empty list, which "
@@ -336,15 +359,21 @@ def parse_grid(text: str, name: str = "grid", source: str = "<text>", _chain: tu
                         for seed in seeds:
                             # validated above; the id from pieces computed once per combination
                             key = cell_id(method, arch, dataset, changed_json, schedule_json[arch], seed, subset)
-                            if key not in cells:
-                                cells[key] = Cell.trusted(method, arch, dataset, seed, changed, schedule, subset,
-                                                          params, key)
+                            into = tuned if spec is not None and spec.tunes(method) else cells
+                            if key not in into:
+                                into[key] = Cell.trusted(method, arch, dataset, seed, changed, schedule, subset,
+                                                         params, key)
+        if spec is not None and tuned and not problems:
+            try:
+                groups += tuning.build_groups(spec, list(tuned.values()))
+            except ValueError as exc:  # a candidate the method or schedule refuses
+                problems.append(f"{where(f'{table}.tune', 'candidates')}: {exc}")
     if problems:
         unique = list(dict.fromkeys(problems))
         raise GridError(f"grid {name!r} has {len(unique)} problem(s):\n  " + "\n  ".join(unique))
-    if not cells:
+    if not cells and not groups:
         raise GridError(f"grid {name!r} ({source}) has no cells")
-    return Grid(name, description, list(cells.values()), source)
+    return Grid(name, description, list(cells.values()), source, groups)
 
 
 def filter_cells(cells: list[Cell], only: list[str] | None) -> list[Cell]:

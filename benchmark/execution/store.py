@@ -35,6 +35,7 @@ import os
 import socket
 import time
 import uuid
+import warnings
 from pathlib import Path
 
 import pandas as pd
@@ -42,6 +43,7 @@ import pandas as pd
 from benchmark.core.errors import StorageError
 from benchmark.core.method import all_methods
 from benchmark.core.files import atomic_write_text, file_lock, pid_alive, process_start, temporary_name, writer_gone
+from benchmark.execution import tuning
 
 #: How often a running driver touches its claims, and how old another host's claim may get
 #: before it counts as abandoned (ten missed heartbeats: generous for clock skew on shared disks).
@@ -479,12 +481,14 @@ class Store:
         per record x training epoch (the per-epoch trajectory: test accuracy, and CR where the
         method tracks it)."""
         rows, layer_rows, history_rows = [], [], []
+        picks = self.picks()
         for result in self.results():
             for record in result["records"]:
                 row = {k: v for k, v in record.items() if k not in NESTED_KEYS}
                 row["grid"] = self.grid
                 row.setdefault("cell_id", result["cell_id"])
                 row["variant"] = variant_label(record)
+                row.update(picks.get(row["cell_id"], {}))
                 rows.append(row)
                 keys = {k: row.get(k) for k in HISTORY_KEYS}
                 history_rows += [keys | {"step": i + 1} | epoch for i, epoch in enumerate(record.get("history") or [])]
@@ -507,6 +511,27 @@ class Store:
         if len(history):
             history = history[HISTORY_KEYS + ["step"] + [c for c in history.columns if c not in HISTORY_KEYS + ["step"]]]
         return results, layers, history
+
+    def write_picks(self, rows: list[dict]) -> Path:
+        """The grid's tuning table (``tuning.TABLE``), rewritten from the tuning records on each run."""
+        path = self.root / tuning.TABLE
+        self.root.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, pd.DataFrame(rows).to_csv(index=False))
+        return path
+
+    def picks(self) -> dict[str, dict]:
+        """Per final cell id, the pick columns its rows get from the tuning table (none without one).
+        The table is derived data that the next run rewrites: a damaged one is named and ignored."""
+        path = self.root / tuning.TABLE
+        if not path.is_file():
+            return {}
+        try:
+            table = pd.read_csv(path)
+            return tuning.pick_columns(table)
+        except Exception as exc:  # noqa: BLE001 - any parse or content problem: say which file, go on
+            warnings.warn(f"{path} could not be read ({type(exc).__name__}: {exc}); results.csv has no tuning "
+                          f"columns until the next run rewrites it")
+            return {}
 
     def newest_record_ns(self) -> int | None:
         """When a result file last appeared, changed or went (the folder's own time covers files

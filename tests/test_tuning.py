@@ -1,0 +1,248 @@
+"""The validation split and tuning on it (benchmark.execution.tuning, docs/tuning.md): the split is
+disjoint from training and the same for every cell, no pick can depend on test data, partial
+tuning waits, and grids without a tune table keep every cell id."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from benchmark.__main__ import main
+from benchmark.engine import data as data_mod
+from benchmark.execution import grids, tuning
+from benchmark.execution.cell import Cell, config_hash, run_cell
+from benchmark.execution.store import Store
+from test_data import write_idx
+
+# ------------------------------------------------------------------------------------------------
+# The validation split
+# ------------------------------------------------------------------------------------------------
+
+
+def test_the_validation_split_is_stratified_disjoint_from_training_and_the_same_for_every_call():
+    labels = np.repeat(np.arange(10), [100, 50, 80, 120, 90, 110, 70, 130, 60, 190])
+    np.random.default_rng(3).shuffle(labels)
+    held = data_mod.validation_indices(labels, 100)
+    assert len(held) == len(set(held.tolist())) == 100
+    counts = np.bincount(labels[held], minlength=10)
+    assert np.all(np.abs(counts - 100 * np.bincount(labels) / len(labels)) < 1)  # each class its share
+    assert np.array_equal(held, data_mod.validation_indices(labels.copy(), 100))  # no other input: no seed
+    with pytest.raises(ValueError, match="validation=1000 must be between 1 and 999"):
+        data_mod.validation_indices(labels, 1000)
+
+
+def test_loaded_data_moves_the_held_out_examples_out_of_the_training_split():
+    full = data_mod.load("fashion-mnist", limit=1200)
+    split = data_mod.load("fashion-mnist", limit=1200, validation=200)
+    again = data_mod.load("fashion-mnist", limit=1200, validation=200)
+    assert len(split.train) == 1000 and len(split.val) == 200 and split.test.x.shape == full.test.x.shape
+    held = data_mod.validation_indices(full.train.y.numpy(), 200)
+    rest = np.setdiff1d(np.arange(1200), held)
+    assert split.val.x.equal(full.train.x[held]) and split.train.x.equal(full.train.x[rest])
+    assert split.val.x.equal(again.val.x) and split.val.y.equal(again.val.y)
+    assert full.val is None
+
+
+def test_records_and_each_epoch_carry_validation_metrics_only_with_a_validation_split(tmp_path):
+    with_split = Cell.make("dense", "lenet300", "fashion-mnist", 0, schedule={"epochs": 2, "validation": 100},
+                           subset=500)
+    plain = Cell.make("dense", "lenet300", "fashion-mnist", 0, schedule={"epochs": 2}, subset=500)
+    [record] = run_cell(with_split, device="cpu", work_root=tmp_path / "w", cache_dir=tmp_path / "c")
+    assert record["status"] == "ok" and 0 <= record["val_acc"] <= 1 and record["val_loss"] > 0
+    assert all("val_acc" in epoch and "val_loss" in epoch for epoch in record["history"])
+    assert record["history"][-1]["val_acc"] == record["val_acc"]
+    [other] = run_cell(plain, device="cpu", work_root=tmp_path / "w", cache_dir=tmp_path / "c")
+    assert "val_acc" not in other and all("val_acc" not in epoch for epoch in other["history"])
+
+
+def test_a_schedule_without_validation_keeps_the_cell_id_it_had_before_the_option_existed():
+    cell = Cell.make("dwf", "lenet300", "fashion-mnist", 1, {"depth": 3, "lam": 1e-3}, {"epochs": 30})
+    old_schedule = {k: v for k, v in asdict(cell.schedule).items() if k != "validation"}
+    old_config = cell.config() | {"schedule": old_schedule}
+    assert cell.id == config_hash(old_config)
+    held = Cell.make("dwf", "lenet300", "fashion-mnist", 1, {"depth": 3, "lam": 1e-3}, {"epochs": 30, "validation": 50})
+    assert held.id != cell.id and held.config()["schedule"]["validation"] == 50
+
+
+# ------------------------------------------------------------------------------------------------
+# Grids with a tune table
+# ------------------------------------------------------------------------------------------------
+
+TUNED = """
+seeds = [0, 1]
+subset = 600
+[[experiment]]
+archs = ["lenet300"]
+datasets = ["fashion-mnist"]
+schedule = { epochs = 2, lr = 0.1 }
+[experiment.tune]
+parameter = "lr"
+candidates = [0.02, 0.2]
+validation = 100
+crs = [2, 10]
+at = { lam = [1e-3, 1e-2], target_cr = [2, 10] }
+[experiment.methods.dense]
+[experiment.methods.magnitude]
+target_cr = [2, 5, 10]
+[experiment.methods.lottery]
+target_cr = 4
+[experiment.methods.dwf]
+depth = 2
+lam = [1e-4, 1e-3, 1e-2]
+"""
+
+
+def test_a_tune_table_makes_one_group_per_curve_with_tuning_cells_per_candidate():
+    grid = grids.parse_grid(TUNED, "tuned")
+    assert grid.cells == []  # every method of the experiment is tuned
+    groups = {g.first.method: g for g in grid.tune_groups}
+    assert set(groups) == {"dense", "magnitude", "lottery", "dwf"}
+    dwf = groups["dwf"]
+    assert dwf.target == "method" and groups["magnitude"].target == "schedule"
+    assert len(dwf.finals) == 6 and [len(c) for c in dwf.tuning] == [2, 2]  # at's 2 lambdas x seed 0
+    for candidate, cells in zip((0.02, 0.2), dwf.tuning):
+        assert {c.method_params.lam for c in cells} == {1e-3, 1e-2}
+        assert all(c.method_params.lr == candidate and c.schedule.validation == 100 and c.seed == 0 for c in cells)
+    magnitude = groups["magnitude"].tuning[1]
+    assert {c.method_params.target_cr for c in magnitude} == {2, 10} and {c.schedule.lr for c in magnitude} == {0.2}
+    # a parameter the curve does not sweep keeps its value: the lottery's one cell stays at target 4
+    assert [c.method_params.target_cr for cells in groups["lottery"].tuning for c in cells] == [4.0, 4.0]
+    finals = dwf.final_cells(0.2)
+    assert {c.method_params.lr for c in finals} == {0.2} and {c.schedule.validation for c in finals} == {0}
+    assert {c.seed for c in finals} == {0, 1}
+
+
+@pytest.mark.parametrize("change, message", [
+    ('parameter = "lr"', "parameter 'lrr' is neither"),
+    ("candidates = [0.02, 0.2]", "candidates must be a list of at least 2"),
+    ("validation = 100", "validation must be a positive number"),
+    ("at = { lam = [1e-3, 1e-2], target_cr = [2, 10] }", "only sweep parameters"),
+])
+def test_a_bad_tune_table_is_named_with_its_line(change, message):
+    bad = {'parameter = "lr"': 'parameter = "lrr"', "candidates = [0.02, 0.2]": "candidates = [0.2]",
+           "validation = 100": "validation = 0",
+           "at = { lam = [1e-3, 1e-2], target_cr = [2, 10] }": "at = { depth = [2, 3] }"}[change]
+    with pytest.raises(grids.GridError, match=message) as info:
+        grids.parse_grid(TUNED.replace(change, bad), "tuned", "tuned.toml")
+    assert "tuned.toml:" in str(info.value)
+
+
+def test_a_tuned_method_may_not_also_fix_the_tuned_parameter():
+    with pytest.raises(grids.GridError, match="dwf.lr is chosen by this experiment's tune table"):
+        grids.parse_grid(TUNED.replace("depth = 2", "depth = 2\nlr = 0.3"), "tuned")
+
+
+# ------------------------------------------------------------------------------------------------
+# The rule
+# ------------------------------------------------------------------------------------------------
+
+
+def test_the_score_interpolates_in_log_cr_and_counts_unreached_crs_as_chance():
+    points = [(10.0, 0.8), (1000.0, 0.4)]
+    assert tuning.score(points, (100.0,), 0.1) == pytest.approx(0.6)
+    assert tuning.score(points, (1400.0,), 0.1) == pytest.approx(0.4)  # within 1.5x of the last point
+    assert tuning.score(points, (2000.0,), 0.1) == pytest.approx(0.1)  # beyond: chance
+    assert tuning.score([(1.0, 0.9), (1.0, 0.7)], (10.0, 100.0), 0.1) == pytest.approx(0.8)  # dense: its mean
+    assert tuning.score([], (10.0,), 0.1) == 0.1  # every cell failed
+
+
+def _result(cell: Cell, status: str, **record) -> dict:
+    return {"cell_id": cell.id, "status": status, "records": [{"status": status, "wall_s": 10.0, "threads": 2} | record]}
+
+
+def test_a_pick_reads_only_validation_accuracy_waits_for_missing_cells_and_breaks_ties_to_the_first():
+    group = next(g for g in grids.parse_grid(TUNED, "tuned").tune_groups if g.first.method == "magnitude")
+    low, high = group.tuning
+    results = {c.id: _result(c, "ok", cr=float(c.method_params.target_cr), val_acc=0.5, test_acc=0.9) for c in low}
+    results |= {c.id: _result(c, "ok", cr=float(c.method_params.target_cr), val_acc=0.6, test_acc=0.1) for c in high}
+    chosen = tuning.pick(group, results, 10)
+    assert chosen.value == 0.2 and chosen.scores == pytest.approx([0.5, 0.6]) and chosen.cells == 4
+    assert chosen.cpu_hours == pytest.approx(4 * 20 / 3600)
+    # test accuracy plays no part: swap it between the candidates and nothing changes
+    swapped = {k: {**v, "records": [v["records"][0] | {"test_acc": 1 - v["records"][0]["test_acc"]}]}
+               for k, v in results.items()}
+    assert tuning.pick(group, swapped, 10).value == 0.2
+    tied = {k: {**v, "records": [v["records"][0] | {"val_acc": 0.5}]} for k, v in results.items()}
+    assert tuning.pick(group, tied, 10).value == 0.02
+    diverged = results | {c.id: _result(c, "failed") for c in high}
+    assert tuning.pick(group, diverged, 10).value == 0.02  # a failed candidate scores as chance
+    partial = dict(results)
+    del partial[high[0].id]
+    assert tuning.pick(group, partial, 10) is None
+    picks, waiting = tuning.resolve([group], partial.get)
+    assert picks == [] and waiting[0][1:] == (3, 4)
+
+
+# ------------------------------------------------------------------------------------------------
+# A whole tuned run, twice: with the true test labels and with shuffled ones
+# ------------------------------------------------------------------------------------------------
+
+
+def _fashion_subset(folder: Path, shuffle_test_labels: bool) -> Path:
+    source = data_mod.locate("fashion-mnist")
+    arrays = {}
+    for split, (images, labels) in data_mod._IDX_FILES.items():
+        n = 600 if split == "train" else 300
+        arrays[images] = data_mod.read_idx(data_mod._existing(source, images))[:n]
+        arrays[labels] = data_mod.read_idx(data_mod._existing(source, labels))[:n]
+    if shuffle_test_labels:
+        arrays["t10k-labels-idx1-ubyte"] = np.random.default_rng(1).permutation(arrays["t10k-labels-idx1-ubyte"])
+    for name, array in arrays.items():
+        write_idx(folder / name, array, gz=False)
+    return folder
+
+
+SMALL_TUNED = TUNED.replace("[experiment.methods.lottery]\ntarget_cr = 4\n", "").replace("seeds = [0, 1]", "seeds = [0]")
+
+
+def test_no_pick_changes_when_the_test_labels_change_and_a_rerun_trains_nothing(tmp_path, capsys):
+    grid_file = tmp_path / "tuned.toml"
+    grid_file.write_text(SMALL_TUNED)
+    tables = []
+    for shuffled in (False, True):
+        data = _fashion_subset(tmp_path / f"data-{shuffled}", shuffled)
+        results = tmp_path / f"results-{shuffled}"
+        argv = ["run", "--grid", str(grid_file), "--results-dir", str(results), "--data-dir", str(data),
+                "--jobs", "1", "--pack", "off", "--no-progress", "--device", "cpu"]
+        assert main(argv) == 0
+        out = capsys.readouterr().out
+        assert "tuning: 3 of 3 tuned curve(s) have their pick" in out
+        tables.append((pd.read_csv(results / "tuned" / "tuning.csv"), pd.read_csv(results / "tuned" / "results.csv")))
+        assert main(argv) == 0  # resumed: nothing trains twice
+        assert "tuning cells: 0 finished now, 10 already done" in capsys.readouterr().out
+    (picks_true, rows_true), (picks_shuffled, rows_shuffled) = tables
+    timing = ["tuning_cpu_hours"]  # the only column that may differ: how long the cells took
+    pd.testing.assert_frame_equal(picks_true.drop(columns=timing), picks_shuffled.drop(columns=timing))
+    assert picks_true.picked.sum() == 3
+    assert not np.allclose(rows_true.sort_values("cell_id").test_acc, rows_shuffled.sort_values("cell_id").test_acc)
+    # each final row carries its curve's pick; the final cells train on the full training set
+    assert rows_true.tuned_parameter.eq("lr").all() and rows_true.tuned_value.notna().all()
+    finals = [json.loads(p.read_text()) for p in (tmp_path / "results-False" / "tuned" / "cells").glob("*.json")]
+    assert all("validation" not in r["config"]["schedule"] for r in finals)
+    assert len(Store(tmp_path / "results-False", "tuned-tuning").finished_ids()) == 10
+    # report: the tuning table in Markdown and on the page, one row per curve with its pick in bold
+    assert main(["report", "--grid", "tuned", "--results-dir", str(tmp_path / "results-False")]) == 0
+    table = (tmp_path / "results-False" / "tuned" / "tuning.md").read_text()
+    assert table.count("**") == 2 * 3 and "dwf D=2" in table
+    assert "Settings chosen on the validation split" in (tmp_path / "results-False" / "tuned" / "report.html").read_text()
+
+
+def test_the_reference_tuning_preset_is_what_a_tune_table_in_lenet_reference_makes():
+    """The committed tuning cells and a tune table over lenet-reference's LeNet-300-100 experiment
+    are the same cells (same ids, so one folder serves both)."""
+    text = grids.grid_source("lenet-reference")[1]
+    experiment = text[text.index("[[experiment]]"):text.index('[[experiment]]\narchs = ["lenet5"]')]
+    experiment = "\n".join(line for line in experiment.splitlines() if not line.startswith("lr = "))
+    tune = ('\n[experiment.tune]\nparameter = "lr"\ncandidates = [0.025, 0.05, 0.1, 0.2, 0.4, 0.8]\nvalidation = 5000\n'
+            'crs = [10, 100, 1000]\nseeds = [0]\nat = { lam = [1e-05, 3.16e-05, 0.0001, 0.000316, 0.001, 0.00316, '
+            '0.01, 0.0316], target_cr = [10, 100, 1000] }\n')
+    schedule = "schedule = { epochs = 30, lr = 0.15, batch_size = 128, weight_decay = 1e-4 }\n"
+    tuned = grids.parse_grid("seeds = [0, 1, 2]\n" + experiment.replace(schedule, schedule + tune, 1), "lenet-reference")
+    made = {c.id for c in tuning.tuning_cells(tuned.tune_groups)}
+    assert made == {c.id for c in grids.load_grid("lenet-reference-tuning").cells}
+    assert tuning.folder("lenet-reference") == "lenet-reference-tuning"
