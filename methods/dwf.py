@@ -180,6 +180,7 @@ class DWF(Method):
     name = "dwf"
     family = "regularization"
     curve_order = 0
+    is_subject = True  # the report's comparisons table tests its curves against every other one
     plot_ramp = True  # one blue ramp over the depths, darker = deeper
     columns = ("lr", "balance_error", "zeroed_by_threshold", "lam_convention", "cr_thr_small", "cr_thr_large")
 
@@ -241,6 +242,7 @@ class Shallow(DWF):
 
     name = "shallow"
     curve_order = 1
+    is_subject = False  # a baseline of its own name, not one of DWF's curves
     plot_ramp = False
     plot_style = (9, 0.0, "v", "-")
 

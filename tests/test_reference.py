@@ -102,7 +102,7 @@ def test_committed_tables_are_what_report_makes_of_the_committed_csv(grid, tmp_p
     (tmp_path / grid).mkdir()
     shutil.copy(REFERENCE / grid / "results.csv", tmp_path / grid / "results.csv")
     write_report(grid, tmp_path, **REPORT_OPTIONS[grid])
-    names = [f"{stem}.md" for stem in ("tolerance", "accuracy_at_cr", "cost", "settling")]
+    names = [f"{stem}.md" for stem in ("tolerance", "accuracy_at_cr", "comparisons", "cost", "settling")]
     if (REFERENCE / grid / "tolerance-thr0.01x.md").exists():
         write_report(grid, tmp_path, threshold_scale=0.01, **REPORT_OPTIONS[grid])
         names += ["tolerance-thr0.01x.md", "accuracy_at_cr-thr0.01x.md"]

@@ -47,7 +47,8 @@ def md_rows(text: str) -> list[list[str]]:
 
 def test_report_writes_three_formats_of_both_tables(results_dir):
     files, markdown = report.write_report("g", results_dir)
-    assert sorted(p.name for p in files) == sorted([f"{stem}.{fmt}" for stem in ("tolerance", "accuracy_at_cr")
+    assert sorted(p.name for p in files) == sorted([f"{stem}.{fmt}" for stem in ("tolerance", "accuracy_at_cr",
+                                                                                 "comparisons")
                                                     for fmt in ("md", "tex", "csv")]
                                                    + [f"{stem}.{fmt}" for stem in ("cost", "settling")
                                                       for fmt in ("md", "csv")])

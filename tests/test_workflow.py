@@ -166,9 +166,10 @@ def test_report_writes_one_self_contained_page(copy, capsys):
     page = _Page(page_path.read_text())
     text = " ".join(page.text)
     for title in ("Largest CR within 1, 5, 10 points of dense", "Accuracy at CR 10, 100, 1000",
-                  "Training cost per curve", "Is sparsity settled?", "Failed or blocked cells", "Machines and versions"):
+                  "DWF against every other curve at CR 10, 100, 1000", "Training cost per curve",
+                  "Is sparsity settled?", "Failed or blocked cells", "Machines and versions"):
         assert title in text
-    assert page.tables >= 6  # four tables, the failed cell, the machines
+    assert page.tables >= 7  # five tables, the failed cell, the machines
     assert len(page.images) == 4  # accuracy, per layer, effective CR, trajectories
     for src in page.images:  # embedded, and each a real PNG
         assert src.startswith("data:image/png;base64,")
@@ -176,7 +177,7 @@ def test_report_writes_one_self_contained_page(copy, capsys):
     assert "Diverged" in text  # the failed cell, named with its error
     assert 'lr = 1e6' in text and "workflow test grid" in text  # the grid as it ran
     assert "python -m benchmark run --grid " in text and "python -m benchmark report --grid g --results-dir" in text
-    assert {"results.csv", "layers.csv", "history.csv", "tolerance.csv"} <= set(page.links)
+    assert {"results.csv", "layers.csv", "history.csv", "tolerance.csv", "comparisons.csv"} <= set(page.links)
     assert not re.search(r"(src|href)=\"(https?:)?//", page_path.read_text())  # nothing fetched from elsewhere
 
 
@@ -218,7 +219,7 @@ def test_the_page_renders_every_figure_and_table_in_headless_chromium(copy, tmp_
                            (tmp_path / "probe.html").as_uri()], capture_output=True, text=True, timeout=120)
     title = re.search(r"<title>(.*?)</title>", done.stdout)
     assert title, done.stderr[-2000:]
-    assert title.group(1) == "rendered 4/4 images, 6 tables", title.group(1)
+    assert title.group(1) == "rendered 4/4 images, 7 tables", title.group(1)
     # a picture of the page, for a person to look at (kept in pytest's tmp folder)
     shot = tmp_path / "report.png"
     done = subprocess.run([*browser, f"--user-data-dir={tmp_path / 'profile-shot'}", "--window-size=1200,2400",

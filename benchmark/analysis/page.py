@@ -1,7 +1,7 @@
 """The results page: one self-contained HTML file per grid, ``<results-dir>/<grid>/report.html``.
 
 Something a researcher can open in a browser without a server, or attach to an email: the figures
-(PNG, embedded as base64), the tolerance, accuracy, cost and settling tables, the grid as it ran,
+(PNG, embedded as base64), the tolerance, accuracy, comparisons, cost and settling tables, the grid as it ran,
 which cells failed, the machines and versions behind the numbers, the commands that rebuild it,
 and links to the CSVs beside it (those work while the page sits in its results folder). Built from
 the CSVs only, like every figure and table (``plot.figures``, ``report.build_tables``).
@@ -36,8 +36,8 @@ CAPTIONS = {
                     "input-to-output path count as pruned).",
     "trajectories": "Per-epoch test accuracy, CR and factor misalignment of one run per method.",
 }
-CSV_FILES = ("results.csv", "layers.csv", "history.csv", "tolerance.csv", "accuracy_at_cr.csv", "cost.csv",
-             "settling.csv")
+CSV_FILES = ("results.csv", "layers.csv", "history.csv", "tolerance.csv", "accuracy_at_cr.csv", "comparisons.csv",
+             "cost.csv", "settling.csv")
 STYLE = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2rem auto; max-width: 78rem;
        padding: 0 1rem; color: #222; line-height: 1.45; }
@@ -171,6 +171,7 @@ def write_page(grid: str, results_dir: Path | str = "results", points=cv.TOLERAN
         if table.headline and len(dense):
             parts.append(f"<p>Dense accuracy (mean ± std over seeds): {_e('; '.join(report.dense_lines(dense)))}.</p>")
         parts.append(table_html(table.wide))
+        parts.append(_notes(table.notes))
     parts.append(_notes(results.notes()))
 
     parts.append('<h2 id="failed">Failed or blocked cells</h2>')

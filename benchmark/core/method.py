@@ -46,6 +46,9 @@ class Method:
     #: Trains what the others reuse (the dense model): its cells run first in a grid, and its rows
     #: are the reference line of figures and tables, not a curve.
     is_reference: ClassVar[bool] = False
+    #: The method the benchmark studies (DWF): the report's comparisons table tests each of its
+    #: curves against every other curve of its arch x dataset (``benchmark.analysis.comparisons``).
+    is_subject: ClassVar[bool] = False
     #: Where its curves come in legends and tables, lower first (DESIGN.md section 3's families);
     #: methods that leave it unset follow, by name.
     curve_order: ClassVar[float] = math.inf
