@@ -19,6 +19,7 @@ COMMAND_MODULES = [
     "benchmark.cli.cell",  # cell
     "benchmark.analysis.plot",  # plot
     "benchmark.analysis.report",  # report
+    "benchmark.cli.match",  # match
     "benchmark.cli.data",  # data
     "benchmark.speed.perf",  # perf
     "benchmark.cli.doctor",  # doctor
@@ -30,8 +31,8 @@ COMMAND_MODULES = [
 #: module is imported, as for ``--help``.
 COMMAND_OWNERS = {"run": "benchmark.cli.run", "status": "benchmark.cli.run", "collect": "benchmark.cli.run",
                   "list": "benchmark.cli.run", "cell": "benchmark.cli.cell", "plot": "benchmark.analysis.plot",
-                  "report": "benchmark.analysis.report", "data": "benchmark.cli.data", "perf": "benchmark.speed.perf",
-                  "doctor": "benchmark.cli.doctor"}
+                  "report": "benchmark.analysis.report", "match": "benchmark.cli.match", "data": "benchmark.cli.data",
+                  "perf": "benchmark.speed.perf", "doctor": "benchmark.cli.doctor"}
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
