@@ -34,12 +34,14 @@ run: setup data
 reference: setup data
 	-$(REFERENCE_RUN) --grid lenet-calibration
 	-$(REFERENCE_RUN) --grid lenet-reference
+	-$(REFERENCE_RUN) --grid lenet-reference-tuning
 	$(PY) -m benchmark collect --grid lenet-calibration --results-dir reference
 	$(PY) -m benchmark report --grid lenet-calibration --results-dir reference > /dev/null
 	$(PY) -m benchmark collect --grid lenet-reference --results-dir reference
 	$(PY) -m benchmark plot --grid lenet-reference --results-dir reference --plots-dir reference --at-cr 1000
 	$(PY) -m benchmark report --grid lenet-reference --results-dir reference --crs 10,30,100,300,1000 > /dev/null
 	$(PY) -m benchmark report --grid lenet-reference --results-dir reference --crs 10,30,100,300,1000 --threshold-scale 0.01 > /dev/null
+	$(PY) -m benchmark collect --grid lenet-reference-tuning --results-dir reference
 	@echo "reference: CSVs, figures and tables in reference/lenet-reference/ (README: Results)"
 
 test: setup data test-packages

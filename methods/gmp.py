@@ -37,8 +37,8 @@ import torch
 
 from benchmark.engine.sparsity import prunable_layers
 from benchmark.core.method import Method, register
-from methods.masks import (apply_masks, check_target_cr, kept_count, magnitude_scores, read_masks, remove_masks,
-                           top_k_mask, warn_empty_layers)
+from methods.masks import (apply_masks, check_target_cr, kept_count, layer_counts_for_cr, magnitude_scores,
+                           output_rate_problems, read_masks, remove_masks, top_k_mask, warn_empty_layers)
 from methods.sparse_training import SparseTrainingHooks, kept_for_density, set_masks
 
 
@@ -60,9 +60,9 @@ class GMPHooks(SparseTrainingHooks):
     """Prunes by magnitude at the scheduled steps; see the module docstring."""
 
     def __init__(self, target_cr: float, scope: str, initial_sparsity: float, start: float, end: float,
-                 interval: int):
+                 interval: int, output_rate: float = 1.0):
         super().__init__()
-        self.target_cr, self.scope = target_cr, scope
+        self.target_cr, self.scope, self.output_rate = target_cr, scope, output_rate
         self.initial_sparsity, self.start, self.end, self.interval = initial_sparsity, start, end, interval
         self.schedule: dict[int, float] = {}
 
@@ -89,7 +89,14 @@ class GMPHooks(SparseTrainingHooks):
             wanted = kept_count(numel, self.target_cr) if final else kept_for_density(numel, 1.0 - sparsity)
             return min(wanted, kept_now)
 
-        if self.scope == "layer":
+        if self.scope == "layer" and self.output_rate != 1.0:  # the output layer at its own rate
+            sizes = [s.numel() for s in scores.values()]
+            wanted = layer_counts_for_cr(sizes, self.target_cr, self.output_rate) if final else [
+                kept_for_density(n, (1.0 - sparsity) ** (self.output_rate if i == len(sizes) - 1 else 1.0))
+                for i, n in enumerate(sizes)]
+            keep = {name: top_k_mask(s, min(k, int(current[name].sum())))
+                    for (name, s), k in zip(scores.items(), wanted)}
+        elif self.scope == "layer":
             keep = {name: top_k_mask(s, count(s.numel(), int(current[name].sum()))) for name, s in scores.items()}
         else:
             names = list(scores)
@@ -122,9 +129,14 @@ class GMP(Method):
         start: float = 0.1  # first pruning step, a fraction of the training steps (ours)
         end: float = 0.75  # last pruning step at or before this fraction (ours)
         interval: int = 100  # dt, optimizer steps between pruning steps (ours)
+        #: The output layer's pruning rate / the others' (1: the same, ours; layer scope only).
+        output_rate: float = 1.0
 
         def validate(self):
-            problems = check_target_cr(self.target_cr)
+            problems = check_target_cr(self.target_cr) + output_rate_problems(self.output_rate)
+            if self.output_rate != 1.0 and self.scope != "layer":
+                problems.append(f"output_rate={self.output_rate} applies to scope=\"layer\" only; global pruning "
+                                f"ranks the output layer with the rest")
             final = 1.0 - 1.0 / self.target_cr if not problems else 1.0
             if not 0 <= self.initial_sparsity <= final:
                 problems.append(f"initial_sparsity={self.initial_sparsity} must be in [0, {final:g}] (from 0 to "
@@ -138,7 +150,13 @@ class GMP(Method):
 
     def hooks(self) -> GMPHooks:
         p = self.params
-        return GMPHooks(p.target_cr, p.scope, p.initial_sparsity, p.start, p.end, p.interval)
+        return GMPHooks(p.target_cr, p.scope, p.initial_sparsity, p.start, p.end, p.interval, p.output_rate)
+
+    @classmethod
+    def curve_label(cls, values):
+        """``gmp output-rate=0.5`` when the output layer is pruned at another rate."""
+        rate = values.get("output_rate")
+        return cls.name + (f" output-rate={rate:g}" if rate not in (None, 1.0) and rate == rate else "")
 
     def prepare(self, ctx):
         """The model (with all-ones masks) and hooks that ``run`` trains."""

@@ -22,7 +22,9 @@ target_cr)`` weights. How a level retrains is ``retrain``:
 
 ``prune_output=false`` leaves the output layer dense, as OpenLTH does by default; its weights count
 as kept, so the other layers are pruned further for the same ``target_cr``. Ours prunes it (the
-default, which existing cells were run with).
+default, which existing cells were run with). ``output_fraction`` prunes it on its own, that fraction
+of its remaining weights per level, and the other layers globally to the level's total: Frankle &
+Carbin's LeNet-300-100 recipe is ``prune_fraction = 0.2, output_fraction = 0.1``.
 
 Every level is a point on the curve, so the cell returns one record per level, level 0 included.
 Each level checkpoints as its own phase, so a killed cell resumes at the level it was in; finished
@@ -44,7 +46,7 @@ from benchmark.engine.sparsity import prunable_layers
 from benchmark.core.method import Method, register
 from methods import structures
 from methods.masks import (apply_masks, check_target_cr, kept_count, magnitude_scores, masks_from_scores, read_masks,
-                           remove_masks)
+                           remove_masks, top_k_mask)
 
 #: Fine-tuning's learning rate when ``finetune_lr`` is none: the schedule's divided by this (ours).
 #: Renda et al. fine-tune at the final rate of their step schedules (0.1 after two tenfold drops:
@@ -82,8 +84,33 @@ def level_keep_counts(total: int, target_cr: float, prune_fraction: float, fixed
     return counts + [final]
 
 
+#: The most levels a ticket may plan (a tiny prune_fraction would otherwise plan millions).
+MAX_LEVELS = 1000
+
+
+def output_level_counts(total: int, output: int, target_cr: float, prune_fraction: float,
+                        output_fraction: float) -> list[tuple[int, int]]:
+    """(weights kept in all, of them in the output layer) after each level 1..L, the output layer
+    pruned ``output_fraction`` of its weights per level and the ``total - output`` others
+    ``prune_fraction``; the last level keeps ``kept_count(total, target_cr)`` in all (the others
+    make up the difference). ValueError when the output layer alone keeps more than that."""
+    final, rest = kept_count(total, target_cr), total - output
+    plan = []
+    for level in range(1, MAX_LEVELS + 1):
+        out = kept_count(output, (1.0 - output_fraction) ** -level)
+        others = kept_count(rest, (1.0 - prune_fraction) ** -level)
+        if others + out <= final:
+            return plan + [(final, out)]
+        plan.append((others + out, out))
+    raise ValueError(f"target_cr={target_cr:g} needs more than {MAX_LEVELS} levels at prune_fraction="
+                     f"{prune_fraction:g} and output_fraction={output_fraction:g}; raise either fraction")
+
+
 def planned_levels(params: "Lottery.Params", layer_sizes: tuple[int, ...] | list[int]) -> list[int]:
     """``level_keep_counts`` for a network with these prunable layers (the output layer last)."""
+    if params.output_fraction is not None:
+        return [kept for kept, _ in output_level_counts(sum(layer_sizes), layer_sizes[-1], params.target_cr,
+                                                        params.prune_fraction, params.output_fraction)]
     fixed = 0 if params.prune_output else layer_sizes[-1]
     return level_keep_counts(sum(layer_sizes), params.target_cr, params.prune_fraction, fixed)
 
@@ -139,9 +166,17 @@ class Lottery(Method):
         finetune_epochs: int | None = None  # retrain=finetune; none: the schedule's epochs (ours)
         finetune_lr: float | None = None  # retrain=finetune; none: the schedule's lr / 100 (ours)
         prune_output: bool = True  # ours; OpenLTH leaves the output layer dense
+        #: Prune the output layer on its own, this fraction per level (LTH's LeNet: 0.1); none: with the rest.
+        output_fraction: float | None = None
 
         def validate(self):
             problems = check_target_cr(self.target_cr, strict=True)
+            if self.output_fraction is not None and not 0 < self.output_fraction < 1:
+                problems.append(f"output_fraction={self.output_fraction} must be in (0, 1) (the fraction of the "
+                                f"output layer's remaining weights pruned per level), or none to prune it with the rest")
+            if self.output_fraction is not None and not self.prune_output:
+                problems.append(f"output_fraction={self.output_fraction} with prune_output=false: a dense output "
+                                f"layer is not pruned at any rate; drop one of them")
             if not 0 < self.prune_fraction < 1:
                 problems.append(f"prune_fraction={self.prune_fraction} must be in (0, 1) "
                                 f"(the fraction of remaining weights pruned per level)")
@@ -172,8 +207,15 @@ class Lottery(Method):
             return problems
 
         def capacity_problems(self, layer_sizes: tuple[int, ...]) -> list[str]:
-            """With the output layer dense, the target must keep more weights than it has."""
+            """With the output layer dense, the target must keep more weights than it has; with it
+            pruned on its own, the levels must reach the target."""
             total, output = sum(layer_sizes), layer_sizes[-1]
+            if self.output_fraction is not None:
+                try:
+                    output_level_counts(total, output, self.target_cr, self.prune_fraction, self.output_fraction)
+                except ValueError as exc:
+                    return [str(exc)]
+                return []
             if self.prune_output or kept_count(total, self.target_cr) > output:
                 return []
             return [f"target_cr={self.target_cr:g} with prune_output=false is out of reach: it keeps "
@@ -188,7 +230,11 @@ class Lottery(Method):
         label = cls.name + {"lr_rewind": " LRR", "finetune": " FT"}.get(retrain, "")
         if retrain != "finetune" and values.get("rewind") not in (None, 0):
             label += f" rewind={values['rewind']}"
-        return label + (" dense-output" if values.get("prune_output") is False else "")
+        label += " dense-output" if values.get("prune_output") is False else ""
+        fraction, output = values.get("prune_fraction"), values.get("output_fraction")
+        if output is not None and output == output:
+            label += f" p={fraction:g}/out={output:g}"
+        return label
 
     def trainings(self, layer_sizes):
         return len(planned_levels(self.params, layer_sizes))
@@ -221,17 +267,29 @@ class Lottery(Method):
             extra = {"finetune_epochs": per_level, "finetune_lr": lr}
 
         layers = prunable_layers(dense.model)
-        pruned = {name for name, _ in (layers if p.prune_output else layers[:-1])}
-        fixed = 0 if p.prune_output else layers[-1][1].weight.numel()
-        total = sum(module.weight.numel() for _, module in layers)
+        sizes = [module.weight.numel() for _, module in layers]
+        output_name = layers[-1][0]
+        own_output = p.output_fraction is not None  # the output layer pruned on its own
+        pruned = {name for name, _ in (layers if p.prune_output and not own_output else layers[:-1])}
+        fixed = 0 if p.prune_output else sizes[-1]
+        total = sum(sizes)
+        output_counts = [out for _, out in output_level_counts(total, sizes[-1], p.target_cr, p.prune_fraction,
+                                                               p.output_fraction)] if own_output else []
         records = [ctx.measure(dense.model, history=dense.history, level=0, level_target_cr=1.0,
                                epochs=epochs, dense_test_acc=dense.test_acc)]
         trained, keep = dense.model, None
-        for level, count in enumerate(planned_levels(p, [m.weight.numel() for _, m in layers]), start=1):
-            scores = {name: s for name, s in magnitude_scores(trained).items() if name in pruned}
+        for level, count in enumerate(planned_levels(p, sizes), start=1):
+            all_scores = magnitude_scores(trained)
             if keep is not None:  # what an earlier level pruned stays pruned
-                scores = {name: s.masked_fill(~keep[name], -math.inf) for name, s in scores.items()}
-            keep = masks_from_scores(scores, p.target_cr, "global", keep=count - fixed)
+                all_scores = {name: s.masked_fill(~keep[name], -math.inf) if name in keep else s
+                              for name, s in all_scores.items()}
+            scores = {name: s for name, s in all_scores.items() if name in pruned}
+            if own_output:
+                out = output_counts[level - 1]
+                keep = masks_from_scores(scores, p.target_cr, "global", keep=count - out, warn=False)
+                keep[output_name] = top_k_mask(all_scores[output_name], out) & (all_scores[output_name] > -math.inf)
+            else:
+                keep = masks_from_scores(scores, p.target_cr, "global", keep=count - fixed)
             source = dense.snapshots[p.rewind] if p.retrain == "rewind" else trained.state_dict()
             model = rewound_model(ctx, source, keep)
             if finetune is not None:

@@ -4,7 +4,9 @@ Both start from the cached dense model of the cell's arch x dataset x schedule x
 over many target CRs costs one dense training. The smallest |w| are pruned, layer by layer (every
 layer keeps the same fraction) or over the whole network at once. The paper evaluates without
 fine-tuning (``finetune_epochs=0``); with fine-tuning the mask is held and the learning rate is the
-schedule's divided by ten unless ``finetune_lr`` is given (ours).
+schedule's divided by ten unless ``finetune_lr`` is given (ours). Layer-wise pruning prunes the
+output layer at the same rate as the others (ours); ``output_rate = 0.5`` prunes it at half their
+rate, as Frankle & Carbin treat LeNet's output layer (``methods.masks.layer_counts_for_cr``).
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ from dataclasses import dataclass
 
 from benchmark.core.method import Method, register
 from methods import structures
-from methods.masks import apply_masks, check_target_cr, magnitude_scores, masks_from_scores, remove_masks
+from methods.masks import (apply_masks, check_target_cr, magnitude_scores, masks_from_scores, output_rate_problems,
+                          remove_masks)
 
 
 @register
@@ -33,9 +36,10 @@ class Magnitude(Method):
         target_cr: float = 10.0
         finetune_epochs: int = 0  # the paper: no fine-tuning
         finetune_lr: float | None = None  # None: the schedule's lr / 10 (ours)
+        output_rate: float = 1.0  # the output layer's pruning rate / the others' (1: the same, ours)
 
         def validate(self):
-            problems = check_target_cr(self.target_cr)
+            problems = check_target_cr(self.target_cr) + output_rate_problems(self.output_rate)
             if self.finetune_epochs < 0:
                 problems.append(f"finetune_epochs={self.finetune_epochs} must be >= 0")
             if self.finetune_lr is not None and not self.finetune_lr > 0:
@@ -44,8 +48,11 @@ class Magnitude(Method):
 
     @classmethod
     def curve_label(cls, values):
-        """``+FT`` when fine-tuned: the paper's magnitude baselines are not."""
-        return f"{cls.name} +FT" if (values.get("finetune_epochs") or 0) > 0 else cls.name
+        """``+FT`` when fine-tuned: the paper's magnitude baselines are not; ``output-rate=0.5`` when
+        the output layer is pruned at another rate."""
+        label = f"{cls.name} +FT" if (values.get("finetune_epochs") or 0) > 0 else cls.name
+        rate = values.get("output_rate")
+        return label + (f" output-rate={rate:g}" if rate not in (None, 1.0) and rate == rate else "")
 
     def training_epochs(self, schedule, layer_sizes):
         return self.params.finetune_epochs
@@ -58,7 +65,8 @@ class Magnitude(Method):
         p = self.params
         dense = ctx.dense()
         model = dense.model
-        apply_masks(model, masks_from_scores(magnitude_scores(model), p.target_cr, self.scope))
+        apply_masks(model, masks_from_scores(magnitude_scores(model), p.target_cr, self.scope,
+                                             output_rate=p.output_rate))
         history = [e | {"phase": "dense"} for e in dense.history]
         finetune_lr = None
         if p.finetune_epochs > 0:
@@ -82,3 +90,12 @@ class GlobalMagnitude(Magnitude):
     scope = "global"
     curve_order = 4
     plot_style = (3, 0.0, "*", "--")
+
+    @dataclass(frozen=True)
+    class Params(Magnitude.Params):
+        def validate(self):
+            problems = super().validate()
+            if self.output_rate != 1.0:
+                problems.append(f"output_rate={self.output_rate} applies to layer-wise pruning (magnitude, gmp with "
+                                f"scope = \"layer\"); global pruning ranks the output layer with the rest")
+            return problems

@@ -93,6 +93,39 @@ def kept_count(numel: int, target_cr: float) -> int:
     return min(numel, max(0, int(math.floor(numel / target_cr + 0.5))))
 
 
+def output_rate_problems(output_rate: float) -> list[str]:
+    if 0 < output_rate <= 1 and math.isfinite(output_rate):
+        return []
+    return [f"output_rate={output_rate} must be in (0, 1]: the output layer is pruned at this multiple of the other "
+            f"layers' rate (1: the same rate; 0.5: half, as Frankle & Carbin prune LeNet's output layer)"]
+
+
+def layer_kept_counts(sizes: list[int], density: float, output_rate: float = 1.0) -> list[int]:
+    """Weights each layer keeps (the output layer last) when the others keep ``density`` of theirs
+    and the output layer is pruned at ``output_rate`` times their rate: it keeps ``density **
+    output_rate`` of its weights, what pruning at that fraction of the rate level after level gives."""
+    counts = [min(n, max(0, int(math.floor(n * density + 0.5)))) for n in sizes[:-1]]
+    output = sizes[-1]
+    return counts + [min(output, max(0, int(math.floor(output * density ** output_rate + 0.5))))]
+
+
+def layer_counts_for_cr(sizes: list[int], target_cr: float, output_rate: float = 1.0) -> list[int]:
+    """Per-layer kept counts for compression ``target_cr`` with every layer at one density, except
+    the output layer at ``output_rate`` (``layer_kept_counts``). Rate 1 is ``kept_count`` per layer;
+    otherwise the density is the one whose counts come closest to ``kept_count(total, target_cr)``."""
+    if output_rate == 1.0:
+        return [kept_count(n, target_cr) for n in sizes]
+    wanted = kept_count(sum(sizes), target_cr)
+    low, high = 0.0, 1.0
+    for _ in range(100):  # kept weights grow with the density: bisect to float precision
+        middle = (low + high) / 2
+        if sum(sizes[:-1]) * middle + sizes[-1] * middle ** output_rate < wanted:
+            low = middle
+        else:
+            high = middle
+    return layer_kept_counts(sizes, (low + high) / 2, output_rate)
+
+
 def top_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Boolean mask of the ``k`` highest entries; ties go to the lower flat index, NaN ranks last."""
     flat = scores.detach().flatten().nan_to_num(nan=-math.inf, posinf=math.inf, neginf=-math.inf)
@@ -104,17 +137,19 @@ def top_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def masks_from_scores(scores: dict[str, torch.Tensor], target_cr: float, scope: Scope = "global",
-                      keep: int | None = None, warn: bool = True) -> dict[str, torch.Tensor]:
+                      keep: int | None = None, warn: bool = True, output_rate: float = 1.0) -> dict[str, torch.Tensor]:
     """Keep the highest scores so that (scored weights / kept) = ``target_cr``.
 
     ``scope='global'`` ranks all layers' scores together (they must be comparable);
-    ``scope='layer'`` keeps the same fraction of every layer (each rounded to a whole weight).
+    ``scope='layer'`` keeps the same fraction of every layer (each rounded to a whole weight), the
+    last one (the output layer) pruned at ``output_rate`` times the others' rate (``layer_counts_for_cr``).
     ``keep`` overrides the global count (used when a schedule fixes it). Entries scored ``-inf`` or NaN
     are never kept (used to keep earlier pruning when pruning iteratively). Warns (unless
     ``warn=False``, for intermediate rounds) for every layer left with no weight at all.
     """
     if scope == "layer":
-        masks = {name: top_k_mask(s, kept_count(s.numel(), target_cr)) for name, s in scores.items()}
+        counts = layer_counts_for_cr([s.numel() for s in scores.values()], target_cr, output_rate)
+        masks = {name: top_k_mask(s, k) for (name, s), k in zip(scores.items(), counts)}
     elif scope == "global":
         total = sum(s.numel() for s in scores.values())
         k = kept_count(total, target_cr) if keep is None else keep

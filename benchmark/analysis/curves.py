@@ -473,7 +473,10 @@ def cost_table(results: Results) -> pd.DataFrame:
     counts the dense training it starts from) and the CPU-hours its cells took (wall time x threads,
     each cell once; shared dense trainings are counted in the cell that ran them, usually ``dense``).
 
-    Columns: arch, dataset, variant, points, seeds, epochs_min, epochs_max, wall_h, cpu_h, devices."""
+    ``train_cost``: the same in dense trainings of the schedule (``benchmark.execution.store.training_cost``).
+
+    Columns: arch, dataset, variant, points, seeds, epochs_min, epochs_max, train_cost_min,
+    train_cost_max, wall_h, cpu_h, devices."""
     rows = []
     frame = results.ok
     for arch, dataset in results.panels():
@@ -490,12 +493,14 @@ def cost_table(results: Results) -> pd.DataFrame:
             wall = pd.to_numeric(cells.get("wall_s"), errors="coerce").fillna(0.0) if "wall_s" in cells else 0.0
             threads = pd.to_numeric(cells["threads"], errors="coerce").fillna(1.0) if "threads" in cells else 1.0
             devices = sorted(set(cells["device"].dropna().astype(str))) if "device" in cells else []
+            cost = pd.to_numeric(group.get("train_cost"), errors="coerce") if "train_cost" in group else pd.Series(dtype=float)
             rows.append({"arch": arch, "dataset": dataset, "variant": variant, "points": len(group),
                          "seeds": group.seed.nunique(), "epochs_min": epochs.min(), "epochs_max": epochs.max(),
+                         "train_cost_min": cost.min(), "train_cost_max": cost.max(),
                          "wall_h": float(np.sum(wall)) / 3600, "cpu_h": float(np.sum(wall * threads)) / 3600,
                          "devices": ",".join(devices)})
     return pd.DataFrame(rows, columns=["arch", "dataset", "variant", "points", "seeds", "epochs_min", "epochs_max",
-                                       "wall_h", "cpu_h", "devices"])
+                                       "train_cost_min", "train_cost_max", "wall_h", "cpu_h", "devices"])
 
 
 def dense_summary(results: Results) -> pd.DataFrame:

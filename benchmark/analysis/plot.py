@@ -179,6 +179,61 @@ def plot_accuracy_vs_cr(results: cv.Results, title: str = "") -> plt.Figure:
     return fig
 
 
+def cost_at_cr(results: cv.Results, arch: str, dataset: str, variant: str, at_cr: float) -> tuple[list, list]:
+    """Per complete seed, (training cost, test accuracy) at ``at_cr``, each interpolated in log CR as the
+    tables do (a lottery ticket's cost grows with its level); seeds that do not reach it are left out."""
+    frame = results.panel_rows(arch, dataset, variant)
+    if "train_cost" not in frame:
+        return [], []
+    partial = results.partial_seeds(arch, dataset, variant)
+    costs, accs = [], []
+    for seed, rows in frame.groupby("seed", sort=True):
+        if seed in partial:
+            continue
+        cost = cv.Curve.from_points(seed, rows.cr, pd.to_numeric(rows.train_cost, errors="coerce")).at(at_cr)[0]
+        acc = cv.Curve.from_points(seed, rows.cr, rows.test_acc).at(at_cr)[0]
+        if np.isfinite(cost) and np.isfinite(acc):
+            costs.append(cost)
+            accs.append(acc)
+    return costs, accs
+
+
+def plot_cost_vs_accuracy(results: cv.Results, at_cr: float, title: str = "") -> plt.Figure | None:
+    """One panel per arch x dataset: each curve's test accuracy at ``at_cr`` against the training it
+    cost (dense trainings of the schedule, log scale), mean ± std over seeds. None when no curve
+    reaches ``at_cr`` or the CSV has no ``train_cost``."""
+    panels = results.panels()
+    styles = variant_styles(results.variant_info())
+    points = {(arch, dataset, v): cost_at_cr(results, arch, dataset, v, at_cr)
+              for arch, dataset in panels for v in results.variants(arch, dataset)}
+    if not any(costs for costs, _ in points.values()):
+        return None
+    fig, axes = _panel_axes(len(panels))
+    used = []
+    for ax, (arch, dataset) in zip(axes, panels):
+        for variant in results.variants(arch, dataset):
+            costs, accs = points[(arch, dataset, variant)]
+            if not costs:
+                continue
+            style = styles[variant]
+            ax.errorbar(np.mean(costs), 100 * np.mean(accs), yerr=100 * np.std(accs, ddof=1) if len(accs) > 1 else None,
+                        linestyle="none", marker=style.marker, markersize=7, color=style.color, capsize=3, zorder=3)
+            if variant not in used:
+                used.append(variant)
+        ax.set_xscale("log")
+        _plain_log_axis(ax.xaxis)
+        ax.set_title(cv.panel_title(arch, dataset))
+        ax.set_xlabel("training cost (dense trainings of the schedule, log scale)")
+        ax.set_ylabel(f"test accuracy at CR {at_cr:g} (%)")
+        ax.grid(True, which="major", alpha=0.3)
+    handles = [_legend_handle(styles[v], v) for v in results.variants() if v in used]
+    fig.legend(handles=handles, loc="outside right upper", frameon=False, alignment="left",
+               title="mean ± std over seeds", title_fontsize="small")
+    fig.suptitle((f"{title}: " if title else "") + f"accuracy at CR {at_cr:g} vs training cost", fontsize="medium",
+                 x=0.02, ha="left")
+    return fig
+
+
 def _threshold_whiskers(ax, rows: pd.DataFrame, style: Style) -> int:
     """For thresholded runs whose CR still depends on the zero threshold (CR at 0.01x and 100x differ
     by more than ``cv.SETTLED_RATIO``), a horizontal whisker over that CR range: how far the point
@@ -465,6 +520,11 @@ def save_figure(fig: plt.Figure, stem: Path) -> list[Path]:
     return written
 
 
+#: The CR of the training-cost figure unless ``plot --at-cr`` names one: where the reference's curves
+#: separate and most of them still train.
+COST_AT_CR = 100.0
+
+
 def figures(grid: str, results_dir: Path | str = "results",
             at_cr: float | None = None) -> tuple[list[tuple[str, plt.Figure]], list[str]]:
     """Every figure of a grid's CSVs as (file stem, figure), and notes about what is left out."""
@@ -485,6 +545,12 @@ def figures(grid: str, results_dir: Path | str = "results",
         notes.append("effective CR equals CR for every run (or is not in the CSV): no effective-CR figure")
     else:
         drawn.append(("effective_cr", fig))
+    cost_cr = at_cr or COST_AT_CR
+    fig = plot_cost_vs_accuracy(results, cost_cr, title=grid)
+    if fig is None:
+        notes.append(f"no curve reaches CR {cost_cr:g} (or the CSV has no train_cost): no training-cost figure")
+    else:
+        drawn.append(("cost_vs_accuracy", fig))
     history = cv.load_history(source / "history.csv")
     if history is not None and len(history):
         fig, trajectory_notes = plot_trajectories(results, history)

@@ -287,7 +287,8 @@ COMPARISONS_EXPLANATION = (
 )
 COST_EXPLANATION = (
     "Training behind each curve: epochs behind one point (a lottery ticket at level k trains k+1 times; "
-    "pruned dense models count the dense training they start from) and the hours its cells ran (CPU-hours = "
+    "pruned dense models count the dense training they start from), the same in dense trainings of the schedule "
+    "(every method computes with dense kernels, so also its share of training FLOPs) and the hours its cells ran (CPU-hours = "
     "wall time x threads; a dense training shared through the cache is counted once, in the cell that ran it)."
 )
 SETTLING_EXPLANATION = (
@@ -323,8 +324,12 @@ def cost_wide(table: pd.DataFrame) -> pd.DataFrame:
     for r in table.itertuples():
         epochs = MISSING if not math.isfinite(r.epochs_min) else (
             f"{r.epochs_min:.0f}" if r.epochs_min == r.epochs_max else f"{r.epochs_min:.0f}–{r.epochs_max:.0f}")
+        cost = MISSING if not math.isfinite(r.train_cost_min) else (
+            f"{r.train_cost_min:.2g}" if r.train_cost_min == r.train_cost_max
+            else f"{r.train_cost_min:.2g}–{r.train_cost_max:.2g}")
         rows.append({"arch": cv.ARCH_NAMES.get(r.arch, r.arch), "dataset": cv.DATASET_NAMES.get(r.dataset, r.dataset),
                      "method": r.variant, "points": str(r.points), "seeds": str(r.seeds), "epochs per point": epochs,
+                     "dense trainings per point": cost,
                      "hours": f"{r.wall_h:.3g}", "CPU-hours": f"{r.cpu_h:.3g}", "device": r.devices})
     return pd.DataFrame(rows)
 

@@ -70,6 +70,17 @@ LAST_RUN = "last-run.json"
 HISTORY_KEYS = ["cell_id", "level", "variant", "method", "arch", "dataset", "seed", "depth", "lam", "target_cr"]
 
 
+def training_cost(record: dict) -> float | None:
+    """The training behind a record in dense trainings of its schedule: its epochs (every phase: a
+    pruned model's dense training, fine-tuning, each lottery level) over the schedule's. Every method
+    here computes with dense kernels (a mask or D factors skip no arithmetic), so this is its share of
+    training FLOPs too, up to the masks' and factors' elementwise work and scoring passes (docs/recipes.md)."""
+    epochs, schedule = record.get("epochs"), record.get("epochs_schedule")
+    if not isinstance(epochs, (int, float)) or not isinstance(schedule, (int, float)) or not schedule > 0:
+        return None
+    return float(epochs) / float(schedule)
+
+
 def variant_label(record: dict) -> str:
     """The curve a record (or CSV row) belongs to, as its method labels it (``Method.curve_label``:
     ``dwf D=3``, ``magnitude +FT``, ``lottery LRR rewind=500it``); a method that is not installed
@@ -489,6 +500,7 @@ class Store:
                 row.setdefault("cell_id", result["cell_id"])
                 row["variant"] = variant_label(record)
                 row.update(picks.get(row["cell_id"], {}))
+                row["train_cost"] = training_cost(record)
                 rows.append(row)
                 keys = {k: row.get(k) for k in HISTORY_KEYS}
                 history_rows += [keys | {"step": i + 1} | epoch for i, epoch in enumerate(record.get("history") or [])]
