@@ -22,7 +22,7 @@ STAMP := $(VENV)/.installed
 SEEDS ?=
 REFERENCE_RUN = $(PY) -m benchmark run --results-dir reference --jobs $(JOBS) --pack off $(if $(SEEDS),--seeds $(SEEDS))
 
-.PHONY: run test test-packages setup data clean reference gpu-check
+.PHONY: run test test-packages setup data clean reference gpu-check gpu-check-bare
 
 # A failed or blocked cell makes `run` exit 1; it still writes the grid's CSVs, which are plotted.
 run: setup data
@@ -61,11 +61,17 @@ test-packages:
 	    || echo "warning: apt-get could not install$$missing; the tests that need them will skip"; \
 	fi
 
-# On a machine with a CUDA GPU: the CUDA tests, doctor, perf step/pack, one real epoch each of
-# LeNet-300-100 and VGG-16, and cells per hour with --jobs-per-gpu 1/2/4 and packing, in under 8
-# minutes; writes gpu-check/summary.md (and one log per part). Without a GPU it says so and exits 2.
-gpu-check: setup data
-	$(PY) -m benchmark.speed.gpu_check --out gpu-check
+# On a machine with a CUDA GPU: the CUDA tests, one short cell per method family, doctor, perf
+# step/pack, one epoch each of LeNet-300-100 and VGG-16, and cells per hour with --jobs-per-gpu 1/2
+# and packing, in under 8 minutes; writes gpu-check/summary.md (and one log per part). It brings its
+# own data. Without a GPU it says so and exits 2.
+gpu-check: setup
+	$(PY) -m benchmark.speed.gpu_check --out gpu-check --budget 450
+
+# The same on a lent GPU machine as it is: its own python (CUDA torch, torchvision, numpy, pandas,
+# matplotlib, seaborn, joblib, scipy, pytest), no venv, no network, no installs.
+gpu-check-bare:
+	$(PYTHON) -m benchmark.speed.gpu_check --out gpu-check --budget 450
 
 setup: $(STAMP)
 

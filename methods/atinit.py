@@ -39,6 +39,7 @@ from torch.nn import functional as F
 
 from benchmark.engine import data as data_mod
 from benchmark.engine.sparsity import prunable_layers
+from benchmark.engine.train import exact_float32
 from benchmark.core.method import Method, register
 from methods import structures
 from methods.masks import apply_masks, check_target_cr, kept_count, masks_from_scores, remove_masks
@@ -89,7 +90,8 @@ def snip_scores(model: nn.Module, batches: Batches, bn_mode: str = "eval") -> di
     """Connection sensitivity |g * w| (scale-free, so summing over batches equals averaging)."""
     net = scoring_copy(model, bn_mode)
     weights = prunable_weights(net)
-    grads = loss_gradients(net, batches)
+    with exact_float32():  # scores rank single weights: no TF32 convolutions on a GPU
+        grads = loss_gradients(net, batches)
     return {name: (g * w.detach()).abs() for (name, w), g in zip(weights.items(), grads)}
 
 
@@ -99,13 +101,14 @@ def grasp_scores(model: nn.Module, batches: Batches, temperature: float = 1.0,
     net = scoring_copy(model, bn_mode)
     weights = prunable_weights(net)
     params = list(weights.values())
-    g = loss_gradients(net, batches, temperature)
     hg = [torch.zeros_like(w) for w in params]
-    for x, y in batches:
-        grads = torch.autograd.grad(F.cross_entropy(net(x) / temperature, y), params, create_graph=True)
-        g_dot = sum((gr * gi).sum() for gr, gi in zip(grads, g))
-        for acc, h in zip(hg, torch.autograd.grad(g_dot, params)):
-            acc += h
+    with exact_float32():  # scores rank single weights: no TF32 convolutions on a GPU
+        g = loss_gradients(net, batches, temperature)
+        for x, y in batches:
+            grads = torch.autograd.grad(F.cross_entropy(net(x) / temperature, y), params, create_graph=True)
+            g_dot = sum((gr * gi).sum() for gr, gi in zip(grads, g))
+            for acc, h in zip(hg, torch.autograd.grad(g_dot, params)):
+                acc += h
     return {name: w.detach() * h for (name, w), h in zip(weights.items(), hg)}
 
 

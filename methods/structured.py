@@ -32,7 +32,6 @@ import warnings
 from dataclasses import dataclass
 
 import torch
-import torch_pruning as tp
 from torch import nn
 
 from benchmark.engine import sparsity
@@ -49,6 +48,25 @@ FINETUNE_FRACTION = 0.1
 FINETUNE_LR_DIVISOR = 10.0
 
 LATENCY_WARMUP = 3
+
+TORCH_PRUNING_INSTALL = "pip install torch-pruning"
+
+
+class _TorchPruning:
+    """Torch-Pruning, imported where a structured method first uses it (it is optional: ``import
+    methods`` and every other method work without it); an ImportError names the package and the fix."""
+
+    def __getattr__(self, name: str):
+        try:
+            import torch_pruning
+        except ImportError as exc:
+            raise ImportError(f"the structured pruning methods (structured-magnitude, structured-random) need "
+                              f"the package torch-pruning, which is not installed here ({exc}): "
+                              f"{TORCH_PRUNING_INSTALL}") from None
+        return getattr(torch_pruning, name)
+
+
+tp = _TorchPruning()
 
 
 @dataclass

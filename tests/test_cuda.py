@@ -2,7 +2,8 @@
 no GPU is visible. ``make gpu-check`` runs them on a GPU machine (benchmark/speed/gpu_check.py).
 
 Covered: bf16 autocast in the training step, channels_last for conv nets, factorized layers under
-autocast, exact resume on CUDA, ``--jobs-per-gpu`` slots, ``--compile``, packed training.
+autocast, exact resume on CUDA, ``--jobs-per-gpu`` workers (each on its own GPU, records naming it),
+``--compile``, packed training, augmentation on the GPU, ``--deterministic``.
 """
 
 from __future__ import annotations
@@ -118,6 +119,7 @@ def test_jobs_per_gpu_slots_pin_each_cell_or_pack_to_a_gpu(tmp_path, pack):
     assert summary.finished == len(grid.cells) and not summary.failed
     records = [json.loads(p.read_text())["records"][0] for p in (tmp_path / "r" / "g" / "cells").glob("*.json")]
     assert {r["device"].split(":")[0] for r in records} == {"cuda"}
+    assert all(r["device"].split(":")[1].isdigit() and r["gpu"] and r["cuda_version"] for r in records)
     assert all(("pack_size" in r) == (pack != "off") for r in records)
 
 
@@ -144,3 +146,26 @@ def test_packed_training_on_cuda_records_what_training_alone_records(tmp_path):
         # bf16 autocast: the pack's batched products round differently from one model's
         assert abs(mine["test_acc"] - alone[cell.id]["test_acc"]) <= 0.02
         assert mine["cr"] == pytest.approx(alone[cell.id]["cr"], rel=0.05)
+
+
+def test_augmentation_on_the_gpu_draws_what_the_cpu_draws():
+    x = torch.randn(64, 3, 32, 32)
+    fill = torch.full((1, 3, 1, 1), -0.5)
+    cpu = data_mod.augment(x, torch.Generator().manual_seed(3), fill=fill)
+    gpu = data_mod.augment(x.to(CUDA), torch.Generator().manual_seed(3), fill=fill.to(CUDA))
+    assert torch.equal(gpu.cpu(), cpu)
+
+
+def test_deterministic_gpu_training_repeats_bit_for_bit(tmp_path):
+    cell = Cell.make("dense", "lenet5", "fashion-mnist", schedule={"epochs": 1, "batch_size": 32})
+    data = _on_cuda(make_data(shape=(1, 28, 28), classes=10))
+    saved = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
+    try:
+        runs = [run_cell(cell, data=data, device=CUDA, work_root=tmp_path / f"w{i}", cache_dir=tmp_path / f"c{i}",
+                         progress=False, deterministic=True)[0] for i in range(2)]
+    finally:
+        torch.use_deterministic_algorithms(False)
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved
+    assert runs[0]["status"] == "ok" and runs[0]["deterministic"] is True, runs[0].get("error")
+    assert [e["train_loss"] for e in runs[0]["history"]] == [e["train_loss"] for e in runs[1]["history"]]
+    assert runs[0]["test_loss"] == runs[1]["test_loss"]

@@ -50,3 +50,17 @@ def test_dask_backend_needs_a_scheduler(tmp_path, capsys):
     grid_file = tiny_grid(tmp_path / "g.toml")
     assert main(["run", "--grid", str(grid_file), "--results-dir", str(tmp_path), "--backend", "dask"]) == 2
     assert "--scheduler" in capsys.readouterr().err
+
+
+def test_dask_backend_with_pack_n_packs_without_measuring_the_workers_memory(tmp_path, cluster, capsys):
+    """--pack N on Dask: the driver cannot see the workers' devices, so it packs N as asked (it
+    used to crash asking the free memory of no device)."""
+    grid_file = tiny_grid(tmp_path / "g.toml")
+    results = tmp_path / "dask"
+    assert main(["run", "--grid", str(grid_file), "--results-dir", str(results), "--no-progress",
+                 "--backend", "dask", "--scheduler", cluster.scheduler_address, "--pack", "2"]) == 0
+    assert "cannot be measured from here; packs of up to 2" in capsys.readouterr().err
+    records = [r["records"][0] for r in Store(results, "g").results()]
+    assert len(records) == 5 and {r["status"] for r in records} == {"ok"}
+    # the four DWF cells (two per depth) pack in twos; the dense cell runs alone
+    assert sorted(r.get("pack_size", 1) for r in records) == [1, 2, 2, 2, 2]

@@ -51,6 +51,11 @@ def add_commands(sub) -> None:
     p.add_argument("--work-dir", default="results/work", help="per-cell checkpoints, removed when the cell ends (default results/work)")
     p.add_argument("--compile", action="store_true",
                    help="train through torch.compile (speed only; the record says compiled=true)")
+    p.add_argument("--deterministic", action="store_true",
+                   help="GPU-only: cuDNN and cuBLAS use reproducible kernels (torch.use_deterministic_algorithms, "
+                        "CUBLAS_WORKSPACE_CONFIG=:4096:8), so a GPU run repeats bit for bit, somewhat slower; records "
+                        "say deterministic=true. No effect on a CPU (its training is deterministic already); "
+                        "cell ids do not change")
     p.add_argument("--json", action="store_true", help="print each record as one JSON line instead of a summary")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(handler=run_command)
@@ -75,7 +80,8 @@ def run_command(args) -> int:
 
         check_compile(pick_device(args.device))
     records = run_cell(cell, data_dir=args.data_dir, device=args.device, work_root=args.work_dir,
-                       cache_dir=args.cache_dir, progress=False if args.no_progress else None, compiled=args.compile)
+                       cache_dir=args.cache_dir, progress=False if args.no_progress else None, compiled=args.compile,
+                       deterministic=args.deterministic)
     for record in records:
         if args.json:
             print(json.dumps(record))

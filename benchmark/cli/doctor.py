@@ -80,11 +80,16 @@ def doctor_command(args) -> int:
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             props = torch.cuda.get_device_properties(i)
-            r.more(f"cuda:{i}: {props.name}, {props.total_memory / 2**30:.0f} GiB, bf16 "
-                   f"{'yes' if torch.cuda.is_bf16_supported() else 'no'}")
+            r.more(f"cuda:{i}: {props.name}, {props.total_memory / 2**30:.0f} GiB, compute capability "
+                   f"{props.major}.{props.minor}, native bf16 {'yes' if props.major >= 8 else 'no (trains in float32)'}")
     if device is not None:
-        if device.type == "cuda":
+        from benchmark.engine.train import native_bf16
+
+        if device.type == "cuda" and native_bf16(device):
             r.line("dtype", "float32 weights; training under bf16 autocast; channels_last for conv nets")
+        elif device.type == "cuda":
+            r.line("dtype", f"float32 throughout on {device} (no native bf16 before compute capability 8.0); "
+                            f"channels_last for conv nets")
         else:
             r.line("dtype", f"float32 throughout on {device.type} (bf16 autocast is used on CUDA only)")
 
@@ -207,6 +212,16 @@ def _check_scheduler(r: _Report, address: str) -> None:
         r.problem("backends", f"Dask scheduler {address} not reachable: {type(exc).__name__}: {exc}")
 
 
+def _synchronize(device) -> None:
+    """Wait for ``device`` to finish what it was given (GPUs run asynchronously to the host)."""
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
 def _check_step(r: _Report, device_name: str) -> None:
     """Three SGD steps of LeNet-300-100, dense and DWF D=3, on random data on ``device_name``: the
     loss must be finite and the weights must move."""
@@ -231,12 +246,12 @@ def _check_step(r: _Report, device_name: str) -> None:
             optimizer = make_optimizer(model, Schedule(lr=0.05), hooks)
             before = [p.detach().clone() for p in model.parameters()]
             training_step(model, x, y, optimizer, hooks, device)  # warm-up, not timed
+            _synchronize(device)
             steps = 3
             began = time.perf_counter()
             for _ in range(steps):
                 _, loss, total = training_step(model, x, y, optimizer, hooks, device)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            _synchronize(device)  # the device timed, not the current one (cuda:1 while cuda:0 is current)
             ms = (time.perf_counter() - began) / steps * 1000
             moved = any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
             if not torch.isfinite(total.detach()).item():

@@ -56,6 +56,11 @@ def add_commands(sub) -> None:
     p.add_argument("--compile", action="store_true",
                    help="train through torch.compile (a speed option: results carry compiled=True, cell ids do not "
                         "change; worth it on GPUs and for conv nets, costs seconds to minutes of compiling per cell)")
+    p.add_argument("--deterministic", action="store_true",
+                   help="GPU-only: cuDNN and cuBLAS use reproducible kernels (torch.use_deterministic_algorithms, "
+                        "CUBLAS_WORKSPACE_CONFIG=:4096:8), so a GPU run repeats bit for bit, somewhat slower; records "
+                        "say deterministic=true. No effect on a CPU (its training is deterministic already); "
+                        "cell ids do not change")
     p.add_argument("--pack", default=os.environ.get(PACK_ENV, "auto"), metavar="auto|off|N",
                    help="train cells of one structure (architecture, dataset, schedule, method family) as one "
                         "stacked model in one process: N = up to N cells per pack, off = one cell per task, auto "
@@ -232,7 +237,7 @@ def run_command(args) -> int:
                        data_dir=args.data_dir, device=args.device, retry_failed=args.retry_failed,
                        progress=False if args.no_progress else None, compiled=args.compile,
                        scheduler_timeout=args.connect_timeout, pack=args.pack,
-                       slurm=getattr(args, "slurm_options", None))
+                       slurm=getattr(args, "slurm_options", None), deterministic=args.deterministic)
         tuning_lines: list[str] = []
         summary = None
         if groups:  # first the tuning cells, in their own folder; then the picks' final cells

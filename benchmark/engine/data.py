@@ -613,6 +613,16 @@ def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     return gen
 
 
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU tensor (drawn from a CPU generator, so every device sees the same numbers) on
+    ``device`` without stalling the host: on CUDA it goes through pinned memory and an asynchronous
+    copy (the caching host allocator keeps the pinned block until the copy is done); on the CPU it
+    is the tensor itself."""
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 def augment(x: torch.Tensor, gen: torch.Generator, padding: int = 4, fill: torch.Tensor | None = None) -> torch.Tensor:
     """Random crop with padding and random horizontal flip of a whole batch on its device.
 
@@ -625,9 +635,9 @@ def augment(x: torch.Tensor, gen: torch.Generator, padding: int = 4, fill: torch
         padded = torch.nn.functional.pad(x, (padding, padding, padding, padding))
     else:
         padded = torch.nn.functional.pad(x - fill, (padding, padding, padding, padding)) + fill
-    dy = torch.randint(0, 2 * padding + 1, (n,), generator=gen).to(x.device)
-    dx = torch.randint(0, 2 * padding + 1, (n,), generator=gen).to(x.device)
-    flip = (torch.rand(n, generator=gen) < 0.5).to(x.device)
+    dy = to_device(torch.randint(0, 2 * padding + 1, (n,), generator=gen), x.device)
+    dx = to_device(torch.randint(0, 2 * padding + 1, (n,), generator=gen), x.device)
+    flip = to_device(torch.rand(n, generator=gen) < 0.5, x.device)
     rows = torch.arange(h, device=x.device)[None, :] + dy[:, None]  # (n, h)
     cols = torch.arange(w, device=x.device)[None, :].expand(n, w)
     cols = torch.where(flip[:, None], cols.flip(1), cols) + dx[:, None]  # (n, w)
@@ -643,7 +653,7 @@ def batches(split: Split, batch_size: int, gen: torch.Generator, *, shuffle: boo
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     n = len(split)
     device = split.y.device
-    order = torch.randperm(n, generator=gen).to(device) if shuffle else torch.arange(n, device=device)
+    order = to_device(torch.randperm(n, generator=gen), device) if shuffle else torch.arange(n, device=device)
     stop = n - n % batch_size if drop_last else n
     black = (-split.mean / split.std).to(device)  # a black pixel after normalization
     for start in range(0, stop, batch_size):

@@ -204,7 +204,9 @@ DEVICE_TYPES = ("cpu", "cuda", "mps")
 
 def pick_device(requested: str | None = None) -> torch.device:
     """cuda > mps > cpu unless a device is named; a named device must exist here (ValueError
-    naming it and what this machine has otherwise)."""
+    naming it and what this machine has otherwise). A CUDA device always has its index (``auto``
+    and ``cuda`` give the current one): ``torch.cuda.set_device``, per-device memory queries and
+    the records need it."""
     if requested and requested != "auto":
         try:
             device = torch.device(requested)
@@ -224,12 +226,20 @@ def pick_device(requested: str | None = None) -> torch.device:
         if device.type == "mps" and not _mps_available():
             raise ValueError(f"--device {requested!r}: MPS (Apple GPU) is not available here; use --device cpu "
                              f"(this machine has: {', '.join(available_devices())})")
+        if device.type == "cuda" and device.index is None:
+            return torch.device("cuda", current_cuda_index())
         return device
     if torch.cuda.is_available():
-        return torch.device("cuda")
+        return torch.device("cuda", current_cuda_index())
     if _mps_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+def current_cuda_index() -> int:
+    """This thread's current CUDA device, without initialising CUDA in a process that has not
+    (a driver that only hands cells to workers must not hold a context on GPU 0): 0 until then."""
+    return torch.cuda.current_device() if torch.cuda.is_initialized() else 0
 
 
 def _mps_available() -> bool:
@@ -288,11 +298,63 @@ def tune_cpu_allocator() -> bool:
     return applied
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` is a GPU with bf16 tensor cores (compute capability 8.0, Ampere, and
+    later). Older GPUs (V100, T4) would emulate bf16 at a fraction of their float32 speed."""
+    if device.type != "cuda":
+        return False
+    index = device.index if device.index is not None else current_cuda_index()
+    if index not in _BF16_BY_INDEX:
+        _BF16_BY_INDEX[index] = torch.cuda.get_device_capability(index)[0] >= 8
+    return _BF16_BY_INDEX[index]
+
+
+_BF16_BY_INDEX: dict[int, bool] = {}
+
+
+def training_dtype(device: torch.device) -> torch.dtype:
+    """What training computes in on ``device``: bf16 (autocast) on GPUs with native bf16, float32
+    everywhere else."""
+    return torch.bfloat16 if native_bf16(device) else torch.float32
+
+
 def autocast(device: torch.device):
-    """bf16 autocast on CUDA; nothing elsewhere."""
-    if device.type == "cuda":
+    """bf16 autocast on CUDA GPUs with native bf16 (``native_bf16``); nothing elsewhere."""
+    if native_bf16(device):
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def exact_float32():
+    """Convolutions and matmuls in full float32 (no TF32) while inside: scores that rank weights
+    one by one (SNIP, GraSP) must not depend on TF32's 10-bit mantissa. No effect on a CPU."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+#: The cuBLAS setting that makes its matmuls reproducible (NVIDIA's documented choice).
+CUBLAS_DETERMINISTIC = ":4096:8"
+
+
+def make_deterministic(device: torch.device) -> bool:
+    """``run --deterministic``: cuDNN and cuBLAS pick reproducible kernels (a GPU run then repeats
+    bit for bit, at some cost in speed). GPU-only: CPU training here is deterministic already, and
+    a CPU device changes nothing (returns False). Operations without a deterministic CUDA kernel
+    (e.g. adaptive average pooling's backward) warn instead of failing the cell. cuBLAS reads its
+    setting when it starts, so this runs before the cell's first matmul (a worker's first task)."""
+    if device.type != "cuda":
+        return False
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_DETERMINISTIC)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+    return True
 
 
 def prepare_input(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
@@ -339,8 +401,9 @@ class History:
 
 
 def progress_bar(total: int, desc: str, enabled: bool | None):
-    from tqdm.auto import tqdm
+    from benchmark.core.progress import bar_class
 
+    tqdm = bar_class()
     if enabled is None:
         enabled = sys.stderr.isatty()
     return tqdm(total=total, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True)
@@ -490,7 +553,7 @@ def check_compile(device: torch.device) -> None:
 def training_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer,
                   hooks: TrainHooks, device: torch.device, forward=None, step: int | None = None):
     """One SGD step (the only place the loss is formed): mean cross-entropy plus the method's
-    penalty, under bf16 autocast on CUDA. ``forward`` may be a compiled model; ``step`` is passed to
+    penalty, under bf16 autocast on CUDA GPUs with native bf16 (``autocast``). ``forward`` may be a compiled model; ``step`` is passed to
     ``hooks.after_step``. Returns (logits, cross-entropy, total loss)."""
     with autocast(device):
         out = (model if forward is None else forward)(x)

@@ -209,10 +209,24 @@ def config_hash(config: dict) -> str:
     return hashlib.sha256(canonical_json(config).encode()).hexdigest()[:16]
 
 
-def dense_key(cell: Cell) -> str:
-    """Name of the cached dense training a cell shares (``<cache>/dense-<key>.pt``)."""
-    return config_hash({"arch": cell.arch, "dataset": cell.dataset, "seed": cell.seed,
-                        "schedule": cell.schedule.config(), "subset": cell.subset, "v": 1})
+def dense_key(cell: Cell, device: torch.device | str | None = None) -> str:
+    """Name of the cached dense training a cell shares (``<cache>/dense-<key>.pt``). A GPU's dense
+    training (bf16, other kernels) is not the CPU's, so the key names the device kind, except for
+    the CPU (and no device), whose keys stay what they were before GPUs were told apart."""
+    kind = torch.device(device).type if device is not None else "cpu"
+    config = {"arch": cell.arch, "dataset": cell.dataset, "seed": cell.seed,
+              "schedule": cell.schedule.config(), "subset": cell.subset, "v": 1}
+    return config_hash(config if kind == "cpu" else config | {"device": kind})
+
+
+def device_columns(device: torch.device) -> dict:
+    """What a record says about a GPU it ran on (name, CUDA and cuDNN versions, the compute
+    dtype); nothing for other devices, whose records stay as they were."""
+    if device.type != "cuda":
+        return {}
+    index = device.index if device.index is not None else training.current_cuda_index()
+    return {"gpu": torch.cuda.get_device_name(index), "cuda_version": torch.version.cuda,
+            "cudnn_version": torch.backends.cudnn.version(), "compute_dtype": str(training.training_dtype(device))}
 
 
 @dataclass
@@ -277,7 +291,7 @@ class Context:
         return evaluate(model, self.data.test, channels_last=self.channels_last)
 
     def dense_key(self) -> str:
-        return dense_key(self.cell)
+        return dense_key(self.cell, self.device)
 
     def dense(self, snapshot: int | str | None = None) -> DenseModel:
         """The dense model of this arch x dataset x schedule x seed, trained once and cached, with its
@@ -356,7 +370,7 @@ def dataclass_dict(obj) -> dict:
 def run_cell(cell: Cell, *, data_dir=None, device: str | torch.device | None = None,
              work_root: Path | str = "results/work", cache_dir: Path | str = "results/cache",
              progress: bool | None = None, data: data_mod.Data | None = None, keep_work: bool = False,
-             compiled: bool = False, context=Context) -> list[dict]:
+             compiled: bool = False, context=Context, deterministic: bool = False) -> list[dict]:
     """Run one cell and return its records. Never raises for a failure of the cell itself: a
     diverged or crashed cell returns one record with ``status`` 'failed' (and the error), a cell
     whose dataset is missing one with status 'blocked' (and the fetch command). A disk that cannot
@@ -365,13 +379,17 @@ def run_cell(cell: Cell, *, data_dir=None, device: str | torch.device | None = N
     The per-epoch checkpoints live in ``work_root/<cell id>/``; they are removed when the cell ends
     unless ``keep_work`` (the grid runner keeps them until the driver has written the cell's result,
     so a driver killed in between loses no training: the rerun finds the last epoch's checkpoint).
-    ``context`` builds the Context (benchmark.execution.pack passes one whose trainings wait for the pack)."""
+    ``context`` builds the Context (benchmark.execution.pack passes one whose trainings wait for the pack).
+    ``deterministic`` (``run --deterministic``, GPU-only): reproducible cuDNN/cuBLAS kernels
+    (``benchmark.engine.train.make_deterministic``); records on a GPU then say ``deterministic``."""
     began = time.perf_counter()
     dev = device if isinstance(device, torch.device) else pick_device(device)
     # What a bit-identical rerun needs besides the config (DESIGN.md section 9).
     common = cell_columns(cell) | {"device": str(dev), "compiled": compiled, "host": socket.gethostname(),
                                    "torch_version": torch.__version__, "threads": torch.get_num_threads(),
-                                   "config": cell.config()}
+                                   "config": cell.config()} | device_columns(dev)
+    if deterministic and training.make_deterministic(dev):
+        common["deterministic"] = True
     try:
         if data is None:
             data = data_mod.load(cell.dataset, data_dir, dev, limit=cell.subset, validation=cell.schedule.validation)

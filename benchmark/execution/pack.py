@@ -124,7 +124,7 @@ class PackContext(Context):
 
 
 def run_pack(cells: list[Cell], *, data, device, work_root, cache_dir, keep_work: bool = False,
-             data_dir=None, compiled: bool = False) -> dict[str, list[dict]]:
+             data_dir=None, compiled: bool = False, deterministic: bool = False) -> dict[str, list[dict]]:
     """Run the cells as one pack; returns each cell's records (as ``run_cell`` makes them, with
     ``pack_size`` and the cell's share of the pack's ``wall_s``). Raises StorageError like
     ``run_cell``."""
@@ -132,7 +132,8 @@ def run_pack(cells: list[Cell], *, data, device, work_root, cache_dir, keep_work
     members = [_Member(cell) for cell in cells]
     threads = [threading.Thread(target=_member_body, name=f"pack-{cell.id}", daemon=True,
                                 args=(m, dict(data=data, device=device, work_root=work_root, cache_dir=cache_dir,
-                                              keep_work=keep_work, data_dir=data_dir, compiled=compiled)))
+                                              keep_work=keep_work, data_dir=data_dir, compiled=compiled,
+                                              deterministic=deterministic)))
                for m, cell in zip(members, cells)]
     for thread in threads:
         thread.start()
@@ -166,7 +167,7 @@ def _member_body(member: _Member, options: dict) -> None:
     member.resume.clear()
     try:
         device = options["device"]
-        if isinstance(device, torch.device) and device.type == "cuda":
+        if isinstance(device, torch.device) and device.type == "cuda" and device.index is not None:
             torch.cuda.set_device(device)  # the current device is per thread; the worker chose this one
         if not member.abort:
             member.records = run_cell(member.cell, progress=False,

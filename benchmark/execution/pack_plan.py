@@ -12,7 +12,8 @@
   its thread count, the torch version, the architecture, family, pack size and batch size.
 
 Either way a pack is no larger than the device's free memory allows (``max_pack``): half of the free
-memory, shared by the run's workers, over an estimate of one member's training memory.
+memory, shared by the workers on that device, over an estimate of one member's training memory
+(on Dask the workers' memory is unknown to the driver: ``N`` is taken as it is).
 """
 
 from __future__ import annotations
@@ -69,10 +70,13 @@ Unit = Cell | list[Cell]
 
 
 def plan(cells: list[Cell], setting: str | int, *, device: torch.device | None, workers: int = 1,
-         cache_dir: Path | None = None, say: Callable[[str], None] = lambda line: None) -> list[Unit]:
+         sharing: int | None = None, cache_dir: Path | None = None,
+         say: Callable[[str], None] = lambda line: None) -> list[Unit]:
     """The run's units of work, in the cells' order: single cells and packs (lists of cells).
     ``device`` is where the cells will run (None: unknown here, e.g. Dask workers; ``auto`` then
-    packs nothing)."""
+    packs nothing, and ``N`` packs N without knowing the workers' free memory). ``workers``: all of
+    the run's workers (``auto`` leaves each a share of a group); ``sharing``: how many of them share
+    one device's memory (default ``workers``; K with ``--jobs-per-gpu`` K on N GPUs)."""
     if setting == "off":
         return list(cells)
     groups: dict[tuple, list[Cell]] = {}
@@ -84,9 +88,12 @@ def plan(cells: list[Cell], setting: str | int, *, device: torch.device | None, 
         if any(len(g) > 1 for g in groups.values()):
             say("pack auto: the workers' devices cannot be measured from here, so nothing packs; use --pack N")
         return list(cells)
+    if device is None and any(len(g) > 1 for g in groups.values()):
+        say(f"pack {setting}: the workers' free memory cannot be measured from here; packs of up to {setting} "
+            f"(lower --pack if a worker runs out of memory)")
     chunks: dict[tuple, list[Unit]] = {}
     for key, group in groups.items():
-        chunks[key] = _chunks(group, setting, device, workers, cache_dir, say)
+        chunks[key] = _chunks(group, setting, device, workers, sharing or workers, cache_dir, say)
     units: list[Unit] = []
     for cell in cells:
         key = pack_key(cell)
@@ -97,14 +104,14 @@ def plan(cells: list[Cell], setting: str | int, *, device: torch.device | None, 
     return units
 
 
-def _chunks(group: list[Cell], setting: str | int, device: torch.device, workers: int, cache_dir: Path | None,
-            say) -> list[Unit]:
+def _chunks(group: list[Cell], setting: str | int, device: torch.device | None, workers: int, sharing: int,
+            cache_dir: Path | None, say) -> list[Unit]:
     if len(group) < 2:
         return list(group)
     cell = group[0]
     name = f"{cell.arch} {family(cell)}"
     limit = AUTO_MAX.get(device.type, 16) if setting == "auto" else int(setting)
-    room = max_pack(cell, device, workers)
+    room = limit if device is None else max_pack(cell, device, sharing)
     # auto leaves every worker a pack of the group rather than one worker the whole group
     share = math.ceil(len(group) / workers) if setting == "auto" else len(group)
     size = min(len(group), limit, room, share)

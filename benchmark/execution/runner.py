@@ -56,6 +56,8 @@ WATCH_DRIVER_S = 0.5
 ORPHAN_EXIT = 75
 #: Seconds to wait for a Dask scheduler to answer before giving up with a message.
 DASK_CONNECT_TIMEOUT_S = 10.0
+#: How to install what --backend dask needs (an optional dependency: only that backend imports it).
+DASK_INSTALL = "pip install 'dask>=2024.1' 'distributed>=2024.1'  (or pip install -e '.[cluster]')"
 #: Environment variable holding the default of ``run --pack`` (auto when unset).
 PACK_ENV = "BENCHMARK_PACK"
 
@@ -78,53 +80,106 @@ def _cached_data(cell: Cell, data_dir, device):
     return _DATA_CACHE[key]
 
 
-def execute(config: dict | list[dict], *, data_dir, device, work_root, cache_dir, threads: int | None, gpu_slots=None,
-            compiled: bool = False, gpu: int | None = None, keep_work: bool = False) -> list[dict] | dict[str, list[dict]]:
+def execute(config: dict | list[dict], *, data_dir, device, work_root, cache_dir, threads: int | None,
+            compiled: bool = False, keep_work: bool = False, deterministic: bool = False) -> list[dict] | dict[str, list[dict]]:
     """Run one cell in a worker process and return its records (never raises for the cell; a full
-    or read-only disk raises StorageError). ``gpu`` pins it to that CUDA device. A list of configs
-    is a pack (benchmark.execution.pack): it returns the records of each cell by its id."""
+    or read-only disk raises StorageError). A worker that owns a GPU (``--jobs-per-gpu``: its slot,
+    ``claim_gpu``) runs every cell on that GPU, whatever ``device`` says; elsewhere ``device`` is
+    picked here, on the worker's machine. A list of configs is a pack (benchmark.execution.pack): it
+    returns the records of each cell by its id."""
     import torch
 
     from benchmark.engine import data as data_mod
     from benchmark.execution.cell import run_cell
-    from benchmark.engine.train import pick_device
 
     if threads:
         torch.set_num_threads(threads)
     cells = [Cell.from_config(c) for c in config] if isinstance(config, list) else [Cell.from_config(config)]
     cell = cells[0]
-    slot = gpu if gpu is not None else (gpu_slots.get() if gpu_slots is not None else None)
+    dev = worker_device(device)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
     try:
-        dev = pick_device(f"cuda:{slot}" if slot is not None else device)
-        if dev.type == "cuda":
-            torch.cuda.set_device(dev)
-        try:
-            data = _cached_data(cell, data_dir, dev)
-        except data_mod.DatasetMissing:
-            data = None  # run_cell reports the cell as blocked
-        if isinstance(config, list):
-            from benchmark.execution.pack import run_pack
+        data = _cached_data(cell, data_dir, dev)
+    except data_mod.DatasetMissing:
+        data = None  # run_cell reports the cell as blocked
+    if isinstance(config, list):
+        from benchmark.execution.pack import run_pack
 
-            return run_pack(cells, data_dir=data_dir, device=dev, work_root=work_root, cache_dir=cache_dir,
-                            data=data, compiled=compiled, keep_work=keep_work)
-        return run_cell(cell, data_dir=data_dir, device=dev, work_root=work_root, cache_dir=cache_dir,
-                        progress=False, data=data, compiled=compiled, keep_work=keep_work)
-    finally:
-        if slot is not None and gpu is None and gpu_slots is not None:
-            gpu_slots.put(slot)
+        return run_pack(cells, data_dir=data_dir, device=dev, work_root=work_root, cache_dir=cache_dir,
+                        data=data, compiled=compiled, keep_work=keep_work, deterministic=deterministic)
+    return run_cell(cell, data_dir=data_dir, device=dev, work_root=work_root, cache_dir=cache_dir,
+                    progress=False, data=data, compiled=compiled, keep_work=keep_work, deterministic=deterministic)
+
+
+def worker_device(device: str | None):
+    """The device this process runs cells on: its own GPU where it owns one (``claim_gpu``), else
+    ``device`` as ``pick_device`` reads it here (a CUDA device always with its index)."""
+    import torch
+
+    from benchmark.engine.train import pick_device
+
+    return torch.device("cuda", _WORKER_GPU[0]) if _WORKER_GPU else pick_device(device)
+
+
+#: The GPU this worker process owns for its whole life (``claim_gpu``), and the open slot file whose
+#: lock says so; empty in a process that owns none.
+_WORKER_GPU: list[int] = []
+_SLOT_FILE: list = []
+#: How long a starting worker waits for a free GPU slot (one whose last owner is still exiting).
+SLOT_WAIT_S = 30.0
+
+
+def claim_gpu(slots_dir: str, slots: list[int], wait_s: float = SLOT_WAIT_S) -> int:
+    """Take a free slot of ``slots`` (one GPU index per worker: K per GPU x N GPUs) for this process,
+    for good, and return its GPU. A slot is a lock on ``slots_dir/slot-<i>``: the kernel frees it
+    when its process ends however it ended, so a worker that replaces a dead one takes the dead
+    one's GPU. Runs before anything touches CUDA in the process (the pool's initializer), so the
+    worker builds a CUDA context on its own GPU only."""
+    import fcntl
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        for i, gpu in enumerate(slots):
+            fh = open(Path(slots_dir) / f"slot-{i}", "a+")
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                fh.close()
+                continue
+            _SLOT_FILE[:] = [fh]
+            _WORKER_GPU[:] = [gpu]
+            fh.seek(0)
+            fh.truncate()
+            fh.write(f"{os.getpid()}\n")
+            fh.flush()
+            return gpu
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"no free GPU slot among {len(slots)} in {slots_dir} after {wait_s:g} s: more "
+                               f"worker processes than --jobs-per-gpu x GPUs are alive")
+        time.sleep(0.05)
+
+
+def _pin_gpu(gpu: int) -> None:
+    import torch
+
+    torch.cuda.set_device(gpu)
 
 
 def _execute_tagged(cell_id: str, config: dict, common: dict) -> tuple[str, list[dict]]:
     return cell_id, execute(config, **common)
 
 
-def _worker_init(driver_pid: int) -> None:
+def _worker_init(driver_pid: int, slots_dir: str | None = None, slots: list[int] | None = None) -> None:
     """Runs first in every local worker process: Ctrl-C and a closing terminal are the driver's to
-    handle (it stops the workers in order), and the worker exits as soon as its driver is gone."""
+    handle (it stops the workers in order), and the worker exits as soon as its driver is gone.
+    With GPU ``slots`` the worker takes one (``claim_gpu``) and makes its GPU current."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     _die_with_parent()
     watch_driver(driver_pid)
+    if slots:
+        _pin_gpu(claim_gpu(slots_dir, slots))
 
 
 def _die_with_parent() -> None:
@@ -240,6 +295,8 @@ def estimate_epochs(cell: Cell) -> int:
 
 
 def _threads_per_job(jobs: int) -> int:
+    """CPU threads of each of ``jobs`` worker processes (GPU workers included: their data handling,
+    optimizer bookkeeping and the driver share the cores too)."""
     return max(1, (os.cpu_count() or 1) // max(1, jobs))
 
 
@@ -364,22 +421,28 @@ class _InlinePool:
 
 
 class _LocalPool(_InlinePool):
-    """Local worker processes (joblib's loky executor) that watch their driver."""
+    """Local worker processes (joblib's loky executor) that watch their driver. With ``gpu_slots``
+    (one GPU index per worker) each worker owns one GPU for its whole life (``claim_gpu``)."""
 
-    def __init__(self, signals: StopSignals, jobs: int):
+    def __init__(self, signals: StopSignals, jobs: int, gpu_slots: list[int] | None = None):
         super().__init__(signals)
-        self.capacity = jobs
+        self.gpu_slots = list(gpu_slots or [])
+        self.capacity = len(self.gpu_slots) or jobs
         self.executor = None
         self.pids: set[int] = set()
+        self.slots_dir: str | None = None
 
     def _executor(self):
         if self.executor is None:
+            import tempfile
+
             from joblib.externals.loky.process_executor import ProcessPoolExecutor
 
             _quiet_semaphore_warning()
-
+            if self.gpu_slots and self.slots_dir is None:
+                self.slots_dir = tempfile.mkdtemp(prefix="dwf-bench-gpu-slots-")
             self.executor = ProcessPoolExecutor(max_workers=self.capacity, initializer=_worker_init,
-                                                initargs=(os.getpid(),))
+                                                initargs=(os.getpid(), self.slots_dir, self.gpu_slots))
         return self.executor
 
     def submit(self, fn, *args):
@@ -433,6 +496,11 @@ class _LocalPool(_InlinePool):
         for pid in alive:
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
+        if self.slots_dir is not None:
+            import shutil
+
+            shutil.rmtree(self.slots_dir, ignore_errors=True)
+            self.slots_dir = None
 
 
 def _quiet_semaphore_warning() -> None:
@@ -460,7 +528,10 @@ class _DaskPool(_InlinePool):
 
     def __init__(self, signals: StopSignals, scheduler: str, jobs: int | None, timeout: float):
         super().__init__(signals)
-        from distributed import Client
+        try:
+            from distributed import Client
+        except ImportError:
+            raise ValueError(f"--backend dask needs dask.distributed, which is not installed here: {DASK_INSTALL}") from None
 
         try:
             self.client = Client(scheduler, timeout=timeout, set_as_default=False)
@@ -542,28 +613,24 @@ def run_grid(grid: grids_mod.Grid, cells: list[Cell], *, results_dir="results", 
              jobs_per_gpu: int | None = None, backend: str = "local", scheduler: str | None = None,
              data_dir=None, device: str = "auto", retry_failed: bool = False, progress: bool | None = None,
              compiled: bool = False, scheduler_timeout: float = DASK_CONNECT_TIMEOUT_S,
-             pack: str | int = "off", slurm=None) -> RunSummary:
+             pack: str | int = "off", slurm=None, deterministic: bool = False) -> RunSummary:
     """Run every unfinished cell; returns counts. Safe to kill and rerun at any point; a stop
     signal ends it in order (``summary.stopped_by``). ``pack``: auto, off or N (benchmark.execution.pack_plan);
     a pack is claimed cell by cell, and each cell's result is written as it would be alone. ``slurm``
-    (benchmark.execution.slurm.SlurmOptions, with backend dask): the Dask workers run in SLURM jobs it starts."""
-    from tqdm.auto import tqdm
+    (benchmark.execution.slurm.SlurmOptions, with backend dask): the Dask workers run in SLURM jobs it starts.
+    ``jobs_per_gpu`` K: K worker processes per visible GPU, each owning one GPU for its life.
+    ``deterministic``: reproducible cuDNN/cuBLAS kernels on GPUs (``run_cell``)."""
+    from benchmark.core.progress import bar_class
 
+    tqdm = bar_class()
     if backend not in ("local", "dask"):
         raise ValueError(f"unknown backend {backend!r}; use local or dask")
     if backend == "dask" and not scheduler and slurm is None:
         raise ValueError("--backend dask needs --scheduler ADDRESS (e.g. tcp://10.0.0.5:8786)")
     gpu_slots: list[int] = []
-    n_gpus = 0
+    threads = None
     if backend == "local":
-        n_gpus = _visible_gpus() if device in ("auto", "cuda") else 0
-        if jobs_per_gpu and not n_gpus:
-            raise ValueError(f"--jobs-per-gpu {jobs_per_gpu}: no CUDA GPU is visible here (device {device!r}); "
-                             f"use --jobs N for CPU worker processes")
-        if jobs_per_gpu and jobs:
-            raise ValueError("give either --jobs (CPU processes) or --jobs-per-gpu (GPU slots), not both")
-        if jobs_per_gpu:
-            gpu_slots = [gpu for _ in range(jobs_per_gpu) for gpu in range(n_gpus)]
+        gpu_slots, threads = local_workers(device, jobs, jobs_per_gpu)
 
     store = Store(results_dir, grid.name)
     store.check_writable()
@@ -593,7 +660,6 @@ def run_grid(grid: grids_mod.Grid, cells: list[Cell], *, results_dir="results", 
     queue: deque = deque()
     deaths: Counter = Counter()
     try:
-        threads = _threads_per_job(jobs or 1)
         if backend == "dask" and slurm is not None:
             from benchmark.execution import slurm as slurm_mod
 
@@ -607,7 +673,7 @@ def run_grid(grid: grids_mod.Grid, cells: list[Cell], *, results_dir="results", 
             if data_dir:
                 pool.check_data_dir(str(data_dir))
         elif gpu_slots:
-            pool = _LocalPool(signals, len(gpu_slots))
+            pool = _LocalPool(signals, len(gpu_slots), gpu_slots)
         elif (jobs or 1) > 1:
             pool = _LocalPool(signals, jobs)
         else:
@@ -615,7 +681,7 @@ def run_grid(grid: grids_mod.Grid, cells: list[Cell], *, results_dir="results", 
         queue.extend(_plan(todo, pack, backend, device, gpu_slots, jobs, threads, compiled, results_dir))
         common = {"data_dir": data_dir, "device": device, "work_root": str(store.work_dir),
                   "cache_dir": str(Path(results_dir) / "cache"), "threads": threads, "compiled": compiled,
-                  "keep_work": True}
+                  "keep_work": True, "deterministic": deterministic}
         bar = tqdm(total=len(todo), desc=f"grid {grid.name}", unit="cell", disable=_no_bar(progress),
                    dynamic_ncols=True)
         stop_heartbeat = start_heartbeat(store, run_id)
@@ -701,41 +767,34 @@ def run_grid(grid: grids_mod.Grid, cells: list[Cell], *, results_dir="results", 
             store.event("start", cell.id, run_id, label=cell.label())
             return True
 
-        free_slots = list(gpu_slots)
         while queue or in_flight:
             if signals.received:
                 raise Interrupted(signals.received)
-            while queue and len(in_flight) < pool.capacity and (not gpu_slots or free_slots):
+            while queue and len(in_flight) < pool.capacity:
                 unit = queue.popleft()
                 cells = [cell for cell in (unit if isinstance(unit, list) else [unit]) if take(cell)]
                 if not cells:
                     continue
-                slot = free_slots.pop(0) if gpu_slots else None
-                args = common if slot is None else {**common, "gpu": slot}
                 try:
                     if len(cells) == 1:
-                        future = pool.submit(_execute_tagged, cells[0].id, cells[0].config(), args)
+                        future = pool.submit(_execute_tagged, cells[0].id, cells[0].config(), common)
                     else:
                         future = pool.submit(_execute_tagged, f"{cells[0].id}+{len(cells) - 1}",
-                                             [c.config() for c in cells], args)
+                                             [c.config() for c in cells], common)
                 except Exception as exc:  # noqa: BLE001 - a broken pool refuses work: start a fresh one
                     if not pool.died(exc):
                         raise
                     for cell in cells:
                         store.release(cell.id, run_id)
                     queue.appendleft(cells if len(cells) > 1 else cells[0])
-                    if slot is not None:
-                        free_slots.append(slot)
                     continue
-                in_flight[future] = (cells, slot)
+                in_flight[future] = cells
                 if signals.received:
                     raise Interrupted(signals.received)
             if not in_flight:
                 continue
             for future in pool.wait(list(in_flight), timeout=0.25):
-                cells, slot = in_flight.pop(future)
-                if slot is not None:
-                    free_slots.append(slot)
+                cells = in_flight.pop(future)
                 for cell in cells:  # a pack's cells one by one, each written as it would be alone
                     outcome(future, cell)
     except Interrupted as stop:
@@ -760,33 +819,92 @@ def run_grid(grid: grids_mod.Grid, cells: list[Cell], *, results_dir="results", 
     return summary
 
 
+def local_workers(device: str, jobs: int | None, jobs_per_gpu: int | None) -> tuple[list[int], int]:
+    """(GPU slots, threads per worker) of a local run. ``--jobs-per-gpu`` K on N visible GPUs: K x N
+    slots, one per worker, in the order 0..N-1, 0..N-1, ... (so the first N workers to start take
+    different GPUs); threads: the cores shared by every worker, GPU workers included."""
+    gpu_slots: list[int] = []
+    if jobs_per_gpu:
+        n_gpus = _visible_gpus() if device in ("auto", "cuda") else 0
+        if not n_gpus:
+            raise ValueError(f"--jobs-per-gpu {jobs_per_gpu}: no CUDA GPU is visible here (device {device!r}); "
+                             f"use --jobs N for CPU worker processes")
+        if jobs:
+            raise ValueError("give either --jobs (CPU processes) or --jobs-per-gpu (GPU slots), not both")
+        gpu_slots = [gpu for _ in range(jobs_per_gpu) for gpu in range(n_gpus)]
+    return gpu_slots, _threads_per_job(len(gpu_slots) or jobs or 1)
+
+
 def _plan(todo: list[Cell], pack, backend: str, device: str, gpu_slots: list[int], jobs: int | None,
           threads: int | None, compiled: bool, results_dir) -> list:
     """The run's units of work (benchmark.execution.pack_plan): cells, and packs of cells. ``auto`` measures
-    here, on the device and with the threads a local worker gets; on Dask it packs nothing."""
+    here, on the device and with the threads a local worker gets; on Dask it packs nothing. Groups
+    are shared out over every worker (K per GPU x N GPUs), and a pack's memory over the K workers
+    of one GPU. On a GPU the planning runs in a child process, so that the driver holds no CUDA
+    context and no calibration memory while the run goes on."""
     from benchmark.execution import pack_plan
 
     setting = pack_plan.parse_pack(pack)
     if setting == "off" or compiled:  # packed training does not compile (check_run_inputs refuses --pack N)
         return list(todo)
-    import torch
-
     from benchmark.engine.train import pick_device
 
     dev = None if backend == "dask" else pick_device(f"cuda:{gpu_slots[0]}" if gpu_slots else device)
+    workers = len(gpu_slots) or (jobs or 1)
+    sharing = gpu_slots.count(gpu_slots[0]) if gpu_slots else workers
+    def say(line: str) -> None:
+        log.info(line)
+        _say(line)
+
+    args = (todo, setting, dev, workers, sharing, threads, str(Path(results_dir) / "cache"))
+    if dev is None or dev.type != "cuda":
+        return _plan_units(*args, say=say)[0]
+    units, lines = plan_in_child(*args)
+    for line in lines:
+        say(line)
+    return units
+
+
+def _plan_units(todo: list[Cell], setting, dev, workers: int, sharing: int, threads: int | None, cache_dir: str,
+                say=None) -> tuple[list, list[str]]:
+    """``pack_plan.plan`` with the threads a worker gets; returns the units and the lines it said."""
+    import torch
+
+    from benchmark.execution import pack_plan
+
+    lines: list[str] = []
+
+    def note(line: str) -> None:
+        lines.append(line)
+        if say is not None:
+            say(line)
+
     before = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
     try:
-        def say(line: str) -> None:
-            log.info(line)
-            _say(line)
-
-        workers = gpu_slots.count(gpu_slots[0]) if gpu_slots else (jobs or 1)
-        return pack_plan.plan(todo, setting, device=dev, workers=workers,
-                              cache_dir=Path(results_dir) / "cache", say=say)
+        units = pack_plan.plan(todo, setting, device=dev, workers=workers, sharing=sharing,
+                               cache_dir=Path(cache_dir), say=note)
     finally:
         torch.set_num_threads(before)
+    return units, lines
+
+
+def _plan_indices(todo: list[Cell], *args) -> tuple[list, list[str]]:
+    """``_plan_units`` in a child process: the units as positions in ``todo`` (cheap to send back)."""
+    units, lines = _plan_units(todo, *args)
+    where = {cell.id: i for i, cell in enumerate(todo)}
+    return [[where[c.id] for c in u] if isinstance(u, list) else where[u.id] for u in units], lines
+
+
+def plan_in_child(todo: list[Cell], *args) -> tuple[list, list[str]]:
+    """Plan in a short-lived child process (spawned: CUDA is never forked), which takes its CUDA
+    context and calibration memory with it when it ends."""
+    import multiprocessing
+
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as child:
+        indices, lines = child.submit(_plan_indices, todo, *args).result()
+    return [[todo[i] for i in u] if isinstance(u, list) else todo[u] for u in indices], lines
 
 
 def _written_since(store: Store, cell_id: str, since: float) -> bool:

@@ -185,8 +185,11 @@ def check(values: dict, where: str = "--slurm-") -> SlurmOptions:
     if not _WALLTIME.match(options.walltime):
         raise ValueError(f"{flag('walltime')} {options.walltime!r}: not a SLURM time; use MINUTES, HH:MM:SS or "
                          f"DAYS-HH:MM:SS, e.g. 12:00:00")
-    from dask.utils import parse_bytes
-
+    try:
+        from dask.utils import parse_bytes
+    except ImportError:
+        raise ValueError(f"--backend slurm needs dask, distributed and dask-jobqueue, which are not installed "
+                         f"here: {INSTALL}") from None
     try:
         size = parse_bytes(options.memory)
     except (ValueError, TypeError):
@@ -204,6 +207,7 @@ def check(values: dict, where: str = "--slurm-") -> SlurmOptions:
 def check_installed() -> None:
     try:
         import dask_jobqueue  # noqa: F401
+        import distributed  # noqa: F401
     except ImportError:
         raise ValueError(f"--backend slurm needs dask-jobqueue, which is not installed: {INSTALL}") from None
     for command in ("sbatch", "squeue", "scancel"):

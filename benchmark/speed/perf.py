@@ -57,7 +57,7 @@ from methods import structures
 from benchmark.engine.sparsity import layer_macs, prunable_layers
 from benchmark.engine.timing import interleave, paired_ratio, sync
 from benchmark.engine.train import (TrainHooks, check_compile, default_schedule, make_optimizer, pick_device, prepare_input,
-                             train, training_step, tune_cpu_allocator)
+                             train, training_dtype, training_step, tune_cpu_allocator)
 
 WHATS = ("data", "step", "grid", "pack")
 STEP_ARCHS = {"lenet300": ((1, 28, 28), 10), "lenet5": ((1, 28, 28), 10),
@@ -517,9 +517,9 @@ def step_flops(arch: str, shape, classes: int, batch: int) -> int:
 
 def matmul_rate(device: torch.device, rounds: int = 10) -> float:
     """The device's FLOP/s on large square matrix products (best of ``rounds`` at two sizes), in the
-    dtype training computes in there (bf16 on CUDA, under autocast; float32 elsewhere): the rate no
-    packing of small products can beat."""
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype training computes in there (``training_dtype``: bf16 on GPUs with native bf16, under
+    autocast; float32 elsewhere): the rate no packing of small products can beat."""
+    dtype = training_dtype(device)
     best = 0.0
     for n in ((4096, 8192) if device.type == "cuda" else (512, 1024)):
         a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
