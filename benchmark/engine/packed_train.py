@@ -31,9 +31,9 @@ from torch.nn.utils import parametrize
 from benchmark.core.files import save_atomic, temporary_name
 from benchmark.engine import data as data_mod
 from benchmark.engine.packed_model import NotStackable, StackedModel, structure
-from benchmark.engine.train import (Diverged, Schedule, TrainHooks, _clone_state, _diverged_message, autocast,
-                             step_key,
-                             lr_factor, make_optimizer, prepare_input, tune_cpu_allocator)
+from benchmark.engine.train import (CHECKPOINT_KEYS, Diverged, Schedule, TrainHooks, _clone_state, _diverged_message,
+                                    autocast, load_state, lr_factor, make_optimizer, prepare_input, step_key,
+                                    tune_cpu_allocator)
 
 #: Hook methods a packed job's hooks must leave as ``TrainHooks`` has them: they act on one model
 #: between steps or keep state, which a stacked model cannot give them.
@@ -94,9 +94,8 @@ def previous_checkpoint(checkpoint: Path) -> Path:
 
 
 def _checkpoint_epoch(path: Path) -> int | None:
-    if not path.is_file():
-        return None
-    return torch.load(path, map_location="cpu", weights_only=False, mmap=True)["epoch"]
+    state = load_state(path, keys=CHECKPOINT_KEYS, mmap=True)
+    return None if state is None else state["epoch"]
 
 
 def _keep_previous(checkpoint: Path) -> None:
@@ -131,7 +130,9 @@ def resume(job: Job, epoch: int | None = None) -> None:
             job.snapshots[job.first_epoch] = _clone_state(job.model)
         return
     device = next(job.model.parameters()).device
-    state = torch.load(path, map_location=device, weights_only=False)
+    state = load_state(path, keys=CHECKPOINT_KEYS, map_location=device)
+    if state is None:  # damaged and moved aside: resume as if it had never been written
+        return resume(job, epoch)
     job.model.load_state_dict(state["model"])
     optimizer = make_optimizer(job.model, job.schedule, job.hooks)
     optimizer.load_state_dict(state["optimizer"])

@@ -20,6 +20,7 @@ import os
 import platform
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -142,6 +143,32 @@ def default_schedule(arch: str) -> Schedule:
 REWIND_EPOCHS = (0, 1, 2)
 REWIND_ITERATIONS = (100, 500, 2000)
 REWIND_POINTS: tuple[int | str, ...] = REWIND_EPOCHS + tuple(f"{k}it" for k in REWIND_ITERATIONS)  # step_key
+
+
+#: What a training checkpoint holds (``train`` writes it; a packed job's too).
+CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "history", "wall_s", "epoch", "snapshots")
+
+
+def load_state(path: Path, *, keys: tuple[str, ...], map_location="cpu", mmap: bool = False) -> dict | None:
+    """A checkpoint or cache file this tool wrote, or None when there is none. A results folder may be
+    shared, so its files are input: they load with ``weights_only=True`` (tensors and plain data, no
+    code runs), and one that does not load or lacks ``keys`` is named in a warning, moved aside to
+    ``<name>.damaged`` and treated as absent, so its work is redone."""
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+        missing = [k for k in keys if not isinstance(state, dict) or k not in state]
+        if missing:
+            raise ValueError(f"it lacks {missing}")
+        return state
+    except Exception as exc:  # noqa: BLE001 - unpickling fails in many ways; each means the same here
+        aside = path.with_name(path.name + ".damaged")
+        os.replace(path, aside)
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        warnings.warn(f"{path} cannot be loaded as a file of this tool ({type(exc).__name__}: {reason}); moved to "
+                      f"{aside.name} beside it and its work is done again", RuntimeWarning, stacklevel=2)
+        return None
 
 
 class Diverged(RuntimeError):
@@ -461,8 +488,8 @@ def train(
     history = History()
     snapshots: dict[int | str, dict] = {}
     start_epoch = first_epoch
-    if checkpoint is not None and checkpoint.is_file():
-        state = torch.load(checkpoint, map_location=device, weights_only=False)
+    state = load_state(checkpoint, keys=CHECKPOINT_KEYS, map_location=device) if checkpoint is not None else None
+    if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])

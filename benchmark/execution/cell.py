@@ -229,6 +229,10 @@ def device_columns(device: torch.device) -> dict:
             "cudnn_version": torch.backends.cudnn.version(), "compute_dtype": str(training.training_dtype(device))}
 
 
+#: What a dense-cache file holds (``Context._train_dense``).
+DENSE_KEYS = ("model", "history", "wall_s", "snapshots", "test_acc")
+
+
 @dataclass
 class DenseModel:
     model: nn.Module
@@ -308,7 +312,7 @@ class Context:
         key = self.dense_key()
         final = self.cache_dir / f"dense-{key}.pt"
         with file_lock(self.cache_dir / f"dense-{key}.lock"):
-            cached = torch.load(final, map_location="cpu", mmap=True, weights_only=False) if final.is_file() else None
+            cached = training.load_state(final, keys=DENSE_KEYS, mmap=True)
             kept = cached.get("snapshot_points", training.REWIND_EPOCHS) if cached is not None else ()
             if cached is None or (snapshot is not None and snapshot not in kept):
                 fresh = self._train_dense(key)
@@ -321,7 +325,9 @@ class Context:
                 progress_file = self.cache_dir / f"dense-{key}.ckpt"
                 progress_file.unlink(missing_ok=True)
                 previous_checkpoint(progress_file).unlink(missing_ok=True)  # kept there when a pack trained it
-                cached = torch.load(final, map_location="cpu", mmap=True, weights_only=False)
+                cached = training.load_state(final, keys=DENSE_KEYS, mmap=True)
+                if cached is None:
+                    raise RuntimeError(f"the dense cache {final} just written cannot be read back")
         model = self.new_model()
         model.load_state_dict(cached["model"])
         return DenseModel(model, cached["history"], cached["wall_s"], cached["snapshots"], cached["test_acc"])
