@@ -9,13 +9,13 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 JOBS ?= 2
 GRID ?= quick
-# Packing (README "Packed training") is off for the committed grids: their records were trained one
+# Packing (docs/scaling.md) is off for the committed grids: their records were trained one
 # cell per process, and a packed float32 run sums in another order (accuracies differ by ~0.05 points).
 # make run PACK=auto packs where it measures faster on this device.
 PACK ?= off
 STAMP := $(VENV)/.installed
 
-# The committed reference results (reference/, README "Results"): resumes from the committed cell
+# The committed reference results (reference/, reference/README.md): resumes from the committed cell
 # records (finished cells are never retrained), then rebuilds CSVs, figures and tables from them.
 # SEEDS=0 restricts training to seed 0; with every cell finished it trains nothing. The calibration
 # grid mixes schedule lengths and learning rates on purpose, so it gets tables but no curve figures.
@@ -42,7 +42,7 @@ reference: setup data
 	$(PY) -m benchmark report --grid lenet-reference --results-dir reference --crs 10,30,100,300,1000 > /dev/null
 	$(PY) -m benchmark report --grid lenet-reference --results-dir reference --crs 10,30,100,300,1000 --threshold-scale 0.01 > /dev/null
 	$(PY) -m benchmark collect --grid lenet-reference-tuning --results-dir reference
-	@echo "reference: CSVs, figures and tables in reference/lenet-reference/ (README: Results)"
+	@echo "reference: CSVs, figures and tables in reference/lenet-reference/ (reference/README.md)"
 
 test: setup data test-packages
 	$(PY) -m pytest -q

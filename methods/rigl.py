@@ -44,7 +44,7 @@ the default); the learning rate is the shared cosine schedule. ``init="sparse"``
 kept weights by sqrt(fan-in / kept fan-in) (Evci et al. 2022, as the RigL authors' later code offers):
 with the dense initialization a unit keeping 1% of its inputs starts with a tenth of the dense
 pre-activation scale, and on LeNet-5 at CR 100 the signal that reaches the output is then too small
-to train at all (loss ln 10 for 30 epochs); rescaled, the same cell trains (README "Results"). The defaults α = 0.3, ΔT = 100 and end = 0.75 are the paper's;
+to train at all (loss ln 10 for 30 epochs); rescaled, the same cell trains (reference/README.md). The defaults α = 0.3, ΔT = 100 and end = 0.75 are the paper's;
 ``distribution="erk"`` is the paper's more accurate (and more costly in FLOPs) choice.
 
 The record carries ``pruning_log``: per update the step t, its epoch, ``drop_fraction`` ζ_t,

@@ -207,7 +207,7 @@ def test_bad_parameters_are_named(values, fragment):
 
 
 def test_skip_last_leaves_the_classifier_plain_with_the_schedules_weight_decay():
-    """The choice documented in the README: an unfactorized classifier is trained as every plain
+    """The choice documented in docs/methods.md: an unfactorized classifier is trained as every plain
     weight is, with the schedule's weight decay; the factors get 2 lam / D, biases nothing."""
     model = models.build("lenet300", (1, 8, 8), 4, seed=0)
     factorize(model, 3, seed=0, skip_last=True)

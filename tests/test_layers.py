@@ -1,4 +1,4 @@
-"""The architecture stays as README "Layout" draws it: the import-linter layer contract holds, every
+"""The architecture stays as docs/design.md draws it: the import-linter layer contract holds, every
 module says in its first line what it owns, and no module outside ``methods/`` names a method."""
 
 from __future__ import annotations

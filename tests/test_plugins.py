@@ -1,5 +1,5 @@
 """A method from a separately installed package (entry-point group ``dwf_bench.methods``) runs
-through ``cell`` and ``run`` with no edit here: the package below is README "Adding a method"'s
+through ``cell`` and ``run`` with no edit here: the package below is docs/extending.md's
 example, built and installed into a temporary folder (never into the shared environment)."""
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
-"""The committed reference results (``reference/``, README "Results"): every record is recomputable
+"""The committed reference results (``reference/``, reference/README.md): every record is recomputable
 from its own config, the committed CSVs are what ``collect`` makes of the committed records, the
-committed tables are what ``report`` makes of those CSVs, the README quotes those tables, and a
+committed tables are what ``report`` makes of those CSVs, reference/README.md quotes those tables, and a
 committed record is reproduced by training its cell again."""
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def test_every_committed_record_is_recomputable_from_its_own_config(grid):
         error = result["records"][0].get("error") or ""
         assert result["status"] == "ok" or error.startswith("Diverged"), f"{path}: {error}"
         for record in result["records"]:
-            # what a bit-identical rerun needs besides the config (DESIGN.md section 9)
+            # what a bit-identical rerun needs besides the config (docs/design.md, Reproducibility)
             assert record["torch_version"] and record["threads"] >= 1, path
 
 
@@ -80,7 +80,7 @@ def test_a_committed_record_is_reproduced_by_training_its_cell_again(tmp_path):
 
 
 def test_the_quick_grid_is_a_subset_of_the_committed_reference_seed_0():
-    """The quick grid's numbers in the README are the reference's seed-0 records of the same cells."""
+    """The quick grid's numbers (reference/README.md) are the reference's seed-0 records of the same cells."""
     quick = grids.load_grid("quick").cells
     committed = {path.stem for path, _ in records("lenet-reference")}
     assert {cell.seed for cell in quick} == {0}
@@ -117,10 +117,14 @@ def table_rows(text: str, header: str) -> list[list[str]]:
             for line in lines[:next(i for i, line in enumerate(lines) if not line.startswith("| "))]]
 
 
-def test_the_readme_results_tables_are_the_committed_tables():
-    """README "Results" quotes the committed tables; a regenerated table that the README did not follow
-    fails here, so the numbers a reader cites are the ones the records give."""
-    readme = (ROOT / "README.md").read_text()
+def test_the_results_pages_quote_the_committed_tables():
+    """reference/README.md quotes the committed tables, and the README a selection of their rows; a
+    regenerated table that the pages did not follow fails here, so the numbers a reader cites are the
+    ones the records give."""
+    readme = (REFERENCE / "README.md").read_text()
+    front = table_rows((ROOT / "README.md").read_text(), "| method | seeds | CR 10 |")
+    full = table_rows(readme, "| method | seeds | CR 10 |")
+    assert front and all(row in full for row in front), "README.md's table is not rows of reference/README.md's"
     folder = REFERENCE / "lenet-reference"
     accuracy = table_rows((folder / "accuracy_at_cr.md").read_text(), "| arch |")
     tolerance = table_rows((folder / "tolerance.md").read_text(), "| arch |")

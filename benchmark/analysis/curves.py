@@ -3,7 +3,7 @@
 ``plot`` and ``report`` both build on this module, so a figure and a table made from the same CSV
 agree on every choice below. Nothing here trains or imports torch.
 
-Choices (DESIGN.md section 2, "Sparsity is an outcome": compare at matched CR, never at a target):
+Choices (docs/design.md, "Sparsity is an outcome": compare at matched CR, never at a target):
 
 - **Curve.** One curve per (arch, dataset, variant, seed): its rows with status ``ok`` sorted by
   ``cr``. Rows that reach the same CR are averaged. Rows with infinite CR (everything pruned) cannot
@@ -332,7 +332,7 @@ THRESHOLD_SCALES = {1.0: "cr", 0.01: "cr_thr_small", 100.0: "cr_thr_large"}
 
 
 def load_results(path: Path | str, threshold_scale: float = 1.0) -> Results:
-    """Read and validate ``results.csv`` (see DESIGN.md section 4 for the columns).
+    """Read and validate ``results.csv`` (see docs/design.md, Metrics for the columns).
 
     ``threshold_scale`` 0.01 or 100 places every thresholded record (DWF, L1) at its CR counted at
     that multiple of its zero threshold instead of at the threshold itself (0.01: the conservative
@@ -438,7 +438,7 @@ def accuracy_at_cr_table(results: Results, crs=FIXED_CRS) -> pd.DataFrame:
 
 
 #: A thresholded record's CR has settled when its CR at 100x the zero threshold is within 10% of its
-#: CR at 0.01x (DESIGN.md section 9); otherwise the threshold, not training, decides its CR.
+#: CR at 0.01x (docs/design.md, Reproducibility); otherwise the threshold, not training, decides its CR.
 SETTLED_RATIO = 1.10
 
 

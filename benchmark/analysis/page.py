@@ -93,7 +93,7 @@ def failed_rows(results: cv.Results) -> pd.DataFrame:
 
 def machines(results: cv.Results) -> pd.DataFrame:
     """Per device x host x torch build x threads: records and the hours they ran (what a
-    bit-identical rerun needs, DESIGN.md section 9)."""
+    bit-identical rerun needs, docs/design.md, Reproducibility)."""
     rows = results.rows
     keys = [c for c in ("device", "host", "torch_version", "threads", "compiled") if c in rows.columns]
     if not keys:

@@ -65,7 +65,7 @@ def add_commands(sub) -> None:
                    help="train cells of one structure (architecture, dataset, schedule, method family) as one "
                         "stacked model in one process: N = up to N cells per pack, off = one cell per task, auto "
                         f"= pack where a short calibration measured packing faster on this device (default: "
-                        f"${PACK_ENV} or auto). Records gain pack_size; see README, 'Packed training'")
+                        f"${PACK_ENV} or auto). Records gain pack_size; see docs/scaling.md, 'Packed training'")
     p.add_argument("--dry-run", action="store_true",
                    help="list the cells that would run, their training epochs and the hours they take per "
                         "architecture, one at a time and with --jobs / --jobs-per-gpu; run nothing. Speeds are "

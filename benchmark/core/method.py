@@ -49,7 +49,7 @@ class Method:
     #: The method the benchmark studies (DWF): the report's comparisons table tests each of its
     #: curves against every other curve of its arch x dataset (``benchmark.analysis.comparisons``).
     is_subject: ClassVar[bool] = False
-    #: Where its curves come in legends and tables, lower first (DESIGN.md section 3's families);
+    #: Where its curves come in legends and tables, lower first (docs/design.md, Families);
     #: methods that leave it unset follow, by name.
     curve_order: ClassVar[float] = math.inf
     #: Its look in figures: (slot 0-9 of the colour-blind palette, darkening 0-1, marker, line
@@ -58,7 +58,7 @@ class Method:
     #: Its curves share one colour ramp, darker as ``curve_rank`` grows (DWF's depths).
     plot_ramp: ClassVar[bool] = False
     #: Result columns its records add besides its parameters and the shared metrics (``list``
-    #: shows them; README "Metrics" explains them).
+    #: shows them; docs/grids.md explains them).
     columns: ClassVar[tuple[str, ...]] = ()
 
     @dataclasses.dataclass(frozen=True)

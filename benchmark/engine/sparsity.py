@@ -1,4 +1,4 @@
-"""Sparsity metrics as small pure functions of a model (DESIGN.md section 4).
+"""Sparsity metrics as small pure functions of a model (docs/design.md, Metrics).
 
 All functions read a layer's weight through ``module.weight``, so they see the effective weight
 of masked or factorized (parametrized) layers as well as of plain ones.
@@ -168,7 +168,7 @@ def layer_stats(model: nn.Module, input_shape, threshold: float = 0.0, effective
 
 
 def summarize(model: nn.Module, input_shape, threshold: float = 0.0, effective: bool = True) -> dict:
-    """All metrics of DESIGN.md section 4 as one flat dict (plus ``layers``, a list of dicts)."""
+    """All metrics of docs/design.md, Metrics as one flat dict (plus ``layers``, a list of dicts)."""
     layers = layer_stats(model, input_shape, threshold, effective)
     prunable = sum(s.numel for s in layers)
     kept = sum(s.nonzero for s in layers)
@@ -239,7 +239,7 @@ def cr_at(model: nn.Module, threshold: float) -> float:
     return _ratio(total, kept)
 
 
-#: How far below / above the zero threshold the settling check looks (DESIGN.md section 9).
+#: How far below / above the zero threshold the settling check looks (docs/design.md, Reproducibility).
 THRESHOLD_SPAN = 100.0
 
 

@@ -119,7 +119,7 @@ _SCHEDULE_TYPES = {"epochs": int, "lr": float, "momentum": float, "weight_decay"
 OPT_IN_DEFAULTS = {"validation": 0}
 
 
-#: Default schedules per architecture family (DESIGN.md section 5). LeNet weight decay and the
+#: Default schedules per architecture family (docs/design.md, Schedules). LeNet weight decay and the
 #: one-epoch warm-up are ours: LeNet-5 at LR 0.15 with momentum 0.9 diverged within 50 steps for
 #: one of three seeds without it.
 PAPER_SCHEDULES = {

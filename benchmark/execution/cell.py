@@ -390,7 +390,7 @@ def run_cell(cell: Cell, *, data_dir=None, device: str | torch.device | None = N
     (``benchmark.engine.train.make_deterministic``); records on a GPU then say ``deterministic``."""
     began = time.perf_counter()
     dev = device if isinstance(device, torch.device) else pick_device(device)
-    # What a bit-identical rerun needs besides the config (DESIGN.md section 9).
+    # What a bit-identical rerun needs besides the config (docs/design.md, Reproducibility).
     common = cell_columns(cell) | {"device": str(dev), "compiled": compiled, "host": socket.gethostname(),
                                    "torch_version": torch.__version__, "threads": torch.get_num_threads(),
                                    "config": cell.config()} | device_columns(dev)

@@ -134,7 +134,7 @@ def read_config(path) -> dict:
     except OSError as exc:
         raise ValueError(f"--slurm-config {path}: cannot read it ({exc.strerror}); give a TOML file") from None
     except tomllib.TOMLDecodeError as exc:
-        raise ValueError(f"--slurm-config {path}: not valid TOML ({exc}); see README, 'Scaling out'") from None
+        raise ValueError(f"--slurm-config {path}: not valid TOML ({exc}); see docs/scaling.md, 'Scaling out'") from None
     known = {name for name, *_ in FIELDS}
     out = {}
     for key, value in values.items():
