@@ -28,6 +28,7 @@ and ``<results-dir>/last-run.json`` names the grid of the last ``run`` there (``
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import json
 import math
@@ -43,6 +44,7 @@ import pandas as pd
 from benchmark.core.errors import StorageError
 from benchmark.core.method import all_methods
 from benchmark.core.files import atomic_write_text, file_lock, pid_alive, process_start, temporary_name, writer_gone
+from benchmark.engine.train import OPT_IN_DEFAULTS
 from benchmark.execution import tuning
 
 #: How often a running driver touches its claims, and how old another host's claim may get
@@ -79,6 +81,46 @@ def training_cost(record: dict) -> float | None:
     if not isinstance(epochs, (int, float)) or not isinstance(schedule, (int, float)) or not schedule > 0:
         return None
     return float(epochs) / float(schedule)
+
+
+def curve_settings(record: dict) -> dict:
+    """What makes a record's curve: its method's parameters (with their defaults) except the ones a
+    curve sweeps (``tuning.SWEEP_PARAMETERS``), and its schedule."""
+    method = all_methods().get(str(record.get("method")))
+    names = [f.name for f in dataclasses.fields(method.Params)] if method is not None else []
+    config = record.get("config") if isinstance(record.get("config"), dict) else {}
+    params = config.get("params") if isinstance(config.get("params"), dict) else {}
+    defaults = {f.name: f.default for f in dataclasses.fields(method.Params)} if method is not None else {}
+    settings = {name: params.get(name, defaults.get(name)) for name in names if name not in tuning.SWEEP_PARAMETERS}
+    schedule = config.get("schedule") if isinstance(config.get("schedule"), dict) else {}
+    settings |= {f"schedule.{k}": v for k, v in ({**OPT_IN_DEFAULTS, **schedule}).items()}
+    return settings
+
+
+def distinguish_curves(rows: list[dict], records: list[dict]) -> dict[tuple, str]:
+    """Give records of one label but different settings labels of their own, in place: each row's
+    ``variant`` gets the settings that differ within its (arch, dataset, variant), e.g. ``gmp
+    scope=global``, so that no table or figure averages two settings as one curve. Returns the new
+    label of each renamed (cell_id, level)."""
+    groups: dict[tuple, list[tuple[dict, dict]]] = {}
+    for row, record in zip(rows, records):
+        groups.setdefault((row.get("arch"), row.get("dataset"), row.get("variant")), []).append((row, record))
+    renamed = {}
+    for pairs in groups.values():
+        members = [row for row, _ in pairs]
+        settings = [curve_settings(record) for _, record in pairs]
+        keys = sorted({k for s in settings for k in s})
+        varying = [k for k in keys if len({repr(s.get(k)) for s in settings}) > 1]
+        if not varying:
+            continue
+        for row, own in zip(members, settings):
+            row["variant"] = f"{row['variant']} " + " ".join(f"{k}={_short(own.get(k))}" for k in varying)
+            renamed[(row.get("cell_id"), row.get("level"))] = row["variant"]
+    return renamed
+
+
+def _short(value) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def variant_label(record: dict) -> str:
@@ -491,7 +533,7 @@ class Store:
         """(results, layers, history) as tidy DataFrames: one row per record, per record x layer, and
         per record x training epoch (the per-epoch trajectory: test accuracy, and CR where the
         method tracks it)."""
-        rows, layer_rows, history_rows = [], [], []
+        rows, layer_rows, history_rows, sources = [], [], [], []
         picks = self.picks()
         for result in self.results():
             for record in result["records"]:
@@ -502,6 +544,7 @@ class Store:
                 row.update(picks.get(row["cell_id"], {}))
                 row["train_cost"] = training_cost(record)
                 rows.append(row)
+                sources.append(record)
                 keys = {k: row.get(k) for k in HISTORY_KEYS}
                 history_rows += [keys | {"step": i + 1} | epoch for i, epoch in enumerate(record.get("history") or [])]
                 for index, layer in enumerate(record.get("layers") or []):
@@ -509,6 +552,9 @@ class Store:
                                        "layer_index": index, "kind": layer.get("kind"), "numel": layer["numel"],
                                        "nonzero": layer["nonzero"], "effective": layer.get("effective"),
                                        "sparsity": layer.get("sparsity")})
+        renamed = distinguish_curves(rows, sources)
+        for entry in history_rows:
+            entry["variant"] = renamed.get((entry["cell_id"], entry["level"]), entry["variant"])
         results = pd.DataFrame(rows)
         for col in CSV_COLUMNS:
             if col not in results:

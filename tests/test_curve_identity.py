@@ -1,0 +1,54 @@
+"""A curve is one setting: records of one method label whose settings differ (a method parameter of
+any type, or the schedule) get labels of their own, so no table or figure averages them together."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from benchmark.__main__ import main
+
+GRID = """
+seeds = [0]
+subset = 300
+[[experiment]]
+archs = ["lenet300"]
+datasets = ["fashion-mnist"]
+schedule = { epochs = 1, lr = 0.1 }
+[experiment.methods.gmp]
+target_cr = [2, 10]
+scope = ["layer", "global"]
+interval = 1
+[experiment.methods.dwf]
+depth = 2
+lam = [1e-4, 1e-3]
+lr = [0.05, 0.2]
+[experiment.methods.snip]
+target_cr = 10
+
+[[experiment]]
+archs = ["lenet300"]
+datasets = ["fashion-mnist"]
+schedule = { epochs = 1, lr = 0.05 }
+[experiment.methods.snip]
+target_cr = 10
+"""
+
+
+def test_curves_of_different_settings_get_their_own_labels_rows_and_lines(tmp_path, capsys):
+    grid = tmp_path / "mixed.toml"
+    grid.write_text(GRID)
+    results = tmp_path / "results"
+    assert main(["run", "--grid", str(grid), "--results-dir", str(results), "--jobs", "1", "--pack", "off",
+                 "--no-progress", "--device", "cpu"]) == 0
+    frame = pd.read_csv(results / "mixed" / "results.csv")
+    assert set(frame.variant) == {"gmp scope=layer", "gmp scope=global", "dwf D=2 lr=0.05", "dwf D=2 lr=0.2",
+                                  "snip schedule.lr=0.1", "snip schedule.lr=0.05"}
+    # a λ or target sweep stays one curve
+    assert frame.groupby("variant").size().to_dict() == {"dwf D=2 lr=0.05": 2, "dwf D=2 lr=0.2": 2,
+                                                         "gmp scope=global": 2, "gmp scope=layer": 2,
+                                                         "snip schedule.lr=0.05": 1, "snip schedule.lr=0.1": 1}
+    history = pd.read_csv(results / "mixed" / "history.csv")
+    assert set(history.variant) == set(frame.variant)
+    assert main(["report", "--grid", "mixed", "--results-dir", str(results), "--no-page"]) == 0
+    table = (results / "mixed" / "accuracy_at_cr.md").read_text()
+    assert "gmp scope=layer" in table and "gmp scope=global" in table and "| gmp |" not in table
