@@ -78,3 +78,39 @@ def test_a_dense_cache_with_a_payload_is_retrained_and_the_cell_succeeds(tmp_pat
     assert any("cannot be loaded as a file of this tool" in str(w.message) for w in caught)
     assert (cache / f"dense-{dense_key(cell)}.pt").is_file()  # trained again and cached
     assert (cache / f"dense-{dense_key(cell)}.pt.damaged").is_file()
+
+
+def test_a_grid_name_that_would_leave_the_results_folder_is_refused(tmp_path, capsys):
+    from benchmark.__main__ import main
+    from benchmark.execution.store import Store
+
+    for name in ("..", ".", "../x", "a/b", ""):
+        with pytest.raises(ValueError, match="cannot name a results folder"):
+            Store(tmp_path / "results", name)
+    dots = tmp_path / "...toml"  # a grid file whose name without .toml is ".."
+    dots.write_text('[[experiment]]\narchs = ["lenet300"]\ndatasets = ["fashion-mnist"]\n[experiment.methods.dense]\n')
+    assert main(["run", "--grid", str(dots), "--results-dir", str(tmp_path / "results"), "--dry-run",
+                 "--no-estimate"]) == 2
+    assert "cannot name a results folder" in capsys.readouterr().err
+    (tmp_path / "results").mkdir(exist_ok=True)
+    (tmp_path / "results" / "last-run.json").write_text('{"grid": "../elsewhere"}')
+    assert main(["report", "--results-dir", str(tmp_path / "results")]) == 2
+    assert "cannot name a results folder" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["...toml", "results"]
+
+
+def test_an_include_resolves_from_the_including_file_not_the_working_directory(tmp_path, monkeypatch):
+    from benchmark.execution import grids
+
+    folder = tmp_path / "grids"
+    folder.mkdir()
+    (folder / "base.toml").write_text('[[experiment]]\narchs = ["lenet300"]\ndatasets = ["fashion-mnist"]\n'
+                                      '[experiment.methods.snip]\ntarget_cr = 10\n')
+    (folder / "top.toml").write_text('include = ["base.toml"]\n')
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "base.toml").write_text('[[experiment]]\narchs = ["lenet5"]\ndatasets = ["fashion-mnist"]\n'
+                                         '[experiment.methods.dense]\n')
+    monkeypatch.chdir(elsewhere)  # a base.toml here too: the include must not pick it
+    cells = grids.load_grid(str(folder / "top.toml")).cells
+    assert [(c.method, c.arch) for c in cells] == [("snip", "lenet300")]

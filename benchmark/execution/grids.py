@@ -99,7 +99,16 @@ def grid_folder(name_or_path: str, reading: bool = False) -> str:
 
 def load_grid(name_or_path: str, _chain: tuple[str, ...] = ()) -> Grid:
     name, text, source = grid_source(name_or_path)
-    return parse_grid(text, name, source, _chain=_chain or (_identity(name_or_path, source),))
+    base = Path(name_or_path).resolve().parent if source == str(Path(name_or_path)) else None
+    return parse_grid(text, name, source, _chain=_chain or (_identity(name_or_path, source),), base=base)
+
+
+def _from_base(included: str, base: Path | None) -> str:
+    """An include as the including file means it: a file path relative to that file's folder (so a
+    grid means the same from any working directory); a preset name as it is."""
+    if base is None or included in preset_names() or Path(included).is_absolute():
+        return included
+    return str(base / included)
 
 
 def _identity(name_or_path: str, source: str) -> str:
@@ -173,7 +182,8 @@ def _on_datasets(cell: Cell, datasets: list[str] | None) -> list[Cell]:
 MAX_INCLUDE_DEPTH = 16
 
 
-def parse_grid(text: str, name: str = "grid", source: str = "<text>", _chain: tuple[str, ...] = ()) -> Grid:
+def parse_grid(text: str, name: str = "grid", source: str = "<text>", _chain: tuple[str, ...] = (),
+               base: Path | None = None) -> Grid:
     """Parse and validate a grid; GridError lists every problem with its file and line."""
     from benchmark.engine import data as data_mod
     from benchmark.engine import models
@@ -219,6 +229,7 @@ def parse_grid(text: str, name: str = "grid", source: str = "<text>", _chain: tu
         included, datasets = _include_entry(entry, problems, where('', 'include'))
         if included is None:
             continue
+        included = _from_base(included, base)
         try:
             _, _, included_source = grid_source(included)
             identity = _identity(included, included_source)

@@ -33,6 +33,7 @@ import errno
 import json
 import math
 import os
+import re
 import socket
 import time
 import uuid
@@ -210,8 +211,17 @@ class DamagedResults(ValueError):
     """Several damaged result files (collect lists them all)."""
 
 
+#: What a grid's results folder may be called: one plain folder name, so that every path the tool
+#: writes or deletes stays inside the results folder whatever a grid file or last-run.json says.
+FOLDER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
 class Store:
     def __init__(self, results_dir: str | os.PathLike, grid: str, claim_timeout: float = CLAIM_TIMEOUT_S):
+        if not isinstance(grid, str) or not FOLDER_NAME.fullmatch(grid) or ".." in grid:
+            raise ValueError(f"grid name {grid!r} cannot name a results folder (it would put files outside "
+                             f"{results_dir}): a grid's name is its file name without .toml, and must be letters, "
+                             f"digits, '.', '_' and '-', starting with a letter or digit; rename the grid file")
         self.root = Path(results_dir) / grid
         self.claim_timeout = claim_timeout
         self.grid = grid
