@@ -229,10 +229,10 @@ def parse_grid(text: str, name: str = "grid", source: str = "<text>", _chain: tu
         included, datasets = _include_entry(entry, problems, where('', 'include'))
         if included is None:
             continue
-        included = _from_base(included, base)
+        target = _from_base(included, base)
         try:
-            _, _, included_source = grid_source(included)
-            identity = _identity(included, included_source)
+            _, _, included_source = grid_source(target)
+            identity = _identity(target, included_source)
             if identity in chain:
                 cycle = " -> ".join([*chain, identity][chain.index(identity):])
                 problems.append(f"{where('', 'include')}: include {included!r} makes a cycle ({cycle}); "
@@ -242,7 +242,7 @@ def parse_grid(text: str, name: str = "grid", source: str = "<text>", _chain: tu
                 problems.append(f"{where('', 'include')}: include {included!r} nests deeper than "
                                 f"{MAX_INCLUDE_DEPTH} grids")
                 continue
-            included_grid = load_grid(included, _chain=chain + (identity,))
+            included_grid = load_grid(target, _chain=chain + (identity,))
             for cell in included_grid.cells:
                 for copy in _on_datasets(cell, datasets):
                     cells.setdefault(copy.id, copy)
