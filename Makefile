@@ -24,12 +24,14 @@ REFERENCE_RUN = $(PY) -m benchmark run --results-dir reference --jobs $(JOBS) --
 
 .PHONY: run test test-packages setup data clean reference gpu-check gpu-check-bare
 
-# A failed or blocked cell makes `run` exit 1; it still writes the grid's CSVs, which are plotted.
+# A failed or blocked cell makes `run` exit 1; it still writes the grid's CSVs, which are plotted and
+# tabled; then the failures are said again, last, and make exits with run's status.
 run: setup data
-	-$(PY) -m benchmark run --grid $(GRID) --jobs $(JOBS) --pack $(PACK)
-	$(PY) -m benchmark plot --grid $(GRID)
-	$(PY) -m benchmark report --grid $(GRID)
-	@echo "CSV: results/$(GRID)/results.csv  plots: plots/$(GRID)/  tables: results/$(GRID)/tolerance.md  page: results/$(GRID)/report.html"
+	@status=0; $(PY) -m benchmark run --grid $(GRID) --jobs $(JOBS) --pack $(PACK) || status=$$?; \
+	$(PY) -m benchmark plot --grid $(GRID) && $(PY) -m benchmark report --grid $(GRID) || exit $$?; \
+	echo "CSV: results/$(GRID)/results.csv  plots: plots/$(GRID)/  tables: results/$(GRID)/tolerance.md  page: results/$(GRID)/report.html"; \
+	if [ $$status -ne 0 ]; then echo "NOT ALL CELLS FINISHED (run exited $$status):"; \
+	  $(PY) -m benchmark status --grid $(GRID) --errors | tail -n 25; exit $$status; fi
 
 reference: setup data
 	-$(REFERENCE_RUN) --grid lenet-calibration

@@ -52,3 +52,16 @@ def test_curves_of_different_settings_get_their_own_labels_rows_and_lines(tmp_pa
     assert main(["report", "--grid", "mixed", "--results-dir", str(results), "--no-page"]) == 0
     table = (results / "mixed" / "accuracy_at_cr.md").read_text()
     assert "gmp scope=layer" in table and "gmp scope=global" in table and "| gmp |" not in table
+
+
+def test_a_run_with_a_failed_cell_ends_naming_it_and_exits_1(tmp_path, capsys):
+    grid = tmp_path / "bad.toml"
+    grid.write_text('seeds = [0]\nsubset = 300\n[[experiment]]\narchs = ["lenet300"]\ndatasets = ["fashion-mnist"]\n'
+                    'schedule = { epochs = 1 }\n[experiment.methods.dense]\n[experiment.methods.dwf]\n'
+                    'lr = 1e6\nlam = 1\n')
+    assert main(["run", "--grid", str(grid), "--results-dir", str(tmp_path / "r"), "--jobs", "1", "--pack", "off",
+                 "--no-progress", "--device", "cpu"]) == 1
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-3].startswith("NOT ALL CELLS FINISHED: 1 failed, 0 blocked")
+    assert lines[-2].startswith("  failed: dwf D=3") and "Diverged" in lines[-2]
+    assert "--errors" in lines[-1] and "--retry-failed" in lines[-1]

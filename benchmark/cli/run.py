@@ -289,9 +289,32 @@ def run_command(args) -> int:
     where = "" if args.results_dir == "results" else f" --results-dir {shlex.quote(str(args.results_dir))}"
     out.append(f"next: python -m benchmark plot{where}; python -m benchmark report{where}  (both read grid "
                f"{grid.name}, the last run there; report also writes {store.root / 'report.html'})")
+    out += unfinished_lines(store, cells, args.grid, where)
     for line in out:
         _say(line, sys.stdout)
     return 1 if summary.failed or summary.blocked else 0
+
+
+def unfinished_lines(store: Store, cells: list[Cell], grid_arg: str, where: str, most: int = 10) -> list[str]:
+    """The run's last words when cells of it failed or are blocked: each one named with the first
+    line of its error, and the commands that show all errors and rerun them. None when all is well."""
+    bad, written = [], store.finished_ids()
+    for cell in cells:
+        result = _read_quietly(store, cell.id) if cell.id in written else None
+        if result and result.get("status") in ("failed", "blocked"):
+            error = str((result.get("records") or [{}])[0].get("error") or "").strip().splitlines()
+            bad.append((result["status"], cell.label(), error[0][:200] if error else ""))
+    if not bad:
+        return []
+    counts = Counter(status for status, _, _ in bad)
+    lines = [f"NOT ALL CELLS FINISHED: {counts['failed']} failed, {counts['blocked']} blocked "
+             f"(the CSVs and tables leave them out):"]
+    lines += [f"  {status}: {label}: {error}" for status, label, error in bad[:most]]
+    if len(bad) > most:
+        lines.append(f"  ... and {len(bad) - most} more")
+    lines.append(f"all errors: python -m benchmark status --grid {shlex.quote(grid_arg)}{where} --errors; rerun the "
+                 f"failed ones: python -m benchmark run --grid {shlex.quote(grid_arg)}{where} --retry-failed")
+    return lines
 
 
 def collect_after_run(store: Store) -> str:
