@@ -22,7 +22,7 @@ STAMP := $(VENV)/.installed
 SEEDS ?=
 REFERENCE_RUN = $(PY) -m benchmark run --results-dir reference --jobs $(JOBS) --pack off $(if $(SEEDS),--seeds $(SEEDS))
 
-.PHONY: run test test-packages setup data clean reference gpu-check gpu-check-bare
+.PHONY: run test test-fast test-packages setup data clean reference gpu-check gpu-check-bare
 
 # A failed or blocked cell makes `run` exit 1; it still writes the grid's CSVs, which are plotted and
 # tabled; then the failures are said again, last, and make exits with run's status.
@@ -48,6 +48,11 @@ reference: setup data
 
 test: setup data test-packages
 	$(PY) -m pytest -q
+
+# The inner loop: unit and small-integration tests (434; 2 min 40 s on 2 cores beside two background
+# grids): no process kills, clusters or whole grids, which are marked slow and run in `make test` (CI).
+test-fast: setup data
+	$(PY) -m pytest -q -m "not slow"
 
 # Debian packages some tests need: slurm-wlm + munge (a private SLURM, tests/test_slurm.py) and
 # chromium (the report page, tests/test_workflow.py). Installed when missing and we are root with

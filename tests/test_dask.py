@@ -10,6 +10,8 @@ from benchmark.execution.store import Store
 
 from test_runner import tiny_grid
 
+pytestmark = pytest.mark.slow  # processes, clusters or whole grids: left out of make test-fast
+
 distributed = pytest.importorskip("distributed")
 
 

@@ -14,6 +14,8 @@ import torch
 from benchmark.engine import data as data_mod
 from benchmark.speed import gpu_check
 
+pytestmark = pytest.mark.slow  # processes, clusters or whole grids: left out of make test-fast
+
 ROOT = Path(__file__).resolve().parents[1]
 PARTS = ["env", "cuda-tests", "cells", "doctor", "perf-step", "perf-pack", "epoch-lenet300", "epoch-vgg16"]
 

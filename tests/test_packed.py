@@ -38,6 +38,8 @@ from methods.gmp import GMPHooks
 from methods.l1 import L1Hooks
 from methods.masks import apply_masks
 
+pytestmark = pytest.mark.slow  # processes, clusters or whole grids: left out of make test-fast
+
 ROOT = Path(__file__).resolve().parents[1]
 SCHEDULE = Schedule(epochs=2, lr=0.1, batch_size=32, weight_decay=1e-3, warmup_epochs=1)
 CELL_SCHEDULE = {"epochs": 2, "lr": 0.1, "batch_size": 32, "weight_decay": 1e-3, "warmup_epochs": 1}

@@ -23,6 +23,8 @@ from methods.dwf import FactorHooks, Product, factorize, factors_of, init_factor
 
 from conftest import make_data
 
+pytestmark = pytest.mark.slow  # processes, clusters or whole grids: left out of make test-fast
+
 VARIANTS = ["dense", "dwf D=2", "dwf D=3", "dwf D=4"]
 
 

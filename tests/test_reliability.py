@@ -29,6 +29,9 @@ from benchmark.execution.store import Store
 from procs import (alive, assert_every_cell_once, children, cli, env, events, no_traceback, nothing_trained, start,
                    wait_until)
 
+pytestmark = pytest.mark.slow  # processes, clusters or whole grids: left out of make test-fast
+
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # ------------------------------------------------------------------------------------------------
@@ -570,6 +573,7 @@ RACER = r"""
 import os, sys, time
 from pathlib import Path
 from benchmark.execution.store import Store
+
 
 
 class SlowStore(Store):

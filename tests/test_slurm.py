@@ -27,7 +27,7 @@ from benchmark.__main__ import build_parser, main
 from test_fault_injection import comparable
 from procs import assert_every_cell_once, cli, events, no_traceback, nothing_trained, start, wait_until
 
-pytestmark = pytest.mark.slurm
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]  # slow: left out of make test-fast
 
 DAEMONS = ("munged", "munge", "unmunge", "slurmctld", "slurmd", "sbatch", "squeue", "scancel", "sinfo")
 INSTALL = "apt-get install slurm-wlm munge (as root; `make test` does it where apt-get is there)"

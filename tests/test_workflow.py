@@ -21,6 +21,8 @@ import pytest
 from benchmark.__main__ import main
 from benchmark.execution.store import Store
 
+pytestmark = pytest.mark.slow  # processes, clusters or whole grids: left out of make test-fast
+
 GRID = """
 description = "workflow test grid"
 seeds = [0]
