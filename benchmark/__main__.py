@@ -11,6 +11,7 @@ import importlib
 import os
 import sys
 
+from benchmark.core.console import say
 from benchmark.core.errors import Interrupted, RunStopped
 
 #: Modules that contribute sub-commands, in the order ``--help`` lists them.
@@ -61,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         parser = build_parser(command)
     except ValueError as exc:  # a method plugin that does not load
-        _say(f"error: {exc}")
+        say(f"error: {exc}")
         return 2
     args = parser.parse_args(argv)
     if not getattr(args, "handler", None):
@@ -74,21 +75,14 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
     except Interrupted as exc:  # a second stop signal while the first was being handled
-        _say(f"stopped at once by a second signal; rerun the same command to resume")
+        say(f"stopped at once by a second signal; rerun the same command to resume")
         return 128 + exc.signum
     except BrokenPipeError:  # output piped into `head` and the like
         sys.stdout = open(os.devnull, "w")
         return 0
     except (ValueError, OSError, RunStopped) as exc:  # bad input, a disk that refuses writes, ...
-        _say(f"error: {exc}")
+        say(f"error: {exc}")
         return 2
-
-
-def _say(text: str) -> None:
-    try:
-        print(text, file=sys.stderr, flush=True)
-    except (OSError, ValueError):
-        pass
 
 
 if __name__ == "__main__":

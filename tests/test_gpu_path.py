@@ -67,7 +67,7 @@ def test_each_worker_process_owns_one_gpu_for_its_life(monkeypatch):
     it starts, before any CUDA call, and sets no other device however many cells it runs."""
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(SITE_FAKES), str(ROOT)]))
     monkeypatch.setenv("DWF_TEST_FAKE_GPUS", "2")
-    pool = runner._LocalPool(runner.StopSignals(), 4, gpu_slots=[0, 1, 0, 1])
+    pool = runner.LocalPool(runner.StopSignals(), 4, gpu_slots=[0, 1, 0, 1])
     try:
         seen = [f.result(timeout=300) for f in [pool.submit(fakes.worker_identity, 0.3) for _ in range(16)]]
         slots_dir = pool.slots_dir

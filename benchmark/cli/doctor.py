@@ -58,7 +58,7 @@ def doctor_command(args) -> int:
     import torch
 
     from benchmark.engine import data as data_mod
-    from benchmark.execution.runner import _threads_per_job
+    from benchmark.execution.runner import threads_per_job
     from benchmark.engine.train import available_devices, pick_device
 
     versions = [f"python {platform.python_version()}", f"torch {torch.__version__}"]
@@ -100,10 +100,10 @@ def doctor_command(args) -> int:
     env = {k: os.environ[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS") if k in os.environ}
     r.line("threads", f"{cores} CPU cores ({usable} usable by this process); torch uses "
                       f"{torch.get_num_threads()} threads here{' (' + ', '.join(f'{k}={v}' for k, v in env.items()) + ')' if env else ''}")
-    r.more(f"run --jobs {jobs}: {jobs} worker(s) with {_threads_per_job(jobs)} thread(s) each"
+    r.more(f"run --jobs {jobs}: {jobs} worker(s) with {threads_per_job(jobs)} thread(s) each"
            + (" (in this process)" if jobs == 1 else ""))
     if args.jobs is None and cores > 1:
-        r.more(f"run --jobs {min(cores, 2)}: {min(cores, 2)} workers with {_threads_per_job(min(cores, 2))} thread(s) each")
+        r.more(f"run --jobs {min(cores, 2)}: {min(cores, 2)} workers with {threads_per_job(min(cores, 2))} thread(s) each")
 
     # ---- datasets
     if args.data_dir and not Path(args.data_dir).expanduser().is_dir():
@@ -186,10 +186,10 @@ def _check_results(r: _Report, results_dir: str) -> None:
 
 def _check_worker(r: _Report) -> None:
     """Start one local worker process the way run --jobs N does, and time it."""
-    from benchmark.execution.runner import StopSignals, _LocalPool
+    from benchmark.execution.runner import StopSignals, LocalPool
 
     began = time.perf_counter()
-    pool = _LocalPool(StopSignals(), 1)
+    pool = LocalPool(StopSignals(), 1)
     try:
         pid = pool.submit(os.getpid).result(timeout=120)
         r.more(f"local worker process: started and answered in {time.perf_counter() - began:.1f} s "

@@ -12,7 +12,8 @@ from benchmark.core.errors import RunStopped, StorageError
 from benchmark.execution import grids as grids_mod
 from benchmark.execution import slurm, tuning
 from benchmark.execution.cell import Cell
-from benchmark.execution.runner import (DASK_CONNECT_TIMEOUT_S, PACK_ENV, _say, _signal_name, estimate_epochs,
+from benchmark.core.console import say
+from benchmark.execution.runner import (DASK_CONNECT_TIMEOUT_S, PACK_ENV, signal_name, estimate_epochs,
                                         pending_cells, run_grid, trainings)
 from benchmark.execution.store import DamagedResult, Store
 
@@ -244,7 +245,7 @@ def run_command(args) -> int:
             cells_to_tune = tuning.tuning_cells(groups)
             tuning_grid = grids_mod.Grid(tuning.folder(grid.name), f"tuning cells of {grid.name}", cells_to_tune,
                                          grid.source)
-            _say(f"tuning {len(groups)} curve(s) on the validation split: {len(cells_to_tune)} tuning cell(s) in "
+            say(f"tuning {len(groups)} curve(s) on the validation split: {len(cells_to_tune)} tuning cell(s) in "
                  f"{Store(args.results_dir, tuning_grid.name).root}")
             first = run_grid(tuning_grid, cells_to_tune, **options)
             if first.stopped_by is not None:
@@ -258,23 +259,23 @@ def run_command(args) -> int:
         if summary is None:
             summary = run_grid(grid, cells, **options)
     except (StorageError, RunStopped) as exc:
-        _say(f"error: {exc}")
+        say(f"error: {exc}")
         if isinstance(exc, RunStopped):  # the disk is fine: the CSVs can show what finished
-            _say(collect_after_run(store))
-        _say(f"the run stopped; cells finished before this were recorded. Once that is fixed, resume with: {resume}")
+            say(collect_after_run(store))
+        say(f"the run stopped; cells finished before this were recorded. Once that is fixed, resume with: {resume}")
         return 2
     if summary.stopped_by is not None:
-        name = _signal_name(summary.stopped_by)
-        _say(f"stopped by {name}: {summary.finished} cell(s) finished and recorded in this run, "
+        name = signal_name(summary.stopped_by)
+        say(f"stopped by {name}: {summary.finished} cell(s) finished and recorded in this run, "
              f"{summary.stopped_in_flight} in flight stopped and released (their per-epoch checkpoints are kept), "
              f"{summary.not_started} not started.")
         if summary.finished_labels:
             shown = summary.finished_labels[:10]
             more = f" (and {len(summary.finished_labels) - 10} more, see the log)" if len(summary.finished_labels) > 10 else ""
-            _say("finished in this run: " + "; ".join(shown) + more)
-        _say(collect_after_run(store))
-        _say(f"log: {summary.log}")
-        _say(f"resume with: {resume}")
+            say("finished in this run: " + "; ".join(shown) + more)
+        say(collect_after_run(store))
+        say(f"log: {summary.log}")
+        say(f"resume with: {resume}")
         return 128 + int(summary.stopped_by)
     out = tuning_lines + [f"grid {grid.name}: {summary.finished} finished now, {summary.skipped} already done, "
            f"{summary.failed} failed, {summary.blocked} blocked, {summary.busy} running in another process"]
@@ -291,7 +292,7 @@ def run_command(args) -> int:
                f"{grid.name}, the last run there; report also writes {store.root / 'report.html'})")
     out += unfinished_lines(store, cells, args.grid, where)
     for line in out:
-        _say(line, sys.stdout)
+        say(line, sys.stdout)
     return 1 if summary.failed or summary.blocked else 0
 
 
@@ -368,7 +369,7 @@ def dry_run(store: Store, cells: list[Cell], args, grid: grids_mod.Grid | None =
         lines = estimate.estimate_lines(plan, device_name=args.device, jobs=args.jobs,
                                         backend="dask" if args.backend == "slurm" else args.backend,
                                         jobs_per_gpu=args.jobs_per_gpu, speeds_arg=args.speeds,
-                                        say=lambda text: _say(text))
+                                        say=lambda text: say(text))
         print("\n".join(lines))
     return 0
 

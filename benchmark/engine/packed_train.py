@@ -31,7 +31,7 @@ from torch.nn.utils import parametrize
 from benchmark.core.files import save_atomic, temporary_name
 from benchmark.engine import data as data_mod
 from benchmark.engine.packed_model import NotStackable, StackedModel, structure
-from benchmark.engine.train import (CHECKPOINT_KEYS, Diverged, Schedule, TrainHooks, _clone_state, _diverged_message,
+from benchmark.engine.train import (CHECKPOINT_KEYS, Diverged, Schedule, TrainHooks, clone_state, diverged_message,
                                     autocast, load_state, lr_factor, make_optimizer, prepare_input, step_key,
                                     tune_cpu_allocator)
 
@@ -127,7 +127,7 @@ def resume(job: Job, epoch: int | None = None) -> None:
             raise ValueError(f"{job.checkpoint}: no checkpoint of epoch {epoch} to resume from")
     if path is None or not path.is_file():
         if job.first_epoch in job.snapshot_epochs:
-            job.snapshots[job.first_epoch] = _clone_state(job.model)
+            job.snapshots[job.first_epoch] = clone_state(job.model)
         return
     device = next(job.model.parameters()).device
     state = load_state(path, keys=CHECKPOINT_KEYS, map_location=device)
@@ -365,18 +365,18 @@ def train_packed(jobs: list[Job], data: data_mod.Data) -> None:
                 pack.sync()
                 for job in alive:
                     if done_steps in job.snapshot_steps:
-                        job.snapshots[step_key(done_steps)] = _clone_state(job.model)
+                        job.snapshots[step_key(done_steps)] = clone_state(job.model)
             loss_sum += ce.detach() * n
             correct += (out.detach().argmax(2) == y.view(size, -1)).sum(1)
             seen += n
             if step % 50 == 0:
-                bad = _diverged(total.detach(), alive, lambda v: _diverged_message(epoch, step, v, schedule))
+                bad = _diverged(total.detach(), alive, lambda v: diverged_message(epoch, step, v, schedule))
                 if bad:
                     alive, pack, loss_sum, correct = _without(bad, alive, pack, schedule, loss_sum, correct)
                     if not alive:
                         return
                     size, slot = len(alive), [seeds.index(j.seed) for j in alive]
-        bad = _diverged(loss_sum, alive, lambda v: _diverged_message(epoch, steps_per_epoch - 1, v, schedule))
+        bad = _diverged(loss_sum, alive, lambda v: diverged_message(epoch, steps_per_epoch - 1, v, schedule))
         if bad:
             alive, pack, loss_sum, correct = _without(bad, alive, pack, schedule, loss_sum, correct)
             if not alive:
@@ -396,7 +396,7 @@ def train_packed(jobs: list[Job], data: data_mod.Data) -> None:
                 "lr": lr, "seconds": seconds,
             } | job.hooks.epoch_metrics(job.model))
             if epoch + 1 in job.snapshot_epochs:
-                job.snapshots[epoch + 1] = _clone_state(job.model)
+                job.snapshots[epoch + 1] = clone_state(job.model)
             optimizer_state, scheduler_state = _member_optimizer_state(
                 job, schedule, (epoch + 1 - first) * steps_per_epoch, first * steps_per_epoch, factor)
             _keep_previous(job.checkpoint)

@@ -498,7 +498,7 @@ def train(
         start_epoch = state["epoch"]
         hooks.load_state_dict(state.get("hooks", {}))
     if start_epoch == first_epoch and first_batch == 0 and first_epoch in snapshot_epochs:
-        snapshots[first_epoch] = _clone_state(model)
+        snapshots[first_epoch] = clone_state(model)
 
     forward = torch.compile(model) if compiled else None
     model.train()
@@ -522,14 +522,14 @@ def train(
                                                  forward, step=global_step)
                 scheduler.step()
                 if global_step + 1 in snapshot_steps:
-                    snapshots[step_key(global_step + 1)] = _clone_state(model)
+                    snapshots[step_key(global_step + 1)] = clone_state(model)
                 loss_sum += loss.detach() * len(y)
                 correct += (out.detach().argmax(1) == y).sum()
                 seen += len(y)
                 if step % 50 == 0 and not torch.isfinite(total.detach()):
-                    raise Diverged(_diverged_message(epoch, step, float(total.detach()), schedule))
+                    raise Diverged(diverged_message(epoch, step, float(total.detach()), schedule))
             if not torch.isfinite(loss_sum):
-                raise Diverged(_diverged_message(epoch, steps_per_epoch - 1, float(loss_sum), schedule))
+                raise Diverged(diverged_message(epoch, steps_per_epoch - 1, float(loss_sum), schedule))
             hooks.after_epoch(model, epoch)
             test_acc, test_loss = evaluate(model, data.test, channels_last=channels_last)
             held_out = validation_metrics(model, data, channels_last)
@@ -541,7 +541,7 @@ def train(
                 **held_out, "lr": optimizer.param_groups[0]["lr"], "seconds": seconds,
             } | hooks.epoch_metrics(model))
             if epoch + 1 in snapshot_epochs:
-                snapshots[epoch + 1] = _clone_state(model)
+                snapshots[epoch + 1] = clone_state(model)
             if checkpoint is not None:
                 save_atomic({
                     "model": model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -605,10 +605,10 @@ def lr_factor(warmup_steps: int, total_steps: int):
     return factor
 
 
-def _clone_state(model: nn.Module) -> dict:
+def clone_state(model: nn.Module) -> dict:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def _diverged_message(epoch: int, step: int, value: float, schedule: Schedule) -> str:
+def diverged_message(epoch: int, step: int, value: float, schedule: Schedule) -> str:
     return (f"loss became {value} at epoch {epoch + 1}, step {step} (lr={schedule.lr}); "
             f"training stopped. Lower the learning rate or the regularization strength.")

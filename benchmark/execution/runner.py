@@ -38,6 +38,7 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from benchmark.core.console import say
 from benchmark.execution import grids as grids_mod
 from benchmark.execution.cell import Cell, prunable_layer_sizes
 from benchmark.core.errors import Interrupted, RunStopped, StorageError, is_disk_error
@@ -294,7 +295,7 @@ def estimate_epochs(cell: Cell) -> int:
     return math.ceil(_method(cell).training_epochs(cell.schedule, prunable_layer_sizes(cell.arch, cell.dataset)))
 
 
-def _threads_per_job(jobs: int) -> int:
+def threads_per_job(jobs: int) -> int:
     """CPU threads of each of ``jobs`` worker processes (GPU workers included: their data handling,
     optimizer bookkeeping and the driver share the cores too)."""
     return max(1, (os.cpu_count() or 1) // max(1, jobs))
@@ -309,7 +310,7 @@ class _QuietFileHandler(logging.FileHandler):
     def handleError(self, record):  # noqa: N802 (logging's name)
         if not self._warned:
             self._warned = True
-            _say(f"warning: cannot write the run's log {self.baseFilename} ({sys.exc_info()[1]}); going on without it")
+            say(f"warning: cannot write the run's log {self.baseFilename} ({sys.exc_info()[1]}); going on without it")
 
 
 def _setup_logging(store: Store, run_id: str) -> Path:
@@ -328,14 +329,6 @@ def _setup_logging(store: Store, run_id: str) -> Path:
     log.propagate = False
     log.disabled = False  # a library's logging.config.dictConfig in this process may have disabled it
     return path
-
-
-def _say(text: str, file=None) -> None:
-    """Print, surviving a terminal that is gone (SIGHUP) or a closed pipe."""
-    try:
-        print(text, file=file or sys.stderr, flush=True)
-    except (OSError, ValueError):
-        pass
 
 
 class StopSignals:
@@ -420,7 +413,7 @@ class _InlinePool:
         pass
 
 
-class _LocalPool(_InlinePool):
+class LocalPool(_InlinePool):
     """Local worker processes (joblib's loky executor) that watch their driver. With ``gpu_slots``
     (one GPU index per worker) each worker owns one GPU for its whole life (``claim_gpu``)."""
 
@@ -641,7 +634,7 @@ def run_grid(grid: grids_mod.Grid, cells: list[Cell], *, results_dir="results", 
     summary = RunSummary(skipped=skipped, log=log_path, set_aside=set_aside)
     for moved, reason in set_aside:
         log.warning("damaged result file set aside to %s (%s); its cell runs again", moved, reason)
-        _say(f"warning: damaged result file set aside to {moved}: {reason}; its cell runs again")
+        say(f"warning: damaged result file set aside to {moved}: {reason}; its cell runs again")
         store.event("damaged", moved.name.split(".")[0], run_id, reason=reason, moved_to=str(moved))
     log.info("run %s: grid %s (%s), %d cells, %d to run, %d already done, backend=%s",
              run_id, grid.name, grid.source, len(cells), len(todo), skipped, backend)
@@ -663,7 +656,7 @@ def run_grid(grid: grids_mod.Grid, cells: list[Cell], *, results_dir="results", 
         if backend == "dask" and slurm is not None:
             from benchmark.execution import slurm as slurm_mod
 
-            pool = slurm_mod.pool(signals, slurm, jobs, scheduler_timeout, store.root / "slurm-logs", _say)
+            pool = slurm_mod.pool(signals, slurm, jobs, scheduler_timeout, store.root / "slurm-logs", say)
             threads = None
             if data_dir:
                 pool.check_data_dir(str(data_dir))
@@ -673,9 +666,9 @@ def run_grid(grid: grids_mod.Grid, cells: list[Cell], *, results_dir="results", 
             if data_dir:
                 pool.check_data_dir(str(data_dir))
         elif gpu_slots:
-            pool = _LocalPool(signals, len(gpu_slots), gpu_slots)
+            pool = LocalPool(signals, len(gpu_slots), gpu_slots)
         elif (jobs or 1) > 1:
-            pool = _LocalPool(signals, jobs)
+            pool = LocalPool(signals, jobs)
         else:
             pool = _InlinePool(signals)
         queue.extend(_plan(todo, pack, backend, device, gpu_slots, jobs, threads, compiled, results_dir))
@@ -814,7 +807,7 @@ def run_grid(grid: grids_mod.Grid, cells: list[Cell], *, results_dir="results", 
         if summary.stopped_by is not None:
             summary.stopped_in_flight = released
             log.warning("run %s stopped by %s: %d finished, %d in flight stopped and released, %d not started",
-                        run_id, _signal_name(summary.stopped_by), summary.finished, released, summary.not_started)
+                        run_id, signal_name(summary.stopped_by), summary.finished, released, summary.not_started)
         log.info("run %s ended after %.0f s: %s", run_id, time.perf_counter() - began, summary)
     return summary
 
@@ -832,7 +825,7 @@ def local_workers(device: str, jobs: int | None, jobs_per_gpu: int | None) -> tu
         if jobs:
             raise ValueError("give either --jobs (CPU processes) or --jobs-per-gpu (GPU slots), not both")
         gpu_slots = [gpu for _ in range(jobs_per_gpu) for gpu in range(n_gpus)]
-    return gpu_slots, _threads_per_job(len(gpu_slots) or jobs or 1)
+    return gpu_slots, threads_per_job(len(gpu_slots) or jobs or 1)
 
 
 def _plan(todo: list[Cell], pack, backend: str, device: str, gpu_slots: list[int], jobs: int | None,
@@ -852,16 +845,16 @@ def _plan(todo: list[Cell], pack, backend: str, device: str, gpu_slots: list[int
     dev = None if backend == "dask" else pick_device(f"cuda:{gpu_slots[0]}" if gpu_slots else device)
     workers = len(gpu_slots) or (jobs or 1)
     sharing = gpu_slots.count(gpu_slots[0]) if gpu_slots else workers
-    def say(line: str) -> None:
+    def tell(line: str) -> None:
         log.info(line)
-        _say(line)
+        say(line)
 
     args = (todo, setting, dev, workers, sharing, threads, str(Path(results_dir) / "cache"))
     if dev is None or dev.type != "cuda":
-        return _plan_units(*args, say=say)[0]
+        return _plan_units(*args, say=tell)[0]
     units, lines = plan_in_child(*args)
     for line in lines:
-        say(line)
+        tell(line)
     return units
 
 
@@ -950,7 +943,7 @@ def start_heartbeat(store: Store, run_id: str, every: float = HEARTBEAT_S):
     return halt
 
 
-def _signal_name(signum: int | None) -> str:
+def signal_name(signum: int | None) -> str:
     try:
         return signal.Signals(signum).name
     except (ValueError, TypeError):
