@@ -65,3 +65,20 @@ def test_a_run_with_a_failed_cell_ends_naming_it_and_exits_1(tmp_path, capsys):
     assert lines[-3].startswith("NOT ALL CELLS FINISHED: 1 failed, 0 blocked")
     assert lines[-2].startswith("  failed: dwf D=3") and "Diverged" in lines[-2]
     assert "--errors" in lines[-1] and "--retry-failed" in lines[-1]
+
+
+def test_status_and_collect_default_to_the_last_run_and_say_so(tmp_path, capsys):
+    grid = tmp_path / "mine.toml"
+    grid.write_text('seeds = [0]\nsubset = 200\n[[experiment]]\narchs = ["lenet300"]\ndatasets = ["fashion-mnist"]\n'
+                    'schedule = { epochs = 1 }\n[experiment.methods.dense]\n')
+    results = str(tmp_path / "r")
+    assert main(["status", "--results-dir", results]) == 2
+    assert "does not say which grid ran last" in capsys.readouterr().err
+    assert main(["run", "--grid", str(grid), "--results-dir", results, "--jobs", "1", "--pack", "off",
+                 "--no-progress", "--device", "cpu"]) == 0
+    capsys.readouterr()
+    assert main(["status", "--results-dir", results]) == 0
+    captured = capsys.readouterr()
+    assert f"grid {grid}: the last run in {results}" in captured.err and "grid mine (1 cells)" in captured.out
+    assert main(["collect", "--results-dir", results]) == 0
+    assert "the last run" in capsys.readouterr().err

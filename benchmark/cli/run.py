@@ -19,10 +19,31 @@ from benchmark.execution.store import DamagedResult, Store
 
 
 
-def _grid_args(p) -> None:
-    p.add_argument("--grid", default="quick",
-                   help="preset name (see 'list') or path to a grid TOML file (default: quick)")
+def _grid_args(p, reading: bool = False) -> None:
+    """--grid and --results-dir. ``run`` defaults to the quick grid; the commands that read a grid's
+    results (``reading``) default, as plot and report do, to the last grid run in --results-dir."""
+    if reading:
+        p.add_argument("--grid", default=None,
+                       help="preset name, grid TOML file or results folder name (default: the last grid run in "
+                            "--results-dir, named in the output)")
+    else:
+        p.add_argument("--grid", default="quick",
+                       help="preset name (see 'list') or path to a grid TOML file (default: quick)")
     p.add_argument("--results-dir", default="results", help="where result files go (default: results)")
+
+
+def _last_grid(args) -> None:
+    """Fill in ``args.grid`` with the last grid run in --results-dir when none is given, and say so."""
+    if args.grid is not None:
+        return
+    from benchmark.execution.store import LAST_RUN, last_run
+
+    last = last_run(args.results_dir)
+    if last is None:
+        raise ValueError(f"no --grid given and {Path(args.results_dir) / LAST_RUN} does not say which grid ran last "
+                         f"there; name one with --grid, or run one first (python -m benchmark run --grid quick)")
+    args.grid = last.get("grid_arg") if isinstance(last.get("grid_arg"), str) else last["grid"]
+    say(f"grid {args.grid}: the last run in {args.results_dir} (--grid NAME reads another)")
 
 
 def _selection_args(p) -> None:
@@ -84,7 +105,7 @@ def add_commands(sub) -> None:
 
     s = sub.add_parser("status", help="finished / failed / blocked / running / to do, per method",
                        description="Count the grid's cells by state, per method, from the result files.")
-    _grid_args(s)
+    _grid_args(s, reading=True)
     _selection_args(s)
     s.add_argument("--errors", action="store_true", help="also print the error of every failed or blocked cell")
     s.set_defaults(handler=status_command)
@@ -92,7 +113,7 @@ def add_commands(sub) -> None:
     c = sub.add_parser("collect", help="write RESULTS_DIR/GRID/results.csv and layers.csv from the result files",
                        description="One row per result record in results.csv (failed and blocked cells included, "
                                    "with their status) and one row per record x layer in layers.csv.")
-    _grid_args(c)
+    _grid_args(c, reading=True)
     c.set_defaults(handler=collect_command)
 
     ls = sub.add_parser("list", help="grids, methods (with parameters), architectures and datasets",
@@ -383,6 +404,7 @@ def _read_quietly(store: Store, cell_id: str):
 
 def status_command(args) -> int:
     _check_results_dir(args.results_dir)
+    _last_grid(args)
     grid, cells, groups = _select(args)
     if groups:
         tuning_store = Store(args.results_dir, tuning.folder(grid.name))
@@ -432,6 +454,7 @@ def status_command(args) -> int:
 
 def collect_command(args) -> int:
     _check_results_dir(args.results_dir)
+    _last_grid(args)
     store = Store(args.results_dir, grids_mod.grid_folder(args.grid, reading=True))
     if not store.cells_dir.is_dir() or not any(store.cells_dir.glob("*.json")):
         raise FileNotFoundError(f"no result files in {store.cells_dir}; run 'python -m benchmark run --grid {args.grid}' first")
