@@ -37,6 +37,7 @@ reference: setup data
 	-$(REFERENCE_RUN) --grid lenet-calibration
 	-$(REFERENCE_RUN) --grid lenet-reference
 	-$(REFERENCE_RUN) --grid lenet-reference-tuning
+	-$(REFERENCE_RUN) --grid lenet-recipes
 	$(PY) -m benchmark collect --grid lenet-calibration --results-dir reference
 	$(PY) -m benchmark report --grid lenet-calibration --results-dir reference > /dev/null
 	$(PY) -m benchmark collect --grid lenet-reference --results-dir reference
@@ -44,6 +45,7 @@ reference: setup data
 	$(PY) -m benchmark report --grid lenet-reference --results-dir reference --crs 10,30,100,300,1000 > /dev/null
 	$(PY) -m benchmark report --grid lenet-reference --results-dir reference --crs 10,30,100,300,1000 --threshold-scale 0.01 > /dev/null
 	$(PY) -m benchmark collect --grid lenet-reference-tuning --results-dir reference
+	$(PY) -m benchmark collect --grid lenet-recipes --results-dir reference
 	@echo "reference: CSVs, figures and tables in reference/lenet-reference/ (reference/README.md)"
 
 test: setup data test-packages
