@@ -68,6 +68,10 @@ def rewind_steps(point: int | str, steps_per_epoch: int) -> int:
     return int(_ITERATION.fullmatch(point).group(1))
 
 
+#: The most levels a ticket may plan (a tiny prune_fraction would otherwise plan millions).
+MAX_LEVELS = 1000
+
+
 def level_keep_counts(total: int, target_cr: float, prune_fraction: float, fixed: int = 0) -> list[int]:
     """Weights kept after each level 1..L out of ``total``, ``fixed`` of them (a layer left dense)
     included. The others, ``total - fixed``, keep (1 - fraction)^l of theirs at level l; the last
@@ -80,12 +84,11 @@ def level_keep_counts(total: int, target_cr: float, prune_fraction: float, fixed
     pool = total - fixed
     pool_cr = pool / (total / target_cr - fixed)  # = target_cr when nothing is left dense
     levels = max(1, math.ceil(math.log(pool_cr) / -math.log1p(-prune_fraction) - 1e-9))
+    if levels > MAX_LEVELS:
+        raise ValueError(f"target_cr={target_cr:g} needs {levels:,} levels at prune_fraction={prune_fraction:g}, "
+                         f"more than {MAX_LEVELS}; raise prune_fraction")
     counts = [fixed + kept_count(pool, (1.0 - prune_fraction) ** -level) for level in range(1, levels)]
     return counts + [final]
-
-
-#: The most levels a ticket may plan (a tiny prune_fraction would otherwise plan millions).
-MAX_LEVELS = 1000
 
 
 def output_level_counts(total: int, output: int, target_cr: float, prune_fraction: float,
@@ -206,17 +209,28 @@ class Lottery(Method):
                                 f"{FINETUNE_LR_DIVISOR})")
             return problems
 
+        def schedule_problems(self, schedule) -> list[str]:
+            """A rewind epoch past the schedule's end would train nothing (found before anything trains)."""
+            if isinstance(self.rewind, int) and self.retrain != "finetune" and self.rewind >= schedule.epochs > 0:
+                return [f"rewind={self.rewind} is at or past the end of the schedule ({schedule.epochs} epochs): "
+                        f"nothing would be retrained; choose an epoch below {schedule.epochs}"]
+            return []
+
         def capacity_problems(self, layer_sizes: tuple[int, ...]) -> list[str]:
             """With the output layer dense, the target must keep more weights than it has; with it
             pruned on its own, the levels must reach the target."""
             total, output = sum(layer_sizes), layer_sizes[-1]
-            if self.output_fraction is not None:
+            if self.output_fraction is not None or self.prune_output:
                 try:
-                    output_level_counts(total, output, self.target_cr, self.prune_fraction, self.output_fraction)
+                    planned_levels(self, layer_sizes)
                 except ValueError as exc:
                     return [str(exc)]
                 return []
-            if self.prune_output or kept_count(total, self.target_cr) > output:
+            if kept_count(total, self.target_cr) > output:
+                try:
+                    planned_levels(self, layer_sizes)
+                except ValueError as exc:
+                    return [str(exc)]
                 return []
             return [f"target_cr={self.target_cr:g} with prune_output=false is out of reach: it keeps "
                     f"{kept_count(total, self.target_cr):,} of {total:,} prunable weights, no more than the "

@@ -4,6 +4,7 @@ a pickle payload runs no code, and a damaged one is named, moved aside and its w
 from __future__ import annotations
 
 import os
+import re
 import pickle
 import warnings
 from pathlib import Path
@@ -114,3 +115,21 @@ def test_an_include_resolves_from_the_including_file_not_the_working_directory(t
     monkeypatch.chdir(elsewhere)  # a base.toml here too: the include must not pick it
     cells = grids.load_grid(str(folder / "top.toml")).cells
     assert [(c.method, c.arch) for c in cells] == [("snip", "lenet300")]
+
+
+@pytest.mark.parametrize("entry, says", [
+    ("[experiment.methods.lottery]\ntarget_cr = 1000\nprune_fraction = 1e-9\n", "more than 1000"),
+    ("[experiment.methods.lottery]\ntarget_cr = 10\nrewind = 2\nretrain = \"lr_rewind\"\n",
+     "rewind=2 is at or past the end of the schedule (2 epochs)"),
+    ("[experiment.methods.dense]\n[experiment.schedule]\nbatch_size = 10000000000\n", "batch_size=10000000000 must be in"),
+])
+def test_values_whose_cost_is_absurd_are_refused_before_anything_is_built(entry, says):
+    from benchmark.execution import grids
+
+    text = ('[[experiment]]\narchs = ["lenet300"]\ndatasets = ["fashion-mnist"]\nschedule = { epochs = 2 }\n'
+            + entry)
+    if "[experiment.schedule]" in entry:
+        text = text.replace("schedule = { epochs = 2 }\n", "").replace("[experiment.schedule]\n",
+                                                                        "[experiment.schedule]\nepochs = 2\n")
+    with pytest.raises(grids.GridError, match=re.escape(says)):
+        grids.parse_grid(text, "absurd")

@@ -33,6 +33,11 @@ from benchmark.core.files import save_atomic
 from benchmark.core.validation import coerce
 
 
+#: Bounds past which a schedule value is a typo that would exhaust the machine, not a setting.
+MAX_BATCH_SIZE = 2**17
+MAX_EPOCHS = 100_000
+
+
 @dataclass(frozen=True)
 class Schedule:
     """The training pipeline shared by all methods of one architecture x dataset."""
@@ -59,8 +64,11 @@ class Schedule:
             problems.append(f"momentum={self.momentum} must be in [0, 1)")
         if self.weight_decay < 0:
             problems.append(f"weight_decay={self.weight_decay} must be >= 0")
-        if self.batch_size < 1:
-            problems.append(f"batch_size={self.batch_size} must be >= 1")
+        if not 1 <= self.batch_size <= MAX_BATCH_SIZE:
+            problems.append(f"batch_size={self.batch_size} must be in [1, {MAX_BATCH_SIZE}] (larger than any "
+                            f"training set here: a typo, and one batch would not fit in memory)")
+        if self.epochs > MAX_EPOCHS:
+            problems.append(f"epochs={self.epochs} must be <= {MAX_EPOCHS}")
         if not 0 <= self.warmup_epochs <= max(self.epochs, 0):
             problems.append(f"warmup_epochs={self.warmup_epochs} must be in [0, epochs={self.epochs}]")
         if self.validation < 0:

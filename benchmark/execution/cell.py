@@ -50,20 +50,22 @@ def prunable_weights(arch: str, dataset: str) -> int:
     return sum(prunable_layer_sizes(arch, dataset))
 
 
-def capacity_problems(method: str, params, arch: str, dataset: str) -> list[str]:
+def capacity_problems(method: str, params, arch: str, dataset: str, schedule: Schedule | None = None) -> list[str]:
     """Settings the model cannot hold: a target compression beyond its number of prunable weights
     (it would keep less than one weight), and what the method's own ``capacity_problems(layer
     sizes)`` finds, if it has one."""
+    own_schedule = getattr(params, "schedule_problems", None)
+    timing = [f"{method}.{problem}" for problem in own_schedule(schedule)] if own_schedule and schedule else []
     target = getattr(params, "target_cr", None)
     if target is None or arch not in models.MODELS or dataset not in data_mod.DATASETS:
-        return []
+        return timing
     n = prunable_weights(arch, dataset)
     if target > n:
-        return [f"{method}.target_cr={target:g} is beyond what {arch} on {dataset} can be compressed to: it has "
+        return timing + [f"{method}.target_cr={target:g} is beyond what {arch} on {dataset} can be compressed to: it has "
                 f"{n:,} prunable weights, so target_cr must be <= {n} (keeping at least one weight)"]
     own = getattr(params, "capacity_problems", None)
-    return [f"{method}.{problem} ({arch} on {dataset})" for problem in own(prunable_layer_sizes(arch, dataset))] \
-        if own else []
+    return timing + ([f"{method}.{problem} ({arch} on {dataset})" for problem in own(prunable_layer_sizes(arch, dataset))]
+                     if own else [])
 
 
 def check_seed(seed, where: str = "seed") -> int:
@@ -123,7 +125,8 @@ class Cell:
             except ValueError as exc:
                 problems.append(str(exc))
         if checked is not None:
-            problems += capacity_problems(method, checked, arch, dataset)
+            problems += capacity_problems(method, checked, arch, dataset,
+                                          schedule if isinstance(schedule, Schedule) else None)
         if problems:
             raise ValueError("; ".join(problems))
         return cls(method, arch, dataset, check_seed(seed), method_base.non_default(checked), schedule,

@@ -360,7 +360,7 @@ def parse_grid(text: str, name: str = "grid", source: str = "<text>", _chain: tu
                     changed = method_base.non_default(params)
                     changed_json = canonical_json(changed)
                     for arch, dataset in itertools.product(archs, datasets):
-                        too_far = capacity_problems(method, params, arch, dataset)
+                        too_far = capacity_problems(method, params, arch, dataset, schedules.get(arch))
                         if too_far:
                             problems += [f"{where(entry_table, 'target_cr')}: {p}" for p in too_far]
                             continue
