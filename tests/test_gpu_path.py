@@ -151,10 +151,13 @@ def test_the_dense_cache_key_names_the_device_kind_only_off_the_cpu():
 
 
 def test_records_on_a_gpu_name_it_and_its_cuda_and_cudnn(gpus):
-    columns = device_columns(torch.device("cuda", 1))
-    assert columns["gpu"] == "Fake GPU 1" and columns["compute_dtype"] == "torch.bfloat16"
+    columns = device_columns(torch.device("cuda", 1), "lenet5")
+    assert columns["gpu"] == "Fake GPU 1" and columns["compute_dtype"] == "bfloat16"
+    assert columns["memory_format"] == "channels_last"
     assert {"cuda_version", "cudnn_version"} <= set(columns)
-    assert device_columns(torch.device("cpu")) == {}
+    assert device_columns(torch.device("cuda", 1), "lenet300")["memory_format"] == "contiguous"
+    # every record says how it was computed, on the CPU too
+    assert device_columns(torch.device("cpu"), "lenet5") == {"compute_dtype": "float32", "memory_format": "contiguous"}
 
 
 def test_gpus_without_native_bf16_train_in_float32(monkeypatch):

@@ -222,14 +222,21 @@ def dense_key(cell: Cell, device: torch.device | str | None = None) -> str:
     return config_hash(config if kind == "cpu" else config | {"device": kind})
 
 
-def device_columns(device: torch.device) -> dict:
-    """What a record says about a GPU it ran on (name, CUDA and cuDNN versions, the compute
-    dtype); nothing for other devices, whose records stay as they were."""
+def uses_channels_last(device: torch.device, arch: str) -> bool:
+    """Convolutional models train channels-last on CUDA (its convolutions are faster so)."""
+    return device.type == "cuda" and arch in models.CONV_MODELS
+
+
+def device_columns(device: torch.device, arch: str) -> dict:
+    """What a record says about how it was computed: the precision and memory layout of its training
+    (``compute_dtype``, ``memory_format``) and, on a GPU, its name and CUDA and cuDNN versions."""
+    layout = {"compute_dtype": str(training.training_dtype(device)).removeprefix("torch."),
+              "memory_format": "channels_last" if uses_channels_last(device, arch) else "contiguous"}
     if device.type != "cuda":
-        return {}
+        return layout
     index = device.index if device.index is not None else training.current_cuda_index()
-    return {"gpu": torch.cuda.get_device_name(index), "cuda_version": torch.version.cuda,
-            "cudnn_version": torch.backends.cudnn.version(), "compute_dtype": str(training.training_dtype(device))}
+    return layout | {"gpu": torch.cuda.get_device_name(index), "cuda_version": torch.version.cuda,
+                     "cudnn_version": torch.backends.cudnn.version()}
 
 
 #: What a dense-cache file holds (``Context._train_dense``).
@@ -257,7 +264,7 @@ class Context:
         self.cache_dir = Path(cache_dir)
         self.progress = progress
         self.compiled = compiled  # torch.compile the training forward (a speed option, not part of the cell)
-        self.channels_last = device.type == "cuda" and cell.arch in models.CONV_MODELS
+        self.channels_last = uses_channels_last(device, cell.arch)
         self.trained_epochs = 0
 
     @property
@@ -396,7 +403,7 @@ def run_cell(cell: Cell, *, data_dir=None, device: str | torch.device | None = N
     # What a bit-identical rerun needs besides the config (docs/design.md, Reproducibility).
     common = cell_columns(cell) | {"device": str(dev), "compiled": compiled, "host": socket.gethostname(),
                                    "torch_version": torch.__version__, "threads": torch.get_num_threads(),
-                                   "config": cell.config()} | device_columns(dev)
+                                   "config": cell.config()} | device_columns(dev, cell.arch)
     if deterministic and training.make_deterministic(dev):
         common["deterministic"] = True
     try:
