@@ -155,7 +155,8 @@ def parse_spec(raw, methods_here: list[str], where: str, problems: list[str]) ->
     if len(problems) > before:
         return None
     tuned = methods if methods is not None else methods_here
-    for name in tuned:
+    known = method_base.all_methods()
+    for name in (m for m in tuned if m in known):  # an unknown method is reported with its own table
         if target_of(name, parameter) is None:
             problems.append(f"{where}: tune.parameter {parameter!r} is neither a parameter of method {name!r} nor a "
                             f"schedule setting; name one both have, or list the methods it applies to in tune.methods")
