@@ -217,3 +217,19 @@ def test_threshold_scale_moves_only_thresholded_records(tmp_path):
     assert (folder / "tolerance.md").exists() is False  # the default tables are not overwritten
     with pytest.raises(ValueError, match="threshold_scale=3"):
         cv.load_results(folder / "results.csv", threshold_scale=3)
+
+
+def test_the_machines_table_names_each_cpu_model_and_marks_older_records(tmp_path):
+    """Bit-level results compare only on one CPU model, so the page's machines table splits by it; records
+    from before ``cpu_model`` was recorded say so instead of being merged with a named CPU."""
+    from benchmark.analysis.page import machines
+
+    rows = [result_row("dense", 0, 1.0, 0.9) | {"device": "cpu", "host": "a", "wall_s": 3600, "cpu_model": "AMD EPYC"},
+            result_row("dense", 1, 1.0, 0.9) | {"device": "cpu", "host": "a", "wall_s": 1800,
+                                                "cpu_model": "Intel(R) Xeon(R) Platinum 8480+"},
+            result_row("dense", 2, 1.0, 0.9) | {"device": "cpu", "host": "a", "wall_s": 360}]
+    (tmp_path / "g").mkdir()
+    pd.DataFrame(rows).to_csv(tmp_path / "g" / "results.csv", index=False)
+    table = machines(cv.load_results(tmp_path / "g" / "results.csv"))
+    assert dict(zip(table.cpu_model, table.hours)) == {"AMD EPYC": "1", "Intel(R) Xeon(R) Platinum 8480+": "0.5",
+                                                        "not recorded": "0.1"}

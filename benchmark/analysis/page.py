@@ -92,16 +92,17 @@ def failed_rows(results: cv.Results) -> pd.DataFrame:
 
 
 def machines(results: cv.Results) -> pd.DataFrame:
-    """Per device x host x torch build x threads: records and the hours they ran (what a
+    """Per device x CPU or GPU model x host x torch build x threads: records and the hours they ran (what a
     bit-identical rerun needs, docs/design.md, Reproducibility)."""
     rows = results.rows
-    keys = [c for c in ("device", "host", "torch_version", "threads", "compiled") if c in rows.columns]
+    keys = [c for c in ("device", "cpu_model", "gpu", "host", "torch_version", "threads", "compiled")
+            if c in rows.columns]
     if not keys:
         return pd.DataFrame()
     wall = pd.to_numeric(rows["wall_s"], errors="coerce").fillna(0) if "wall_s" in rows.columns else 0
     if "cell_id" in rows.columns:  # every record of a cell (lottery levels) carries the cell's wall time
         wall = wall * ~rows.cell_id.duplicated()
-    frame = rows[keys].astype(str).assign(records=1, hours=wall / 3600)
+    frame = rows[keys].astype(object).fillna("not recorded").astype(str).assign(records=1, hours=wall / 3600)
     out = frame.groupby(keys, dropna=False, sort=True).agg(records=("records", "sum"), hours=("hours", "sum"))
     out = out.reset_index()
     out["hours"] = out["hours"].map(lambda h: f"{h:.3g}")

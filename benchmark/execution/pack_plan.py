@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -29,6 +28,7 @@ from typing import Callable
 
 import torch
 
+from benchmark.core.machine import cpu_model
 from benchmark.core.files import atomic_write_text
 from benchmark.engine import data as data_mod
 from benchmark.engine import models
@@ -185,14 +185,7 @@ def max_pack(cell: Cell, device: torch.device, workers: int = 1) -> int:
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    model = cpu_model()
     return f"{device.type} {model} x{os.cpu_count()}"
 
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -39,6 +38,7 @@ else:  # pragma: no cover
 from benchmark.engine.timing import sync
 from benchmark.engine import data as data_mod
 from benchmark.execution.cell import Cell, dense_key
+from benchmark.core.machine import cpu_model
 from benchmark.core.method import get_method
 from methods import structures
 
@@ -142,15 +142,7 @@ def machine_name(device) -> str:
 
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    cpu = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    cpu = cpu or platform.processor() or platform.machine() or "unknown CPU"
+    cpu = cpu_model()
     name = f"{cpu}, {os.cpu_count() or 1} cores"
     return f"Apple GPU (mps) on {name}" if device.type == "mps" else name
 
