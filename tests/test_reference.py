@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import torch
 
-from benchmark.core.machine import cpu_model
+from benchmark.core.provenance import cpu_model
 from benchmark.execution import grids
 from benchmark.execution.cell import Cell, run_cell
 from benchmark.execution.store import Store

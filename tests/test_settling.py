@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from benchmark.analysis import curves as cv
-from benchmark.core.machine import cpu_model
+from benchmark.core.provenance import cpu_model, source_commit
 from benchmark.analysis import plot as plot_mod
 from benchmark.__main__ import main
 from benchmark.execution.cell import Cell, run_cell
@@ -43,7 +43,7 @@ def test_regularized_records_carry_settling_columns_and_a_per_epoch_trajectory(t
     assert record["status"] == "ok", record.get("error")
     assert record["cr_thr_small"] <= record["cr"] <= record["cr_thr_large"]
     assert record["torch_version"] == torch.__version__ and record["threads"] == torch.get_num_threads()
-    assert record["cpu_model"] == cpu_model()
+    assert record["cpu_model"] == cpu_model() and record["commit"] == source_commit()
     history = record["history"]
     assert [e["epoch"] for e in history] == [1, 2, 3]
     # the last epoch's CR is measured on the trained weights before collapsing and zeroing: the same count

@@ -19,6 +19,7 @@ from pathlib import Path
 import pandas as pd
 
 from benchmark import __version__
+from benchmark.core.provenance import source_commit
 from benchmark.analysis import curves as cv
 from benchmark.analysis import report
 from benchmark.core.files import atomic_write_text
@@ -92,10 +93,10 @@ def failed_rows(results: cv.Results) -> pd.DataFrame:
 
 
 def machines(results: cv.Results) -> pd.DataFrame:
-    """Per device x CPU or GPU model x host x torch build x threads: records and the hours they ran (what a
+    """Per device x CPU or GPU model x host x code commit x torch build x threads: records and the hours they ran (what a
     bit-identical rerun needs, docs/design.md, Reproducibility)."""
     rows = results.rows
-    keys = [c for c in ("device", "cpu_model", "gpu", "host", "torch_version", "threads", "compiled")
+    keys = [c for c in ("device", "cpu_model", "gpu", "host", "commit", "torch_version", "threads", "compiled")
             if c in rows.columns]
     if not keys:
         return pd.DataFrame()
@@ -155,7 +156,8 @@ def write_page(grid: str, results_dir: Path | str = "results", points=cv.TOLERAN
     if description:
         parts.append(f"<p>{_e(description)}</p>")
     parts.append(f'<p class="explain">{int(statuses.sum())} cells ({_e(counts)}), {len(results.rows)} records. '
-                 f"Page written {_e(time.strftime('%Y-%m-%d %H:%M'))} by dwf-bench {_e(__version__)} from "
+                 f"Page written {_e(time.strftime('%Y-%m-%d %H:%M'))} by dwf-bench {_e(__version__)} "
+                 f"(commit {_e(source_commit() or 'unknown: not a git checkout')}) from "
                  f'<a href="results.csv">results.csv</a>.</p>')
     sections = [("figures", "Figures"), *((t.stem, t.title) for t in tables), ("failed", "Failed or blocked cells"),
                 ("machines", "Machines and versions"), ("grid", "The grid"), ("reproduce", "Rebuild it"),

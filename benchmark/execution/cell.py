@@ -23,7 +23,7 @@ from torch import nn
 from benchmark.engine import data as data_mod
 from benchmark.engine import models, sparsity
 from benchmark.core.errors import StorageError, is_disk_error
-from benchmark.core.machine import cpu_model
+from benchmark.core.provenance import cpu_model, source_commit
 from benchmark.core.files import file_lock, save_atomic
 from benchmark.core.validation import coerce
 from benchmark.engine import train as training
@@ -404,7 +404,7 @@ def run_cell(cell: Cell, *, data_dir=None, device: str | torch.device | None = N
     # What a bit-identical rerun needs besides the config (docs/design.md, Reproducibility).
     common = cell_columns(cell) | {"device": str(dev), "compiled": compiled, "host": socket.gethostname(),
                                    "torch_version": torch.__version__, "threads": torch.get_num_threads(),
-                                   "cpu_model": cpu_model(), "config": cell.config()} | device_columns(dev, cell.arch)
+                                   "cpu_model": cpu_model(), "commit": source_commit(), "config": cell.config()} | device_columns(dev, cell.arch)
     if deterministic and training.make_deterministic(dev):
         common["deterministic"] = True
     try:

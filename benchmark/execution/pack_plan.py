@@ -28,7 +28,7 @@ from typing import Callable
 
 import torch
 
-from benchmark.core.machine import cpu_model
+from benchmark.core.provenance import cpu_model
 from benchmark.core.files import atomic_write_text
 from benchmark.engine import data as data_mod
 from benchmark.engine import models

@@ -38,7 +38,7 @@ else:  # pragma: no cover
 from benchmark.engine.timing import sync
 from benchmark.engine import data as data_mod
 from benchmark.execution.cell import Cell, dense_key
-from benchmark.core.machine import cpu_model
+from benchmark.core.provenance import cpu_model
 from benchmark.core.method import get_method
 from methods import structures
 
