@@ -63,7 +63,8 @@ import torch
 from torch import nn
 
 from benchmark.engine.sparsity import prunable_layers
-from benchmark.core.method import Method, register
+from benchmark.core.context import MethodContext
+from benchmark.core.method import Method, Plotting, register
 from methods.masks import (Mask, apply_masks, check_target_cr, kept_count, mask_of_module, read_masks, remove_masks,
                            top_k_mask, warn_empty_layers)
 from methods.sparse_training import SparseTrainingHooks, decision_generator, kept_for_density, set_masks
@@ -277,7 +278,7 @@ class DynamicSparse(Method):
         set_masks(model, keep, None)  # inactive weights hold zero from the start
         return model, self.hooks(ctx)
 
-    def run(self, ctx):
+    def run(self, ctx: MethodContext) -> list[dict]:
         began = time.perf_counter()
         model, hooks = self.prepare(ctx)
         prune_wall_s = time.perf_counter() - began
@@ -292,6 +293,5 @@ class RigL(DynamicSparse):
     """RigL: sparse training, drop smallest |w| and grow largest |dense gradient| on a cosine schedule."""
 
     name = "rigl"
-    curve_order = 7
-    plot_style = (6, 0.0, "^", (0, (3, 1, 1, 1)))
+    plotting = Plotting(order=7, style=(6, 0.0, "^", (0, (3, 1, 1, 1))))
     growth = "gradient"
