@@ -171,7 +171,7 @@ class AtInit(Method):
         def validate(self):
             return check_target_cr(self.target_cr)
 
-    def masks(self, model: nn.Module, ctx) -> dict[str, torch.Tensor]:
+    def masks(self, model: nn.Module, ctx: MethodContext) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
     def run(self, ctx: MethodContext) -> list[dict]:
@@ -187,7 +187,7 @@ class AtInit(Method):
 class ScoredAtInit(AtInit):
     """At-init methods that rank one score tensor per layer in a single shot."""
 
-    def scores(self, model: nn.Module, ctx) -> dict[str, torch.Tensor]:
+    def scores(self, model: nn.Module, ctx: MethodContext) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
     def masks(self, model, ctx):

@@ -158,7 +158,7 @@ class GMP(Method):
         rate = values.get("output_rate")
         return cls.name + (f" output-rate={rate:g}" if rate not in (None, 1.0) and rate == rate else "")
 
-    def prepare(self, ctx):
+    def prepare(self, ctx: MethodContext):
         """The model (with all-ones masks) and hooks that ``run`` trains."""
         model = ctx.new_model()
         apply_masks(model, {name: torch.ones_like(m.weight, dtype=torch.bool) for name, m in prunable_layers(model)})

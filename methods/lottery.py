@@ -131,7 +131,7 @@ def level_epochs(params: "Lottery.Params", epochs: int, steps_per_epoch: int | N
     return epochs - rewind_steps(params.rewind, steps_per_epoch) / steps_per_epoch
 
 
-def rewound_model(ctx, state: dict, keep: dict[str, torch.Tensor]) -> nn.Module:
+def rewound_model(ctx: MethodContext, state: dict, keep: dict[str, torch.Tensor]) -> nn.Module:
     """A fresh model holding ``state`` exactly, with ``keep`` applied as masks."""
     model = ctx.new_model()
     model.load_state_dict(state)

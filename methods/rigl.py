@@ -261,11 +261,11 @@ class DynamicSparse(Method):
         """``rigl sparse-init`` when the initial weights are rescaled to the sparse fan-in."""
         return f"{cls.name} sparse-init" if values.get("init") == "sparse" else cls.name
 
-    def hooks(self, ctx) -> DynamicSparseHooks:
+    def hooks(self, ctx: MethodContext) -> DynamicSparseHooks:
         p = self.params
         return DynamicSparseHooks(p.drop_fraction, p.interval, p.end, self.growth, ctx.cell.seed)
 
-    def prepare(self, ctx):
+    def prepare(self, ctx: MethodContext):
         """The masked model and the hooks that ``run`` trains."""
         p = self.params
         model = ctx.new_model()
