@@ -40,7 +40,8 @@ from torch.nn import functional as F
 from benchmark.engine import data as data_mod
 from benchmark.engine.sparsity import prunable_layers
 from benchmark.engine.train import exact_float32
-from benchmark.core.method import Method, register
+from benchmark.core.context import MethodContext
+from benchmark.core.method import Method, Plotting, register
 from methods import structures
 from methods.masks import apply_masks, check_target_cr, kept_count, masks_from_scores, remove_masks
 
@@ -159,8 +160,9 @@ class AtInit(Method):
     family = "at-init"
     columns = ("scope", "prune_wall_s")
 
-    def pack_family(self):
-        return structures.MASKED, ()
+    class Workload(Method.Workload):
+        def pack_family(self):
+            return structures.MASKED, ()
 
     @dataclass(frozen=True)
     class Params(Method.Params):
@@ -169,10 +171,10 @@ class AtInit(Method):
         def validate(self):
             return check_target_cr(self.target_cr)
 
-    def masks(self, model: nn.Module, ctx) -> dict[str, torch.Tensor]:
+    def masks(self, model: nn.Module, ctx: MethodContext) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
-    def run(self, ctx):
+    def run(self, ctx: MethodContext) -> list[dict]:
         model = ctx.new_model()
         began = time.perf_counter()
         apply_masks(model, self.masks(model, ctx))
@@ -185,7 +187,7 @@ class AtInit(Method):
 class ScoredAtInit(AtInit):
     """At-init methods that rank one score tensor per layer in a single shot."""
 
-    def scores(self, model: nn.Module, ctx) -> dict[str, torch.Tensor]:
+    def scores(self, model: nn.Module, ctx: MethodContext) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
     def masks(self, model, ctx):
@@ -197,8 +199,7 @@ class RandomPruning(ScoredAtInit):
     """Random pruning at initialization (uniform over the network)."""
 
     name = "random"
-    curve_order = 9
-    plot_style = (7, 0.2, "8", ":")
+    plotting = Plotting(order=9, style=(7, 0.2, "8", ":"))
 
     def scores(self, model, ctx):
         return random_scores(model, ctx.cell.seed)
@@ -225,8 +226,7 @@ class SNIP(ScoredAtInit):
     """SNIP: prune at initialization by connection sensitivity |g * w|."""
 
     name = "snip"
-    curve_order = 10
-    plot_style = (5, 0.0, "<", ":")
+    plotting = Plotting(order=10, style=(5, 0.0, "<", ":"))
 
     @dataclass(frozen=True)
     class Params(DataScoredParams):
@@ -242,8 +242,7 @@ class GraSP(ScoredAtInit):
     """GraSP: prune at initialization preserving gradient flow (keep the largest w * Hg)."""
 
     name = "grasp"
-    curve_order = 11
-    plot_style = (6, 0.35, ">", ":")
+    plotting = Plotting(order=11, style=(6, 0.35, ">", ":"))
 
     @dataclass(frozen=True)
     class Params(DataScoredParams):
@@ -267,8 +266,7 @@ class SynFlow(AtInit):
     """SynFlow: data-free iterative pruning at initialization (100 rounds, exponential schedule)."""
 
     name = "synflow"
-    curve_order = 12
-    plot_style = (8, 0.45, "p", ":")
+    plotting = Plotting(order=12, style=(8, 0.45, "p", ":"))
 
     @dataclass(frozen=True)
     class Params(AtInit.Params):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from benchmark.core.context import MethodContext
 from benchmark.core.method import Method, register
 from methods import structures
 
@@ -16,10 +17,11 @@ class Dense(Method):
     is_reference = True
     columns = ("dense_wall_s",)
 
-    def pack_family(self):
-        return structures.DENSE, ()
+    class Workload(Method.Workload):
+        def pack_family(self):
+            return structures.DENSE, ()
 
-    def run(self, ctx):
+    def run(self, ctx: MethodContext) -> list[dict]:
         dense = ctx.dense()
         return [ctx.measure(dense.model, history=dense.history, epochs=ctx.schedule.epochs,
                             dense_wall_s=dense.wall_s)]

@@ -23,7 +23,8 @@ from torch.nn.utils import parametrize
 
 from benchmark.engine.sparsity import prunable_layers, threshold_sensitivity, unparametrize, zero_below
 from benchmark.engine.train import TrainHooks
-from benchmark.core.method import Method, register
+from benchmark.core.context import MethodContext
+from benchmark.core.method import Method, Plotting, register
 from methods import structures
 from methods.regularization import RegularizerParams, schedule_with_lr, settling_metrics
 
@@ -173,15 +174,30 @@ class FactorHooks(TrainHooks):
         return settling_metrics(model, self.threshold) | {"balance_error": balance_error(model)}
 
 
+def factorized_stand_in(structure: str, model: nn.Module, index: int) -> FactorHooks:
+    """Member ``index`` of a pack of factorized models, for timing packs (its own λ and factors)."""
+    depth = structures.depth_of(structure)
+    factorize(model, depth, seed=index)
+    return FactorHooks(1e-4 * (1 + index), depth, "decay")
+
+
+structures.provide_stand_in(structures.FACTORIZED, factorized_stand_in)
+
+
+def depth_rank(values) -> float:
+    """DWF's curves in order of depth (a record's or CSV row's ``depth``; 0 where it has none)."""
+    depth = values.get("depth")
+    return float(depth) if depth is not None and depth == depth else 0.0
+
+
 @register
 class DWF(Method):
     """Deep Weight Factorization: D factors per weight, L2 on factors, collapse and threshold."""
 
     name = "dwf"
     family = "regularization"
-    curve_order = 0
     is_subject = True  # the report's comparisons table tests its curves against every other one
-    plot_ramp = True  # one blue ramp over the depths, darker = deeper
+    plotting = Plotting(order=0, ramp=True, rank=depth_rank)  # one blue ramp over the depths, darker = deeper
     columns = ("lr", "balance_error", "zeroed_by_threshold", "lam_convention", "cr_thr_small", "cr_thr_large")
 
     @dataclass(frozen=True)
@@ -208,25 +224,18 @@ class DWF(Method):
         depth = values.get("depth")
         return f"dwf D={int(float(depth))}" if depth is not None and depth == depth else cls.name
 
-    @classmethod
-    def curve_rank(cls, values):
-        depth = values.get("depth")
-        return float(depth) if depth is not None and depth == depth else 0.0
+    class Workload(Method.Workload):
+        def step_variant(self):
+            return structures.factorized(self.params.depth)
 
-    def training_schedule(self, schedule):
-        return schedule_with_lr(schedule, self.params.lr)
+        def pack_family(self):
+            return structures.factorized(self.params.depth), (self.params.lr, self.params.skip_last)
 
-    def step_variant(self):
-        return structures.factorized(self.params.depth)
-
-    def pack_family(self):
-        return structures.factorized(self.params.depth), (self.params.lr, self.params.skip_last)
-
-    def run(self, ctx):
+    def run(self, ctx: MethodContext) -> list[dict]:
         p = self.params
         model = ctx.new_model()
         factorize(model, p.depth, ctx.cell.seed, p.init, p.init_eps, p.skip_last)
-        schedule = self.training_schedule(ctx.schedule)
+        schedule = schedule_with_lr(ctx.schedule, p.lr)
         history, _ = ctx.train(model, FactorHooks(p.lam, p.depth, p.penalty, p.threshold), schedule=schedule)
         balance = balance_error(model)
         collapse(model)
@@ -241,18 +250,12 @@ class Shallow(DWF):
     """Shallow factorization: DWF with D = 2 (lasso-equivalent), reported under its own name."""
 
     name = "shallow"
-    curve_order = 1
     is_subject = False  # a baseline of its own name, not one of DWF's curves
-    plot_ramp = False
-    plot_style = (9, 0.0, "v", "-")
+    plotting = Plotting(order=1, style=(9, 0.0, "v", "-"))
 
     @classmethod
     def curve_label(cls, values):
         return cls.name
-
-    @classmethod
-    def curve_rank(cls, values):
-        return 0.0
 
     @dataclass(frozen=True)
     class Params(DWF.Params):

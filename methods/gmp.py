@@ -36,7 +36,8 @@ from typing import Literal
 import torch
 
 from benchmark.engine.sparsity import prunable_layers
-from benchmark.core.method import Method, register
+from benchmark.core.context import MethodContext
+from benchmark.core.method import Method, Plotting, register
 from methods.masks import (apply_masks, check_target_cr, kept_count, layer_counts_for_cr, magnitude_scores,
                            output_rate_problems, read_masks, remove_masks, top_k_mask, warn_empty_layers)
 from methods.sparse_training import SparseTrainingHooks, kept_for_density, set_masks
@@ -117,8 +118,7 @@ class GMP(Method):
 
     name = "gmp"
     family = "during-training"
-    curve_order = 6
-    plot_style = (1, 0.6, "s", (0, (3, 1, 1, 1)))
+    plotting = Plotting(order=6, style=(1, 0.6, "s", (0, (3, 1, 1, 1))))
     columns = ("pruning_steps",)
 
     @dataclass(frozen=True)
@@ -158,13 +158,13 @@ class GMP(Method):
         rate = values.get("output_rate")
         return cls.name + (f" output-rate={rate:g}" if rate not in (None, 1.0) and rate == rate else "")
 
-    def prepare(self, ctx):
+    def prepare(self, ctx: MethodContext):
         """The model (with all-ones masks) and hooks that ``run`` trains."""
         model = ctx.new_model()
         apply_masks(model, {name: torch.ones_like(m.weight, dtype=torch.bool) for name, m in prunable_layers(model)})
         return model, self.hooks()
 
-    def run(self, ctx):
+    def run(self, ctx: MethodContext) -> list[dict]:
         model, hooks = self.prepare(ctx)
         history, _ = ctx.train(model, hooks)
         remove_masks(model)

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from torch import nn
+
 from benchmark.engine.sparsity import prunable_layers, threshold_sensitivity, zero_below
 from benchmark.engine.train import TrainHooks
-from benchmark.core.method import Method, register
+from benchmark.core.context import MethodContext
+from benchmark.core.method import Method, Plotting, register
 from methods import structures
 from methods.regularization import RegularizerParams, schedule_with_lr, settling_metrics
 
@@ -36,30 +39,35 @@ class L1Hooks(TrainHooks):
         return settling_metrics(model, self.threshold)
 
 
+def l1_stand_in(structure: str, model: nn.Module, index: int) -> L1Hooks:
+    """Member ``index`` of a pack of L1-penalized models, for timing packs (its own λ)."""
+    return L1Hooks(1e-5 * (1 + index))
+
+
+structures.provide_stand_in(structures.L1, l1_stand_in)
+
+
 @register
 class L1(Method):
     """Vanilla L1 penalty on the weights, then the zero threshold."""
 
     name = "l1"
     family = "regularization"
-    curve_order = 2
-    plot_style = (2, 0.0, "P", "-")
+    plotting = Plotting(order=2, style=(2, 0.0, "P", "-"))
     columns = ("lr", "zeroed_by_threshold", "cr_thr_small", "cr_thr_large")
 
     @dataclass(frozen=True)
     class Params(RegularizerParams):
         lam: float = 1e-5
 
-    def training_schedule(self, schedule):
-        return schedule_with_lr(schedule, self.params.lr)
+    class Workload(Method.Workload):
+        def pack_family(self):
+            return structures.L1, (self.params.lr,)
 
-    def pack_family(self):
-        return structures.L1, (self.params.lr,)
-
-    def run(self, ctx):
+    def run(self, ctx: MethodContext) -> list[dict]:
         p = self.params
         model = ctx.new_model()
-        schedule = self.training_schedule(ctx.schedule)
+        schedule = schedule_with_lr(ctx.schedule, p.lr)
         history, _ = ctx.train(model, L1Hooks(p.lam, p.threshold), schedule=schedule)
         settling = threshold_sensitivity(model, p.threshold)
         zeroed = zero_below(model, p.threshold)

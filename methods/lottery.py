@@ -43,7 +43,8 @@ from torch import nn
 
 from benchmark.engine import train as training
 from benchmark.engine.sparsity import prunable_layers
-from benchmark.core.method import Method, register
+from benchmark.core.context import MethodContext
+from benchmark.core.method import Method, Plotting, register
 from methods import structures
 from methods.masks import (apply_masks, check_target_cr, kept_count, magnitude_scores, masks_from_scores, read_masks,
                            remove_masks, top_k_mask)
@@ -130,7 +131,7 @@ def level_epochs(params: "Lottery.Params", epochs: int, steps_per_epoch: int | N
     return epochs - rewind_steps(params.rewind, steps_per_epoch) / steps_per_epoch
 
 
-def rewound_model(ctx, state: dict, keep: dict[str, torch.Tensor]) -> nn.Module:
+def rewound_model(ctx: MethodContext, state: dict, keep: dict[str, torch.Tensor]) -> nn.Module:
     """A fresh model holding ``state`` exactly, with ``keep`` applied as masks."""
     model = ctx.new_model()
     model.load_state_dict(state)
@@ -156,8 +157,7 @@ class Lottery(Method):
     name = "lottery"
     family = "lottery"
     needs_dense = True
-    curve_order = 5
-    plot_style = (4, 0.0, "h", "-.")
+    plotting = Plotting(order=5, style=(4, 0.0, "h", "-."))
     columns = ("level", "level_target_cr", "dense_test_acc")
 
     @dataclass(frozen=True)
@@ -250,17 +250,18 @@ class Lottery(Method):
             label += f" p={fraction:g}/out={output:g}"
         return label
 
-    def trainings(self, layer_sizes):
-        return len(planned_levels(self.params, layer_sizes))
+    class Workload(Method.Workload):
+        def trainings(self, layer_sizes):
+            return len(planned_levels(self.params, layer_sizes))
 
-    def training_epochs(self, schedule, layer_sizes):
-        """Its levels, each training ``level_epochs`` (an iteration rewind counts whole epochs)."""
-        return self.trainings(layer_sizes) * level_epochs(self.params, schedule.epochs, None)
+        def training_epochs(self, schedule, layer_sizes):
+            """Its levels, each training ``level_epochs`` (an iteration rewind counts whole epochs)."""
+            return self.trainings(layer_sizes) * level_epochs(self.params, schedule.epochs, None)
 
-    def pack_family(self):
-        return structures.MASKED, ("lottery", self.params.rewind)
+        def pack_family(self):
+            return structures.MASKED, ("lottery", self.params.rewind)
 
-    def run(self, ctx):
+    def run(self, ctx: MethodContext) -> list[dict]:
         p = self.params
         dense = ctx.dense(snapshot=p.rewind if p.retrain == "rewind" else None)
         epochs, steps_per_epoch = ctx.schedule.epochs, ctx.steps_per_epoch()

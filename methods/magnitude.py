@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from benchmark.core.method import Method, register
+from benchmark.core.context import MethodContext
+from benchmark.core.method import Method, Plotting, register
 from methods import structures
 from methods.masks import (apply_masks, check_target_cr, magnitude_scores, masks_from_scores, output_rate_problems,
                           remove_masks)
@@ -27,8 +28,7 @@ class Magnitude(Method):
     family = "after-training"
     needs_dense = True
     scope = "layer"
-    curve_order = 3
-    plot_style = (1, 0.0, "X", "--")
+    plotting = Plotting(order=3, style=(1, 0.0, "X", "--"))
     columns = ("scope", "finetune_lr", "dense_test_acc")
 
     @dataclass(frozen=True)
@@ -54,14 +54,15 @@ class Magnitude(Method):
         rate = values.get("output_rate")
         return label + (f" output-rate={rate:g}" if rate not in (None, 1.0) and rate == rate else "")
 
-    def training_epochs(self, schedule, layer_sizes):
-        return self.params.finetune_epochs
+    class Workload(Method.Workload):
+        def training_epochs(self, schedule, layer_sizes):
+            return self.params.finetune_epochs
 
-    def pack_family(self):
-        p = self.params
-        return (structures.MASKED, (p.finetune_epochs, p.finetune_lr)) if p.finetune_epochs else None
+        def pack_family(self):
+            p = self.params
+            return (structures.MASKED, (p.finetune_epochs, p.finetune_lr)) if p.finetune_epochs else None
 
-    def run(self, ctx):
+    def run(self, ctx: MethodContext) -> list[dict]:
         p = self.params
         dense = ctx.dense()
         model = dense.model
@@ -88,8 +89,7 @@ class GlobalMagnitude(Magnitude):
 
     name = "global-magnitude"
     scope = "global"
-    curve_order = 4
-    plot_style = (3, 0.0, "*", "--")
+    plotting = Plotting(order=4, style=(3, 0.0, "*", "--"))
 
     @dataclass(frozen=True)
     class Params(Magnitude.Params):

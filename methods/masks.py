@@ -23,6 +23,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from benchmark.engine.sparsity import prunable_layers, unparametrize
+from benchmark.engine.train import TrainHooks
+from methods import structures
 
 Scope = Literal["global", "layer"]
 
@@ -180,3 +182,13 @@ def warn_empty_layers(masks: dict[str, torch.Tensor]) -> None:
 def magnitude_scores(model: nn.Module) -> dict[str, torch.Tensor]:
     """|w| of every prunable layer as the forward pass sees it."""
     return {name: module.weight.detach().abs() for name, module in prunable_layers(model)}
+
+
+def masked_stand_in(structure: str, model: nn.Module, index: int) -> TrainHooks:
+    """Member ``index`` of a pack of masked models, for timing packs (its own random 10% mask)."""
+    gen = torch.Generator().manual_seed(index)
+    apply_masks(model, {name: torch.rand(m.weight.shape, generator=gen) < 0.1 for name, m in prunable_layers(model)})
+    return TrainHooks()
+
+
+structures.provide_stand_in(structures.MASKED, masked_stand_in)

@@ -31,7 +31,7 @@ class RegularizerParams(Method.Params):
 
 def schedule_with_lr(schedule, lr: float | None):
     """``schedule`` with the method's own learning rate if it sets one (factorized nets need
-    larger rates than dense ones): what ``Method.training_schedule`` declares for them."""
+    larger rates than dense ones): the schedule DWF and L1 train with."""
     return schedule.replace(lr=lr) if lr else schedule
 
 

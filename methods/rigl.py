@@ -63,7 +63,8 @@ import torch
 from torch import nn
 
 from benchmark.engine.sparsity import prunable_layers
-from benchmark.core.method import Method, register
+from benchmark.core.context import MethodContext
+from benchmark.core.method import Method, Plotting, register
 from methods.masks import (Mask, apply_masks, check_target_cr, kept_count, mask_of_module, read_masks, remove_masks,
                            top_k_mask, warn_empty_layers)
 from methods.sparse_training import SparseTrainingHooks, decision_generator, kept_for_density, set_masks
@@ -260,11 +261,11 @@ class DynamicSparse(Method):
         """``rigl sparse-init`` when the initial weights are rescaled to the sparse fan-in."""
         return f"{cls.name} sparse-init" if values.get("init") == "sparse" else cls.name
 
-    def hooks(self, ctx) -> DynamicSparseHooks:
+    def hooks(self, ctx: MethodContext) -> DynamicSparseHooks:
         p = self.params
         return DynamicSparseHooks(p.drop_fraction, p.interval, p.end, self.growth, ctx.cell.seed)
 
-    def prepare(self, ctx):
+    def prepare(self, ctx: MethodContext):
         """The masked model and the hooks that ``run`` trains."""
         p = self.params
         model = ctx.new_model()
@@ -277,7 +278,7 @@ class DynamicSparse(Method):
         set_masks(model, keep, None)  # inactive weights hold zero from the start
         return model, self.hooks(ctx)
 
-    def run(self, ctx):
+    def run(self, ctx: MethodContext) -> list[dict]:
         began = time.perf_counter()
         model, hooks = self.prepare(ctx)
         prune_wall_s = time.perf_counter() - began
@@ -292,6 +293,5 @@ class RigL(DynamicSparse):
     """RigL: sparse training, drop smallest |w| and grow largest |dense gradient| on a cosine schedule."""
 
     name = "rigl"
-    curve_order = 7
-    plot_style = (6, 0.0, "^", (0, (3, 1, 1, 1)))
+    plotting = Plotting(order=7, style=(6, 0.0, "^", (0, (3, 1, 1, 1))))
     growth = "gradient"

@@ -15,7 +15,7 @@ resumed run grows the same weights.
 
 from __future__ import annotations
 
-from benchmark.core.method import register
+from benchmark.core.method import Plotting, register
 from methods.rigl import DynamicSparse
 
 
@@ -24,6 +24,5 @@ class SET(DynamicSparse):
     """SET: sparse training, drop smallest |w| and grow at random on RigL's cosine schedule."""
 
     name = "set"
-    curve_order = 8
-    plot_style = (9, 0.4, "v", (0, (3, 1, 1, 1)))
+    plotting = Plotting(order=8, style=(9, 0.4, "v", (0, (3, 1, 1, 1))))
     growth = "random"

@@ -36,7 +36,8 @@ from torch import nn
 
 from benchmark.engine import sparsity
 from benchmark.engine.train import autocast, prepare_input
-from benchmark.core.method import Method, register
+from benchmark.core.context import MethodContext
+from benchmark.core.method import Method, Plotting, register
 
 #: Fine-tuning length when ``finetune_epochs`` is None: this fraction of the schedule's epochs,
 #: rounded up (ours). A short recovery phase keeps the extra compute small next to the dense
@@ -239,8 +240,9 @@ class StructuredMethod(Method):
                 problems.append(f"latency_repeats={self.latency_repeats} must be >= 1")
             return problems
 
-    def training_epochs(self, schedule, layer_sizes):
-        return self.params.finetune_epochs or 0  # None (a share of the schedule) counts as 0 here, as before
+    class Workload(Method.Workload):
+        def training_epochs(self, schedule, layer_sizes):
+            return self.params.finetune_epochs or 0  # None (a share of the schedule) counts as 0 here, as before
 
     def importance(self) -> tp.importance.Importance:
         raise NotImplementedError
@@ -251,7 +253,7 @@ class StructuredMethod(Method):
         lr = schedule.lr / FINETUNE_LR_DIVISOR if p.finetune_lr is None else p.finetune_lr
         return schedule.finetune(epochs, lr)
 
-    def run(self, ctx):
+    def run(self, ctx: MethodContext) -> list[dict]:
         p = self.params
         dense = ctx.dense()
         model = dense.model
@@ -301,8 +303,7 @@ class StructuredMagnitude(StructuredMethod):
     """Channel pruning by group weight norm (Torch-Pruning), after dense training, then fine-tuning."""
 
     name = "structured-magnitude"
-    curve_order = 13
-    plot_style = (1, 0.45, "d", (0, (5, 1, 1, 1, 1, 1)))
+    plotting = Plotting(order=13, style=(1, 0.45, "d", (0, (5, 1, 1, 1, 1, 1))))
 
     @dataclass(frozen=True)
     class Params(StructuredMethod.Params):
@@ -325,8 +326,7 @@ class StructuredRandom(StructuredMethod):
     """Channel pruning at random (seeded by the cell), after dense training, then fine-tuning."""
 
     name = "structured-random"
-    curve_order = 14
-    plot_style = (7, 0.5, "d", (0, (5, 1, 1, 1, 1, 1)))
+    plotting = Plotting(order=14, style=(7, 0.5, "d", (0, (5, 1, 1, 1, 1, 1))))
 
     def importance(self):
         return tp.importance.RandomImportance()

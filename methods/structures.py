@@ -1,51 +1,64 @@
-"""The model structures the harness times and packs (dense, masked, factorized, L1), named and built here so it needs no method's name.
+"""The model structures the harness times and packs (dense, masked, factorized, L1), named here so it needs no method's name.
 
-A method says which structure it trains (``Method.step_variant`` for time estimates,
-``Method.pack_family`` for packing); the speed estimate and the pack calibration build stand-ins
-of a structure through ``stand_in`` without knowing which method asked.
+A method says which structure it trains (``Method.Workload.step_variant`` for time estimates,
+``Method.Workload.pack_family`` for packing). The speed estimate and the pack calibration build
+stand-ins of a structure through ``stand_in`` without knowing which method asked; the method
+module that trains a structure provides its stand-in (``provide_stand_in``), so this module imports
+no method module (docs/design.md, Layers).
 """
 
 from __future__ import annotations
 
-import torch
+from typing import Callable
+
 from torch import nn
 
-from benchmark.engine.sparsity import prunable_layers
 from benchmark.engine.train import TrainHooks
 
 DENSE = "dense"
 MASKED = "masked"
 L1 = "l1"
-_FACTORIZED = "dwf D="
+#: The kind of every factorized structure, whatever its depth (``factorized(depth)``).
+FACTORIZED = "dwf D="
+
+#: Makes a freshly built model into member ``index`` of a pack of a structure: (structure, model, index) -> hooks.
+StandIn = Callable[[str, nn.Module, int], TrainHooks]
+_STAND_INS: dict[str, StandIn] = {}
 
 
 def factorized(depth: int) -> str:
     """The structure of a model whose weights are products of ``depth`` factors."""
-    return f"{_FACTORIZED}{depth}"
+    return f"{FACTORIZED}{depth}"
 
 
 def depth_of(structure: str | None) -> int | None:
     """The factor count of a factorized structure, None for any other."""
-    if structure and structure.startswith(_FACTORIZED):
-        return int(structure[len(_FACTORIZED):])
+    if structure and structure.startswith(FACTORIZED):
+        return int(structure[len(FACTORIZED):])
     return None
+
+
+def kind_of(structure: str) -> str:
+    """The structure without its parameters (every factorized depth is ``FACTORIZED``)."""
+    return FACTORIZED if depth_of(structure) is not None else structure
+
+
+def provide_stand_in(kind: str, make: StandIn) -> None:
+    """Declare how stand-ins of structures of ``kind`` are made (by the method module that trains them)."""
+    if kind in _STAND_INS and _STAND_INS[kind] is not make:
+        raise ValueError(f"two stand-ins provided for the structure {kind!r}")
+    _STAND_INS[kind] = make
 
 
 def stand_in(structure: str, model: nn.Module, index: int) -> TrainHooks:
     """Make a freshly built ``model`` into member ``index`` of a pack of ``structure`` (its own λ
-    where the structure has one, its own random mask) and return its training hooks."""
-    from methods.dwf import FactorHooks, factorize
-    from methods.l1 import L1Hooks
-    from methods.masks import apply_masks
-
-    depth = depth_of(structure)
-    if depth is not None:
-        factorize(model, depth, seed=index)
-        return FactorHooks(1e-4 * (1 + index), depth, "decay")
-    if structure == L1:
-        return L1Hooks(1e-5 * (1 + index))
-    if structure == MASKED:
-        gen = torch.Generator().manual_seed(index)
-        apply_masks(model, {name: torch.rand(m.weight.shape, generator=gen) < 0.1
-                            for name, m in prunable_layers(model)})
-    return TrainHooks()
+    where the structure has one, its own random mask) and return its training hooks. A dense
+    model trains as it is."""
+    if structure == DENSE:
+        return TrainHooks()
+    try:
+        make = _STAND_INS[kind_of(structure)]
+    except KeyError:
+        raise ValueError(f"no method provides a stand-in for the structure {structure!r}; "
+                         f"known: {', '.join(sorted([DENSE, *_STAND_INS]))}") from None
+    return make(structure, model, index)

@@ -1,66 +1,34 @@
 """A method from a separately installed package (entry-point group ``dwf_bench.methods``) runs
-through ``cell`` and ``run`` with no edit here: the package below is docs/extending.md's
-example, built and installed into a temporary folder (never into the shared environment)."""
+through ``cell`` and ``run`` with no edit here: the package is ``examples/init-magnitude``
+(docs/extending.md's example), built and installed into a temporary folder (never into the shared
+environment). Every method is written against ``MethodContext``, which the harness's context provides."""
 
 from __future__ import annotations
 
+import ast
+import inspect
 import json
+import math
 import os
+import shutil
 import subprocess
 import sys
+import typing
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
+
+from benchmark.core.context import MEMBERS, MethodContext
+from benchmark.core.method import Method, all_methods
+from benchmark.execution.cell import Cell, Context
+from benchmark.execution.pack import PackContext
 
 ROOT = Path(__file__).resolve().parents[1]
 
-PYPROJECT = """\
-[build-system]
-requires = ["setuptools>=61"]
-build-backend = "setuptools.build_meta"
-
-[project]
-name = "init-magnitude"
-version = "0.1.0"
-
-[project.entry-points."dwf_bench.methods"]
-init-magnitude = "init_magnitude:InitMagnitude"
-
-[tool.setuptools]
-py-modules = ["init_magnitude"]
-"""
-
-MODULE = '''\
-"""Magnitude pruning at initialization: keep the largest initial weights, train with the mask held."""
-
-from dataclasses import dataclass
-
-from benchmark.core.method import Method
-from methods.masks import apply_masks, magnitude_scores, masks_from_scores, remove_masks
-
-
-class InitMagnitude(Method):
-    """Keep the largest |w| of the fresh model (global), then train with the mask held."""
-
-    name = "init-magnitude"
-    family = "at-init"
-    curve_order = 20  # after the built-in methods in legends and tables
-    plot_style = (0, 0.5, "o", ":")  # palette slot, darkening, marker, line style
-
-    @dataclass(frozen=True)
-    class Params(Method.Params):
-        target_cr: float = 10.0
-
-        def validate(self):
-            return [] if self.target_cr >= 1 else [f"target_cr={self.target_cr} must be >= 1"]
-
-    def run(self, ctx):
-        model = ctx.new_model()
-        apply_masks(model, masks_from_scores(magnitude_scores(model), self.params.target_cr, "global"))
-        history, _ = ctx.train(model)
-        remove_masks(model)
-        return [ctx.measure(model, history=history)]
-'''
+#: The example plugin package, as a reader copies it (docs/extending.md walks through it).
+EXAMPLE = ROOT / "examples" / "init-magnitude"
 
 GRID = """\
 description = "the plugin method beside a built-in one"
@@ -82,10 +50,10 @@ target_cr = 4
 
 @pytest.fixture(scope="module")
 def plugin_path(tmp_path_factory) -> Path:
-    """The example package, pip-installed with ``--target`` into a folder of this test only."""
-    source = tmp_path_factory.mktemp("plugin-source")
-    (source / "pyproject.toml").write_text(PYPROJECT)
-    (source / "init_magnitude.py").write_text(MODULE)
+    """The example package, pip-installed with ``--target`` into a folder of this test only (from a
+    copy, so the build leaves nothing in the checkout)."""
+    source = tmp_path_factory.mktemp("plugin-source") / EXAMPLE.name
+    shutil.copytree(EXAMPLE, source, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
     target = tmp_path_factory.mktemp("plugin-installed")
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
                     "--no-index", "--target", str(target), str(source)], check=True, timeout=300)
@@ -123,7 +91,7 @@ def test_installed_method_runs_in_a_grid_and_gets_its_curves(plugin_path, tmp_pa
     tables = benchmark(plugin_path, tmp_path, "report", "--grid", "plugin.toml", "--no-page")
     assert tables.returncode == 0, tables.stderr
     accuracy = (tmp_path / "results" / "plugin" / "accuracy_at_cr.md").read_text()
-    assert accuracy.index("| random") < accuracy.index("| init-magnitude")  # its curve_order: after the built-ins
+    assert accuracy.index("| random") < accuracy.index("| init-magnitude")  # its plotting.order: after the built-ins
 
 
 def test_a_plugin_that_fails_to_load_is_named(tmp_path):
@@ -135,3 +103,52 @@ def test_a_plugin_that_fails_to_load_is_named(tmp_path):
     result = benchmark(broken, tmp_path, "cell", "dense", "--arch", "lenet300", "--dataset", "fashion-mnist")
     assert result.returncode != 0
     assert "broken" in result.stderr and "no_such_module_here" in result.stderr and "dwf_bench.methods" in result.stderr
+
+
+# -- the contract a method is written against -------------------------------------------------------
+
+def _ctx_members_used(path: Path) -> set[str]:
+    """Every ``ctx.<member>`` a module's text reads."""
+    return {node.attr for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "ctx"}
+
+
+def test_the_context_protocol_names_exactly_what_the_methods_use():
+    used = set().union(*map(_ctx_members_used, sorted((ROOT / "methods").glob("*.py"))))
+    assert used == MEMBERS, f"used but not in MethodContext: {sorted(used - MEMBERS)}; never used: {sorted(MEMBERS - used)}"
+    assert _ctx_members_used(EXAMPLE / "init_magnitude.py") <= MEMBERS
+
+
+@pytest.mark.parametrize("context_class", [Context, PackContext])
+def test_the_execution_context_provides_every_protocol_member(context_class, tmp_path):
+    set_in_init = inspect.getsource(Context.__init__)
+    missing = [name for name in MEMBERS if not hasattr(context_class, name) and f"self.{name} =" not in set_in_init]
+    assert not missing, f"{context_class.__name__} lacks {missing}"
+    cell = Cell.make("dense", "lenet300", "fashion-mnist")
+    data = SimpleNamespace(spec=SimpleNamespace(shape=(1, 28, 28), num_classes=10))  # no dataset read
+    extra = {"member": None} if context_class is PackContext else {}
+    ctx = context_class(cell, data, torch.device("cpu"), tmp_path / "w", tmp_path / "c", progress=False, **extra)
+    assert isinstance(ctx, MethodContext)
+    assert not isinstance(SimpleNamespace(cell=cell, data=data), MethodContext)
+
+
+def test_every_built_in_method_runs_against_the_protocol():
+    for name, method in all_methods().items():
+        assert typing.get_type_hints(method.run)["ctx"] is MethodContext, name
+
+
+def test_a_method_class_with_an_attribute_of_the_old_interface_is_told_where_it_went():
+    with pytest.raises(TypeError, match=r"curve_order is now plotting = Plotting\(order=...\)"):
+        type("Old", (Method,), {"name": "old", "family": "at-init", "curve_order": 20})
+    with pytest.raises(TypeError, match="pack_family is now a method of the nested class Workload"):
+        type("Old", (Method,), {"name": "old", "family": "at-init", "pack_family": lambda self: None})
+
+
+def test_plotting_and_workload_defaults_are_what_figures_and_estimates_assumed():
+    plotting = Method.plotting
+    assert (plotting.order, plotting.style, plotting.ramp, plotting.rank({"depth": 3})) == (math.inf, None, False, 0.0)
+    dwf = all_methods()["dwf"]
+    assert dwf.plotting.ramp and dwf.plotting.rank({"depth": 4}) == 4.0 and dwf.plotting.rank({}) == 0.0
+    workload = all_methods()["random"](all_methods()["random"].Params()).workload
+    schedule = SimpleNamespace(epochs=7)
+    assert (workload.trainings((10,)), workload.training_epochs(schedule, (10,)), workload.step_variant()) == (1, 7, "masked")

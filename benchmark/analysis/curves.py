@@ -138,11 +138,11 @@ def derive_variant(method: str, values) -> str:
 
 
 def _variant_sort_key(method: str, values, variant: str):
-    """Known methods in their ``curve_order``, each one's curves by ``curve_rank``; unknown ones
+    """Known methods in their ``plotting.order``, each one's curves by ``plotting.rank``; unknown ones
     after them, by name."""
     found = method_class(method)
-    order = found.curve_order if found else math.inf
-    rank = found.curve_rank(values) if found else 0.0
+    order = found.plotting.order if found else math.inf
+    rank = found.plotting.rank(values) if found else 0.0
     return (order, method if order == math.inf else "", rank, variant)
 
 

@@ -56,7 +56,7 @@ def _palette() -> list:
 
 _RAMP_MARKERS = ("o", "s", "D", "^", "v", "p")  # the curves of a method with a colour ramp, in turn
 _VARIANT_LINES = ("-", (0, (5, 2)), (0, (1, 1)), (0, (6, 1, 1, 1, 1, 1)))  # a method's variants, in turn
-_SPARE = [0, 5, 2, 4, 6, 8]  # palette slots for methods without a plot_style
+_SPARE = [0, 5, 2, 4, 6, 8]  # palette slots for methods without a plotting.style
 
 
 @dataclass(frozen=True)
@@ -75,13 +75,13 @@ def _darken(color, amount: float) -> tuple:
 
 def variant_styles(info: dict[str, tuple[str, dict]]) -> dict[str, Style]:
     """A fixed style per variant (same variant, same look in every figure of a grid), from each
-    method's ``plot_style`` / ``plot_ramp``; ``info`` is ``Results.variant_info()``."""
+    method's ``plotting.style`` / ``plotting.ramp``; ``info`` is ``Results.variant_info()``."""
     styles = {}
     ramps: dict[str, list] = {}  # method -> [(curve rank, variant)] of a method drawn as a colour ramp
     for variant, (method, values) in info.items():
         found = cv.method_class(method)
-        if found is not None and found.plot_ramp:
-            ramps.setdefault(method, []).append((found.curve_rank(values), variant))
+        if found is not None and found.plotting.ramp:
+            ramps.setdefault(method, []).append((found.plotting.rank(values), variant))
     for ramp in ramps.values():
         ramp.sort()
         for i, (_, variant) in enumerate(ramp):
@@ -93,8 +93,8 @@ def variant_styles(info: dict[str, tuple[str, dict]]) -> dict[str, Style]:
         if variant in styles or cv.is_reference(method):
             continue
         found = cv.method_class(method)
-        if found is not None and found.plot_style is not None:
-            slot, darken, marker, ls = found.plot_style
+        if found is not None and found.plotting.style is not None:
+            slot, darken, marker, ls = found.plotting.style
             if variant != method:  # "magnitude +FT", "lottery LRR": the method's colour, darker, and a
                 i = others[method] = others.get(method, -1) + 1  # line of its own (the first one solid)
                 darken += 0.35 if i % 2 == 0 else 0.15

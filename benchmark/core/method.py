@@ -3,8 +3,9 @@
 A method is a small class with a ``Params`` dataclass (its cell's serializable config, defaults
 that are the paper's or marked as ours) and a ``run(ctx)`` that returns result records. It acts on
 training only through ``benchmark.engine.train.TrainHooks``; the harness owns data, models, the
-training loop and the metrics (reached through the context it passes in:
-``benchmark.execution.cell.Context``).
+training loop and the metrics, reached through the context it passes in (``MethodContext`` of
+``benchmark.core.context``; the harness's is ``benchmark.execution.cell.Context``). How its curves
+are drawn (``Plotting``) and what its cells train and cost (``Workload``) are grouped apart.
 
 Methods are found in two places, through one registry: the built-in ``methods`` package, and the
 entry-point group ``dwf_bench.methods`` of any installed distribution (each entry point names a
@@ -20,8 +21,9 @@ import importlib
 import math
 import typing
 from importlib.metadata import entry_points
-from typing import Any, ClassVar, Mapping
+from typing import Any, Callable, ClassVar, Mapping
 
+from benchmark.core.context import MethodContext
 from benchmark.core.validation import coerce
 
 METHODS: dict[str, type["Method"]] = {}
@@ -33,11 +35,71 @@ ENTRY_POINT_GROUP = "dwf_bench.methods"
 _LOADED: list[bool] = []
 
 
+def _no_rank(values: Mapping[str, Any]) -> float:
+    return 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Plotting:
+    """How a method's curves are drawn and ordered in figures and tables (none of it changes a
+    record). The defaults put a method after the built-in ones, in a spare colour."""
+
+    #: Where its curves come in legends and tables, lower first (docs/design.md, Families);
+    #: methods that leave it unset follow, by name.
+    order: float = math.inf
+    #: Its look in figures: (slot 0-9 of the colour-blind palette, darkening 0-1, marker, line
+    #: style); families share a line style. None: a spare colour with a circle marker.
+    style: tuple | None = None
+    #: Its curves share one colour ramp, darker as ``rank`` grows (DWF's depths).
+    ramp: bool = False
+    #: Order of the method's curves among themselves, from a record's or CSV row's columns (DWF: the depth).
+    rank: Callable[[Mapping[str, Any]], float] = _no_rank
+
+
+class Workload:
+    """What a cell of a method trains, as the harness's estimates and packing see it (none of it
+    changes a record). A method whose cells differ from these defaults subclasses it as its own
+    nested ``Workload``, as it does ``Params``."""
+
+    def __init__(self, method: "Method"):
+        self.method = method
+        self.params = method.params
+
+    def trainings(self, layer_sizes: tuple[int, ...]) -> int:
+        """Models a cell trains and measures (a lottery ticket: one per level)."""
+        return 1
+
+    def training_epochs(self, schedule, layer_sizes: tuple[int, ...]) -> float:
+        """Epochs of training a cell costs, for estimates; a shared dense training counts for the
+        reference method only."""
+        method = self.method
+        return schedule.epochs if method.is_reference or not method.needs_dense else 0
+
+    def step_variant(self) -> str:
+        """What one of its training steps costs like, for time estimates: ``dense``, ``masked``
+        (a mask multiplies each weight) or a structure of ``methods.structures``."""
+        return "masked" if self.method.family in ("at-init", "during-training", "lottery", "after-training") else "dense"
+
+    def pack_family(self) -> tuple[str, tuple] | None:
+        """(structure, what else must be equal) for cells that may train as one stacked model
+        (``benchmark.execution.pack``): a structure of ``methods.structures``, whose stand-in the
+        method module that trains it provides. None: never packs."""
+        return None
+
+
+#: Members the Method interface had before they were grouped, and where each went.
+_MOVED = {"curve_order": "plotting = Plotting(order=...)", "plot_style": "plotting = Plotting(style=...)",
+          "plot_ramp": "plotting = Plotting(ramp=...)", "curve_rank": "plotting = Plotting(rank=...)",
+          **{name: "a method of the nested class Workload(Method.Workload)"
+             for name in ("trainings", "training_epochs", "step_variant", "pack_family")},
+          "training_schedule": "gone: run() picks its schedule itself"}
+
+
 class Method:
-    """One pruning or factorization method. Subclasses set ``name`` and ``family``, a ``Params``
-    dataclass and ``run``; the class attributes and methods below tell the harness what it needs
-    to know about them (which curve a record is on, how it is drawn, what it trains and how
-    long), so that no module outside ``methods/`` names a method."""
+    """One pruning or factorization method: what it is (``name``, ``family``, its ``Params``) and
+    ``run(ctx)``. The roles and ``curve_label`` below tell the harness which curve a record is on;
+    ``plotting`` how it is drawn, ``Workload`` what it trains and how long; so that no module
+    outside ``methods/`` names a method (docs/extending.md)."""
 
     name: ClassVar[str]
     family: ClassVar[str]  # regularization / after-training / at-init / during-training / lottery / structured / reference
@@ -49,27 +111,35 @@ class Method:
     #: The method the benchmark studies (DWF): the report's comparisons table tests each of its
     #: curves against every other curve of its arch x dataset (``benchmark.analysis.comparisons``).
     is_subject: ClassVar[bool] = False
-    #: Where its curves come in legends and tables, lower first (docs/design.md, Families);
-    #: methods that leave it unset follow, by name.
-    curve_order: ClassVar[float] = math.inf
-    #: Its look in figures: (slot 0-9 of the colour-blind palette, darkening 0-1, marker, line
-    #: style); families share a line style. None: a spare colour with a circle marker.
-    plot_style: ClassVar[tuple | None] = None
-    #: Its curves share one colour ramp, darker as ``curve_rank`` grows (DWF's depths).
-    plot_ramp: ClassVar[bool] = False
     #: Result columns its records add besides its parameters and the shared metrics (``list``
     #: shows them; docs/grids.md explains them).
     columns: ClassVar[tuple[str, ...]] = ()
+    #: How its curves are drawn and ordered in figures and tables.
+    plotting: ClassVar[Plotting] = Plotting()
+    #: What its cells train and cost (``method.workload``), for estimates and packing.
+    Workload: ClassVar[type[Workload]] = Workload
 
     @dataclasses.dataclass(frozen=True)
     class Params:
         def validate(self) -> list[str]:
             return []
 
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        moved = sorted(set(vars(cls)) & _MOVED.keys())
+        if moved:  # an older plugin's attribute would otherwise be ignored without a word
+            raise TypeError(f"method class {cls.__qualname__}: " + "; ".join(f"{name} is now {_MOVED[name]}" for name in moved)
+                            + " (docs/extending.md)")
+
     def __init__(self, params: "Method.Params"):
         self.params = params
 
-    def run(self, ctx: Any) -> list[dict]:
+    @property
+    def workload(self) -> Workload:
+        """What this cell trains and costs, asked by estimates and packing."""
+        return self.Workload(self)
+
+    def run(self, ctx: MethodContext) -> list[dict]:
         """Train / prune / evaluate; one record per point on the curve (most methods: one)."""
         raise NotImplementedError
 
@@ -77,41 +147,11 @@ class Method:
     def describe(cls) -> str:
         return (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
 
-    # -- what the harness asks ------------------------------------------------------------------
-
     @classmethod
     def curve_label(cls, values: Mapping[str, Any]) -> str:
         """The curve (``variant`` column) of a record or CSV row with these columns (its
         parameters among them): the method's name unless a parameter makes another curve."""
         return cls.name
-
-    @classmethod
-    def curve_rank(cls, values: Mapping[str, Any]) -> float:
-        """Order of this method's curves among themselves (DWF: the depth)."""
-        return 0.0
-
-    def training_schedule(self, schedule):
-        """The schedule its training uses: the cell's, or one it declares (its own learning rate)."""
-        return schedule
-
-    def trainings(self, layer_sizes: tuple[int, ...]) -> int:
-        """Models a cell trains and measures (a lottery ticket: one per level)."""
-        return 1
-
-    def training_epochs(self, schedule, layer_sizes: tuple[int, ...]) -> float:
-        """Epochs of training a cell costs, for estimates; a shared dense training counts for the
-        reference method only."""
-        return schedule.epochs if self.is_reference or not self.needs_dense else 0
-
-    def step_variant(self) -> str:
-        """What one of its training steps costs like, for time estimates: ``dense``, ``masked``
-        (a mask multiplies each weight) or a structure of ``methods.structures``."""
-        return "masked" if self.family in ("at-init", "during-training", "lottery", "after-training") else "dense"
-
-    def pack_family(self) -> tuple[str, tuple] | None:
-        """(structure, what else must be equal) for cells that may train as one stacked model
-        (``benchmark.execution.pack``): a structure of ``methods.structures``. None: never packs."""
-        return None
 
 
 def register(cls: type[Method]) -> type[Method]:

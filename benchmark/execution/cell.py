@@ -254,7 +254,9 @@ class DenseModel:
 
 
 class Context:
-    """What a method may use. Everything here is deterministic given the cell's seed."""
+    """What a method may use: it provides every member of ``benchmark.core.context.MethodContext``,
+    the contract methods are written against (tests/test_plugins.py checks it). Everything here is
+    deterministic given the cell's seed."""
 
     def __init__(self, cell: Cell, data: data_mod.Data, device: torch.device, work_dir: Path,
                  cache_dir: Path, progress: bool | None = None, compiled: bool = False):

@@ -42,12 +42,12 @@ from benchmark.engine.train import TrainHooks
 log = logging.getLogger("benchmark.run")
 
 def _pack_family(cell: Cell) -> tuple[str, tuple] | None:
-    """What the cell's method says about packing (``Method.pack_family``): (structure, what else
+    """What the cell's method says about packing (``Method.Workload.pack_family``): (structure, what else
     must be equal), or None. Methods that pack none of their cells: ``gmp``, ``rigl`` and ``set``
     change each cell's mask on their own schedule between steps, structured pruning changes the
     shapes, magnitude pruning without fine-tuning trains nothing but the dense model (which packs
     with the dense cells)."""
-    return get_method(cell.method)(cell.method_params).pack_family()
+    return get_method(cell.method)(cell.method_params).workload.pack_family()
 
 
 def family(cell: Cell) -> str | None:

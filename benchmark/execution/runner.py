@@ -286,13 +286,13 @@ def _method(cell: Cell):
 
 def trainings(cell: Cell) -> int:
     """Models a cell trains and measures (``Method.trainings``: a lottery ticket one per level)."""
-    return _method(cell).trainings(prunable_layer_sizes(cell.arch, cell.dataset))
+    return _method(cell).workload.trainings(prunable_layer_sizes(cell.arch, cell.dataset))
 
 
 def estimate_epochs(cell: Cell) -> int:
-    """Training epochs a cell costs (``Method.training_epochs``; post-training methods reuse the
+    """Training epochs a cell costs (``Method.Workload.training_epochs``; post-training methods reuse the
     cached dense training)."""
-    return math.ceil(_method(cell).training_epochs(cell.schedule, prunable_layer_sizes(cell.arch, cell.dataset)))
+    return math.ceil(_method(cell).workload.training_epochs(cell.schedule, prunable_layer_sizes(cell.arch, cell.dataset)))
 
 
 def threads_per_job(jobs: int) -> int:

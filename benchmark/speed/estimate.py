@@ -78,9 +78,9 @@ class Plan:
 
 
 def variant(cell: Cell) -> str:
-    """What a cell trains, as far as speed goes (``Method.step_variant``): factorized (by depth),
+    """What a cell trains, as far as speed goes (``Method.Workload.step_variant``): factorized (by depth),
     masked or dense."""
-    return get_method(cell.method)(cell.method_params).step_variant()
+    return get_method(cell.method)(cell.method_params).workload.step_variant()
 
 
 def _sizes(cell: Cell) -> tuple[int, int]:

@@ -1,0 +1,41 @@
+"""Cell ids never change: every preset's cells keep the ids their results are filed under
+(docs/design.md, Cells), whatever is reorganized around the methods and the grid reader."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+
+from benchmark.execution import grids
+
+#: sha256 of the preset's sorted cell ids (fixed cells and tuned finals) joined by newlines, with the
+#: number of cells. Computed on main at bbe80ca, before the method interface was regrouped, with
+#: ``preset_digest(name)`` below. A preset edited on purpose (cells added or changed) updates its line.
+PINNED = {
+    "cifar": ("e50897cb250f229793eb039351d5fcd3bfd9685e5c33d2ed9bd5733c1648c668", 2106),
+    "dwf-study": ("821c22238a5809feaafaad48dcbed1e64c51c2dc0766cc034e2558cc0940cc43", 22),
+    "full": ("cec309328d754416e633aebc763d58e52eaf28ea89e4befcc871488ad8855154", 5166),
+    "lenet": ("cc25bf0ef07fae3e5b4632ddabb74dea2756f32f943714b3203bb1262ca6289d", 3060),
+    "lenet-calibration": ("731768f53f5d357d7f00e567d93f9475b4478a16fdaab1e4c7edb58bc1a5e0c8", 184),
+    "lenet-recipes": ("14d0774520ffcd819cb37c2d680ea198b77dbb29938ebb53f2a72de3cfd27cad", 29),
+    "lenet-reference": ("0bd048e4147ad282af0e35082d826507564f4c3b0e342beb80bd0f4e16653521", 996),
+    "lenet-reference-tuning": ("109bfc8fa21e6907330884ad9e9a1e8bba1cb31d0029da50ae0856550246771f", 408),
+    "quick": ("d094b78671437829ffed8e7b2d9ccfe8e7a66e659cd842d9b35a6a0383bf9d2f", 32),
+    "smoke": ("c55002424e852df1e321e48ec68f2f6e5a19b1b3c088c25ca8b5f60186b07c5e", 17),
+}
+
+
+def preset_digest(name: str) -> tuple[str, int]:
+    grid = grids.load_grid(name)
+    ids = sorted(cell.id for cell in grid.cells + grid.final_templates())
+    return hashlib.sha256("\n".join(ids).encode()).hexdigest(), len(ids)
+
+
+def test_every_preset_is_pinned():
+    assert sorted(PINNED) == grids.preset_names()
+
+
+@pytest.mark.parametrize("name", sorted(PINNED))
+def test_preset_cell_ids_are_pinned(name):
+    assert preset_digest(name) == PINNED[name]
