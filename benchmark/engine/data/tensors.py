@@ -116,4 +116,3 @@ def validation_indices(labels: np.ndarray, count: int) -> np.ndarray:
     rng = np.random.Generator(np.random.PCG64(VALIDATION_SEED))
     picked = [rng.permutation(np.flatnonzero(labels == c))[:q] for c, q in zip(classes, quota)]
     return np.sort(np.concatenate(picked))
-

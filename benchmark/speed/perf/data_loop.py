@@ -22,15 +22,13 @@ from benchmark.speed.perf.rows import Row, judge, make_row
 DATA_TARGET = 8.0  # ours at least this many times faster than the DataLoader loop (CPU)
 QUICK_LIMIT = 2000  # --quick: examples per Fashion-MNIST split
 
-_IDX_STEMS = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
-
 
 def torchvision_copy(source: Path, root: Path) -> Path:
     """torchvision's FashionMNIST reads uncompressed files under ROOT/FashionMNIST/raw/ and would
     try to download otherwise; lay out such a copy of the files our loader found (gunzipped)."""
     raw = root / "FashionMNIST" / "raw"
     raw.mkdir(parents=True, exist_ok=True)
-    for stem in _IDX_STEMS:
+    for stem in (stem for pair in data_mod.IDX_FILES.values() for stem in pair):
         if (source / stem).is_file():
             shutil.copyfile(source / stem, raw / stem)
         else:
@@ -105,4 +103,3 @@ def bench_data(device: torch.device, rounds: int, quick: bool) -> list[Row]:
              ratio=speedup, ratio_of="DataLoader / this", target=target, met=met,
              note=f"load + normalize once {ours_setup:.2f} s; epoch includes the test pass on both sides", **common),
     ]
-

@@ -159,4 +159,3 @@ def bench_grid(device: torch.device, rounds: int, quick: bool, grid: str | None)
                          own_rss_mb=max(run["worker_anon_mb"] for run in runs), device=str(device),
                          threads=max(1, (os.cpu_count() or 1) // jobs), note=note))
     return rows
-

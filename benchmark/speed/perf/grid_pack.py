@@ -65,4 +65,3 @@ def bench_grid_pack(device: torch.device, rounds: int, quick: bool, grid: str | 
                          target=target if mode == "auto" else "", met=met if mode == "auto" else "", note=note))
     print(f"grid {loaded.name}: --pack auto / --pack off: {ratio:.2f}x", flush=True)
     return rows
-

@@ -80,4 +80,3 @@ def bench_pack(device: torch.device, rounds: int, quick: bool, sizes: tuple[int,
             row.note += f"; hardware limit {limit:.2f}x ({flops / 1e6:.0f} MFLOP per step at {rate / 1e9:.0f} GFLOP/s)"
         rows += case_rows
     return rows
-

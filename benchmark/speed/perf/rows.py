@@ -58,7 +58,9 @@ def judge(ratio: float, target: float | None, at_least: bool, device: torch.devi
     met = ratio >= target if at_least else ratio <= target
     return (f">= {target:g}" if at_least else f"<= {target:g}"), ("yes" if met else "no")
 
+
 def format_table(rows: list[Row]) -> str:
+    """The rows as an aligned text table, one line per contender, for the terminal."""
     def fmt_time(seconds: float) -> str:
         return f"{seconds * 1e3:.2f} ms" if seconds < 1 else f"{seconds:.2f} s"
 
@@ -82,6 +84,7 @@ def format_table(rows: list[Row]) -> str:
 
 
 def write_csv(rows: list[Row], path: Path) -> None:
+    """The rows as a CSV of ``COLUMNS``, written atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=COLUMNS)

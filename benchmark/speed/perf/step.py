@@ -115,4 +115,3 @@ def bench_step(device: torch.device, rounds: int | None, quick: bool, archs: lis
                                  threads=torch.get_num_threads(), note=note))
         del contenders
     return rows
-
