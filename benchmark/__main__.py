@@ -1,39 +1,19 @@
 """Command line: ``python -m benchmark COMMAND --help`` explains every command and flag.
 
-Each concept module registers its own sub-commands through ``add_commands(subparsers)``; this file
-only assembles them, so the CLI stays next to the code it drives.
+Every sub-command is listed once, in ``benchmark.cli.commands.COMMANDS`` (name, the ``benchmark.cli``
+module that defines its parser and handler, its help line); this file builds the parser from that
+table and turns errors into messages and exit codes.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import sys
 
+from benchmark.cli.commands import add_commands
 from benchmark.core.console import say
 from benchmark.core.errors import Interrupted, RunStopped
-
-#: Modules that contribute sub-commands, in the order ``--help`` lists them.
-COMMAND_MODULES = [
-    "benchmark.cli.run",  # run, status, collect, list
-    "benchmark.cli.cell",  # cell
-    "benchmark.analysis.plot",  # plot
-    "benchmark.analysis.report",  # report
-    "benchmark.cli.match",  # match
-    "benchmark.cli.data",  # data
-    "benchmark.speed.perf",  # perf
-    "benchmark.cli.doctor",  # doctor
-]
-
-
-#: Which module owns which command, so that one command imports only its module (a dry run of a
-#: large grid should not wait for matplotlib). A command missing here still works: then every
-#: module is imported, as for ``--help``.
-COMMAND_OWNERS = {"run": "benchmark.cli.run", "status": "benchmark.cli.run", "collect": "benchmark.cli.run",
-                  "list": "benchmark.cli.run", "cell": "benchmark.cli.cell", "plot": "benchmark.analysis.plot",
-                  "report": "benchmark.analysis.report", "match": "benchmark.cli.match", "data": "benchmark.cli.data",
-                  "perf": "benchmark.speed.perf", "doctor": "benchmark.cli.doctor"}
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
@@ -48,11 +28,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
                "  python -m benchmark plot                         # the last run's grid\n"
                "  python -m benchmark report                       # tables and results/quick/report.html",
     )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    owner = COMMAND_OWNERS.get(only or "")
-    for name in COMMAND_MODULES:
-        if owner is None or name == owner:
-            importlib.import_module(name).add_commands(sub)
+    add_commands(parser.add_subparsers(dest="command", metavar="COMMAND"), only)
     return parser
 
 

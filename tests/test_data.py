@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from benchmark.engine import data as data_mod
+from benchmark.engine.data import tensors as data_tensors
 from benchmark.__main__ import main
 
 DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")
@@ -257,7 +258,7 @@ def test_tiny_imagenet_caches_decoded_arrays(tmp_path):
 def test_large_splits_stay_uint8_and_normalize_per_batch(tmp_path, monkeypatch):
     write_mnist_like(tmp_path / "d")
     as_float = data_mod.load("mnist", tmp_path / "d")
-    monkeypatch.setattr(data_mod, "UINT8_ABOVE_BYTES", 0)
+    monkeypatch.setattr(data_tensors, "UINT8_ABOVE_BYTES", 0)
     as_uint8 = data_mod.load("mnist", tmp_path / "d")
     assert as_uint8.train.x.dtype == torch.uint8
     index = torch.tensor([3, 0, 5])

@@ -8,6 +8,7 @@ that the optimizations keep results exactly as they were (same draws, same value
 import argparse
 import csv
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ from benchmark.engine import models
 from benchmark.speed import perf
 from benchmark.engine import data as data_mod
 from benchmark.__main__ import build_parser, main
-from benchmark.engine.train import Schedule, evaluate, make_optimizer, tune_cpu_allocator
+from benchmark.engine.train import Schedule, check_compile, evaluate, make_optimizer, tune_cpu_allocator
 from methods import dwf
 from methods.dwf import FactorHooks, Product, factorize, factors_of, init_factors
 
@@ -77,7 +78,7 @@ def test_perf_grid_reports_cells_per_hour_and_memory_per_worker(tmp_path):
     for row in rows:
         assert float(row["cells_per_hour"]) > 0
         assert "failed" not in row["note"]
-        if perf.Path("/proc").is_dir():
+        if Path("/proc").is_dir():
             assert 0 < float(row["own_rss_mb"]) <= float(row["peak_rss_mb"])
 
 
@@ -118,7 +119,7 @@ def test_compile_flag_fails_clearly_when_torch_compile_cannot_work(tmp_path, mon
 @pytest.mark.slow
 def test_compile_flag_adds_compiled_rows(tmp_path):
     try:
-        perf.check_compile(torch.device("cpu"))
+        check_compile(torch.device("cpu"))
     except ValueError as exc:
         pytest.skip(str(exc))
     out = tmp_path / "compiled.csv"
@@ -237,7 +238,7 @@ def test_allocator_tuning_is_idempotent_and_optional(monkeypatch):
     first = tune_cpu_allocator()
     assert tune_cpu_allocator() is first
     assert isinstance(first, bool)
-    if perf.Path("/proc").is_dir() and __import__("platform").libc_ver()[0] == "glibc":
+    if Path("/proc").is_dir() and __import__("platform").libc_ver()[0] == "glibc":
         assert first
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pandas as pd
 import pytest
@@ -233,3 +234,50 @@ def test_the_machines_table_names_each_cpu_model_and_marks_older_records(tmp_pat
     table = machines(cv.load_results(tmp_path / "g" / "results.csv"))
     assert dict(zip(table.cpu_model, table.hours)) == {"AMD EPYC": "1", "Intel(R) Xeon(R) Platinum 8480+": "0.5",
                                                         "not recorded": "0.1"}
+
+
+def test_latex_escapes_every_name_that_goes_into_a_table(tmp_path):
+    """A variant, a panel (dataset) and a grid named with TeX specials: the .tex files hold only
+    their escaped forms, and outside comments no unescaped special except the column separators."""
+    variant = "dwf_D=3 & 50% #1 $x {y}"
+    rows = pd.DataFrame(hand_rows())
+    rows["variant"] = [variant if r["method"] == "dwf" else cv.derive_variant(r["method"], r)
+                       for r in rows.to_dict("records")]
+    rows["dataset"] = "my_set#2"
+    grid = "g_1%"
+    (tmp_path / grid).mkdir()
+    rows.to_csv(tmp_path / grid / "results.csv", index=False)
+    files, _ = report.write_report(grid, tmp_path)
+    escaped = report.latex_escape(variant)
+    assert escaped == r"dwf\_D=3 \& 50\% \#1 \$x \{y\}"
+    texts = {f.name: f.read_text() for f in files if f.suffix == ".tex"}
+    assert sorted(texts) == ["accuracy_at_cr.tex", "comparisons.tex", "tolerance.tex"]
+    for name, tex in texts.items():
+        assert variant not in tex and escaped in tex, name
+        assert r"my\_set\#2" in tex and "my_set" not in tex, name
+        assert r"g\_1\%" in tex and r"\label{tab:g_1--" in tex, name  # caption escaped, label key sanitised
+        for line in tex.splitlines():
+            if line.startswith("%"):
+                continue  # the generated-by comment
+            bare = re.sub(r"\\label\{[^}]*\}", "", line).replace("\\\\", "")  # a key is not typeset
+            for special in "%#_":
+                assert special not in bare.replace("\\" + special, ""), (name, line)
+        header = tex.split(r"\toprule", 1)[1].split(r"\midrule", 1)[0].strip()
+        columns = header.count("&") - header.count(r"\&") + 1
+        body = [ln for ln in tex.split(r"\midrule", 1)[1].splitlines() if ln.endswith(r"\\") and "&" in ln]
+        assert body and all(ln.count("&") - ln.count(r"\&") + 1 == columns for ln in body), name
+
+
+def test_report_writes_its_tables_atomically(results_dir, monkeypatch):
+    """Every table goes through the one atomic write (docs/design.md): no file is written in place."""
+    written = []
+    real = report.atomic_write
+
+    def recording(path, write, **options):
+        written.append(path.name)
+        real(path, write, **options)
+
+    monkeypatch.setattr(report, "atomic_write", recording)
+    files, _ = report.write_report("g", results_dir)
+    assert sorted(written) == sorted(f.name for f in files)
+    assert not [p for p in (results_dir / "g").iterdir() if ".tmp-" in p.name]

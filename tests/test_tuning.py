@@ -186,10 +186,10 @@ def test_a_pick_reads_only_validation_accuracy_waits_for_missing_cells_and_break
 def _fashion_subset(folder: Path, shuffle_test_labels: bool) -> Path:
     source = data_mod.locate("fashion-mnist")
     arrays = {}
-    for split, (images, labels) in data_mod._IDX_FILES.items():
+    for split, (images, labels) in data_mod.IDX_FILES.items():
         n = 600 if split == "train" else 300
-        arrays[images] = data_mod.read_idx(data_mod._existing(source, images))[:n]
-        arrays[labels] = data_mod.read_idx(data_mod._existing(source, labels))[:n]
+        arrays[images] = data_mod.read_idx(data_mod.idx_file(source, images))[:n]
+        arrays[labels] = data_mod.read_idx(data_mod.idx_file(source, labels))[:n]
     if shuffle_test_labels:
         arrays["t10k-labels-idx1-ubyte"] = np.random.default_rng(1).permutation(arrays["t10k-labels-idx1-ubyte"])
     for name, array in arrays.items():

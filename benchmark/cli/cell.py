@@ -30,7 +30,7 @@ def add_commands(sub) -> None:
     from benchmark.core.method import all_methods
 
     p = sub.add_parser(
-        "cell", help="run one cell (method x arch x dataset x params x seed) and print its result records",
+        "cell",
         description="Train and evaluate one cell here and print its result records (one per line with "
                     "--json). Parameters not given use the architecture's default schedule and the method's "
                     "defaults (see 'python -m benchmark list').",

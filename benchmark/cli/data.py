@@ -8,7 +8,7 @@ from benchmark.engine import data as data_mod
 
 
 def add_commands(sub) -> None:
-    p = sub.add_parser("data", help="locate, check or fetch datasets",
+    p = sub.add_parser("data",
                        description="Datasets are searched in --data-dir, then $BENCHMARK_DATA (each the folder "
                                    "itself or torchvision's layout below it), ./data, then system locations such "
                                    "as /usr/share/datasets/fashion-mnist. Downloads happen only through 'fetch'.")

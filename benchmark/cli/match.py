@@ -12,7 +12,7 @@ def add_commands(sub) -> None:
     from benchmark.analysis import matching
 
     p = sub.add_parser(
-        "match", help="propose the λs and target CRs that put every curve near every reported CR",
+        "match",
         description="Read a grid and its results so far (<results-dir>/<grid>/results.csv, or the result files "
                     "when they are newer) and list what is missing: each seed of each λ curve (DWF, L1) needs a "
                     "measured point within --ratio of every reported CR, up to where it reaches chance, and each "

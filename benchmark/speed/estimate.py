@@ -301,7 +301,8 @@ def measure(arch: str, dataset: str, variant_name: str, batch: int, device) -> d
     final measurement."""
     import torch
 
-    from benchmark.speed import perf
+    from benchmark.engine import models
+    from benchmark.speed.perf.step import build_training
     from benchmark.engine import sparsity
     from benchmark.core.files import save_atomic
     from benchmark.engine.train import evaluate, tune_cpu_allocator
@@ -314,7 +315,7 @@ def measure(arch: str, dataset: str, variant_name: str, batch: int, device) -> d
     depth = structures.depth_of(variant_name)
     for _ in range(2):  # the second build is timed: the first pays one-off costs (imports, allocator)
         began = time.perf_counter()
-        model, hooks, optimizer, step = perf.build_training(arch, depth, device, batch, masked=variant_name == structures.MASKED,
+        model, hooks, optimizer, step = build_training(arch, depth, device, batch, masked=variant_name == structures.MASKED,
                                                             shape=(spec.shape, spec.num_classes))
         sync(device)
         setup_s = time.perf_counter() - began
@@ -332,7 +333,7 @@ def measure(arch: str, dataset: str, variant_name: str, batch: int, device) -> d
     split = data_mod.Split(torch.randn(n_eval, *spec.shape, generator=gen).to(device),
                            torch.randint(0, spec.num_classes, (n_eval,), generator=gen).to(device),
                            torch.zeros(channels, device=device), torch.ones(channels, device=device))
-    channels_last = device.type == "cuda" and arch in perf.models.CONV_MODELS
+    channels_last = device.type == "cuda" and arch in models.CONV_MODELS
     began = time.perf_counter()
     evaluate(model, split, channels_last=channels_last)
     sync(device)
