@@ -538,7 +538,7 @@ def bench_pack(device: torch.device, rounds: int, quick: bool, sizes: tuple[int,
     also prints the hardware's limit: one model's step against its weight layers' FLOPs at the
     device's large-matmul rate. Packing only removes what a step spends beyond that arithmetic
     (per-op launches, small-kernel inefficiency), so no pack can be faster than the limit."""
-    from benchmark.execution.pack_plan import measure
+    from benchmark.execution.packing.calibration import measure
 
     rows = []
     batch = 16 if quick else 128
