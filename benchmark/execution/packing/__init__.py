@@ -2,7 +2,8 @@
 
 A newcomer can skip this package: with ``--pack off`` every cell runs alone through
 ``benchmark.execution.cell.run_cell`` and the one loop, ``benchmark.engine.train.train``, and
-nothing here is imported. With packing on, the runner hands a list of cells to ``run.run_pack``;
+nothing here runs but the parsing of ``--pack`` (``plan.parse_pack``); the one-cell path never
+imports this package (an import-linter contract in pyproject.toml). With packing on, the runner hands a list of cells to ``run.run_pack``;
 each cell's method runs unchanged, and the trainings that can stack train together in one process,
 each writing ``train``'s own checkpoint. Default off because a record should be one cell trained
 in its own process, bit for bit reproducible; a packed float32 run sums in another order
