@@ -31,6 +31,7 @@ from torch.nn.utils import parametrize
 from benchmark.engine import data as data_mod
 from benchmark.core.files import save_atomic
 from benchmark.core.validation import coerce
+from benchmark.engine.epoch import DIVERGENCE_CHECK_STEPS, EpochTotals, check_finite, epoch_record
 
 
 #: Bounds past which a schedule value is a typo that would exhaust the machine, not a setting.
@@ -218,65 +219,6 @@ def load_state(path: Path, *, keys: tuple[str, ...], map_location="cpu", mmap: b
         warnings.warn(f"{path} cannot be loaded as a file of this tool ({type(exc).__name__}: {reason}); moved to "
                       f"{aside.name} beside it and its work is done again", RuntimeWarning, stacklevel=2)
         return None
-
-
-class Diverged(RuntimeError):
-    """The loss became NaN or infinite; training stopped instead of going on with garbage."""
-
-
-#: Steps between two looks at a batch's loss for divergence (each look waits for a GPU), besides
-#: the look at the epoch's summed loss at its end.
-DIVERGENCE_CHECK_STEPS = 50
-
-
-def divergence(epoch: int, step: int, value: float, schedule: Schedule) -> Diverged:
-    """The error of a loss that became ``value`` (NaN or infinite) at ``step`` of ``epoch`` (0-based)."""
-    return Diverged(f"loss became {value} at epoch {epoch + 1}, step {step} (lr={schedule.lr}); "
-                    f"training stopped. Lower the learning rate or the regularization strength.")
-
-
-def check_finite(loss: torch.Tensor, epoch: int, step: int, schedule: Schedule) -> None:
-    """Raise ``divergence`` when the (one-element) ``loss`` is NaN or infinite."""
-    if not torch.isfinite(loss):
-        raise divergence(epoch, step, float(loss), schedule)
-
-
-class EpochTotals:
-    """One epoch's running training loss and correct predictions: of one model (``models`` None),
-    or of each model of a pack (one entry per model)."""
-
-    def __init__(self, device: torch.device, models: int | None = None):
-        shape = () if models is None else (models,)
-        self.loss_sum = torch.zeros(shape, device=device)
-        self.correct = torch.zeros(shape, device=device)
-        self.seen = 0
-
-    def add(self, logits: torch.Tensor, loss: torch.Tensor, y: torch.Tensor) -> None:
-        """One step's batch of ``len(y)`` examples (per model: ``logits`` (P, B, C), ``loss`` (P,),
-        ``y`` (P, B)); ``loss`` is the batch's mean cross-entropy."""
-        examples = y.shape[-1]
-        self.loss_sum += loss.detach() * examples
-        self.correct += (logits.detach().argmax(-1) == y).sum(-1)
-        self.seen += examples
-
-    def keep(self, models: list[int]) -> None:
-        """Keep only the totals of the models at these indices (the others left the pack)."""
-        index = torch.tensor(models, device=self.loss_sum.device)
-        self.loss_sum, self.correct = self.loss_sum[index], self.correct[index]
-
-    def means(self, model: int | None = None) -> dict:
-        """``train_loss`` and ``train_acc`` of the epoch (of the model at ``model`` in a pack)."""
-        loss = self.loss_sum if model is None else self.loss_sum[model]
-        correct = self.correct if model is None else self.correct[model]
-        return {"train_loss": float(loss) / max(self.seen, 1), "train_acc": float(correct) / max(self.seen, 1)}
-
-
-def epoch_record(epoch: int, trained: dict, test_acc: float, test_loss: float, held_out: dict, lr: float,
-                 seconds: float, extra: dict) -> dict:
-    """One epoch's entry of a history, after ``epoch`` (0-based): ``trained`` is ``EpochTotals.means``,
-    ``held_out`` the validation metrics (or nothing), ``extra`` the hooks' ``epoch_metrics``."""
-    return {"epoch": epoch + 1, **trained, "test_loss": test_loss, "test_acc": test_acc, **held_out,
-            "lr": lr, "seconds": seconds} | extra
 
 
 class TrainHooks:
@@ -624,8 +566,8 @@ def train(
                     snapshots[step_key(global_step + 1)] = clone_state(model)
                 totals.add(out, loss, y)
                 if step % DIVERGENCE_CHECK_STEPS == 0:
-                    check_finite(total.detach(), epoch, step, schedule)
-            check_finite(totals.loss_sum, epoch, steps_per_epoch - 1, schedule)
+                    check_finite(total.detach(), epoch, step, schedule.lr)
+            check_finite(totals.loss_sum, epoch, steps_per_epoch - 1, schedule.lr)
             hooks.after_epoch(model, epoch)
             test_acc, test_loss = evaluate(model, data.test, channels_last=channels_last)
             held_out = validation_metrics(model, data, channels_last)

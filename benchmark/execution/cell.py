@@ -27,8 +27,9 @@ from benchmark.core.provenance import cpu_model, source_commit
 from benchmark.core.files import file_lock, save_atomic
 from benchmark.core.validation import coerce
 from benchmark.engine import train as training
-from benchmark.engine.train import (Diverged, History, Schedule, TrainHooks, default_schedule, epoch_steps,
-                                    evaluate, pick_device, previous_checkpoint, train, validation_metrics)
+from benchmark.engine.epoch import Diverged
+from benchmark.engine.train import (History, Schedule, TrainHooks, default_schedule, epoch_steps, evaluate, pick_device,
+                                    previous_checkpoint, train, validation_metrics)
 from benchmark.core import method as method_base
 
 #: Seeds go to torch and numpy generators; numpy's take 32 bits.

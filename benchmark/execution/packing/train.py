@@ -25,9 +25,9 @@ from torch.nn import functional as F
 from torch.nn.utils import parametrize
 
 from benchmark.engine import data as data_mod
-from benchmark.engine.train import (DIVERGENCE_CHECK_STEPS, Checkpoint, EpochTotals, Schedule, TrainHooks, autocast,
-                                    clone_state, divergence, epoch_record, epoch_steps, lr_factor, make_optimizer,
-                                    prepare_input, step_key, tune_cpu_allocator)
+from benchmark.engine.epoch import DIVERGENCE_CHECK_STEPS, EpochTotals, divergence, epoch_record
+from benchmark.engine.train import (Checkpoint, Schedule, TrainHooks, autocast, clone_state, epoch_steps, lr_factor,
+                                    make_optimizer, prepare_input, step_key, tune_cpu_allocator)
 from benchmark.execution.packing.jobs import Job, decays, keep_previous, signature
 from benchmark.execution.packing.model import NotStackable, StackedModel
 
@@ -256,7 +256,7 @@ def _without_diverged(losses: torch.Tensor, epoch: int, step: int, alive: list[J
         return alive, pack
     for i, ok in enumerate(finite):
         if not ok:
-            alive[i].error = divergence(epoch, step, float(losses[i]), pack.schedule)
+            alive[i].error = divergence(epoch, step, float(losses[i]), pack.schedule.lr)
     if not keep:
         return [], None
     pack.sync(keep)
