@@ -176,7 +176,7 @@ class Checkpoint:
         save_atomic({name: getattr(self, name) for name in CHECKPOINT_KEYS + ("hooks",)}, path)
 
     @classmethod
-    def load(cls, path: Path, map_location="cpu", mmap: bool = False) -> "Checkpoint | None":
+    def load(cls, path: Path, map_location="cpu", mmap: bool = False) -> Checkpoint | None:
         """The checkpoint at ``path``, or None when there is none (or it was damaged: ``load_state``)."""
         state = load_state(path, keys=CHECKPOINT_KEYS, map_location=map_location, mmap=mmap)
         if state is None:

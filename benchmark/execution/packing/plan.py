@@ -28,8 +28,8 @@ from typing import Callable
 import torch
 
 from benchmark.core.files import atomic_write_text
-from benchmark.core.provenance import cpu_model
 from benchmark.core.method import get_method
+from benchmark.core.provenance import cpu_model
 from benchmark.engine import data as data_mod
 from benchmark.engine import models
 from benchmark.execution.cell import Cell

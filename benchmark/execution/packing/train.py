@@ -246,8 +246,8 @@ def train_packed(jobs: list[Job], data: data_mod.Data) -> None:
                        job.snapshots, job.hooks.state_dict()).save(job.checkpoint)
 
 
-def _without_diverged(losses: torch.Tensor, epoch: int, step: int, alive: list[Job], pack: "TrainingPack",
-                      totals: EpochTotals) -> tuple[list[Job], "TrainingPack | None"]:
+def _without_diverged(losses: torch.Tensor, epoch: int, step: int, alive: list[Job], pack: TrainingPack,
+                      totals: EpochTotals) -> tuple[list[Job], TrainingPack | None]:
     """The jobs whose loss (one per job) is finite, and their pack: rebuilt without the others,
     their momentum and epoch totals kept, when some diverged (each of those gets its error)."""
     finite = torch.isfinite(losses).tolist()
