@@ -18,7 +18,7 @@ from benchmark.engine import data as data_mod
 from benchmark.execution import grids
 from benchmark.engine import models
 from benchmark.execution.cell import Cell, Context, run_cell
-from benchmark.execution.pack import run_pack
+from benchmark.execution.packing.run import run_pack
 from benchmark.execution.runner import run_grid
 from benchmark.engine.train import Schedule, TrainHooks, check_compile, train, training_step
 from conftest import make_data

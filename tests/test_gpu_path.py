@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmark.execution import pack_plan, runner
+from benchmark.execution import runner
+from benchmark.execution.packing import plan as pack_plan
 from benchmark.execution.cell import Cell, dense_key, device_columns
 from benchmark.engine import train as training
 

@@ -24,13 +24,16 @@ import torch
 from torch import nn
 
 from benchmark.engine import models
-from benchmark.execution import pack_plan
 from benchmark.__main__ import main
 from benchmark.execution.cell import Cell, run_cell
-from benchmark.execution.pack import pack_key, run_pack
-from benchmark.engine.packed_model import NotStackable, StackedModel
-from benchmark.engine.packed_train import Job, previous_checkpoint, resume, resume_together, train_packed, why_not_packable
-from benchmark.engine.train import Schedule, TrainHooks, train
+from benchmark.execution.packing import calibration
+from benchmark.execution.packing import plan as pack_plan
+from benchmark.execution.packing.jobs import Job, resume, resume_together, why_not_packable
+from benchmark.execution.packing.model import NotStackable, StackedModel
+from benchmark.execution.packing.plan import pack_key
+from benchmark.execution.packing.run import run_pack
+from benchmark.execution.packing.train import train_packed
+from benchmark.engine.train import Schedule, TrainHooks, previous_checkpoint, train
 from conftest import make_data
 from procs import alive, children, cli, env
 from methods.dwf import FactorHooks, factorize
@@ -424,12 +427,11 @@ def test_auto_packs_only_where_its_cached_calibration_measured_packing_faster(tm
     assert pack_plan.plan(cells, "auto", device=None) == cells  # Dask: the workers' devices are unknown here
 
 
-def test_run_packs_by_default_where_auto_measured_it_faster(tmp_path, monkeypatch, capsys):
-    monkeypatch.delenv("BENCHMARK_PACK", raising=False)  # the suite's conftest sets off
+def test_run_with_pack_auto_packs_where_it_measured_faster(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(pack_plan, "measure", lambda *args, **kwargs: {"ratio": 2.0})
     grid = tmp_path / "g.toml"
     grid.write_text(GRID.replace("subset = 600", "subset = 100").replace("epochs = 3", "epochs = 1"))
-    assert main(["run", "--grid", str(grid), "--results-dir", str(tmp_path / "r"), "--no-progress"]) == 0
+    assert main(["run", "--grid", str(grid), "--results-dir", str(tmp_path / "r"), "--no-progress", "--pack", "auto"]) == 0
     assert "pack auto: lenet300 dwf D=2 on cpu: 2 packed 2.00x" in capsys.readouterr().err
     assert sorted(r["pack_size"] for r in _records(tmp_path / "r").values()) == [2, 2, 2, 2]
 
@@ -455,7 +457,7 @@ def test_the_packing_limit_counts_every_weight_layers_three_products():
 
 
 def test_calibration_times_a_real_pack_against_real_steps():
-    result = pack_plan.measure("lenet300", (1, 8, 8), 4, "dwf D=2", 2, 8, torch.device("cpu"), rounds=1)
+    result = calibration.measure("lenet300", (1, 8, 8), 4, "dwf D=2", 2, 8, torch.device("cpu"), rounds=1)
     assert result["ratio"] > 0 and result["sequential_s"] > 0 and result["packed_s"] > 0
 
 

@@ -23,7 +23,7 @@ import torch
 from benchmark.core.context import MEMBERS, MethodContext
 from benchmark.core.method import Method, all_methods
 from benchmark.execution.cell import Cell, Context
-from benchmark.execution.pack import PackContext
+from benchmark.execution.packing.run import PackContext
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -5,7 +5,8 @@ import torch
 
 from benchmark.engine import models
 from benchmark.execution.cell import Cell, run_cell
-from benchmark.engine.train import Diverged, Schedule, TrainHooks, pick_device, train
+from benchmark.engine.epoch import Diverged
+from benchmark.engine.train import Schedule, TrainHooks, pick_device, train
 from methods.dwf import factorize
 
 from conftest import make_data

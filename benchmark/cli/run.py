@@ -188,7 +188,7 @@ def check_run_inputs(args) -> None:
         raise ValueError(f"--jobs {args.jobs}: must be >= 1")
     if args.jobs_per_gpu is not None and args.jobs_per_gpu < 1:
         raise ValueError(f"--jobs-per-gpu {args.jobs_per_gpu}: must be >= 1")
-    from benchmark.execution.pack_plan import parse_pack
+    from benchmark.execution.packing.plan import parse_pack
 
     if parse_pack(getattr(args, "pack", "off")) not in ("auto", "off") and getattr(args, "compile", False):
         raise ValueError(f"--pack {args.pack} with --compile: packed training does not compile; drop one of them")

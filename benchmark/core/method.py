@@ -82,7 +82,7 @@ class Workload:
 
     def pack_family(self) -> tuple[str, tuple] | None:
         """(structure, what else must be equal) for cells that may train as one stacked model
-        (``benchmark.execution.pack``): a structure of ``methods.structures``, whose stand-in the
+        (``benchmark.execution.packing``): a structure of ``methods.structures``, whose stand-in the
         method module that trains it provides. None: never packs."""
         return None
 

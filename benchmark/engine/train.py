@@ -31,6 +31,7 @@ from torch.nn.utils import parametrize
 from benchmark.engine import data as data_mod
 from benchmark.core.files import save_atomic
 from benchmark.core.validation import coerce
+from benchmark.engine.epoch import DIVERGENCE_CHECK_STEPS, EpochTotals, check_finite, epoch_record
 
 
 #: Bounds past which a schedule value is a typo that would exhaust the machine, not a setting.
@@ -153,8 +154,49 @@ REWIND_ITERATIONS = (100, 500, 2000)
 REWIND_POINTS: tuple[int | str, ...] = REWIND_EPOCHS + tuple(f"{k}it" for k in REWIND_ITERATIONS)  # step_key
 
 
-#: What a training checkpoint holds (``train`` writes it; a packed job's too).
+#: What a training checkpoint holds (``train`` writes it; a packed job's too), besides the hooks' state.
 CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "history", "wall_s", "epoch", "snapshots")
+
+
+@dataclass
+class Checkpoint:
+    """One training checkpoint, as ``train`` and a packed run (per model) write it after every
+    epoch: one format, so either can resume what the other wrote."""
+
+    model: dict
+    optimizer: dict
+    scheduler: dict
+    history: list[dict]
+    wall_s: float
+    epoch: int  # epochs done
+    snapshots: dict
+    hooks: dict = field(default_factory=dict)  # TrainHooks.state_dict(); absent from older checkpoints
+
+    def save(self, path: Path) -> None:
+        save_atomic({name: getattr(self, name) for name in CHECKPOINT_KEYS + ("hooks",)}, path)
+
+    @classmethod
+    def load(cls, path: Path, map_location="cpu", mmap: bool = False) -> Checkpoint | None:
+        """The checkpoint at ``path``, or None when there is none (or it was damaged: ``load_state``)."""
+        state = load_state(path, keys=CHECKPOINT_KEYS, map_location=map_location, mmap=mmap)
+        if state is None:
+            return None
+        return cls(**{name: state[name] for name in CHECKPOINT_KEYS}, hooks=state.get("hooks", {}))
+
+    def restore(self, model: nn.Module, optimizer: torch.optim.Optimizer, hooks: TrainHooks,
+                scheduler: torch.optim.lr_scheduler.LRScheduler | None = None) -> None:
+        """Put the saved weights, optimizer (and scheduler) state and hooks' state back in place."""
+        model.load_state_dict(self.model)
+        optimizer.load_state_dict(self.optimizer)
+        if scheduler is not None:
+            scheduler.load_state_dict(self.scheduler)
+        hooks.load_state_dict(self.hooks)
+
+
+def previous_checkpoint(checkpoint: Path) -> Path:
+    """Where the checkpoint of the epoch before is kept beside ``checkpoint``: a packed run keeps it
+    (docs/scaling.md, "Packed training"), and whoever removes a checkpoint removes this one too."""
+    return checkpoint.with_name(checkpoint.name + ".prev")
 
 
 def load_state(path: Path, *, keys: tuple[str, ...], map_location="cpu", mmap: bool = False) -> dict | None:
@@ -177,10 +219,6 @@ def load_state(path: Path, *, keys: tuple[str, ...], map_location="cpu", mmap: b
         warnings.warn(f"{path} cannot be loaded as a file of this tool ({type(exc).__name__}: {reason}); moved to "
                       f"{aside.name} beside it and its work is done again", RuntimeWarning, stacklevel=2)
         return None
-
-
-class Diverged(RuntimeError):
-    """The loss became NaN or infinite; training stopped instead of going on with garbage."""
 
 
 class TrainHooks:
@@ -496,15 +534,12 @@ def train(
     history = History()
     snapshots: dict[int | str, dict] = {}
     start_epoch = first_epoch
-    state = load_state(checkpoint, keys=CHECKPOINT_KEYS, map_location=device) if checkpoint is not None else None
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        history = History(state["history"], state["wall_s"], resumed_from=state["epoch"])
-        snapshots = state["snapshots"]
-        start_epoch = state["epoch"]
-        hooks.load_state_dict(state.get("hooks", {}))
+    saved = Checkpoint.load(checkpoint, map_location=device) if checkpoint is not None else None
+    if saved is not None:
+        saved.restore(model, optimizer, hooks, scheduler)
+        history = History(saved.history, saved.wall_s, resumed_from=saved.epoch)
+        snapshots = saved.snapshots
+        start_epoch = saved.epoch
     if start_epoch == first_epoch and first_batch == 0 and first_epoch in snapshot_epochs:
         snapshots[first_epoch] = clone_state(model)
 
@@ -516,9 +551,7 @@ def train(
         for epoch in range(start_epoch, schedule.epochs):
             began = time.perf_counter()
             gen = data_mod.epoch_generator(seed, epoch)
-            loss_sum = torch.zeros((), device=device)
-            correct = torch.zeros((), device=device)
-            seen = 0
+            totals = EpochTotals(device)
             skip = first_batch if epoch == first_epoch else 0
             for step, (x, y) in enumerate(data_mod.batches(
                 data.train, schedule.batch_size, gen, augment_batches=data.spec.augment,
@@ -531,31 +564,22 @@ def train(
                 scheduler.step()
                 if global_step + 1 in snapshot_steps:
                     snapshots[step_key(global_step + 1)] = clone_state(model)
-                loss_sum += loss.detach() * len(y)
-                correct += (out.detach().argmax(1) == y).sum()
-                seen += len(y)
-                if step % 50 == 0 and not torch.isfinite(total.detach()):
-                    raise Diverged(diverged_message(epoch, step, float(total.detach()), schedule))
-            if not torch.isfinite(loss_sum):
-                raise Diverged(diverged_message(epoch, steps_per_epoch - 1, float(loss_sum), schedule))
+                totals.add(out, loss, y)
+                if step % DIVERGENCE_CHECK_STEPS == 0:
+                    check_finite(total.detach(), epoch, step, schedule.lr)
+            check_finite(totals.loss_sum, epoch, steps_per_epoch - 1, schedule.lr)
             hooks.after_epoch(model, epoch)
             test_acc, test_loss = evaluate(model, data.test, channels_last=channels_last)
             held_out = validation_metrics(model, data, channels_last)
             seconds = time.perf_counter() - began
             history.wall_s += seconds
-            history.epochs.append({
-                "epoch": epoch + 1, "train_loss": float(loss_sum) / max(seen, 1),
-                "train_acc": float(correct) / max(seen, 1), "test_loss": test_loss, "test_acc": test_acc,
-                **held_out, "lr": optimizer.param_groups[0]["lr"], "seconds": seconds,
-            } | hooks.epoch_metrics(model))
+            history.epochs.append(epoch_record(epoch, totals.means(), test_acc, test_loss, held_out,
+                                               optimizer.param_groups[0]["lr"], seconds, hooks.epoch_metrics(model)))
             if epoch + 1 in snapshot_epochs:
                 snapshots[epoch + 1] = clone_state(model)
             if checkpoint is not None:
-                save_atomic({
-                    "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "history": history.epochs, "wall_s": history.wall_s,
-                    "epoch": epoch + 1, "snapshots": snapshots, "hooks": hooks.state_dict(),
-                }, checkpoint)
+                Checkpoint(model.state_dict(), optimizer.state_dict(), scheduler.state_dict(), history.epochs,
+                           history.wall_s, epoch + 1, snapshots, hooks.state_dict()).save(checkpoint)
             bar.update(1)
             bar.set_postfix(loss=f"{history.final['train_loss']:.3f}", test_acc=f"{test_acc:.4f}")
     finally:
@@ -614,9 +638,6 @@ def lr_factor(warmup_steps: int, total_steps: int):
 
 
 def clone_state(model: nn.Module) -> dict:
+    """A copy of the model's weights and buffers (a snapshot), detached from training."""
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
-
-def diverged_message(epoch: int, step: int, value: float, schedule: Schedule) -> str:
-    return (f"loss became {value} at epoch {epoch + 1}, step {step} (lr={schedule.lr}); "
-            f"training stopped. Lower the learning rate or the regularization strength.")

@@ -27,9 +27,9 @@ from benchmark.core.provenance import cpu_model, source_commit
 from benchmark.core.files import file_lock, save_atomic
 from benchmark.core.validation import coerce
 from benchmark.engine import train as training
-from benchmark.engine.packed_train import previous_checkpoint
-from benchmark.engine.train import (Diverged, History, Schedule, TrainHooks, default_schedule, epoch_steps,
-                                    evaluate, pick_device, train, validation_metrics)
+from benchmark.engine.epoch import Diverged
+from benchmark.engine.train import (History, Schedule, TrainHooks, default_schedule, epoch_steps, evaluate, pick_device,
+                                    previous_checkpoint, train, validation_metrics)
 from benchmark.core import method as method_base
 
 #: Seeds go to torch and numpy generators; numpy's take 32 bits.
@@ -398,7 +398,7 @@ def run_cell(cell: Cell, *, data_dir=None, device: str | torch.device | None = N
     The per-epoch checkpoints live in ``work_root/<cell id>/``; they are removed when the cell ends
     unless ``keep_work`` (the grid runner keeps them until the driver has written the cell's result,
     so a driver killed in between loses no training: the rerun finds the last epoch's checkpoint).
-    ``context`` builds the Context (benchmark.execution.pack passes one whose trainings wait for the pack).
+    ``context`` builds the Context (benchmark.execution.packing.run passes one whose trainings wait for the pack).
     ``deterministic`` (``run --deterministic``, GPU-only): reproducible cuDNN/cuBLAS kernels
     (``benchmark.engine.train.make_deterministic``); records on a GPU then say ``deterministic``."""
     began = time.perf_counter()

@@ -105,7 +105,7 @@ def execute(config: dict | list[dict], *, data_dir, device, work_root, cache_dir
     except data_mod.DatasetMissing:
         data = None  # run_cell reports the cell as blocked
     if isinstance(config, list):
-        from benchmark.execution.pack import run_pack
+        from benchmark.execution.packing.run import run_pack
 
         return run_pack(cells, data_dir=data_dir, device=dev, work_root=work_root, cache_dir=cache_dir,
                         data=data, compiled=compiled, keep_work=keep_work, deterministic=deterministic)
@@ -835,7 +835,7 @@ def _plan(todo: list[Cell], pack, backend: str, device: str, gpu_slots: list[int
     are shared out over every worker (K per GPU x N GPUs), and a pack's memory over the K workers
     of one GPU. On a GPU the planning runs in a child process, so that the driver holds no CUDA
     context and no calibration memory while the run goes on."""
-    from benchmark.execution import pack_plan
+    from benchmark.execution.packing import plan as pack_plan
 
     setting = pack_plan.parse_pack(pack)
     if setting == "off" or compiled:  # packed training does not compile (check_run_inputs refuses --pack N)
@@ -863,7 +863,7 @@ def _plan_units(todo: list[Cell], setting, dev, workers: int, sharing: int, thre
     """``pack_plan.plan`` with the threads a worker gets; returns the units and the lines it said."""
     import torch
 
-    from benchmark.execution import pack_plan
+    from benchmark.execution.packing import plan as pack_plan
 
     lines: list[str] = []
 

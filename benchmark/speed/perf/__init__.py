@@ -12,7 +12,7 @@
 - ``pack``: packed training (``run --pack``) against one model at a time, per pack size (1, 8, 16,
   64), for dense and DWF D=3 LeNet-300-100 and SynFlow (masked) LeNet-5: one training step of the
   pack against the same steps of each model alone, through the code ``--pack auto`` calibrates with
-  (``benchmark.execution.pack_plan.measure``). Printed as one ``N.NNx`` per line (cells per hour packed / one
+  (``benchmark.execution.packing.calibration.measure``). Printed as one ``N.NNx`` per line (cells per hour packed / one
   at a time, as far as training steps decide it).
 - ``grid-pack`` (not part of ``all``: it runs a whole grid twice per round: the ``quick`` grid took 33
   minutes on 2 cores): cells per hour of a grid with ``run --pack auto`` against ``--pack off``, same

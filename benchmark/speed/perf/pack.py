@@ -1,5 +1,5 @@
 """``perf pack``: packed training (``run --pack``) against one model at a time, per pack size, through
-the code ``--pack auto`` calibrates with (``benchmark.execution.pack_plan.measure``), with the
+the code ``--pack auto`` calibrates with (``benchmark.execution.packing.calibration.measure``), with the
 hardware's limit on what packing can gain.
 """
 
@@ -51,11 +51,11 @@ def matmul_rate(device: torch.device, rounds: int = 10) -> float:
 
 def bench_pack(device: torch.device, rounds: int, quick: bool, sizes: tuple[int, ...]) -> list[Row]:
     """Per case and pack size, one step of the pack against the same steps one model at a time,
-    alternating rounds (``pack_plan.measure``); prints one ratio per line as it goes. Per case it
+    alternating rounds (``packing.calibration.measure``); prints one ratio per line as it goes. Per case it
     also prints the hardware's limit: one model's step against its weight layers' FLOPs at the
     device's large-matmul rate. Packing only removes what a step spends beyond that arithmetic
     (per-op launches, small-kernel inefficiency), so no pack can be faster than the limit."""
-    from benchmark.execution.pack_plan import measure
+    from benchmark.execution.packing.calibration import measure
 
     rows = []
     batch = 16 if quick else 128

@@ -1,13 +1,13 @@
-"""Which cells a run packs together (``run --pack auto|off|N``), and the measurement ``auto`` uses.
+"""Which cells a run packs together (``run --pack auto|off|N``), and the cached measurement ``auto`` uses.
 
-- ``off`` (or 1): every cell is its own unit of work, as before packing existed.
-- ``N``: cells with equal ``benchmark.execution.pack.pack_key`` go in packs of up to N.
-- ``auto`` (the default): per (device, architecture, family), a short calibration times one
-  training step of a pack against the same steps one model at a time, through the real code
-  (``benchmark.engine.packed_train.TrainingPack`` and ``benchmark.engine.train.training_step``), alternating
-  rounds. Cells pack only where the pack measured at least ``AUTO_MIN_SPEEDUP`` times faster, in
-  packs of at most ``AUTO_MAX`` cells and of a share of the group per worker, so that ``--jobs``
-  workers still have work side by side.
+- ``off`` (or 1, the default): every cell is its own unit of work, as without packing.
+- ``N``: cells with equal ``pack_key`` go in packs of up to N.
+- ``auto``: per (device, architecture, family), a short calibration
+  (``benchmark.execution.packing.calibration.measure``) times one training step of a pack against
+  the same steps one model at a time, through the real code, alternating rounds. Cells pack only
+  where the pack measured at least ``AUTO_MIN_SPEEDUP`` times faster, in packs of at most
+  ``AUTO_MAX`` cells and of a share of the group per worker, so that ``--jobs`` workers still have
+  work side by side.
   Measurements are cached in ``<results-dir>/cache/pack-calibration.json``, keyed by the device,
   its thread count, the torch version, the architecture, family, pack size and batch size.
 
@@ -21,23 +21,20 @@ from __future__ import annotations
 import json
 import math
 import os
-import statistics
 import time
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from benchmark.core.provenance import cpu_model
 from benchmark.core.files import atomic_write_text
+from benchmark.core.method import get_method
+from benchmark.core.provenance import cpu_model
 from benchmark.engine import data as data_mod
 from benchmark.engine import models
 from benchmark.execution.cell import Cell
-from benchmark.execution.pack import family, pack_key
+from benchmark.execution.packing.calibration import measure
 from methods import structures
-from benchmark.engine.packed_train import Job, TrainingPack
-from benchmark.engine.timing import interleave, paired_ratio
-from benchmark.engine.train import default_schedule, make_optimizer, prepare_input, training_step, tune_cpu_allocator
 
 #: Largest pack ``auto`` makes per device type; on a CPU larger packs gain little.
 AUTO_MAX = {"cpu": 16, "cuda": 64, "mps": 16}
@@ -45,11 +42,31 @@ AUTO_MAX = {"cpu": 16, "cuda": 64, "mps": 16}
 #: margin keeps noise from choosing packing where it does not pay).
 AUTO_MIN_SPEEDUP = 1.1
 CALIBRATION_FILE = "pack-calibration.json"
-CALIBRATION_ROUNDS = 5
-#: A calibration whose warm-up round takes longer than this runs at most 3 rounds.
-SLOW_ROUND_S = 2.0
 #: Share of the device's free memory that packs may take (all workers together).
 MEMORY_FRACTION = 0.5
+
+
+def _pack_family(cell: Cell) -> tuple[str, tuple] | None:
+    """What the cell's method says about packing (``Method.Workload.pack_family``): (structure, what else
+    must be equal), or None. Methods that pack none of their cells: ``gmp``, ``rigl`` and ``set``
+    change each cell's mask on their own schedule between steps, structured pruning changes the
+    shapes, magnitude pruning without fine-tuning trains nothing but the dense model (which packs
+    with the dense cells)."""
+    return get_method(cell.method)(cell.method_params).workload.pack_family()
+
+
+def family(cell: Cell) -> str | None:
+    """The structure family a cell trains (what calibration measures), or None if it never packs."""
+    found = _pack_family(cell)
+    return found[0] if found else None
+
+
+def pack_key(cell: Cell) -> tuple | None:
+    """Cells with equal keys may form one pack; None: the cell runs alone."""
+    found = _pack_family(cell)
+    if found is None:
+        return None
+    return (cell.arch, cell.dataset, cell.subset, cell.schedule, found[0], found[1])
 
 
 def parse_pack(text: str | int) -> str | int:
@@ -218,57 +235,3 @@ def _read_cache(path: Path | None) -> dict:
     except (OSError, ValueError):
         return {}  # a damaged cache only costs a new measurement
     return found if isinstance(found, dict) else {}
-
-
-def calibration_members(arch: str, in_shape, classes: int, kind: str, size: int, device: torch.device) -> list[Job]:
-    """``size`` models of ``kind`` (a ``benchmark.execution.pack.family``) as their cells would build them,
-    each with its own λ where the family has one."""
-    schedule = default_schedule(arch)
-    channels_last = device.type == "cuda" and arch in models.CONV_MODELS
-    jobs = []
-    for i in range(size):
-        model = models.build(arch, in_shape, classes, seed=i).to(device)
-        if channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        hooks = structures.stand_in(kind, model, i)
-        jobs.append(Job(model, schedule, i, Path(os.devnull), hooks, channels_last=channels_last))
-    return jobs
-
-
-def measure(arch: str, in_shape, classes: int, kind: str, size: int, batch: int, device: torch.device,
-            rounds: int = CALIBRATION_ROUNDS) -> dict:
-    """Time one step of ``size`` models packed against one step of each alone, in alternating
-    rounds; ``ratio`` is the median over rounds of (one at a time) / (packed)."""
-    if device.type == "cpu":
-        tune_cpu_allocator()
-    jobs = calibration_members(arch, in_shape, classes, kind, size, device)
-    schedule = jobs[0].schedule
-    gen = torch.Generator().manual_seed(0)
-    xs = torch.randn(size, batch, *in_shape, generator=gen).to(device)
-    ys = torch.randint(0, classes, (size, batch), generator=gen).to(device)
-    channels_last = jobs[0].channels_last
-    alone = [(job, make_optimizer(job.model, schedule, job.hooks)) for job in jobs]
-    pack = TrainingPack(jobs, schedule)
-    x_all = prepare_input(xs.flatten(0, 1), channels_last)
-    y_all = ys.flatten()
-
-    def one_at_a_time():
-        for i, (job, optimizer) in enumerate(alone):
-            training_step(job.model, prepare_input(xs[i], channels_last), ys[i], optimizer, job.hooks, device)
-
-    def packed():
-        pack.step(x_all, y_all, schedule.lr, device)
-
-    contenders = {"sequential": one_at_a_time, "packed": packed}
-    for fn in contenders.values():
-        fn()
-    began = time.perf_counter()
-    for fn in contenders.values():
-        fn()
-    if time.perf_counter() - began > SLOW_ROUND_S:  # big models on a CPU: a few rounds tell enough
-        rounds = min(rounds, 3)
-    seconds = interleave(contenders, rounds, device)
-    ratio = paired_ratio(seconds["sequential"], seconds["packed"])
-    return {"ratio": ratio, "sequential_s": statistics.median(seconds["sequential"]),
-            "packed_s": statistics.median(seconds["packed"]), "size": size, "batch": batch, "rounds": rounds,
-            "sequential_rounds": seconds["sequential"], "packed_rounds": seconds["packed"]}

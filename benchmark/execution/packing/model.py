@@ -14,8 +14,8 @@ A layer's parametrizations (DWF's factor product, a pruning mask) stay as they a
 stacked weight from the stacked factors or mask: they are elementwise, so a member's slice is what
 its own model would compute. Any other module holding tensors cannot be stacked (``NotStackable``).
 
-Measured on a 2-core CPU (docs/scaling.md, "Packed training"): for LeNet-300-100 these batched products were
-faster than ``torch.func.vmap`` over ``functional_call`` (which copies the weights' gradients into
+Measured on a 2-core CPU (docs/scaling.md, "Packed training"): for LeNet-300-100 these batched
+products were faster than ``torch.func.vmap`` over ``functional_call`` (which copies the weights' gradients into
 another layout on every step).
 """
 

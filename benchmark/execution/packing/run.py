@@ -1,14 +1,15 @@
-"""Packs: cells of one structure run in one process, their trainings as one stacked model.
+"""Running a pack: its cells' methods, each in a thread of its own, their trainings as one stacked model.
 
 A pack is a unit of work of the runner: a list of cells that share architecture, dataset, subset,
-schedule and the structure of what they train (``pack_key``). ``run_pack`` runs every cell's own
-method, unchanged, each in a thread of its own, one thread at a time: when a method asks its
-context to train (``Context.train``, or ``Context.dense`` for the cached dense model), its thread
-waits; once every cell waits or has finished, the waiting trainings that can stack
-(``benchmark.engine.packed_train.signature``) train together as one model, each into its own checkpoint,
-and every method goes on. Its own ``train`` call then finds the finished checkpoint and returns
-the history without training, so a method sees what it would see alone. A lottery ticket's levels
-are successive trainings: each level of the cells of a pack trains together.
+schedule and the structure of what they train (``benchmark.execution.packing.plan.pack_key``).
+``run_pack`` runs every cell's own method, unchanged, each in a thread of its own, one thread at a
+time: when a method asks its context to train (``Context.train``, or ``Context.dense`` for the
+cached dense model), its thread waits; once every cell waits or has finished, the waiting
+trainings that can stack (``benchmark.execution.packing.jobs.signature``) train together as one
+model, each into its own checkpoint, and every method goes on. Its own ``train`` call then finds
+the finished checkpoint and returns the history without training, so a method sees what it would
+see alone. A lottery ticket's levels are successive trainings: each level of the cells of a pack
+trains together.
 
 What the records gain: ``pack_size`` (cells in the pack), and ``wall_s`` is the cell's share of
 the pack's time. Cell ids do not change.
@@ -31,37 +32,14 @@ from pathlib import Path
 
 import torch
 
-from benchmark.engine.train import REWIND_EPOCHS, REWIND_ITERATIONS
-from benchmark.execution.cell import Cell, Context, run_cell
 from benchmark.core.files import file_lock
-from benchmark.core.method import get_method
-from benchmark.engine.packed_model import NotStackable
-from benchmark.engine.packed_train import Job, resume_together, signature, train_packed, why_not_packable
-from benchmark.engine.train import TrainHooks
+from benchmark.engine.train import REWIND_EPOCHS, REWIND_ITERATIONS, TrainHooks
+from benchmark.execution.cell import Cell, Context, run_cell
+from benchmark.execution.packing.jobs import Job, resume_together, signature, why_not_packable
+from benchmark.execution.packing.model import NotStackable
+from benchmark.execution.packing.train import train_packed
 
 log = logging.getLogger("benchmark.run")
-
-def _pack_family(cell: Cell) -> tuple[str, tuple] | None:
-    """What the cell's method says about packing (``Method.Workload.pack_family``): (structure, what else
-    must be equal), or None. Methods that pack none of their cells: ``gmp``, ``rigl`` and ``set``
-    change each cell's mask on their own schedule between steps, structured pruning changes the
-    shapes, magnitude pruning without fine-tuning trains nothing but the dense model (which packs
-    with the dense cells)."""
-    return get_method(cell.method)(cell.method_params).workload.pack_family()
-
-
-def family(cell: Cell) -> str | None:
-    """The structure family a cell trains (what calibration measures), or None if it never packs."""
-    found = _pack_family(cell)
-    return found[0] if found else None
-
-
-def pack_key(cell: Cell) -> tuple | None:
-    """Cells with equal keys may form one pack; None: the cell runs alone."""
-    found = _pack_family(cell)
-    if found is None:
-        return None
-    return (cell.arch, cell.dataset, cell.subset, cell.schedule, found[0], found[1])
 
 
 class PackAborted(BaseException):
