@@ -34,6 +34,10 @@ class DamagedResult(DamagedFile):
     """A result file that cannot be used; ``path`` and ``reason`` say which and why."""
 
 
+class DamagedResults(ValueError):
+    """Several damaged result files (collect lists them all)."""
+
+
 def _is_ratio(key: str) -> bool:
     return key in RATIO_KEYS or key.startswith("cr_") or key.endswith("_cr")
 

@@ -43,14 +43,13 @@ from benchmark.core.files import atomic_write_text, writer_gone
 from benchmark.core.untrusted import DamagedFile, parse_json, read_text
 from benchmark.execution import collection
 from benchmark.execution.claims import CLAIM_TIMEOUT_S, ClaimFiles, parse_claim
-from benchmark.execution.records import DamagedResult, result_problems
+from benchmark.execution.records import DamagedResult, DamagedResults, result_problems
 
 #: Which grid ``run`` ran last in a results folder.
 LAST_RUN = "last-run.json"
 #: What ``Store.write`` returns as the status of a result it did not write: the cell's claim was no
 #: longer this run's when the file was about to be renamed into place.
 CLAIM_LOST = "claim-lost"
-
 #: What a grid's results folder may be called: one plain folder name, so that every path the tool
 #: writes or deletes stays inside the results folder whatever a grid file or last-run.json says.
 FOLDER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -182,8 +181,8 @@ class Store:
         if lost is None:
             return result
         self.event(CLAIM_LOST, cell_id, run_id, reason=lost)
-        warnings.warn(f"cell {cell_id}: not written by run {run_id}, whose claim on it was lost ({lost}): "
-                      f"this run was paused past the claim's expiry", RuntimeWarning, stacklevel=2)
+        warnings.warn(f"cell {cell_id}: not written by run {run_id}, whose claim on it was lost ({lost}; "
+                      f"was this run paused past the claim's expiry?)", RuntimeWarning, stacklevel=2)
         return result | {"status": CLAIM_LOST}
 
     def lost_claim(self, cell_id: str, run_id: str) -> str | None:
@@ -204,24 +203,31 @@ class Store:
             return f"run {previous['run_id']} wrote it meanwhile"
         return None
 
-    def results(self) -> list[dict]:
-        """Every usable result file, parsed and checked. A damaged one (not a regular file, torn,
-        fields missing, records collection cannot read) is named in a warning and set aside to
-        cells/damaged/, so the next ``run`` runs its cell again."""
-        out = []
+    def results(self, skip_damaged: bool = False) -> list[dict]:
+        """Every result file, parsed and checked. A damaged one (torn, fields missing, impossible
+        values, records collection cannot read) raises DamagedResults naming every such file, unless
+        ``skip_damaged``. Something that is not a regular file (a FIFO would block the reader) is
+        not a result: it is named in a warning and skipped (``run`` sets it aside)."""
+        out, damaged = [], []
         if not self.cells_dir.is_dir():
             return out
         for path in sorted(self.cells_dir.glob("*.json")):
+            if not path.is_file():
+                warnings.warn(f"{path} is not a regular file; not collected ('python -m benchmark run' on this grid "
+                              f"sets it aside and runs its cell again)", RuntimeWarning, stacklevel=2)
+                continue
             try:
                 result = self._load(path, path.stem)
             except DamagedResult as exc:
-                moved = self.set_aside(path.stem, exc.reason)
-                warnings.warn(f"{exc}; not collected: moved to {moved or 'nowhere (it was gone)'}, and the next "
-                              f"'python -m benchmark run' of this grid runs its cell again", RuntimeWarning,
-                              stacklevel=2)
+                damaged.append(exc)
                 continue
             if result is not None:
                 out.append(result)
+        if damaged and not skip_damaged:
+            raise DamagedResults(
+                f"{len(damaged)} result file(s) cannot be collected:\n  " + "\n  ".join(map(str, damaged))
+                + f"\n'python -m benchmark run' on this grid sets them aside (kept in {self.cells_dir / 'damaged'}) "
+                  f"and runs their cells again; or move them away yourself")
         return out
 
     def remove_work(self, cell_id: str) -> None:
@@ -303,7 +309,8 @@ class Store:
         return collection.tables(self.grid, self.results(), self.picks())
 
     def collect(self) -> tuple[Path, Path, pd.DataFrame]:
-        """Write results.csv, layers.csv and history.csv; returns the first two paths and the results."""
+        """Write results.csv, layers.csv and history.csv; returns the first two paths and the results.
+        DamagedResults (nothing written) if a result file is damaged."""
         frames = self.tables()
         csv_path, layers_path = collection.write_csvs(self.root, frames)
         return csv_path, layers_path, frames[0]
