@@ -15,7 +15,7 @@ import torch
 
 from benchmark.execution import grids
 from benchmark.execution.cell import Cell, run_cell
-from benchmark.execution.store import variant_label
+from benchmark.execution.collection import variant_label
 from methods.masks import kept_count, layer_counts_for_cr, masks_from_scores
 
 from conftest import make_data
@@ -97,7 +97,7 @@ def test_the_authors_lottery_recipe_reaches_cr_1000_on_lenet_300_100_and_bad_opt
 def test_training_cost_is_epochs_over_the_schedules_and_follows_a_curve_to_a_fixed_cr(tmp_path):
     from benchmark.analysis import curves as cv
     from benchmark.analysis.plot import cost_at_cr, plot_cost_vs_accuracy
-    from benchmark.execution.store import training_cost
+    from benchmark.execution.collection import training_cost
 
     assert training_cost({"epochs": 330, "epochs_schedule": 30}) == 11.0
     assert training_cost({"epochs": 30}) is None and training_cost({"epochs": 30, "epochs_schedule": 0}) is None

@@ -572,20 +572,22 @@ def test_doctor_says_what_a_run_would_use_and_that_training_works(tmp_path):
 RACER = r"""
 import os, sys, time
 from pathlib import Path
+from benchmark.execution.claims import ClaimFiles
 from benchmark.execution.store import Store
 
 
 
-class SlowStore(Store):
+class SlowClaims(ClaimFiles):
     # A driver paused (swapped out, descheduled) between judging a claim stale and acting on it.
-    def _stale(self, path):
-        verdict = super()._stale(path)
+    def stale(self, path):
+        verdict = super().stale(path)
         time.sleep(0.3)
         return verdict
 
 
 root, rounds = Path(sys.argv[1]), int(sys.argv[2])
-store = SlowStore(root, "g")
+store = Store(root, "g")
+store.claims = SlowClaims(store.claims_dir)
 for r in range(rounds):
     go = root / f"go-{r}"
     while not go.exists():

@@ -13,7 +13,7 @@ from benchmark.analysis import plot as plot_mod
 from benchmark.__main__ import main
 from benchmark.execution.cell import Cell, run_cell
 from benchmark.engine.sparsity import cr_at, threshold_sensitivity
-from benchmark.execution.store import variant_label
+from benchmark.execution.collection import variant_label
 
 from test_runner import tiny_grid
 

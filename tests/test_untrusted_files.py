@@ -3,13 +3,22 @@ a pickle payload runs no code, and a damaged one is named, moved aside and its w
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import pickle
+import shutil
+import signal
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import torch
+
+from benchmark.__main__ import main
+from benchmark.execution.packing import plan as pack_plan
+from benchmark.execution.store import Store
 
 from benchmark.engine.train import Schedule, load_state, train
 from benchmark.engine import models
@@ -82,9 +91,6 @@ def test_a_dense_cache_with_a_payload_is_retrained_and_the_cell_succeeds(tmp_pat
 
 
 def test_a_grid_name_that_would_leave_the_results_folder_is_refused(tmp_path, capsys):
-    from benchmark.__main__ import main
-    from benchmark.execution.store import Store
-
     for name in ("..", ".", "../x", "a/b", ""):
         with pytest.raises(ValueError, match="cannot name a results folder"):
             Store(tmp_path / "results", name)
@@ -133,3 +139,140 @@ def test_values_whose_cost_is_absurd_are_refused_before_anything_is_built(entry,
                                                                         "[experiment.schedule]\nepochs = 2\n")
     with pytest.raises(grids.GridError, match=re.escape(says)):
         grids.parse_grid(text, "absurd")
+
+
+# ------------------------------------------------------------------------------------------------
+# Result files, caches and special files planted in a results folder (issue 27)
+# ------------------------------------------------------------------------------------------------
+
+GRID = """description = "two dense cells"
+seeds = [0, 1]
+subset = 300
+[[experiment]]
+archs = ["lenet300"]
+datasets = ["fashion-mnist"]
+schedule = { epochs = 1, batch_size = 64 }
+[experiment.methods.dense]
+"""
+
+
+@pytest.fixture(scope="module")
+def finished_grid(tmp_path_factory):
+    base = tmp_path_factory.mktemp("finished")
+    (base / "g.toml").write_text(GRID)
+    assert main(["run", "--grid", str(base / "g.toml"), "--results-dir", str(base / "r"), "--no-progress"]) == 0
+    return base
+
+
+@pytest.fixture
+def grid_copy(finished_grid, tmp_path):
+    """(grid file, results folder, the store, the first cell's result file) of a copy of the finished grid."""
+    shutil.copytree(finished_grid, tmp_path / "w")
+    store = Store(tmp_path / "w" / "r", "g")
+    return tmp_path / "w" / "g.toml", tmp_path / "w" / "r", store, sorted(store.cells_dir.glob("*.json"))[0]
+
+
+@contextmanager
+def deadline(seconds: int):
+    """Turn a hang (an open() that blocks on a FIFO) into a failure."""
+    def expired(signum, frame):
+        raise TimeoutError(f"still blocked after {seconds} s")
+
+    before = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, before)
+
+
+OLDER_FORMATS = {
+    "a layer without numel": lambda r: r["layers"][0].pop("numel"),
+    "layers that are not a list": lambda r: r.update(layers={"conv1": 150}),
+    "a history that is not a list": lambda r: r.update(history={"epoch": 1, "test_acc": 0.5}),
+    "history entries that are not tables": lambda r: r.update(history=[0.5, 0.6]),
+    "a seed that is not a number": lambda r: r.update(seed="0"),
+}
+
+
+@pytest.mark.parametrize("damage", OLDER_FORMATS)
+def test_a_record_of_an_older_format_is_named_then_set_aside_and_redone_and_collect_finishes(grid_copy, capsys, damage):
+    """Found: such records passed the damage check, then `collect` ended in a KeyError or TypeError."""
+    grid_file, results, store, victim = grid_copy
+    result = json.loads(victim.read_text())
+    OLDER_FORMATS[damage](result["records"][0])
+    victim.write_text(json.dumps(result))
+    args = ["--grid", str(grid_file), "--results-dir", str(results)]
+
+    written_by_run = (store.root / "results.csv").read_text()
+    assert main(["status", *args]) == 0
+    assert str(victim) in capsys.readouterr().out  # named, counted as to do
+    assert main(["collect", *args]) == 2  # a message naming it, not a traceback
+    assert str(victim) in capsys.readouterr().err
+    assert (store.root / "results.csv").read_text() == written_by_run
+    assert main(["run", *args, "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    assert "damaged result file set aside" in captured.err and victim.stem in captured.err
+    assert "1 finished now, 1 already done" in captured.out  # the cell redone
+    assert len(list((store.cells_dir / "damaged").glob(f"{victim.stem}.*.json"))) == 1
+    assert main(["collect", *args]) == 0
+    assert "2 rows" in capsys.readouterr().out
+
+
+def test_a_fifo_where_a_record_belongs_hangs_neither_status_nor_collect(grid_copy, capsys):
+    grid_file, results, store, victim = grid_copy
+    victim.unlink()
+    os.mkfifo(victim)
+    args = ["--grid", str(grid_file), "--results-dir", str(results)]
+    with deadline(120):
+        assert main(["status", *args]) == 0
+        out = capsys.readouterr().out
+        assert str(victim) in out and "not a regular file" in out
+        with pytest.warns(RuntimeWarning, match=re.escape(str(victim)) + " is not a regular file"):
+            assert main(["collect", *args]) == 0  # named and skipped
+        assert "1 rows" in capsys.readouterr().out
+        assert main(["run", *args, "--no-progress"]) == 0
+    assert "1 finished now, 1 already done" in capsys.readouterr().out
+    assert victim.is_file() and len(list((store.cells_dir / "damaged").glob(f"{victim.stem}.*.json"))) == 1
+
+
+SPEEDS_DAMAGE = {
+    "truncated": lambda text: text[: len(text) // 2],
+    "of the wrong type": lambda text: "[1, 2, 3]",
+    "with NaN speeds": lambda text: re.sub(r'"step_s": [0-9.e-]+', '"step_s": NaN', text),
+    "with a unit that is not a table": lambda text: re.sub(r'"units": \{', '"units": {"x": 5, ', text, count=1),
+}
+
+
+@pytest.mark.parametrize("damage", SPEEDS_DAMAGE)
+def test_a_damaged_speed_cache_is_named_set_aside_and_measured_again(tmp_path, monkeypatch, capsys, damage):
+    monkeypatch.setenv("BENCHMARK_CACHE_DIR", str(tmp_path / "cache"))
+    (tmp_path / "g.toml").write_text(GRID)
+    args = ["run", "--grid", str(tmp_path / "g.toml"), "--results-dir", str(tmp_path / "r"), "--dry-run"]
+    assert main(args) == 0
+    speeds = tmp_path / "cache" / "speeds.json"
+    good = speeds.read_text()
+    planted = SPEEDS_DAMAGE[damage](good)
+    assert planted != good
+    speeds.write_text(planted)
+    capsys.readouterr()
+    with pytest.warns(RuntimeWarning, match=re.escape(str(speeds)) + ".*speeds are measured again"):
+        assert main(args) == 0
+    assert "measuring speeds" in capsys.readouterr().err  # measured again
+    assert (tmp_path / "cache" / "speeds.json.damaged").read_text() == planted
+    assert json.loads(speeds.read_text())["devices"]
+
+
+@pytest.mark.parametrize("planted", ['{"key": {"ratio": 1.', '[1, 2]', '{"k": {"ratio": NaN}}', '{"k": 3}', "\xff"])
+def test_a_damaged_pack_calibration_is_named_set_aside_and_measured_again(tmp_path, monkeypatch, planted):
+    measured = []
+    monkeypatch.setattr(pack_plan, "measure", lambda *a, **k: measured.append(a) or {"ratio": 1.5})
+    cells = [Cell.make("l1", "lenet300", "fashion-mnist", params={"lam": lam}) for lam in (1e-4, 1e-3)]
+    path = tmp_path / pack_plan.CALIBRATION_FILE
+    path.write_bytes(planted.encode("latin-1"))
+    with pytest.warns(RuntimeWarning, match=re.escape(str(path)) + ".*measured again"):
+        units = pack_plan.plan(cells, "auto", device=torch.device("cpu"), cache_dir=tmp_path, say=lambda text: None)
+    assert units == [cells] and len(measured) == 1
+    assert (tmp_path / (pack_plan.CALIBRATION_FILE + ".damaged")).read_bytes() == planted.encode("latin-1")
+    assert all(v["ratio"] == 1.5 for v in json.loads(path.read_text()).values())

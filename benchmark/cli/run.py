@@ -15,7 +15,8 @@ from benchmark.execution.cell import Cell
 from benchmark.core.console import say
 from benchmark.execution.runner import (DASK_CONNECT_TIMEOUT_S, PACK_ENV, signal_name, estimate_epochs,
                                         pending_cells, run_grid, trainings)
-from benchmark.execution.store import DamagedResult, Store
+from benchmark.execution.records import DamagedResult
+from benchmark.execution.store import Store
 
 
 

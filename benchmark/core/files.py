@@ -30,13 +30,16 @@ def temporary_name(path: Path, suffix: str = "") -> Path:
 
 
 def atomic_write(path: Path | str, write: Callable[[IO], None], *, binary: bool = False, durable: bool = True,
-                 make_parents: bool = False) -> None:
-    """Call ``write(fh)`` on a temporary file beside ``path``, then rename it onto ``path``.
+                 make_parents: bool = False, commit_if: Callable[[], bool] | None = None) -> bool:
+    """Call ``write(fh)`` on a temporary file beside ``path``, then rename it onto ``path``; returns
+    whether it did.
 
     ``durable`` flushes to the disk before the rename (results: a crash right after must not leave
     an empty file); ``make_parents`` creates the folder (a finished copy of a cell may have removed
-    its work folder). Whatever stops the write, the temporary file is removed; a disk that refuses
-    it (full, read-only, no permission) raises StorageError naming ``path`` and what to do.
+    its work folder); ``commit_if`` is asked right before the rename, and when it says no the file
+    is not written (a driver that lost its claim on a cell while it wrote, docs/design.md). Whatever
+    stops the write, the temporary file is removed; a disk that refuses it (full, read-only, no
+    permission) raises StorageError naming ``path`` and what to do.
     """
     path = Path(path)
     tmp = temporary_name(path)
@@ -48,7 +51,11 @@ def atomic_write(path: Path | str, write: Callable[[IO], None], *, binary: bool 
             if durable:
                 fh.flush()
                 os.fsync(fh.fileno())
+        if commit_if is not None and not commit_if():
+            tmp.unlink()
+            return False
         os.replace(tmp, path)
+        return True
     except BaseException as exc:
         with contextlib.suppress(OSError):
             tmp.unlink()
@@ -59,9 +66,9 @@ def atomic_write(path: Path | str, write: Callable[[IO], None], *, binary: bool 
         raise
 
 
-def atomic_write_text(path: Path | str, text: str, **options) -> None:
+def atomic_write_text(path: Path | str, text: str, **options) -> bool:
     """``atomic_write`` of a text."""
-    atomic_write(path, lambda fh: fh.write(text), **options)
+    return atomic_write(path, lambda fh: fh.write(text), **options)
 
 
 def save_atomic(obj, path: Path | str) -> None:

@@ -43,7 +43,9 @@ from benchmark.execution import grids as grids_mod
 from benchmark.execution.cell import Cell, prunable_layer_sizes
 from benchmark.core.errors import Interrupted, RunStopped, StorageError, is_disk_error
 from benchmark.core.files import pid_alive
-from benchmark.execution.store import HEARTBEAT_S, DamagedResult, Store
+from benchmark.execution.claims import HEARTBEAT_S
+from benchmark.execution.records import DamagedResult
+from benchmark.execution.store import Store
 from benchmark.core.method import get_method
 
 log = logging.getLogger("benchmark.run")

@@ -1,16 +1,14 @@
-"""One result file per cell, written atomically by the driver only, and collection to tidy CSVs.
+"""The results folder of one grid: its layout, its result files (one per cell, written atomically by
+the driver that owns the cell's claim, docs/design.md "Resumable, whatever stops it"), its events, and
+the handle through which ``run``, ``status`` and ``collect`` reach claims (``claims``) and the CSVs
+(``collection``).
 
 Layout under ``<results-dir>/<grid>/``::
 
     cells/<cell_id>.json    the cell's config, status and records (temporary file + rename)
-    cells/damaged/          result files that did not parse or held impossible values, set aside
-                            (kept for inspection) so that their cells run again
-    claims/<cell_id>.claim  held while a driver runs the cell (created whole with link(2), which
-                            fails if it exists), so two drivers never train one cell twice; the
-                            driver touches its claims every minute, and a claim whose process is
-                            gone (same host: pid and process start time) or that has not been
-                            touched for ``claim_timeout`` seconds (another host) is taken over,
-                            one driver at a time (a lock file in claims/)
+    cells/damaged/          result files that did not load or did not pass ``records.result_problems``,
+                            set aside (kept for inspection) so that their cells run again
+    claims/<cell_id>.claim  held while a driver runs the cell (``claims``)
     work/<cell_id>/         per-epoch checkpoints of unfinished cells (removed by the driver once
                             the cell's result is written)
     events.jsonl            one line per start / finish / failure, appended by every driver
@@ -28,13 +26,11 @@ and ``<results-dir>/last-run.json`` names the grid of the last ``run`` there (``
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import errno
 import json
-import math
 import os
 import re
-import socket
+import shutil
 import time
 import uuid
 import warnings
@@ -43,174 +39,17 @@ from pathlib import Path
 import pandas as pd
 
 from benchmark.core.errors import StorageError
-from benchmark.core.method import all_methods
-from benchmark.core.files import atomic_write_text, file_lock, pid_alive, process_start, temporary_name, writer_gone
-from benchmark.engine.train import OPT_IN_DEFAULTS
-from benchmark.execution import tuning
+from benchmark.core.files import atomic_write_text, writer_gone
+from benchmark.core.untrusted import DamagedFile, parse_json, read_text
+from benchmark.execution import collection
+from benchmark.execution.claims import CLAIM_TIMEOUT_S, ClaimFiles, parse_claim
+from benchmark.execution.records import DamagedResult, DamagedResults, result_problems
 
-#: How often a running driver touches its claims, and how old another host's claim may get
-#: before it counts as abandoned (ten missed heartbeats: generous for clock skew on shared disks).
-HEARTBEAT_S = 60.0
-CLAIM_TIMEOUT_S = 600.0
-
-#: Record keys that are not CSV columns (nested or bulky); layers go to layers.csv.
-NESTED_KEYS = ("history", "layers", "config", "traceback", "pruning_log")
-
-#: The columns results.csv always has, in this order; other record keys follow.
-CSV_COLUMNS = [
-    "grid", "cell_id", "method", "variant", "family", "arch", "dataset", "seed", "depth", "lam",
-    "target_cr", "level", "test_acc", "cr", "cr_total", "cr_effective", "speedup", "sparsity",
-    "epochs", "wall_s", "device", "status", "error",
-]
-
-
-#: The CSVs ``collect`` writes into a grid's folder.
-CSV_NAMES = ("results.csv", "layers.csv", "history.csv")
 #: Which grid ``run`` ran last in a results folder.
 LAST_RUN = "last-run.json"
-
-#: Columns of history.csv before the per-epoch metrics (one row per record x epoch).
-HISTORY_KEYS = ["cell_id", "level", "variant", "method", "arch", "dataset", "seed", "depth", "lam", "target_cr"]
-
-
-def training_cost(record: dict) -> float | None:
-    """The training behind a record in dense trainings of its schedule: its epochs (every phase: a
-    pruned model's dense training, fine-tuning, each lottery level) over the schedule's. Every method
-    here computes with dense kernels (a mask or D factors skip no arithmetic), so this is its share of
-    training FLOPs too, up to the masks' and factors' elementwise work and scoring passes (docs/recipes.md)."""
-    epochs, schedule = record.get("epochs"), record.get("epochs_schedule")
-    if not isinstance(epochs, (int, float)) or not isinstance(schedule, (int, float)) or not schedule > 0:
-        return None
-    return float(epochs) / float(schedule)
-
-
-def curve_settings(record: dict) -> dict:
-    """What makes a record's curve: its method's parameters (with their defaults) except the ones a
-    curve sweeps (``tuning.SWEEP_PARAMETERS``), and its schedule."""
-    method = all_methods().get(str(record.get("method")))
-    names = [f.name for f in dataclasses.fields(method.Params)] if method is not None else []
-    config = record.get("config") if isinstance(record.get("config"), dict) else {}
-    params = config.get("params") if isinstance(config.get("params"), dict) else {}
-    defaults = {f.name: f.default for f in dataclasses.fields(method.Params)} if method is not None else {}
-    settings = {name: params.get(name, defaults.get(name)) for name in names if name not in tuning.SWEEP_PARAMETERS}
-    schedule = config.get("schedule") if isinstance(config.get("schedule"), dict) else {}
-    settings |= {f"schedule.{k}": v for k, v in ({**OPT_IN_DEFAULTS, **schedule}).items()}
-    return settings
-
-
-def distinguish_curves(rows: list[dict], records: list[dict]) -> dict[tuple, str]:
-    """Give records of one label but different settings labels of their own, in place: each row's
-    ``variant`` gets the settings that differ within its (arch, dataset, variant), e.g. ``gmp
-    scope=global``, so that no table or figure averages two settings as one curve. Returns the new
-    label of each renamed (cell_id, level)."""
-    groups: dict[tuple, list[tuple[dict, dict]]] = {}
-    for row, record in zip(rows, records):
-        groups.setdefault((row.get("arch"), row.get("dataset"), row.get("variant")), []).append((row, record))
-    renamed = {}
-    for pairs in groups.values():
-        members = [row for row, _ in pairs]
-        settings = [curve_settings(record) for _, record in pairs]
-        keys = sorted({k for s in settings for k in s})
-        varying = [k for k in keys if len({repr(s.get(k)) for s in settings}) > 1]
-        if not varying:
-            continue
-        for row, own in zip(members, settings):
-            row["variant"] = f"{row['variant']} " + " ".join(f"{k}={_short(own.get(k))}" for k in varying)
-            renamed[(row.get("cell_id"), row.get("level"))] = row["variant"]
-    return renamed
-
-
-def _short(value) -> str:
-    return f"{value:g}" if isinstance(value, float) else str(value)
-
-
-def variant_label(record: dict) -> str:
-    """The curve a record (or CSV row) belongs to, as its method labels it (``Method.curve_label``:
-    ``dwf D=3``, ``magnitude +FT``, ``lottery LRR rewind=500it``); a method that is not installed
-    here is labelled by its name."""
-    method = str(record.get("method"))
-    known = all_methods()
-    return known[method].curve_label(record) if method in known else method
-
-
-#: Record values that are ratios of counts (>= 1; +inf when nothing is kept, a real outcome): these
-#: keys, and every key that starts with ``cr_`` or ends with ``_cr``.
-RATIO_KEYS = ("cr", "cr_total", "cr_effective", "speedup")
-#: Record values that are fractions.
-FRACTION_KEYS = ("test_acc", "train_acc", "sparsity", "dense_test_acc")
-#: Diagnostics that are nan when undefined (balance of factors that are all zero).
-MAY_BE_UNDEFINED = ("balance_error",)
-RESULT_STATUSES = ("ok", "failed", "blocked")
-
-
-def _is_ratio(key: str) -> bool:
-    return key in RATIO_KEYS or key.startswith("cr_") or key.endswith("_cr")
-
-
-def record_problems(record) -> list[str]:
-    """What makes a result record impossible: accuracy or sparsity outside [0, 1], a compression
-    ratio below 1, a number that is nan or infinite (except +inf for a ratio with nothing kept, and
-    nan for the diagnostics in MAY_BE_UNDEFINED)."""
-    if not isinstance(record, dict):
-        return [f"a record is not a table: {record!r:.80}"]
-    problems = []
-    if record.get("status") not in RESULT_STATUSES:
-        problems.append(f"record status={record.get('status')!r} is not one of {list(RESULT_STATUSES)}")
-    if record.get("status") == "ok" and (isinstance(record.get("test_acc"), bool)
-                                         or not isinstance(record.get("test_acc"), (int, float))):
-        problems.append("an ok record has no test_acc")
-    for key, value in record.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            continue
-        if math.isnan(value):
-            if key not in MAY_BE_UNDEFINED:
-                problems.append(f"{key}=nan is not a number")
-        elif _is_ratio(key):
-            if not value >= 1:
-                problems.append(f"{key}={value!r} is below 1 (a compression ratio is total / kept >= 1)")
-        elif math.isinf(value):
-            problems.append(f"{key}={value!r} is not a finite number")
-        elif key in FRACTION_KEYS and not 0 <= value <= 1:
-            problems.append(f"{key}={value!r} is outside [0, 1]")
-    return problems
-
-
-def result_problems(result, cell_id: str | None = None) -> list[str]:
-    """Why a parsed result file cannot be used (missing fields, wrong cell, impossible values)."""
-    if not isinstance(result, dict):
-        return [f"it holds {type(result).__name__}, not a result table"]
-    problems = []
-    missing = [k for k in ("cell_id", "status", "config", "records") if k not in result]
-    if missing:
-        problems.append(f"fields {missing} are missing")
-    if "status" in result and result["status"] not in RESULT_STATUSES:
-        problems.append(f"status={result['status']!r} is not one of {list(RESULT_STATUSES)}")
-    if cell_id is not None and "cell_id" in result and result["cell_id"] != cell_id:
-        problems.append(f"cell_id={result['cell_id']!r} does not match its file name")
-    if "config" in result and not isinstance(result["config"], dict):
-        problems.append("config is not a table")
-    records = result.get("records")
-    if "records" in result and (not isinstance(records, list) or not records):
-        problems.append("records is not a non-empty list")
-    elif isinstance(records, list):
-        for i, record in enumerate(records):
-            problems += [f"record {i}: {p}" for p in record_problems(record)]
-    return problems
-
-
-class DamagedResult(ValueError):
-    """A result file that cannot be used; ``path`` and ``reason`` say which and why."""
-
-    def __init__(self, path: Path, reason: str):
-        super().__init__(f"{path}: {reason}")
-        self.path = path
-        self.reason = reason
-
-
-class DamagedResults(ValueError):
-    """Several damaged result files (collect lists them all)."""
-
-
+#: What ``Store.write`` returns as the status of a result it did not write: the cell's claim was no
+#: longer this run's when the file was about to be renamed into place.
+CLAIM_LOST = "claim-lost"
 #: What a grid's results folder may be called: one plain folder name, so that every path the tool
 #: writes or deletes stays inside the results folder whatever a grid file or last-run.json says.
 FOLDER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -223,11 +62,11 @@ class Store:
                              f"{results_dir}): a grid's name is its file name without .toml, and must be letters, "
                              f"digits, '.', '_' and '-', starting with a letter or digit; rename the grid file")
         self.root = Path(results_dir) / grid
-        self.claim_timeout = claim_timeout
         self.grid = grid
         self.cells_dir = self.root / "cells"
         self.claims_dir = self.root / "claims"
         self.work_dir = self.root / "work"
+        self.claims = ClaimFiles(self.claims_dir, claim_timeout)
 
     def ensure(self) -> None:
         if self.root.parent.exists() and not self.root.parent.is_dir():
@@ -267,23 +106,20 @@ class Store:
         return self.cells_dir / f"{cell_id}.json"
 
     def read(self, cell_id: str) -> dict | None:
-        """The cell's result, None if it has none; DamagedResult if its file is torn, lacks fields
-        or holds impossible values."""
-        path = self.path(cell_id)
-        try:
-            text = path.read_text()
-        except FileNotFoundError:
-            return None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise DamagedResult(path, f"cannot be read ({exc})") from None
-        return self._parse(path, text, cell_id)
+        """The cell's result, None if it has none; DamagedResult if its file is not a regular file,
+        is torn, lacks fields or holds records that ``records.result_problems`` refuses."""
+        return self._load(self.path(cell_id), cell_id)
 
     @staticmethod
-    def _parse(path: Path, text: str, cell_id: str | None) -> dict:
+    def _load(path: Path, cell_id: str | None) -> dict | None:
+        """The one loader of result files (``read`` and ``results``)."""
         try:
-            result = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise DamagedResult(path, f"is not valid JSON ({exc}; torn by a crash or edited by hand)") from None
+            text = read_text(path)
+            if text is None:
+                return None
+            result = parse_json(path, text)
+        except DamagedFile as exc:
+            raise DamagedResult(path, exc.reason) from None
         problems = result_problems(result, cell_id)
         if problems:
             raise DamagedResult(path, "; ".join(problems))
@@ -323,27 +159,70 @@ class Store:
         return dest
 
     def write(self, cell_id: str, config: dict, records: list[dict], run_id: str) -> dict:
+        """Write the cell's result atomically, if ``run_id`` still owns the cell at the moment of the
+        rename (``lost_claim``); returns the result. When it does not, nothing is written, an event
+        ``claim-lost`` is recorded and a warning says so, and the result returned has status
+        ``CLAIM_LOST`` (a driver frozen past its claim's expiry must not write a cell that another
+        driver took over)."""
         statuses = {r["status"] for r in records}
         status = "ok" if statuses == {"ok"} else ("blocked" if "blocked" in statuses else "failed")
         result = {"cell_id": cell_id, "grid": self.grid, "status": status, "config": config, "run_id": run_id,
                   "finished_at": time.time(), "records": records}
         self.cells_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.path(cell_id), json.dumps(result))
-        return result
+        lost = None
+
+        def still_owned() -> bool:
+            nonlocal lost
+            lost = self.lost_claim(cell_id, run_id)
+            return lost is None
+
+        with self.claims.deciding():  # no takeover on this host between the check and the rename
+            atomic_write_text(self.path(cell_id), json.dumps(result), commit_if=still_owned)
+        if lost is None:
+            return result
+        self.event(CLAIM_LOST, cell_id, run_id, reason=lost)
+        warnings.warn(f"cell {cell_id}: not written by run {run_id}, whose claim on it was lost ({lost}; "
+                      f"was this run paused past the claim's expiry?)", RuntimeWarning, stacklevel=2)
+        return result | {"status": CLAIM_LOST}
+
+    def lost_claim(self, cell_id: str, run_id: str) -> str | None:
+        """Why ``run_id`` may no longer write the cell (None when it may): another run's claim holds
+        it, its claim is damaged, or its claim is gone and another run wrote the cell meanwhile. Reads
+        only, so it can run under the takeover lock."""
+        try:
+            claim = parse_claim(self.claims.path(cell_id))
+        except DamagedFile as exc:
+            return f"its claim file is damaged: {exc.reason}"
+        if claim is not None:
+            return None if claim.run_id == run_id else f"run {claim.run_id} holds its claim now"
+        try:
+            previous = self.read(cell_id)
+        except DamagedResult:
+            return None
+        if previous is not None and previous.get("run_id") not in (None, run_id):
+            return f"run {previous['run_id']} wrote it meanwhile"
+        return None
 
     def results(self, skip_damaged: bool = False) -> list[dict]:
         """Every result file, parsed and checked. A damaged one (torn, fields missing, impossible
-        values) raises DamagedResults naming every such file, unless ``skip_damaged``."""
+        values, records collection cannot read) raises DamagedResults naming every such file, unless
+        ``skip_damaged``. Something that is not a regular file (a FIFO would block the reader) is
+        not a result: it is named in a warning and skipped (``run`` sets it aside)."""
         out, damaged = [], []
         if not self.cells_dir.is_dir():
             return out
         for path in sorted(self.cells_dir.glob("*.json")):
+            if not path.is_file():
+                warnings.warn(f"{path} is not a regular file; not collected ('python -m benchmark run' on this grid "
+                              f"sets it aside and runs its cell again)", RuntimeWarning, stacklevel=2)
+                continue
             try:
-                out.append(self._parse(path, path.read_text(), path.stem))
+                result = self._load(path, path.stem)
             except DamagedResult as exc:
                 damaged.append(exc)
-            except (OSError, UnicodeDecodeError) as exc:
-                damaged.append(DamagedResult(path, f"cannot be read ({exc})"))
+                continue
+            if result is not None:
+                out.append(result)
         if damaged and not skip_damaged:
             raise DamagedResults(
                 f"{len(damaged)} result file(s) cannot be collected:\n  " + "\n  ".join(map(str, damaged))
@@ -351,141 +230,39 @@ class Store:
                   f"and runs their cells again; or move them away yourself")
         return out
 
-    # ---- claims ---------------------------------------------------------------------------
-    def _claim_path(self, cell_id: str) -> Path:
-        return self.claims_dir / f"{cell_id}.claim"
+    def remove_work(self, cell_id: str) -> None:
+        """Remove the cell's checkpoints (after its result is written)."""
+        shutil.rmtree(self.work_dir / cell_id, ignore_errors=True)
 
-    def _claim_payload(self, run_id: str) -> str:
-        pid = os.getpid()
-        return json.dumps({"host": socket.gethostname(), "pid": pid, "start": process_start(pid),
-                           "run_id": run_id, "at": time.time()})
-
+    # ---- claims (benchmark.execution.claims) ----------------------------------------------
     def claim(self, cell_id: str, run_id: str) -> bool:
         """Take the cell for this run; False if a live driver holds it (or it is finished)."""
-        path = self._claim_path(cell_id)
-        tmp = temporary_name(self.claims_dir / cell_id, ".new")  # linked into place, not renamed
-        try:
-            self.claims_dir.mkdir(parents=True, exist_ok=True)
-            with open(tmp, "w") as fh:
-                fh.write(self._claim_payload(run_id))
-            try:  # link(2) creates the claim whole or fails if one exists: never an empty claim
-                os.link(tmp, path)
-            except FileExistsError:
-                if not self._take_over(path, tmp):
-                    return False
-        except OSError as exc:
-            raise StorageError.from_os_error(exc, path) from None
-        finally:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-        # a finished file may have appeared between listing and claiming
-        if self.status(cell_id) == "ok":
-            self.release(cell_id, run_id)
+        if not self.claims.take(cell_id, run_id):
+            return False
+        if self.status(cell_id) == "ok":  # a finished file may have appeared between listing and claiming
+            self.claims.release(cell_id, run_id)
             return False
         return True
 
-    def _takeover_lock(self):
-        """One driver at a time decides about and replaces stale claims (flock: released by the
-        kernel when its holder dies, so a killed driver cannot leave it held)."""
-        return file_lock(self.claims_dir / ".takeover.lock")
-
-    def _take_over(self, path: Path, tmp: Path) -> bool:
-        """Replace ``path`` by our claim ``tmp`` if the claim there is stale. Under the takeover lock
-        the claim is read again, so two drivers that both saw a dead driver's claim cannot both
-        take it: the second finds the first one's fresh claim."""
-        with self._takeover_lock():
-            if not path.exists():
-                try:
-                    os.link(tmp, path)
-                    return True
-                except FileExistsError:
-                    pass
-            if not self._stale(path):
-                return False
-            os.replace(tmp, path)  # atomic: readers see the dead claim or ours
-            return True
-
-    def _stale(self, path: Path) -> bool:
-        try:
-            info = json.loads(path.read_text() or "{}")
-            if not isinstance(info, dict):
-                raise ValueError(info)
-        except FileNotFoundError:
-            return True
-        except (ValueError, OSError):
-            # torn (claims are now written whole; older versions could leave an empty one): stale if old
-            try:
-                return time.time() - path.stat().st_mtime > 60
-            except FileNotFoundError:
-                return True
-        if info.get("host") == socket.gethostname():
-            try:
-                pid = int(info.get("pid", 0))
-            except (TypeError, ValueError):
-                return True
-            if not pid_alive(pid):
-                return True
-            started = info.get("start")  # a live pid that started at another time is a reused pid
-            return started is not None and process_start(pid) not in (None, started)
-        try:  # another machine's claim: alive as long as its driver keeps touching it
-            return time.time() - path.stat().st_mtime > self.claim_timeout
-        except FileNotFoundError:
-            return True
-
     def holder(self, cell_id: str) -> str | None:
-        """The run id holding the cell's claim (None if unclaimed or unreadable)."""
-        try:
-            return json.loads(self._claim_path(cell_id).read_text()).get("run_id")
-        except (OSError, ValueError, AttributeError):
-            return None
+        """The run id holding the cell's claim (None if unclaimed or damaged)."""
+        return self.claims.holder(cell_id)
 
     def release(self, cell_id: str, run_id: str | None = None) -> None:
-        """Drop the cell's claim; with ``run_id`` only if that run still holds it (a claim taken
-        over by another driver is left alone)."""
-        path = self._claim_path(cell_id)
-        try:
-            if run_id is not None and self.holder(cell_id) != run_id:
-                return
-            path.unlink(missing_ok=True)
-        except OSError as exc:
-            raise StorageError.from_os_error(exc, path) from None
-
-    def _claims_of(self, run_id: str) -> list[Path]:
-        """The claim files ``run_id`` holds (unreadable or vanished ones are skipped)."""
-        held = []
-        if not self.claims_dir.is_dir():
-            return held
-        for path in self.claims_dir.glob("*.claim"):
-            try:
-                if json.loads(path.read_text()).get("run_id") == run_id:
-                    held.append(path)
-            except (OSError, ValueError, AttributeError):
-                pass
-        return held
+        """Drop the cell's claim; with ``run_id`` only if that run still holds it."""
+        self.claims.release(cell_id, run_id)
 
     def release_run(self, run_id: str) -> int:
-        """Drop every claim still held by ``run_id`` (cells that were in flight when it stopped);
-        returns how many. Never raises (it runs while a run is stopping for whatever reason)."""
-        released = 0
-        for path in self._claims_of(run_id):
-            with contextlib.suppress(OSError):
-                path.unlink()
-                released += 1
-        return released
+        """Drop every claim ``run_id`` still holds; returns how many (never raises)."""
+        return self.claims.release_run(run_id)
 
     def refresh_run(self, run_id: str) -> int:
-        """Touch every claim ``run_id`` holds (the heartbeat other hosts read); returns how many."""
-        touched = 0
-        for path in self._claims_of(run_id):
-            try:
-                os.utime(path)
-                touched += 1
-            except OSError:  # released between listing and touching, or the disk refuses
-                pass
-        return touched
+        """Touch every claim ``run_id`` holds (the heartbeat); returns how many."""
+        return self.claims.refresh_run(run_id)
 
     def claimed(self) -> set[str]:
-        return {p.stem for p in self.claims_dir.glob("*.claim") if not self._stale(p)} if self.claims_dir.is_dir() else set()
+        """Ids of the cells a live driver holds."""
+        return self.claims.live()
 
     def sweep_leftovers(self, older_than: float = 3600.0) -> int:
         """Remove temporary files a killed process left mid-write (a result's ``.*.tmp*``, a
@@ -504,19 +281,7 @@ class Store:
                         removed += 1
                 except OSError:
                     pass
-        if self.claims_dir.is_dir():  # claims of dead drivers, also on cells no run will reach soon
-            for path in self.claims_dir.glob("*.claim"):
-                with contextlib.suppress(OSError), self._takeover_lock():
-                    if self._stale(path):
-                        path.unlink(missing_ok=True)
-                        removed += 1
-        return removed
-
-    def remove_work(self, cell_id: str) -> None:
-        """Remove the cell's checkpoints (after its result is written)."""
-        import shutil
-
-        shutil.rmtree(self.work_dir / cell_id, ignore_errors=True)
+        return removed + self.claims.sweep_stale()
 
     # ---- events ---------------------------------------------------------------------------
     def event(self, kind: str, cell_id: str, run_id: str, **extra) -> None:
@@ -538,94 +303,31 @@ class Store:
         except OSError as exc:
             raise StorageError.from_os_error(exc, path) from None
 
-    # ---- collection -----------------------------------------------------------------------
+    # ---- CSVs (benchmark.execution.collection) ---------------------------------------------
     def tables(self) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-        """(results, layers, history) as tidy DataFrames: one row per record, per record x layer, and
-        per record x training epoch (the per-epoch trajectory: test accuracy, and CR where the
-        method tracks it)."""
-        rows, layer_rows, history_rows, sources = [], [], [], []
-        picks = self.picks()
-        for result in self.results():
-            for record in result["records"]:
-                row = {k: v for k, v in record.items() if k not in NESTED_KEYS}
-                row["grid"] = self.grid
-                row.setdefault("cell_id", result["cell_id"])
-                row["variant"] = variant_label(record)
-                row.update(picks.get(row["cell_id"], {}))
-                row["train_cost"] = training_cost(record)
-                rows.append(row)
-                sources.append(record)
-                keys = {k: row.get(k) for k in HISTORY_KEYS}
-                history_rows += [keys | {"step": i + 1} | epoch for i, epoch in enumerate(record.get("history") or [])]
-                for index, layer in enumerate(record.get("layers") or []):
-                    layer_rows.append({"cell_id": row["cell_id"], "level": record.get("level"), "layer": layer["name"],
-                                       "layer_index": index, "kind": layer.get("kind"), "numel": layer["numel"],
-                                       "nonzero": layer["nonzero"], "effective": layer.get("effective"),
-                                       "sparsity": layer.get("sparsity")})
-        renamed = distinguish_curves(rows, sources)
-        for entry in history_rows:
-            entry["variant"] = renamed.get((entry["cell_id"], entry["level"]), entry["variant"])
-        results = pd.DataFrame(rows)
-        for col in CSV_COLUMNS:
-            if col not in results:
-                results[col] = None
-        results = results[CSV_COLUMNS + sorted(c for c in results.columns if c not in CSV_COLUMNS)]
-        if len(results):
-            results = results.sort_values(["arch", "dataset", "variant", "seed", "cr"], na_position="last",
-                                          kind="stable").reset_index(drop=True)
-        layers = pd.DataFrame(layer_rows, columns=["cell_id", "level", "layer", "layer_index", "kind", "numel",
-                                                   "nonzero", "effective", "sparsity"])
-        history = pd.DataFrame(history_rows)
-        if len(history):
-            history = history[HISTORY_KEYS + ["step"] + [c for c in history.columns if c not in HISTORY_KEYS + ["step"]]]
-        return results, layers, history
+        """(results, layers, history) of every usable result file (``collection.tables``)."""
+        return collection.tables(self.grid, self.results(), self.picks())
+
+    def collect(self) -> tuple[Path, Path, pd.DataFrame]:
+        """Write results.csv, layers.csv and history.csv; returns the first two paths and the results.
+        DamagedResults (nothing written) if a result file is damaged."""
+        frames = self.tables()
+        csv_path, layers_path = collection.write_csvs(self.root, frames)
+        return csv_path, layers_path, frames[0]
 
     def write_picks(self, rows: list[dict]) -> Path:
-        """The grid's tuning table (``tuning.TABLE``), rewritten from the tuning records on each run."""
-        path = self.root / tuning.TABLE
-        self.root.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(path, pd.DataFrame(rows).to_csv(index=False))
-        return path
+        return collection.write_picks(self.root, rows)
 
     def picks(self) -> dict[str, dict]:
-        """Per final cell id, the pick columns its rows get from the tuning table (none without one).
-        The table is derived data that the next run rewrites: a damaged one is named and ignored."""
-        path = self.root / tuning.TABLE
-        if not path.is_file():
-            return {}
-        try:
-            table = pd.read_csv(path)
-            return tuning.pick_columns(table)
-        except Exception as exc:  # noqa: BLE001 - any parse or content problem: say which file, go on
-            warnings.warn(f"{path} could not be read ({type(exc).__name__}: {exc}); results.csv has no tuning "
-                          f"columns until the next run rewrites it")
-            return {}
+        return collection.read_picks(self.root)
 
     def newest_record_ns(self) -> int | None:
-        """When a result file last appeared, changed or went (the folder's own time covers files
-        renamed in or set aside); None without result files."""
-        try:
-            entries = [e for e in os.scandir(self.cells_dir) if e.name.endswith(".json") and not e.name.startswith(".")]
-            if not entries:
-                return None
-            return max(self.cells_dir.stat().st_mtime_ns, *(e.stat().st_mtime_ns for e in entries))
-        except FileNotFoundError:
-            return None
+        return collection.newest_record_ns(self.cells_dir)
 
     def stale_csvs(self) -> str | None:
-        """Why the CSVs need collecting (one is missing, or older than the newest result file); None
-        when they are current or there are no result files to collect (a CSV written by hand)."""
-        newest = self.newest_record_ns()
-        if newest is None:
-            return None
-        for name in CSV_NAMES:
-            try:
-                if (self.root / name).stat().st_mtime_ns < newest:
-                    return f"{name} was older than the newest result file"
-            except FileNotFoundError:
-                return f"{name} was missing"
-        return None
+        return collection.stale_csvs(self.root, self.cells_dir)
 
+    # ---- the grid as it ran ---------------------------------------------------------------
     def record_grid(self, grid_arg: str, source: str, description: str, toml: str, command: str) -> None:
         """Remember the grid as this run runs it (grid.json in its folder) and that it ran last
         (last-run.json beside the grids' folders), so results can be read and rerun without retyping it."""
@@ -640,26 +342,17 @@ class Store:
     def grid_record(self) -> dict:
         """What ``record_grid`` wrote ({} where no run recorded it)."""
         try:
-            record = json.loads((self.root / "grid.json").read_text())
-        except (OSError, ValueError):
+            record = parse_json(self.root / "grid.json", read_text(self.root / "grid.json") or "{}")
+        except DamagedFile:
             return {}
         return record if isinstance(record, dict) else {}
-
-    def collect(self) -> tuple[Path, Path, pd.DataFrame]:
-        results, layers, history = self.tables()  # DamagedResults if any record is impossible
-        self.root.mkdir(parents=True, exist_ok=True)
-        csv_path, layers_path = self.root / "results.csv", self.root / "layers.csv"
-        atomic_write_text(csv_path, results.to_csv(index=False))
-        atomic_write_text(layers_path, layers.to_csv(index=False))
-        atomic_write_text(self.root / "history.csv", history.to_csv(index=False))
-        return csv_path, layers_path, results
 
 
 def last_run(results_dir) -> dict | None:
     """What ``record_grid`` wrote last into ``results_dir`` (None if no run has)."""
     try:
-        record = json.loads((Path(results_dir) / LAST_RUN).read_text())
-    except (OSError, ValueError):
+        record = parse_json(Path(results_dir) / LAST_RUN, read_text(Path(results_dir) / LAST_RUN) or "null")
+    except DamagedFile:
         return None
     return record if isinstance(record, dict) and isinstance(record.get("grid"), str) else None
 

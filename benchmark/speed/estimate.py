@@ -39,6 +39,7 @@ from benchmark.engine.timing import sync
 from benchmark.engine import data as data_mod
 from benchmark.execution.cell import Cell, dense_key
 from benchmark.core.provenance import cpu_model
+from benchmark.core.untrusted import is_number, load_json, short
 from benchmark.core.method import get_method
 from methods import structures
 
@@ -223,14 +224,39 @@ def _positive(value, where: str, zero: bool = False) -> float:
     return float(value)
 
 
+#: What every cached measurement holds (seconds, ``measure``).
+UNIT_SECONDS = ("step_s", "eval_s", "tail_s", "setup_s", "final_s")
+#: Larger than any speed cache this tool writes (a few hundred bytes per measurement).
+CACHE_BYTES = 64 * 2 ** 20
+
+
+def cache_problems(cache) -> list[str]:
+    """Why the contents of a speed cache are not measurements of ``measure`` (at most three reasons)."""
+    if not isinstance(cache, dict) or not isinstance(cache.get("devices"), dict):
+        return ["it is not a table with a 'devices' table"]
+    problems = []
+    for key, entry in cache["devices"].items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("machine", ""), str) \
+                or not isinstance(entry.get("units", {}), dict) or not is_number(entry.get("measured_at", 0)):
+            problems.append(f"device {short(key)} is not a table with a machine name, a time and units")
+            continue
+        for unit, values in entry.get("units", {}).items():
+            if not isinstance(values, dict):
+                problems.append(f"{short(key)} unit {short(unit)} is not a table")
+                continue
+            bad = [k for k in UNIT_SECONDS if not is_number(values.get(k), at_least=0)]
+            if values.get("load") is not None and not is_number(values["load"], at_least=0):
+                bad.append("load")
+            if bad:
+                problems.append(f"{short(key)} unit {short(unit)}: {', '.join(bad)} not a non-negative number")
+    return problems[:3]
+
+
 def _read_cache(path: Path) -> dict:
-    """The speed cache; empty when missing, unreadable or edited into nonsense (then measuring again
+    """The speed cache; empty when missing, and when damaged (then it is set aside: measuring again
     beats failing a dry run)."""
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {"devices": {}}
-    return data if isinstance(data, dict) and isinstance(data.get("devices"), dict) else {"devices": {}}
+    found = load_json(path, cache_problems, limit=CACHE_BYTES, redo="the speeds are measured again")
+    return found if found is not None else {"devices": {}}
 
 
 def stored(name: str) -> Measured:

@@ -30,6 +30,7 @@ import torch
 from benchmark.core.files import atomic_write_text
 from benchmark.core.method import get_method
 from benchmark.core.provenance import cpu_model
+from benchmark.core.untrusted import is_number, load_json, short
 from benchmark.engine import data as data_mod
 from benchmark.engine import models
 from benchmark.execution.cell import Cell
@@ -42,6 +43,8 @@ AUTO_MAX = {"cpu": 16, "cuda": 64, "mps": 16}
 #: margin keeps noise from choosing packing where it does not pay).
 AUTO_MIN_SPEEDUP = 1.1
 CALIBRATION_FILE = "pack-calibration.json"
+#: Larger than any calibration file this tool writes (a few hundred bytes per measurement).
+CALIBRATION_BYTES = 64 * 2 ** 20
 #: Share of the device's free memory that packs may take (all workers together).
 MEMORY_FRACTION = 0.5
 
@@ -227,11 +230,20 @@ def calibrate(cell: Cell, size: int, device: torch.device, cache_dir: Path | Non
     return result["ratio"], False
 
 
+def calibration_problems(cache) -> list[str]:
+    """Why the contents of a calibration file are not measurements (``calibrate`` reads each entry's
+    ``ratio``: a positive finite number)."""
+    if not isinstance(cache, dict):
+        return [f"it holds {type(cache).__name__}, not a table of measurements"]
+    return [f"entry {short(key)} has no positive ratio ({short(entry)})" for key, entry in cache.items()
+            if not isinstance(entry, dict) or not is_number(entry.get("ratio"), above=0)][:3]
+
+
 def _read_cache(path: Path | None) -> dict:
-    if path is None or not path.is_file():
+    """The calibration cache; empty when missing, and when damaged (then it is set aside: a damaged
+    cache only costs a new measurement)."""
+    if path is None:
         return {}
-    try:
-        found = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}  # a damaged cache only costs a new measurement
-    return found if isinstance(found, dict) else {}
+    found = load_json(path, calibration_problems, limit=CALIBRATION_BYTES, redo="its packs are measured again")
+    return found if found is not None else {}
+
