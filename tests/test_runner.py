@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from benchmark.execution import grids, runner
+from benchmark.execution import grids, runner, todo
 from benchmark.__main__ import main
 from benchmark.execution.store import Store
 
@@ -228,7 +228,7 @@ target_cr = 10
 [experiment.methods.dwf]
 [experiment.methods.dense]
 """).cells
-    ordered = sorted(cells, key=runner.priority)
+    ordered = sorted(cells, key=todo.priority)
     assert [c.method for c in ordered] == ["dense", "dwf", "magnitude"]
 
 
@@ -273,10 +273,10 @@ def test_the_dry_run_estimate_counts_the_epochs_each_method_trains():
                         params={"target_cr": 4.0, "prune_fraction": 0.5, "rewind": 2}, schedule=schedule)
     magnitude = Cell.make("magnitude", "lenet300", "fashion-mnist", params={"finetune_epochs": 3}, schedule=schedule)
     dwf = Cell.make("dwf", "lenet300", "fashion-mnist", schedule=schedule)
-    assert runner.estimate_epochs(lottery) == 2 * 10  # two levels (1/2, 1/4), each a full schedule
-    assert runner.estimate_epochs(rewound) == 2 * 8  # each level trains epochs 2..9 only
-    assert runner.estimate_epochs(magnitude) == 3  # the dense training is shared, only fine-tuning counts
-    assert runner.estimate_epochs(dwf) == 10
+    assert todo.estimate_epochs(lottery) == 2 * 10  # two levels (1/2, 1/4), each a full schedule
+    assert todo.estimate_epochs(rewound) == 2 * 8  # each level trains epochs 2..9 only
+    assert todo.estimate_epochs(magnitude) == 3  # the dense training is shared, only fine-tuning counts
+    assert todo.estimate_epochs(dwf) == 10
 
 
 def test_the_dry_run_counts_the_lottery_levels_the_method_trains():
@@ -288,6 +288,6 @@ def test_the_dry_run_counts_the_lottery_levels_the_method_trains():
     cell = Cell.make("lottery", "lenet300", "fashion-mnist", params={"target_cr": 0.8 ** -3},
                      schedule={"epochs": 10})
     assert len(level_keep_counts(266_200, 0.8 ** -3, 0.2)) == 3
-    assert runner.estimate_epochs(cell) == 3 * 10
+    assert todo.estimate_epochs(cell) == 3 * 10
     gmp = Cell.make("gmp", "lenet300", "fashion-mnist", schedule={"epochs": 10})
-    assert runner.estimate_epochs(gmp) == 10  # pruning during training costs one schedule
+    assert todo.estimate_epochs(gmp) == 10  # pruning during training costs one schedule
