@@ -291,3 +291,47 @@ def test_the_dry_run_counts_the_lottery_levels_the_method_trains():
     assert todo.estimate_epochs(cell) == 3 * 10
     gmp = Cell.make("gmp", "lenet300", "fashion-mnist", schedule={"epochs": 10})
     assert todo.estimate_epochs(gmp) == 10  # pruning during training costs one schedule
+
+
+def test_run_options_name_every_bad_value_with_its_fix_in_one_error(tmp_path):
+    from benchmark.execution.run_options import RunOptions, RunOptionsError
+
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(RunOptionsError) as caught:
+        RunOptions(results_dir=tmp_path / "file", jobs=0, pack="many", backend="dask", jobs_per_gpu=2,
+                   scheduler_timeout=0)
+    said = str(caught.value)
+    assert len(caught.value.problems) == 6, caught.value.problems
+    for words in ["--jobs 0: must be >= 1", "--pack 'many': use auto, off", "is a file, not a folder",
+                  "--backend dask needs --scheduler ADDRESS", "--jobs-per-gpu is for the local backend",
+                  "--connect-timeout 0: must be > 0 seconds"]:
+        assert words in said, said
+    options = RunOptions(results_dir=tmp_path / "r", pack="4")
+    assert options.pack == 4 and not options.on_dask  # kept as parsed: nothing downstream parses it again
+    with pytest.raises(AttributeError):
+        options.jobs = 3  # frozen: checked once, changed never
+    with pytest.raises(RunOptionsError, match="--pack 4 with --compile"):
+        RunOptions(pack=4, compiled=True)
+
+
+def test_run_grid_takes_options_or_their_fields_as_keywords_not_both(tmp_path):
+    from benchmark.execution.run_options import RunOptions
+
+    grid = grids.load_grid(str(tiny_grid(tmp_path / "g.toml")))
+    with pytest.raises(TypeError, match="not both"):
+        runner.run_grid(grid, grid.cells, RunOptions(), jobs=2)
+    with pytest.raises(ValueError, match="--jobs 0: must be >= 1"):
+        runner.run_grid(grid, grid.cells, results_dir=tmp_path / "r", jobs=0)
+    assert not (tmp_path / "r").exists()  # refused before anything was written
+
+
+def test_run_packs_nothing_unless_asked_and_help_says_why(monkeypatch, capsys):
+    from benchmark.__main__ import build_parser
+
+    monkeypatch.delenv("BENCHMARK_PACK", raising=False)
+    args = build_parser().parse_args(["run"])
+    assert args.pack == "off"
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "bit-reproducible" in text and "--pack auto packs where it measures faster" in text
