@@ -13,7 +13,7 @@ from benchmark.engine import data as data_mod
 
 torch.set_num_threads(2)
 
-# `run` packs cells by default (--pack auto), after a calibration per results folder. The suite's
+# `run` packs nothing by default (--pack off), but $BENCHMARK_PACK may say otherwise: the suite's
 # runner tests are about one cell per task; tests/test_packed.py tests packing, auto included.
 os.environ.setdefault("BENCHMARK_PACK", "off")
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from benchmark.execution import runner
+from benchmark.execution import worker
 from benchmark.__main__ import main
 from benchmark.execution.store import Store
 
@@ -25,13 +25,13 @@ def cluster():
 def test_dask_backend_matches_local_backend(tmp_path, cluster):
     grid_file = tiny_grid(tmp_path / "g.toml")
     local, remote = tmp_path / "local", tmp_path / "dask"
-    runner._DATA_CACHE.clear()
+    worker.DATA_CACHE.clear()
     assert main(["run", "--grid", str(grid_file), "--results-dir", str(remote), "--no-progress",
                  "--backend", "dask", "--scheduler", cluster.scheduler_address]) == 0
     # the cells ran in the Dask workers (they loaded the data), not in this process
-    assert not runner._DATA_CACHE
+    assert not worker.DATA_CACHE
     with distributed.Client(cluster.scheduler_address) as client:
-        loaded = client.run(lambda: len(__import__("importlib").import_module("benchmark.execution.runner")._DATA_CACHE))
+        loaded = client.run(lambda: len(__import__("importlib").import_module("benchmark.execution.worker").DATA_CACHE))
     assert sum(loaded.values()) >= 1
     assert main(["run", "--grid", str(grid_file), "--results-dir", str(local), "--no-progress"]) == 0
     local_results = {r["cell_id"]: r for r in Store(local, "g").results()}

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmark.execution import runner
+from benchmark.execution import pools, run_options, stop_signals, todo, worker
 from benchmark.execution.packing import plan as pack_plan
 from benchmark.execution.cell import Cell, dense_key, device_columns
 from benchmark.engine import train as training
@@ -40,27 +40,27 @@ def test_auto_and_cuda_name_a_gpu_with_its_index_without_initialising_cuda(gpus)
     assert training.pick_device("cuda:0") == torch.device("cuda", 0)
     with pytest.raises(ValueError, match="only 2 CUDA device"):
         training.pick_device("cuda:2")
-    torch.cuda.set_device(training.pick_device("auto"))  # what runner.execute does: no ValueError
+    torch.cuda.set_device(training.pick_device("auto"))  # what worker.execute does: no ValueError
 
 
 def test_a_worker_that_owns_a_gpu_runs_every_cell_there(gpus, monkeypatch):
-    monkeypatch.setattr(runner, "_WORKER_GPU", [1])
+    monkeypatch.setattr(worker, "OWNED_GPU", [1])
     for asked in ("auto", "cuda", "cuda:0"):
-        assert runner.worker_device(asked) == torch.device("cuda", 1)
-    monkeypatch.setattr(runner, "_WORKER_GPU", [])
-    assert runner.worker_device("cuda") == torch.device("cuda", 0)
+        assert worker.worker_device(asked) == torch.device("cuda", 1)
+    monkeypatch.setattr(worker, "OWNED_GPU", [])
+    assert worker.worker_device("cuda") == torch.device("cuda", 0)
 
 
 def test_k_workers_per_gpu_on_n_gpus_and_threads_from_the_cores_per_worker(monkeypatch):
     fakes.FakeCuda(3).install(monkeypatch.setattr)
     monkeypatch.setattr(os, "cpu_count", lambda: 24)
-    slots, threads = runner.local_workers("auto", None, 2)
+    slots, threads = run_options.local_workers("auto", None, 2)
     assert slots == [0, 1, 2, 0, 1, 2] and threads == 4  # 24 cores over 6 workers, not 24 each
-    assert runner.local_workers("cuda", 3, None) == ([], 8)
+    assert run_options.local_workers("cuda", 3, None) == ([], 8)
     with pytest.raises(ValueError, match="no CUDA GPU is visible"):
-        runner.local_workers("cpu", None, 2)
+        run_options.local_workers("cpu", None, 2)
     with pytest.raises(ValueError, match="not both"):
-        runner.local_workers("auto", 2, 2)
+        run_options.local_workers("auto", 2, 2)
 
 
 def test_each_worker_process_owns_one_gpu_for_its_life(monkeypatch):
@@ -68,7 +68,7 @@ def test_each_worker_process_owns_one_gpu_for_its_life(monkeypatch):
     it starts, before any CUDA call, and sets no other device however many cells it runs."""
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(SITE_FAKES), str(ROOT)]))
     monkeypatch.setenv("DWF_TEST_FAKE_GPUS", "2")
-    pool = runner.LocalPool(runner.StopSignals(), 4, gpu_slots=[0, 1, 0, 1])
+    pool = pools.LocalPool(stop_signals.StopSignals(), 4, gpu_slots=[0, 1, 0, 1])
     try:
         seen = [f.result(timeout=300) for f in [pool.submit(fakes.worker_identity, 0.3) for _ in range(16)]]
         slots_dir = pool.slots_dir
@@ -88,8 +88,8 @@ def test_each_worker_process_owns_one_gpu_for_its_life(monkeypatch):
 def test_a_slot_freed_by_a_dead_worker_is_taken_by_its_replacement(tmp_path):
     """Slots are kernel locks: a worker that dies frees its GPU for the next one, and a worker
     beyond K x N finds none (the message says why)."""
-    code = ("import sys; from benchmark.execution import runner; "
-            "print(runner.claim_gpu(sys.argv[1], [0, 1], wait_s=float(sys.argv[2])), flush=True); sys.stdin.read()")
+    code = ("import sys; from benchmark.execution import worker; "
+            "print(worker.claim_gpu(sys.argv[1], [0, 1], wait_s=float(sys.argv[2])), flush=True); sys.stdin.read()")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     first = subprocess.Popen([sys.executable, "-c", code, str(tmp_path), "5"], env=env, stdin=subprocess.PIPE,
                              stdout=subprocess.PIPE, text=True)
@@ -136,8 +136,8 @@ def test_pack_n_plans_for_workers_whose_memory_is_unknown_here():
 def test_planning_in_a_child_process_gives_the_units_of_planning_here(tmp_path):
     cells = _cells(5)
     args = (cells, 2, torch.device("cpu"), 2, 2, 1, str(tmp_path))
-    here, _ = runner._plan_units(*args)
-    there, lines = runner.plan_in_child(*args)
+    here, _ = todo.plan_units(*args)
+    there, lines = todo.plan_in_child(*args)
     ids = lambda units: [[c.id for c in u] if isinstance(u, list) else u.id for u in units]  # noqa: E731
     assert ids(there) == ids(here) and [len(u) for u in there if isinstance(u, list)] == [2, 2]
 

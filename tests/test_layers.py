@@ -48,11 +48,11 @@ def _string_constants(path: Path):
             yield node.lineno, node.value
 
 
-#: Where a method's name may appear outside ``methods/``: the speed tools and ``doctor`` measure
-#: particular methods on purpose (dense against DWF steps, one dense epoch), the plot's dashed line
+#: Where a method's name may appear outside ``methods/``: the speed tools measure particular methods
+#: on purpose (dense against DWF steps, one dense epoch), the plot's dashed line
 #: and the shared dense training's progress bar are the dense reference itself; the method
 #: interface's family "lottery" and step kind "dense" share a method's name but are not methods.
-NAMES_ALLOWED = {"benchmark/speed", "benchmark/cli/doctor.py",
+NAMES_ALLOWED = {"benchmark/speed",
                  ("benchmark/analysis/plot.py", "dense"), ("benchmark/execution/cell.py", "dense"),
                  ("benchmark/core/method.py", "dense"), ("benchmark/core/method.py", "lottery")}
 

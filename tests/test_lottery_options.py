@@ -18,7 +18,7 @@ from benchmark.execution import grids
 from benchmark.engine import models
 from benchmark.__main__ import main
 from benchmark.execution.cell import Cell, Context, run_cell
-from benchmark.execution.runner import estimate_epochs
+from benchmark.execution.todo import estimate_epochs
 from benchmark.execution.collection import variant_label
 from benchmark.engine.train import Schedule, TrainHooks, train
 from methods import get_method

@@ -427,11 +427,13 @@ def test_auto_packs_only_where_its_cached_calibration_measured_packing_faster(tm
     assert pack_plan.plan(cells, "auto", device=None) == cells  # Dask: the workers' devices are unknown here
 
 
-def test_run_with_pack_auto_packs_where_it_measured_faster(tmp_path, monkeypatch, capsys):
+def test_run_pack_auto_packs_where_it_measured_packing_faster(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("BENCHMARK_PACK", raising=False)  # the suite's conftest sets off
     monkeypatch.setattr(pack_plan, "measure", lambda *args, **kwargs: {"ratio": 2.0})
     grid = tmp_path / "g.toml"
     grid.write_text(GRID.replace("subset = 600", "subset = 100").replace("epochs = 3", "epochs = 1"))
-    assert main(["run", "--grid", str(grid), "--results-dir", str(tmp_path / "r"), "--no-progress", "--pack", "auto"]) == 0
+    assert main(["run", "--grid", str(grid), "--results-dir", str(tmp_path / "r"), "--no-progress",
+                 "--pack", "auto"]) == 0
     assert "pack auto: lenet300 dwf D=2 on cpu: 2 packed 2.00x" in capsys.readouterr().err
     assert sorted(r["pack_size"] for r in _records(tmp_path / "r").values()) == [2, 2, 2, 2]
 

@@ -162,6 +162,29 @@ def test_a_stop_signal_releases_claims_stops_workers_and_says_how_to_resume(tmp_
     assert all(results_now[cid]["run_id"] == run_id for cid, run_id in first_run.items())
 
 
+def test_sighup_to_the_whole_process_group_stops_in_order_quietly_and_loses_nothing(tmp_path):
+    """Issue 27: closing the terminal sends SIGHUP to the driver and its workers at once. The run
+    stopped in order, but loky's resource tracker (a child of the driver) died of the signal, and
+    its replacement printed a traceback for each semaphore the stopped pool gave back."""
+    grid_file = write_grid(tmp_path / "g.toml", epochs=3, subset=1500, lams=(1e-5, 1e-4, 1e-3), depths=(2, 3))
+    results = tmp_path / "r"
+    proc, workers = _driver_mid_grid(grid_file, results)
+    os.killpg(proc.pid, signal.SIGHUP)  # start() gives the driver a session of its own: the group is the run
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGHUP, err
+    assert "stopped by SIGHUP" in err and no_traceback(err), err
+    assert "died unexpectedly" not in err, err  # the resource tracker's warning when it is relaunched
+    assert wait_until(lambda: not any(alive(p) for p in workers), 5)
+    store = Store(results, "g")
+    assert not list(store.claims_dir.glob("*.claim")), "claims were left behind"
+    first_run = {p.stem: json.loads(p.read_text())["run_id"] for p in store.cells_dir.glob("*.json")}
+    assert first_run
+    rerun = cli("run", "--grid", grid_file, "--results-dir", results, "--no-progress", "--jobs", "2")
+    assert rerun.returncode == 0 and no_traceback(rerun.stderr), rerun.stderr
+    results_now = assert_every_cell_once(results, grid_file)
+    assert all(results_now[cid]["run_id"] == run_id for cid, run_id in first_run.items())  # none trained again
+
+
 def _cpu_ticks(pid: int) -> int:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return int(fields[11]) + int(fields[12])  # utime + stime

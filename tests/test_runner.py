@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from benchmark.execution import grids, runner
+from benchmark.execution import grids, runner, todo
 from benchmark.__main__ import main
 from benchmark.execution.store import Store
 
@@ -228,7 +228,7 @@ target_cr = 10
 [experiment.methods.dwf]
 [experiment.methods.dense]
 """).cells
-    ordered = sorted(cells, key=runner.priority)
+    ordered = sorted(cells, key=todo.priority)
     assert [c.method for c in ordered] == ["dense", "dwf", "magnitude"]
 
 
@@ -273,10 +273,10 @@ def test_the_dry_run_estimate_counts_the_epochs_each_method_trains():
                         params={"target_cr": 4.0, "prune_fraction": 0.5, "rewind": 2}, schedule=schedule)
     magnitude = Cell.make("magnitude", "lenet300", "fashion-mnist", params={"finetune_epochs": 3}, schedule=schedule)
     dwf = Cell.make("dwf", "lenet300", "fashion-mnist", schedule=schedule)
-    assert runner.estimate_epochs(lottery) == 2 * 10  # two levels (1/2, 1/4), each a full schedule
-    assert runner.estimate_epochs(rewound) == 2 * 8  # each level trains epochs 2..9 only
-    assert runner.estimate_epochs(magnitude) == 3  # the dense training is shared, only fine-tuning counts
-    assert runner.estimate_epochs(dwf) == 10
+    assert todo.estimate_epochs(lottery) == 2 * 10  # two levels (1/2, 1/4), each a full schedule
+    assert todo.estimate_epochs(rewound) == 2 * 8  # each level trains epochs 2..9 only
+    assert todo.estimate_epochs(magnitude) == 3  # the dense training is shared, only fine-tuning counts
+    assert todo.estimate_epochs(dwf) == 10
 
 
 def test_the_dry_run_counts_the_lottery_levels_the_method_trains():
@@ -288,6 +288,50 @@ def test_the_dry_run_counts_the_lottery_levels_the_method_trains():
     cell = Cell.make("lottery", "lenet300", "fashion-mnist", params={"target_cr": 0.8 ** -3},
                      schedule={"epochs": 10})
     assert len(level_keep_counts(266_200, 0.8 ** -3, 0.2)) == 3
-    assert runner.estimate_epochs(cell) == 3 * 10
+    assert todo.estimate_epochs(cell) == 3 * 10
     gmp = Cell.make("gmp", "lenet300", "fashion-mnist", schedule={"epochs": 10})
-    assert runner.estimate_epochs(gmp) == 10  # pruning during training costs one schedule
+    assert todo.estimate_epochs(gmp) == 10  # pruning during training costs one schedule
+
+
+def test_run_options_name_every_bad_value_with_its_fix_in_one_error(tmp_path):
+    from benchmark.execution.run_options import RunOptions, RunOptionsError
+
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(RunOptionsError) as caught:
+        RunOptions(results_dir=tmp_path / "file", jobs=0, pack="many", backend="dask", jobs_per_gpu=2,
+                   scheduler_timeout=0)
+    said = str(caught.value)
+    assert len(caught.value.problems) == 6, caught.value.problems
+    for words in ["--jobs 0: must be >= 1", "--pack 'many': use auto, off", "is a file, not a folder",
+                  "--backend dask needs --scheduler ADDRESS", "--jobs-per-gpu is for the local backend",
+                  "--connect-timeout 0: must be > 0 seconds"]:
+        assert words in said, said
+    options = RunOptions(results_dir=tmp_path / "r", pack="4")
+    assert options.pack == 4 and not options.on_dask  # kept as parsed: nothing downstream parses it again
+    with pytest.raises(AttributeError):
+        options.jobs = 3  # frozen: checked once, changed never
+    with pytest.raises(RunOptionsError, match="--pack 4 with --compile"):
+        RunOptions(pack=4, compiled=True)
+
+
+def test_run_grid_takes_options_or_their_fields_as_keywords_not_both(tmp_path):
+    from benchmark.execution.run_options import RunOptions
+
+    grid = grids.load_grid(str(tiny_grid(tmp_path / "g.toml")))
+    with pytest.raises(TypeError, match="not both"):
+        runner.run_grid(grid, grid.cells, RunOptions(), jobs=2)
+    with pytest.raises(ValueError, match="--jobs 0: must be >= 1"):
+        runner.run_grid(grid, grid.cells, results_dir=tmp_path / "r", jobs=0)
+    assert not (tmp_path / "r").exists()  # refused before anything was written
+
+
+def test_run_packs_nothing_unless_asked_and_help_says_why(monkeypatch, capsys):
+    from benchmark.__main__ import build_parser
+
+    monkeypatch.delenv("BENCHMARK_PACK", raising=False)
+    args = build_parser().parse_args(["run"])
+    assert args.pack == "off"
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "bit-reproducible" in text and "--pack auto packs where it measures faster" in text

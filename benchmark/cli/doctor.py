@@ -58,7 +58,7 @@ def doctor_command(args) -> int:
     import torch
 
     from benchmark.engine import data as data_mod
-    from benchmark.execution.runner import threads_per_job
+    from benchmark.execution.run_options import threads_per_job
     from benchmark.engine.train import available_devices, pick_device
 
     versions = [f"python {platform.python_version()}", f"torch {torch.__version__}"]
@@ -186,7 +186,8 @@ def _check_results(r: _Report, results_dir: str) -> None:
 
 def _check_worker(r: _Report) -> None:
     """Start one local worker process the way run --jobs N does, and time it."""
-    from benchmark.execution.runner import StopSignals, LocalPool
+    from benchmark.execution.pools import LocalPool
+    from benchmark.execution.stop_signals import StopSignals
 
     began = time.perf_counter()
     pool = LocalPool(StopSignals(), 1)
@@ -222,14 +223,25 @@ def _synchronize(device) -> None:
         torch.mps.synchronize()
 
 
+def step_structures() -> list[str]:
+    """What the doctor's training step trains: the structures (``methods.structures``) of the
+    reference method and of the method the benchmark studies, at their default parameters, as the
+    method registry says (``Method.is_reference``, ``Method.is_subject``, ``Method.step_variant``)."""
+    from benchmark.core.method import all_methods, make_params
+
+    chosen = [m for m in all_methods().values() if m.is_reference] + \
+             [m for m in all_methods().values() if m.is_subject and not m.is_reference]
+    return list(dict.fromkeys(method(make_params(method)).step_variant() for method in chosen))
+
+
 def _check_step(r: _Report, device_name: str) -> None:
-    """Three SGD steps of LeNet-300-100, dense and DWF D=3, on random data on ``device_name``: the
-    loss must be finite and the weights must move."""
+    """Three SGD steps of LeNet-300-100 of each of ``step_structures`` (dense and DWF D=3 today) on
+    random data on ``device_name``: the loss must be finite and the weights must move."""
     import torch
 
     from benchmark.engine import models
-    from benchmark.engine.train import Schedule, TrainHooks, make_optimizer, training_step
-    from methods.dwf import FactorHooks, factorize
+    from benchmark.engine.train import Schedule, make_optimizer, training_step
+    from methods.structures import stand_in
 
     device = torch.device(device_name)
     try:
@@ -237,12 +249,9 @@ def _check_step(r: _Report, device_name: str) -> None:
         x = torch.randn(128, 1, 28, 28, generator=gen).to(device)
         y = torch.randint(0, 10, (128,), generator=gen).to(device)
         timings = []
-        for kind in ("dense", "dwf D=3"):
+        for kind in step_structures():
             model = models.build("lenet300", (1, 28, 28), 10, seed=0).to(device)
-            hooks = TrainHooks()
-            if kind != "dense":
-                factorize(model, 3, 0)
-                hooks = FactorHooks(1e-4, 3, "decay", 1.19e-7)
+            hooks = stand_in(kind, model, 0)
             optimizer = make_optimizer(model, Schedule(lr=0.05), hooks)
             before = [p.detach().clone() for p in model.parameters()]
             training_step(model, x, y, optimizer, hooks, device)  # warm-up, not timed

@@ -13,11 +13,12 @@ from benchmark.execution import grids as grids_mod
 from benchmark.execution import slurm, tuning
 from benchmark.execution.cell import Cell
 from benchmark.core.console import say
-from benchmark.execution.runner import (DASK_CONNECT_TIMEOUT_S, PACK_ENV, signal_name, estimate_epochs,
-                                        pending_cells, run_grid, trainings)
+from benchmark.execution.run_options import DASK_CONNECT_TIMEOUT_S, DEFAULT_PACK, PACK_ENV, RunOptions
+from benchmark.execution.runner import run_grid
+from benchmark.execution.stop_signals import signal_name
 from benchmark.execution.records import DamagedResult
 from benchmark.execution.store import Store
-
+from benchmark.execution.todo import estimate_epochs, pending_cells, trainings
 
 
 def _grid_args(p, reading: bool = False) -> None:
@@ -84,11 +85,14 @@ def add_commands(sub) -> None:
                         "CUBLAS_WORKSPACE_CONFIG=:4096:8), so a GPU run repeats bit for bit, somewhat slower; records "
                         "say deterministic=true. No effect on a CPU (its training is deterministic already); "
                         "cell ids do not change")
-    p.add_argument("--pack", default=os.environ.get(PACK_ENV, "auto"), metavar="auto|off|N",
+    p.add_argument("--pack", default=os.environ.get(PACK_ENV, DEFAULT_PACK), metavar="auto|off|N",
                    help="train cells of one structure (architecture, dataset, schedule, method family) as one "
                         "stacked model in one process: N = up to N cells per pack, off = one cell per task, auto "
                         f"= pack where a short calibration measured packing faster on this device (default: "
-                        f"${PACK_ENV} or auto). Records gain pack_size; see docs/scaling.md, 'Packed training'")
+                        f"${PACK_ENV} or {DEFAULT_PACK}: records of one cell per process are bit-reproducible, "
+                        f"while a packed float32 run sums in another order and moves accuracies by ~0.05 points; "
+                        f"--pack auto packs where it measures faster). Records gain pack_size; see "
+                        f"docs/scaling.md, 'Packed training'")
     p.add_argument("--dry-run", action="store_true",
                    help="list the cells that would run, their training epochs and the hours they take per "
                         "architecture, one at a time and with --jobs / --jobs-per-gpu; run nothing. Speeds are "
@@ -182,52 +186,23 @@ def _picks(grid: grids_mod.Grid, groups: list[tuning.TuneGroup], results_dir) ->
     return finals, lines
 
 
-def check_run_inputs(args) -> None:
-    """Everything about a run's flags that can be checked before anything trains, each with a
-    message naming the flag, the value and what is allowed."""
-    if args.jobs is not None and args.jobs < 1:
-        raise ValueError(f"--jobs {args.jobs}: must be >= 1")
-    if args.jobs_per_gpu is not None and args.jobs_per_gpu < 1:
-        raise ValueError(f"--jobs-per-gpu {args.jobs_per_gpu}: must be >= 1")
-    from benchmark.execution.packing.plan import parse_pack
-
-    if parse_pack(getattr(args, "pack", "off")) not in ("auto", "off") and getattr(args, "compile", False):
-        raise ValueError(f"--pack {args.pack} with --compile: packed training does not compile; drop one of them")
-    _check_results_dir(args.results_dir)
+def run_options(args) -> RunOptions:
+    """The run's options from its flags, checked once (``RunOptions``: every bad value named with
+    its fix). The --slurm-* flags are read here, as they are flags about flags; that sbatch and
+    dask-jobqueue are installed is checked last, and not for a dry run."""
+    slurm_options = None
     if args.backend == "slurm":
-        if args.scheduler:
-            raise ValueError(f"--scheduler {args.scheduler} is for --backend dask; --backend slurm starts its own "
-                             f"scheduler: leave --scheduler out")
-        args.slurm_options = slurm.options_from_args(args, installed=not getattr(args, "dry_run", False))
+        slurm_options = slurm.options_from_args(args, installed=False)
     elif slurm.given_flags(args):
         raise ValueError(f"{slurm.given_flags(args)[0]} is for --backend slurm; add --backend slurm or leave it out")
-    if args.backend == "local":
-        if args.scheduler:
-            raise ValueError(f"--scheduler {args.scheduler} is for --backend dask; add --backend dask or leave it out")
-        from benchmark.engine.train import pick_device
-
-        pick_device(args.device)  # ValueError naming the device and what this machine has
-        if args.data_dir and not Path(args.data_dir).expanduser().is_dir():
-            raise ValueError(f"--data-dir {args.data_dir}: no such folder. Datasets are searched there first; fix "
-                             f"the path, or leave --data-dir out to search $BENCHMARK_DATA, ./data and system "
-                             f"locations ('python -m benchmark data check' lists them)")
-    else:
-        if args.jobs_per_gpu:
-            raise ValueError("--jobs-per-gpu is for the local backend; with --backend dask each worker has its "
-                             "devices, and --jobs caps the cells in flight")
-        import torch
-
-        from benchmark.engine.train import DEVICE_TYPES
-
-        if args.device != "auto":  # the workers' devices: only the name can be checked here
-            try:
-                kind = torch.device(args.device).type
-            except (RuntimeError, TypeError):
-                kind = None
-            if kind not in DEVICE_TYPES:
-                raise ValueError(f"--device {args.device!r} is not a device; use auto, cpu, cuda, cuda:N or mps")
-        if not args.connect_timeout > 0:
-            raise ValueError(f"--connect-timeout {args.connect_timeout}: must be > 0 seconds")
+    options = RunOptions(results_dir=args.results_dir, jobs=args.jobs, jobs_per_gpu=args.jobs_per_gpu,
+                         backend=args.backend, scheduler=args.scheduler, data_dir=args.data_dir, device=args.device,
+                         retry_failed=args.retry_failed, progress=False if args.no_progress else None,
+                         compiled=args.compile, scheduler_timeout=args.connect_timeout, pack=args.pack,
+                         slurm=slurm_options, deterministic=args.deterministic)
+    if args.backend == "slurm" and not getattr(args, "dry_run", False):
+        slurm.check_installed()
+    return options
 
 
 def _resume_command(args) -> str:
@@ -238,7 +213,7 @@ def _resume_command(args) -> str:
 
 
 def run_command(args) -> int:
-    check_run_inputs(args)
+    options = run_options(args)
     grid, cells, groups = _select(args)
     store = Store(args.results_dir, grid.name)
     if args.dry_run:
@@ -255,12 +230,6 @@ def run_command(args) -> int:
         store.check_writable()
         _, toml, _ = grids_mod.grid_source(args.grid)
         store.record_grid(args.grid, grid.source, grid.description, toml, resume)
-        options = dict(results_dir=args.results_dir, jobs=args.jobs, jobs_per_gpu=args.jobs_per_gpu,
-                       backend="dask" if args.backend == "slurm" else args.backend, scheduler=args.scheduler,
-                       data_dir=args.data_dir, device=args.device, retry_failed=args.retry_failed,
-                       progress=False if args.no_progress else None, compiled=args.compile,
-                       scheduler_timeout=args.connect_timeout, pack=args.pack,
-                       slurm=getattr(args, "slurm_options", None), deterministic=args.deterministic)
         tuning_lines: list[str] = []
         summary = None
         if groups:  # first the tuning cells, in their own folder; then the picks' final cells
@@ -269,7 +238,7 @@ def run_command(args) -> int:
                                          grid.source)
             say(f"tuning {len(groups)} curve(s) on the validation split: {len(cells_to_tune)} tuning cell(s) in "
                  f"{Store(args.results_dir, tuning_grid.name).root}")
-            first = run_grid(tuning_grid, cells_to_tune, **options)
+            first = run_grid(tuning_grid, cells_to_tune, options)
             if first.stopped_by is not None:
                 summary = first
             else:
@@ -279,7 +248,7 @@ def run_command(args) -> int:
                                        f"{first.blocked} blocked")
                 cells = cells + finals
         if summary is None:
-            summary = run_grid(grid, cells, **options)
+            summary = run_grid(grid, cells, options)
     except (StorageError, RunStopped) as exc:
         say(f"error: {exc}")
         if isinstance(exc, RunStopped):  # the disk is fine: the CSVs can show what finished

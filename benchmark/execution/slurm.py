@@ -15,6 +15,9 @@ import time
 import uuid
 from pathlib import Path
 
+from benchmark.core.errors import RunStopped
+from benchmark.execution.pools import DaskPool
+
 #: What installs dask-jobqueue (the version range pyproject.toml's ``cluster`` extra pins).
 INSTALL = "pip install 'dask-jobqueue>=0.9,<0.10'  (or pip install -e '.[cluster]')"
 #: Seconds a starting worker tries to reach its scheduler (this driver) before giving up, ending its
@@ -316,92 +319,78 @@ def _signals_held(say):
             say("(a stop signal arrived while the SLURM jobs were being cancelled; they are cancelled first)")
 
 
-def _pool_base():
-    from benchmark.execution.runner import _DaskPool
+class SlurmPool(DaskPool):
+    """``DaskPool`` whose scheduler is a SLURMCluster's that this run starts (in this process); its
+    ``stop`` also ends the jobs. Everything else is the Dask backend's."""
 
-    return _DaskPool
+    def __init__(self, signals, options: SlurmOptions, jobs: int | None, timeout: float, default_log_dir: Path, say):
+        self.name = job_name()
+        self.cluster = None
+        self.submitting = False
+        self.say = say
+        self.log_dir = Path(options.log_dir).expanduser() if options.log_dir else default_log_dir
+        try:
+            with signals.interruptible():  # a stop signal while jobs start ends the run in order
+                self.log_dir.mkdir(parents=True, exist_ok=True)
+                self.cluster = make_cluster(options, self.name, self.log_dir)
+                test_submission(self.cluster)
+                self.cluster.adapt(minimum_jobs=options.jobs, maximum_jobs=options.jobs)
+                self.submitting = True
+                say(f"SLURM: {options.jobs} job(s) named {self.name} submitted, {options.worker_processes} worker "
+                    f"process(es) each ({options.cores} core(s), {options.memory}"
+                    f"{f', {options.gpus} GPU' if options.gpus else ''}, walltime {options.walltime}"
+                    f"{f', partition {options.partition}' if options.partition else ''}); "
+                    f"worker logs in {self.log_dir}")
+                super().__init__(signals, self.cluster.scheduler_address, jobs, timeout)
+                self._wait_for_a_worker()
+        except BaseException:
+            if getattr(self, "client", None) is not None:
+                with contextlib.suppress(Exception):
+                    self.client.close(timeout=5)
+            self._teardown()
+            raise
 
-
-def pool(signals, options: SlurmOptions, jobs: int | None, timeout: float, default_log_dir: Path, say):
-    """The Dask backend's pool on a SLURMCluster this run starts; its ``stop`` also ends the jobs."""
-    base = _pool_base()
-    log_dir = Path(options.log_dir).expanduser() if options.log_dir else default_log_dir
-
-    class SlurmPool(base):
-        """``_DaskPool`` whose scheduler is the SLURMCluster's; everything else is the Dask backend's."""
-
-        def __init__(self):
-            self.name = job_name()
-            self.cluster = None
-            self.submitting = False
-            self.say = say
+    def _wait_for_a_worker(self) -> None:
+        """Until one worker connects (a queue may hold the jobs for long): say what they wait for,
+        and stop if every job ended without a worker (their logs say why)."""
+        said = time.monotonic()
+        while not self._workers():
+            time.sleep(1.0)
             try:
-                with signals.interruptible():  # a stop signal while jobs start ends the run in order
-                    log_dir.mkdir(parents=True, exist_ok=True)
-                    self.cluster = make_cluster(options, self.name, log_dir)
-                    test_submission(self.cluster)
-                    self.cluster.adapt(minimum_jobs=options.jobs, maximum_jobs=options.jobs)
-                    self.submitting = True
-                    say(f"SLURM: {options.jobs} job(s) named {self.name} submitted, {options.worker_processes} worker "
-                        f"process(es) each ({options.cores} core(s), {options.memory}"
-                        f"{f', {options.gpus} GPU' if options.gpus else ''}, walltime {options.walltime}"
-                        f"{f', partition {options.partition}' if options.partition else ''}); "
-                        f"worker logs in {log_dir}")
-                    super().__init__(signals, self.cluster.scheduler_address, jobs, timeout)
-                    self._wait_for_a_worker()
-            except BaseException:
-                if getattr(self, "client", None) is not None:
-                    with contextlib.suppress(Exception):
-                        self.client.close(timeout=5)
-                self._teardown()
-                raise
+                jobs = queued(self.name)
+            except (OSError, subprocess.TimeoutExpired):
+                continue
+            if self._submitted() and not jobs and not self._workers():
+                time.sleep(5)  # a replacement may be on its way; a second look decides
+                if not queued(self.name) and not self._workers():
+                    raise RunStopped(f"the SLURM jobs {self.name} ended before a Dask worker connected; their "
+                                     f"output is in {self.log_dir} (is this Python, {sys.executable}, there on the "
+                                     f"nodes, and is --slurm-interface right?)")
+            if time.monotonic() - said > SAY_PENDING_EVERY_S:
+                said = time.monotonic()
+                states = ", ".join(f"{j} {state}{f' ({reason})' if reason and reason != 'None' else ''}"
+                                   for j, state, reason in jobs) or "none listed yet"
+                self.say(f"SLURM: waiting for a worker; jobs: {states}")
 
-        def _wait_for_a_worker(self) -> None:
-            """Until one worker connects (a queue may hold the jobs for long): say what they wait for,
-            and stop if every job ended without a worker (their logs say why)."""
-            said = time.monotonic()
-            while not self._workers():
-                time.sleep(1.0)
-                try:
-                    jobs = queued(self.name)
-                except (OSError, subprocess.TimeoutExpired):
-                    continue
-                if self._submitted() and not jobs and not self._workers():
-                    time.sleep(5)  # a replacement may be on its way; a second look decides
-                    if not queued(self.name) and not self._workers():
-                        from benchmark.core.errors import RunStopped
+    def _workers(self) -> dict:
+        return self.client.scheduler_info(n_workers=-1).get("workers") or {}
 
-                        raise RunStopped(f"the SLURM jobs {self.name} ended before a Dask worker connected; their "
-                                         f"output is in {log_dir} (is this Python, {sys.executable}, there on the "
-                                         f"nodes, and is --slurm-interface right?)")
-                if time.monotonic() - said > SAY_PENDING_EVERY_S:
-                    said = time.monotonic()
-                    states = ", ".join(f"{j} {state}{f' ({reason})' if reason and reason != 'None' else ''}"
-                                       for j, state, reason in jobs) or "none listed yet"
-                    say(f"SLURM: waiting for a worker; jobs: {states}")
+    def _submitted(self) -> bool:
+        """sbatch accepted at least one of the jobs (dask-jobqueue notes its id)."""
+        return any(getattr(job, "job_id", None) for job in list(self.cluster.workers.values()))
 
-        def _workers(self) -> dict:
-            return self.client.scheduler_info(n_workers=-1).get("workers") or {}
+    def stop(self, kill: bool = True) -> None:
+        try:
+            super().stop(kill)
+        finally:
+            self._teardown()
 
-        def _submitted(self) -> bool:
-            """sbatch accepted at least one of the jobs (dask-jobqueue notes its id)."""
-            return any(getattr(job, "job_id", None) for job in list(self.cluster.workers.values()))
-
-        def stop(self, kill: bool = True) -> None:
-            try:
-                super().stop(kill)
-            finally:
-                self._teardown()
-
-        def _teardown(self) -> None:
-            with _signals_held(self.say):
-                if self.cluster is not None:
-                    with contextlib.suppress(Exception):
-                        self.cluster.close(timeout=30)  # scancel of the jobs it knows
-                    self.cluster = None
-                left = cancel(self.name, self.say)  # and of any it lost track of
-                if not left and self.submitting:
-                    self.say(f"SLURM: jobs {self.name} cancelled; none left in squeue")
-
-    return SlurmPool()
-
+    def _teardown(self) -> None:
+        with _signals_held(self.say):
+            if self.cluster is not None:
+                with contextlib.suppress(Exception):
+                    self.cluster.close(timeout=30)  # scancel of the jobs it knows
+                self.cluster = None
+            left = cancel(self.name, self.say)  # and of any it lost track of
+            if not left and self.submitting:
+                self.say(f"SLURM: jobs {self.name} cancelled; none left in squeue")

@@ -84,8 +84,8 @@ def worker_identity(pause: float = 0.2) -> dict:
     import os
     import time
 
-    from benchmark.execution import runner
+    from benchmark.execution import worker
 
     time.sleep(pause)
-    return {"pid": os.getpid(), "owned": list(runner._WORKER_GPU), "current": torch.cuda.current_device(),
-            "set_calls": list(INSTALLED[0].set_calls), "device": str(runner.worker_device("auto"))}
+    return {"pid": os.getpid(), "owned": list(worker.OWNED_GPU), "current": torch.cuda.current_device(),
+            "set_calls": list(INSTALLED[0].set_calls), "device": str(worker.worker_device("auto"))}

@@ -1,0 +1,138 @@
+"""What a run has to do: its unfinished cells in the order they run, what each costs, and the units of work (cells and packs) they go out as."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import math
+from pathlib import Path
+
+from benchmark.core.method import get_method
+from benchmark.execution.cell import Cell, prunable_layer_sizes
+from benchmark.execution.records import DamagedResult
+from benchmark.execution.store import Store
+
+
+def priority(cell: Cell) -> int:
+    """Dense trainings first (they feed the shared cache), post-training methods last."""
+    method = get_method(cell.method)
+    if method.is_reference:
+        return 0
+    return 2 if method.needs_dense else 1
+
+
+def pending_cells(store: Store, cells: list[Cell], retry_failed: bool,
+                  set_aside: list | None = None) -> tuple[list[Cell], int]:
+    """(cells to run, how many are done or failed). A damaged result file counts as not done; with
+    ``set_aside`` (a list) it is also moved to cells/damaged/ and listed there as (path, reason)."""
+    todo, skipped = [], 0
+    existing = store.finished_ids()
+    for cell in cells:
+        status = "todo"
+        if cell.id in existing:
+            try:
+                result = store.read(cell.id)
+                status = result["status"] if result else "todo"
+            except DamagedResult as exc:
+                status = "todo"
+                if set_aside is not None:
+                    moved = store.set_aside(cell.id, exc.reason)
+                    if moved is not None:
+                        set_aside.append((moved, exc.reason))
+        if status == "ok" or (status == "failed" and not retry_failed):
+            skipped += 1
+        else:
+            todo.append(cell)
+    return sorted(todo, key=priority), skipped
+
+
+def written_since(store: Store, cell_id: str, since: float) -> bool:
+    """The cell's result file was written at or after ``since`` (by another driver, meanwhile)."""
+    try:
+        result = store.read(cell_id)
+    except DamagedResult:
+        return False
+    return bool(result) and (result.get("finished_at") or 0) >= since
+
+
+def _method(cell: Cell):
+    return get_method(cell.method)(cell.method_params)
+
+
+def trainings(cell: Cell) -> int:
+    """Models a cell trains and measures (``Method.trainings``: a lottery ticket one per level)."""
+    return _method(cell).workload.trainings(prunable_layer_sizes(cell.arch, cell.dataset))
+
+
+def estimate_epochs(cell: Cell) -> int:
+    """Training epochs a cell costs (``Method.Workload.training_epochs``; post-training methods reuse the
+    cached dense training)."""
+    return math.ceil(_method(cell).workload.training_epochs(cell.schedule, prunable_layer_sizes(cell.arch, cell.dataset)))
+
+
+def work_units(todo: list[Cell], pack, on_dask: bool, device: str, gpu_slots: list[int], jobs: int | None,
+               threads: int | None, compiled: bool, cache_dir: str, say) -> list:
+    """The run's units of work (benchmark.execution.packing.plan): cells, and packs of cells. ``auto``
+    measures here, on the device and with the threads a local worker gets; on Dask it packs
+    nothing. Groups are shared out over every worker (K per GPU x N GPUs), and a pack's memory over
+    the K workers of one GPU. On a GPU the planning runs in a child process, so that the driver
+    holds no CUDA context and no calibration memory while the run goes on. ``say`` gets each
+    decision."""
+    from benchmark.execution.packing import plan as pack_plan
+
+    setting = pack_plan.parse_pack(pack)
+    if setting == "off" or compiled:  # packed training does not compile (RunOptions refuses --pack N)
+        return list(todo)
+    from benchmark.engine.train import pick_device
+
+    dev = None if on_dask else pick_device(f"cuda:{gpu_slots[0]}" if gpu_slots else device)
+    workers = len(gpu_slots) or (jobs or 1)
+    sharing = gpu_slots.count(gpu_slots[0]) if gpu_slots else workers
+    args = (todo, setting, dev, workers, sharing, threads, cache_dir)
+    if dev is None or dev.type != "cuda":
+        return plan_units(*args, say=say)[0]
+    units, lines = plan_in_child(*args)
+    for line in lines:
+        say(line)
+    return units
+
+
+def plan_units(todo: list[Cell], setting, dev, workers: int, sharing: int, threads: int | None, cache_dir: str,
+               say=None) -> tuple[list, list[str]]:
+    """``pack_plan.plan`` with the threads a worker gets; returns the units and the lines it said."""
+    import torch
+
+    from benchmark.execution.packing import plan as pack_plan
+
+    lines: list[str] = []
+
+    def note(line: str) -> None:
+        lines.append(line)
+        if say is not None:
+            say(line)
+
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        units = pack_plan.plan(todo, setting, device=dev, workers=workers, sharing=sharing,
+                               cache_dir=Path(cache_dir), say=note)
+    finally:
+        torch.set_num_threads(before)
+    return units, lines
+
+
+def _plan_indices(todo: list[Cell], *args) -> tuple[list, list[str]]:
+    """``plan_units`` in a child process: the units as positions in ``todo`` (cheap to send back)."""
+    units, lines = plan_units(todo, *args)
+    where = {cell.id: i for i, cell in enumerate(todo)}
+    return [[where[c.id] for c in u] if isinstance(u, list) else where[u.id] for u in units], lines
+
+
+def plan_in_child(todo: list[Cell], *args) -> tuple[list, list[str]]:
+    """Plan in a short-lived child process (spawned: CUDA is never forked), which takes its CUDA
+    context and calibration memory with it when it ends."""
+    import multiprocessing
+
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as child:
+        indices, lines = child.submit(_plan_indices, todo, *args).result()
+    return [[todo[i] for i in u] if isinstance(u, list) else todo[u] for u in indices], lines
