@@ -47,3 +47,21 @@ def test_one_seed_that_breaks_is_enough(tmp_path):
     """The check is per seed: a sweep is fine when any seed's curve leaves dense accuracy."""
     rows = DENSE + [row("l1", 0, 8, 0.895, lam=1e-4), row("l1", 1, 8, 0.85, lam=1e-4)]
     assert warnings_for(rows, tmp_path) == []
+
+
+def test_run_and_report_end_with_the_warning_for_a_dwf_grid_that_compresses_nothing(tmp_path, capsys):
+    """The new user's trap: DWF at a tiny λ for one epoch stays at CR 1; `run` and `report` say so and
+    what to change, after the CSV line, and `run` still exits 0 (nothing failed)."""
+    from benchmark.__main__ import main
+    from test_runner import tiny_grid
+
+    grid = tiny_grid(tmp_path / "flat.toml", lams=(1e-7,)).read_text().replace("depth = [2, 3]", "depth = 3")
+    (tmp_path / "flat.toml").write_text(grid)
+    results = str(tmp_path / "r")
+    assert main(["run", "--grid", str(tmp_path / "flat.toml"), "--results-dir", results, "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    [line] = [line for line in out.splitlines() if line.startswith("warning: ")]
+    assert line.startswith("warning: dwf D=3 on lenet300/fashion-mnist (λ 1e-07): every point has CR <= 1.1")
+    assert out.index("CSV: ") < out.index(line)
+    assert main(["report", "--grid", "flat", "--results-dir", results, "--no-page"]) == 0
+    assert line in capsys.readouterr().err

@@ -1,5 +1,6 @@
 """The architecture stays as docs/design.md draws it: the import-linter layer contract holds, every
-module says in its first line what it owns, and no module outside ``methods/`` names a method."""
+module says in its first line what it owns, no module outside ``methods/`` names a method, and no
+module imports another's private names."""
 
 from __future__ import annotations
 
@@ -73,3 +74,16 @@ def test_no_module_outside_methods_names_a_method():
                 found.append(f"{where}:{line}: {text!r}")
     assert names >= {"dense", "dwf", "lottery", "gmp"}
     assert not found, "method names outside methods/ (a method owns its label and columns): " + "; ".join(found)
+
+
+def test_no_module_imports_another_modules_private_names():
+    """A leading underscore means "only this module uses it": what two modules share is public
+    (docs/design.md, layers)."""
+    root = ROOT
+    offenders = []
+    for path in sorted([*(root / "benchmark").rglob("*.py"), *(root / "methods").rglob("*.py")]):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in ("benchmark", "methods"):
+                offenders += [f"{path.relative_to(root)}:{node.lineno} imports {node.module}.{alias.name}"
+                              for alias in node.names if alias.name.startswith("_") and not alias.name.startswith("__")]
+    assert not offenders, "\n".join(offenders)

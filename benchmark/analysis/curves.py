@@ -473,7 +473,7 @@ def cost_table(results: Results) -> pd.DataFrame:
     counts the dense training it starts from) and the CPU-hours its cells took (wall time x threads,
     each cell once; shared dense trainings are counted in the cell that ran them, usually ``dense``).
 
-    ``train_cost``: the same in dense trainings of the schedule (``benchmark.execution.store.training_cost``).
+    ``train_cost``: the same in dense trainings of the schedule (``benchmark.execution.collection.training_cost``).
 
     Columns: arch, dataset, variant, points, seeds, epochs_min, epochs_max, train_cost_min,
     train_cost_max, wall_h, cpu_h, devices."""

@@ -15,10 +15,12 @@ rebuilt byte for byte from their CSVs)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 
-from benchmark.analysis.curves import Results
+from benchmark.analysis.curves import Results, load_results
 
 #: A curve whose largest CR is at most this compresses nothing worth plotting.
 FLAT_CR = 1.1
@@ -59,3 +61,13 @@ def curve_warnings(results: Results) -> list[str]:
                          f"(largest CR {largest:.3g}), so its tolerance figures are lower bounds set by the "
                          f"grid. Add larger lam values to see where accuracy breaks.")
     return lines
+
+
+def warning_lines(csv_path: Path | str) -> list[str]:
+    """``curve_warnings`` of a grid's ``results.csv``, each starting "warning: "; none without a CSV
+    (no CSV yet, or one that could not be read: said elsewhere)."""
+    try:
+        results = load_results(csv_path)
+    except (ValueError, OSError):
+        return []
+    return [f"warning: {line}" for line in curve_warnings(results)]

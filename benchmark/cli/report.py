@@ -4,6 +4,7 @@ results page written, the headline Markdown printed."""
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import pandas as pd
 
@@ -44,6 +45,7 @@ def add_commands(sub) -> None:
 
 
 def report_command(args) -> int:
+    from benchmark.analysis.diagnostics import warning_lines
     from benchmark.execution.store import grid_to_read
 
     grid, said = grid_to_read(args.grid, args.results_dir)
@@ -51,6 +53,8 @@ def report_command(args) -> int:
         print(line, file=sys.stderr)
     files, markdown = report.write_report(grid, args.results_dir, args.tolerances, args.crs, args.threshold_scale)
     print(markdown)
+    for line in warning_lines(Path(args.results_dir) / grid / "results.csv"):
+        print(line, file=sys.stderr)
     compared = [f for f in files if f.name == "comparisons.csv"]
     if compared:
         table = pd.read_csv(compared[0])

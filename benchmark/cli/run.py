@@ -278,6 +278,9 @@ def run_command(args) -> int:
                    f"and their cells run again")
     out.append(f"results: {store.cells_dir}  (log: {summary.log})")
     out.append(collect_after_run(store))
+    from benchmark.analysis.diagnostics import warning_lines
+
+    out += warning_lines(store.root / "results.csv")
     where = "" if args.results_dir == "results" else f" --results-dir {shlex.quote(str(args.results_dir))}"
     out.append(f"next: python -m benchmark plot{where}; python -m benchmark report{where}  (both read grid "
                f"{grid.name}, the last run there; report also writes {store.root / 'report.html'})")
