@@ -1,21 +1,19 @@
-"""How long a run will take, before it runs: ``run --dry-run`` prints cells, training epochs and
-hours per architecture and for the grid, one cell at a time and with the parallelism the run uses.
+"""What a run's trainings cost, before it runs (``run --dry-run``; ``benchmark.speed.wall_time`` lays
+them out on the run's workers and prints the table).
 
-Speeds come from a short calibration on the run's device: per architecture x input shape x batch
-size x variant (``dense``, ``masked`` for every pruned model, ``dwf D=k``) a model is built as a cell
-builds it (``perf.build_training``) and a few training steps, an evaluation pass, the per-epoch
-extras (the method's epoch metrics, the checkpoint) and the final measurement are timed. Results are
-cached in ``$BENCHMARK_CACHE_DIR/speeds.json`` (default ``~/.cache/dwf-bench``) under the machine's
-name, the torch version and the thread count, so a later dry run measures only what is new. For
-a device that is not here, ``--speeds`` takes a file of per-epoch times or the name of a machine
-measured earlier (a shared home, or a cache file copied over).
+Speeds per architecture x input shape x batch size x variant (``dense``, ``masked`` for every pruned
+model, ``dwf D=k``) come from ``$BENCHMARK_CACHE_DIR/speeds.json`` (default ``~/.cache/dwf-bench``),
+under the machine's name, the torch version and the thread count, where measured earlier; the rest
+are rough, from the model's FLOPs at a fraction of this device's matrix-product rate (``rough_units``,
+in a second), or with ``--measure-speeds`` measured now (``measure``: a model built as a cell builds
+it, ``perf.build_training``, and a few training steps, an evaluation pass, the per-epoch extras and
+the final measurement timed) and cached. For a device that is not here, ``--speeds`` takes a file
+of per-epoch times or the name of a machine measured earlier (a shared home, or a cache file copied
+over).
 
 One training (a cell, or a dense training shared through the cache) costs::
 
     builds x (setup + final) + epochs x (steps x step + test examples x evaluation + epoch extras)
-
-Not counted: starting worker processes and loading datasets (seconds per worker), and methods'
-own scoring passes (SNIP, GraSP, SynFlow rounds), which are small next to training.
 """
 
 from __future__ import annotations
@@ -350,10 +348,12 @@ def calibrate(trainings, device, threads: int, say=print, measure_missing: bool 
     return Measured(machine, {k: units[k] for k in needed}, f"{threads} threads, cached in {path}")
 
 
-#: A training step's FLOPs run at this fraction of the device's large-matmul rate (``rough_units``):
-#: what LeNet-300-100 (batch 128) and VGG-16 / ResNet-18 steps reached on this project's 2-core
-#: CPU machine, one thread each (0.2 to 0.5). Rough: a small model's step is further from the limit.
-ROUGH_EFFICIENCY = 0.3
+#: A training step's FLOPs run at this fraction of the device's large-matmul rate (``rough_units``).
+#: On this project's 2-core CPU machine (92 GFLOP/s at one thread): dense LeNet-300-100 steps at
+#: batch 128 reached 0.55 in the committed reference records (1.44 s per epoch at --jobs 2); timed
+#: while the machine was overloaded (load 13), LeNet-300-100 0.21, VGG-16 0.31, ResNet-18 0.78 and
+#: LeNet-5 (small convolutions) 0.07. Rough by nature: off by 2x either way for some models.
+ROUGH_EFFICIENCY = 0.5
 #: Seconds a step costs besides its FLOPs (the optimizer's update, Python and dispatch; LeNet steps
 #: are a few milliseconds, so it matters there), and per epoch / per model built (the checkpoint,
 #: the epoch metrics; building, the final measurement), as measured for LeNets on that machine.
