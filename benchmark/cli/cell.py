@@ -40,8 +40,7 @@ def add_commands(sub) -> None:
     p.add_argument("--dataset", required=True, choices=list(data_mod.DATASETS), help="dataset")
     p.add_argument("--seed", type=int, default=0, help="seed of init, data order and pruning scores (default 0)")
     p.add_argument("--epochs", type=int, help="training epochs (default: the architecture's schedule)")
-    p.add_argument("--lr", type=float, help="the schedule's learning rate (default: the architecture's); dwf, shallow "
-                                            "and l1 train at their own lr: --set lr=... (default: calibrated, docs/methods.md)")
+    p.add_argument("--lr", type=float, help="learning rate (default: the architecture's schedule)")
     p.add_argument("--batch-size", type=int, help="batch size (default: the architecture's schedule)")
     p.add_argument("--weight-decay", type=float, help="weight decay of unregularized methods' weights")
     p.add_argument("--momentum", type=float, help="SGD momentum (default 0.9)")
