@@ -55,4 +55,4 @@ def test_a_cell_at_its_defaults_shows_them_in_its_label():
 def test_list_says_the_regularized_methods_learning_rate_is_calibrated(capsys):
     main(["list"])
     out = capsys.readouterr().out
-    assert "lr=calibrated (docs/methods.md)" in out and " lr=None" not in out
+    assert "lr=calibrated (docs/methods.md)" in out and "lr=None" not in out
