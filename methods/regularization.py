@@ -3,7 +3,7 @@ parameters, and their learning rate (the grid's, else the calibrated default).""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from benchmark.engine.sparsity import cr_at, threshold_sensitivity
 from benchmark.core.method import Method
@@ -16,8 +16,7 @@ FLOAT32_EPS = 1.19e-7
 class RegularizerParams(Method.Params):
     lam: float = 1e-4
     threshold: float = FLOAT32_EPS  # |w| below this counts as zero and is set to zero after training
-    #: None: the calibrated rate for the arch and depth (``calibrated_lr``), chosen at run time.
-    lr: float | None = field(default=None, metadata={"shown_default": "calibrated (docs/methods.md)"})
+    lr: float | None = None  # None: the calibrated default for the arch and depth (calibrated_lr), set at run time
 
     def validate(self) -> list[str]:
         problems = []

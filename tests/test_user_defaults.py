@@ -50,9 +50,3 @@ def test_a_cell_at_its_defaults_shows_them_in_its_label():
     assert Cell.make("snip", "lenet300", "fashion-mnist", params={"target_cr": 100}).label() == \
         "snip [target_cr=100.0] lenet300/fashion-mnist seed=0"
     assert Cell.make("dense", "lenet300", "fashion-mnist").label() == "dense lenet300/fashion-mnist seed=0"
-
-
-def test_list_says_the_regularized_methods_learning_rate_is_calibrated(capsys):
-    main(["list"])
-    out = capsys.readouterr().out
-    assert "lr=calibrated (docs/methods.md)" in out and "lr=None" not in out
