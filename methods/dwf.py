@@ -235,7 +235,7 @@ class DWF(Method):
         p = self.params
         model = ctx.new_model()
         factorize(model, p.depth, ctx.cell.seed, p.init, p.init_eps, p.skip_last)
-        schedule = schedule_with_lr(ctx.schedule, p.lr, ctx.cell.arch, p.depth)
+        schedule = schedule_with_lr(ctx.schedule, p.lr)
         history, _ = ctx.train(model, FactorHooks(p.lam, p.depth, p.penalty, p.threshold), schedule=schedule)
         balance = balance_error(model)
         collapse(model)

@@ -67,7 +67,7 @@ class L1(Method):
     def run(self, ctx: MethodContext) -> list[dict]:
         p = self.params
         model = ctx.new_model()
-        schedule = schedule_with_lr(ctx.schedule, p.lr, ctx.cell.arch)
+        schedule = schedule_with_lr(ctx.schedule, p.lr)
         history, _ = ctx.train(model, L1Hooks(p.lam, p.threshold), schedule=schedule)
         settling = threshold_sensitivity(model, p.threshold)
         zeroed = zero_below(model, p.threshold)

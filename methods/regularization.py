@@ -1,5 +1,5 @@
 """What the regularization methods (DWF, shallow, L1) share: the zero threshold, their common
-parameters, and their learning rate (the grid's, else the calibrated default)."""
+parameters, and the learning-rate override."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ FLOAT32_EPS = 1.19e-7
 class RegularizerParams(Method.Params):
     lam: float = 1e-4
     threshold: float = FLOAT32_EPS  # |w| below this counts as zero and is set to zero after training
-    lr: float | None = None  # None: the calibrated default for the arch and depth (calibrated_lr), set at run time
+    lr: float | None = None  # None: the schedule's learning rate
 
     def validate(self) -> list[str]:
         problems = []
@@ -29,32 +29,10 @@ class RegularizerParams(Method.Params):
         return problems
 
 
-#: Learning rates of the regularized methods where a grid sets none (docs/methods.md, Learning rates):
-#: the calibration behind lenet-reference (30 epochs, Fashion-MNIST, best accuracy at λ = 1e-5 among
-#: the rates that trained over the whole λ grid), keyed by DWF depth (``None``: L1). LeNet-300-100's
-#: rates are the methods' default on every architecture; LeNet-5, where D=3/4 diverged at them, has
-#: its own. Deeper factorizations than the table's take its deepest rate.
-CALIBRATED_LR: dict[str, dict[int | None, float]] = {
-    "default": {2: 0.2, 3: 0.5, 4: 0.3, None: 0.05},
-    "lenet5": {2: 0.2, 3: 0.1, 4: 0.1, None: 0.05},
-}
-
-
-def calibrated_lr(arch: str, depth: int | None) -> float:
-    """The learning rate a regularized method trains with when its grid sets none."""
-    rates = CALIBRATED_LR.get(arch, CALIBRATED_LR["default"])
-    if depth is None:
-        return rates[None]
-    deepest = max(d for d in rates if d is not None)
-    return rates[min(max(depth, 2), deepest)]
-
-
-def schedule_with_lr(schedule, lr: float | None, arch: str, depth: int | None = None):
-    """``schedule`` at the method's own learning rate (factorized nets need larger rates than dense
-    ones): the grid's ``lr``, else the calibrated one. It is resolved here, at run time, and never in
-    the cell's config, so cells that leave ``lr`` out keep their ids; each record's ``lr`` column says
-    the rate it trained at."""
-    return schedule.replace(lr=lr if lr is not None else calibrated_lr(arch, depth))
+def schedule_with_lr(schedule, lr: float | None):
+    """``schedule`` with the method's own learning rate if it sets one (factorized nets need
+    larger rates than dense ones): the schedule DWF and L1 train with."""
+    return schedule.replace(lr=lr) if lr else schedule
 
 
 def settling_metrics(model, threshold: float) -> dict:

@@ -176,8 +176,8 @@ def test_depth3_and_4_are_sparser_than_depth2_at_similar_fit():
 
 
 def test_dwf_cell_records_sparsity_and_convention(tmp_path):
-    cell = Cell.make("dwf", "lenet300", "fashion-mnist", params={"depth": 3, "lam": 0.02, "lr": 0.2},
-                     schedule={"epochs": 40, "batch_size": 32})
+    cell = Cell.make("dwf", "lenet300", "fashion-mnist", params={"depth": 3, "lam": 0.02},
+                     schedule={"epochs": 40, "batch_size": 32, "lr": 0.2})
     [record] = run_cell(cell, data=make_data(), work_root=tmp_path / "w", cache_dir=tmp_path / "c", progress=False)
     assert record["status"] == "ok", record.get("error")
     assert record["cr"] > 10 and record["zeroed_by_threshold"] > 0
@@ -216,34 +216,3 @@ def test_skip_last_leaves_the_classifier_plain_with_the_schedules_weight_decay()
     assert model.fc3 not in factorized_modules(model)
     assert decay[id(model.fc3.weight)] == 5e-4 and decay[id(model.fc3.bias)] == 0.0
     assert {decay[id(f)] for m in (model.fc1, model.fc2) for f in factors_of(m)} == {2 * 1e-3 / 3}
-
-
-# ---- learning rate where a grid sets none ----------------------------------------------------------
-
-
-@pytest.mark.parametrize("method, arch, params, expected", [
-    ("dwf", "lenet300", {"depth": 2}, 0.2), ("dwf", "lenet300", {"depth": 3}, 0.5),
-    ("dwf", "lenet300", {"depth": 4}, 0.3), ("l1", "lenet300", {}, 0.05), ("shallow", "lenet300", {}, 0.2),
-    ("dwf", "lenet5", {"depth": 3}, 0.1), ("dwf", "lenet300", {"depth": 3, "lr": 0.07}, 0.07)])
-def test_regularized_methods_default_to_the_calibrated_learning_rate(tmp_path, method, arch, params, expected):
-    """Not the schedule's 0.15, at which DWF D=3 stays at CR 1 in a short grid (issue 29); a grid's lr wins."""
-    cell = Cell.make(method, arch, "fashion-mnist", params=params | {"lam": 1e-4},
-                     schedule={"epochs": 1, "batch_size": 64, "lr": 0.15, "warmup_epochs": 0})
-    data = make_data(shape=(1, 28, 28) if arch == "lenet5" else (1, 8, 8), n_train=64, n_test=32)
-    [record] = run_cell(cell, data=data, work_root=tmp_path / "w", cache_dir=tmp_path / "c", progress=False)
-    assert record["status"] == "ok", record.get("error")
-    assert record["lr"] == expected and record["lr_schedule"] == 0.15
-
-
-def test_the_calibrated_default_leaves_cell_ids_alone():
-    """Resolved at run time, never in the config: a cell that leaves lr out keeps the id its
-    committed records are filed under (reference/lenet-calibration, part B)."""
-    import json
-    from pathlib import Path
-    for path in sorted(Path("reference/lenet-calibration/cells").glob("*.json")):
-        config = json.loads(path.read_text())["config"]
-        if config["method"] in ("dwf", "l1") and "lr" not in config["params"]:
-            assert Cell.from_config(config).id == path.stem
-            break
-    else:
-        pytest.fail("no committed DWF/L1 cell without lr")
