@@ -134,3 +134,24 @@ def exact_float32():
         yield
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+@contextlib.contextmanager
+def cpu_precision(dtype: str | None = None, memory_format: str | None = None):
+    """CPU training in ``dtype`` (float32, bf16) and ``memory_format`` while inside (None: as the
+    environment says), by setting the two environment variables and restoring them after: the speed
+    benchmarks time the variants side by side in one process. Models and steps built inside must
+    also run inside, since autocast reads the setting at every step."""
+    wanted = {CPU_DTYPE_ENV: dtype, CPU_MEMORY_FORMAT_ENV: memory_format}
+    saved = {name: os.environ.get(name) for name in wanted}
+    try:
+        for name, value in wanted.items():
+            if value is not None:
+                os.environ[name] = value
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
