@@ -14,7 +14,8 @@ import platform
 import torch
 
 from benchmark.core.provenance import cpu_model
-from benchmark.engine.precision import CONV_MODELS, cpu_bf16_features, cpu_precision
+from benchmark.engine import precision
+from benchmark.engine.precision import CONV_MODELS, cpu_precision
 from benchmark.engine.timing import interleave, sync
 from benchmark.engine.train import tune_cpu_allocator
 from benchmark.speed.perf.pack import matmul_rate, step_flops
@@ -34,7 +35,7 @@ def machine_name(device: torch.device) -> str:
     """The device as a reader would look it up: the CPU model (and its bf16 matmul, if any) or the GPU."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    bf16 = "/".join(cpu_bf16_features()) or "no bf16 matmul"
+    bf16 = "/".join(precision.cpu_bf16_features()) or "no bf16 matmul"
     return f"{cpu_model()} ({platform.machine()}, {bf16})"
 
 
@@ -46,7 +47,7 @@ def variants(device: torch.device, arch: str) -> dict[str, tuple[str | None, str
     found = {"float32 contiguous": ("float32", "contiguous")}
     if arch in CONV_MODELS:
         found["float32 channels_last"] = ("float32", "channels_last")
-    if cpu_bf16_features():
+    if precision.cpu_bf16_features():
         found["bf16 " + ("channels_last" if arch in CONV_MODELS else "contiguous")] = ("bf16", "channels_last")
     return found
 
@@ -76,7 +77,7 @@ def bench_limit(device: torch.device, rounds: int | None, quick: bool, archs: li
     with cpu_precision(dtype="float32"):
         fp32_rate = matmul_rate(device)
     rates = {"float32": fp32_rate}
-    if device.type == "cpu" and cpu_bf16_features():
+    if device.type == "cpu" and precision.cpu_bf16_features():
         with cpu_precision(dtype="bf16"):
             rates["bf16"] = matmul_rate(device)
     print("large-matmul rate: " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in rates.items()), flush=True)
