@@ -39,7 +39,7 @@ from torch.nn import functional as F
 
 from benchmark.engine import data as data_mod
 from benchmark.engine.sparsity import prunable_layers
-from benchmark.engine.train import exact_float32
+from benchmark.engine.precision import exact_float32
 from benchmark.core.context import MethodContext
 from benchmark.core.method import Method, Plotting, register
 from methods import structures

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from benchmark.engine import sparsity
-from benchmark.engine.train import autocast, prepare_input
+from benchmark.engine.precision import autocast, prepare_input
 from benchmark.core.context import MethodContext
 from benchmark.core.method import Method, Plotting, register
 

@@ -16,6 +16,7 @@ import torch
 from benchmark.execution import pools, run_options, stop_signals, todo, worker
 from benchmark.execution.packing import plan as pack_plan
 from benchmark.execution.cell import Cell, dense_key, device_columns
+from benchmark.engine import precision
 from benchmark.engine import train as training
 
 SITE_FAKES = Path(__file__).resolve().parent / "site_fakes"
@@ -27,7 +28,7 @@ import fakes  # noqa: E402
 @pytest.fixture
 def gpus(monkeypatch):
     """Two fake GPUs in this process; a fresh bf16 table (it caches per GPU index)."""
-    monkeypatch.setattr(training, "_BF16_BY_INDEX", {})
+    monkeypatch.setattr(precision, "_BF16_BY_INDEX", {})
     return fakes.FakeCuda(2).install(monkeypatch.setattr)
 
 
@@ -158,26 +159,27 @@ def test_records_on_a_gpu_name_it_and_its_cuda_and_cudnn(gpus):
     assert {"cuda_version", "cudnn_version"} <= set(columns)
     assert device_columns(torch.device("cuda", 1), "lenet300")["memory_format"] == "contiguous"
     # every record says how it was computed, on the CPU too
-    assert device_columns(torch.device("cpu"), "lenet5") == {"compute_dtype": "float32", "memory_format": "contiguous"}
+    assert device_columns(torch.device("cpu"), "lenet5") == {"compute_dtype": "float32", "memory_format": "channels_last"}
+    assert device_columns(torch.device("cpu"), "lenet300") == {"compute_dtype": "float32", "memory_format": "contiguous"}
 
 
 def test_gpus_without_native_bf16_train_in_float32(monkeypatch):
-    monkeypatch.setattr(training, "_BF16_BY_INDEX", {})
+    monkeypatch.setattr(precision, "_BF16_BY_INDEX", {})
     fakes.FakeCuda(1, capability=(7, 0)).install(monkeypatch.setattr)  # a V100
     v100 = torch.device("cuda", 0)
-    assert not training.native_bf16(v100) and training.training_dtype(v100) == torch.float32
-    assert not isinstance(training.autocast(v100), torch.autocast)
-    monkeypatch.setattr(training, "_BF16_BY_INDEX", {})
+    assert not precision.native_bf16(v100) and precision.training_dtype(v100) == torch.float32
+    assert not isinstance(precision.autocast(v100), torch.autocast)
+    monkeypatch.setattr(precision, "_BF16_BY_INDEX", {})
     fakes.FakeCuda(1, capability=(8, 0)).install(monkeypatch.setattr)  # an A100
-    assert training.training_dtype(v100) == torch.bfloat16 and isinstance(training.autocast(v100), torch.autocast)
-    assert training.training_dtype(torch.device("cpu")) == torch.float32
+    assert precision.training_dtype(v100) == torch.bfloat16 and isinstance(precision.autocast(v100), torch.autocast)
+    assert precision.training_dtype(torch.device("cpu")) == torch.float32
 
 
 def test_scoring_runs_without_tf32_and_restores_the_settings():
     before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cudnn.allow_tf32 = True
     try:
-        with training.exact_float32():
+        with precision.exact_float32():
             assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
         assert torch.backends.cudnn.allow_tf32
     finally:

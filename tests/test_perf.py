@@ -69,6 +69,44 @@ def test_perf_step_times_every_depth_against_dense(tmp_path):
     assert {r["unit"] for r in rows} == {"s/step"}
 
 
+def test_perf_limit_puts_each_step_against_its_arithmetic_limit_and_profiles_a_miss(tmp_path, capsys, monkeypatch):
+    from benchmark.engine import precision
+    from benchmark.speed.perf import limit
+
+    monkeypatch.setattr(precision, "cpu_bf16_features", lambda: ())  # no bf16 variant: same rows on any CPU
+    out = tmp_path / "limit.csv"
+    assert main(["perf", "limit", "--quick", "--device", "cpu", "--out", str(out)]) == 0
+    rows = read_rows(out)
+    assert [(r["case"].split()[0], r["variant"]) for r in rows] == [
+        ("lenet300", "float32 contiguous"), ("lenet5", "float32 contiguous"), ("lenet5", "float32 channels_last")]
+    assert_sane_times(rows)
+    assert {r["ratio_of"] for r in rows} == {"step / float32 limit"}
+    printed = capsys.readouterr().out
+    assert "machine: " in printed and "x the limit" in printed and "GFLOP/s" in printed
+    assert "aten::" in limit.profile_top_ops(lambda: torch.ones(64, 64) @ torch.ones(64, 64), steps=2)
+
+
+def test_bf16_comparison_pairs_the_records_of_the_same_cells(tmp_path):
+    import json
+
+    from benchmark.speed.perf import bf16_compare
+
+    def cell(folder, cell_id, acc, cr, dtype):
+        folder.mkdir(exist_ok=True)
+        record = {"test_acc": acc, "cr": cr, "compute_dtype": dtype}
+        (folder / f"{cell_id}.json").write_text(json.dumps(
+            {"config": {"method": "dwf", "params": {"depth": 2, "lam": 0.001}}, "records": [record]}))
+
+    cell(tmp_path / "fp32", "a", 0.9, 100.0, "float32")
+    cell(tmp_path / "fp32", "only-fp32", 0.9, 10.0, "float32")
+    cell(tmp_path / "bf16", "a", 0.88, 120.0, "bfloat16")
+    rows = bf16_compare.write_comparison(tmp_path / "fp32", tmp_path / "bf16", tmp_path / "out" / "comparison")
+    assert len(rows) == 1 and rows[0]["cell_id"] == "a"
+    assert rows[0]["acc_diff"] == pytest.approx(-0.02) and rows[0]["cr_ratio"] == pytest.approx(1.2)
+    assert (tmp_path / "out" / "comparison.csv").read_text().startswith(",".join(bf16_compare.COLUMNS))
+    assert "| a | dwf | depth=2 lam=0.001 |" in (tmp_path / "out" / "comparison.md").read_text()
+
+
 def test_perf_grid_reports_cells_per_hour_and_memory_per_worker(tmp_path):
     out = tmp_path / "grid.csv"
     assert main(["perf", "grid", "--quick", "--device", "cpu", "--out", str(out)]) == 0

@@ -172,3 +172,74 @@ def test_warmup_rises_linearly_then_cosine_decays_to_zero():
                        progress=False)
     assert history.epochs[0]["lr"] == pytest.approx(0.1)  # end of warm-up: the peak
     assert history.epochs[-1]["lr"] == pytest.approx(0.0, abs=1e-12)
+
+
+# --- precision and memory layout on the CPU (docs/scaling.md, "CPU speed") ---
+
+def test_bf16_on_a_cpu_without_bf16_matmul_is_refused_naming_the_missing_feature(monkeypatch):
+    from benchmark.engine import precision
+
+    monkeypatch.setattr(precision, "cpu_bf16_features", lambda: ())
+    monkeypatch.setenv(precision.CPU_DTYPE_ENV, "bf16")
+    with pytest.raises(ValueError, match="neither AMX nor AVX512-BF16"):
+        pick_device("cpu")
+    monkeypatch.setenv(precision.CPU_DTYPE_ENV, "fp16")
+    with pytest.raises(ValueError, match="not a precision"):
+        pick_device("cpu")
+    monkeypatch.delenv(precision.CPU_DTYPE_ENV)
+    assert pick_device("cpu") == torch.device("cpu")
+
+
+def test_bf16_on_a_cpu_with_bf16_matmul_trains_under_autocast_and_records_say_so(monkeypatch):
+    from benchmark.engine import precision
+    from benchmark.engine.train import make_optimizer, training_step
+    from benchmark.execution.cell import dense_key, device_columns
+
+    cpu = torch.device("cpu")
+    cell = Cell("dense", "lenet300", "mnist", 0, {}, Schedule(epochs=1))
+    fp32_key = dense_key(cell, cpu)
+    monkeypatch.setattr(precision, "cpu_bf16_features", lambda: ("avx512_bf16",))
+    monkeypatch.setenv(precision.CPU_DTYPE_ENV, "bf16")
+    assert precision.training_dtype(cpu) == torch.bfloat16
+    assert device_columns(cpu, "lenet300") == {"compute_dtype": "bfloat16", "memory_format": "contiguous"}
+    assert dense_key(cell, cpu) != fp32_key  # a bf16 dense model is never reused as a float32 one
+    model = _model()
+    out, loss, _ = training_step(model, torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 3]),
+                                 make_optimizer(model, Schedule()), TrainHooks(), cpu)
+    assert out.dtype == torch.bfloat16 and loss.dtype == torch.float32
+
+
+def test_conv_nets_train_channels_last_on_the_cpu_unless_told_contiguous(monkeypatch):
+    from benchmark.engine import precision
+    from benchmark.execution.cell import device_columns
+
+    cpu = torch.device("cpu")
+    monkeypatch.delenv(precision.CPU_MEMORY_FORMAT_ENV, raising=False)
+    assert precision.uses_channels_last(cpu, "lenet5") and not precision.uses_channels_last(cpu, "lenet300")
+    monkeypatch.setenv(precision.CPU_MEMORY_FORMAT_ENV, "contiguous")  # the path of the older records
+    assert device_columns(cpu, "lenet5") == {"compute_dtype": "float32", "memory_format": "contiguous"}
+    monkeypatch.setenv(precision.CPU_MEMORY_FORMAT_ENV, "nhwc")
+    with pytest.raises(ValueError, match="not a layout"):
+        precision.uses_channels_last(cpu, "lenet5")
+
+
+def test_channels_last_lenet5_predicts_what_the_contiguous_one_does():
+    from benchmark.engine.precision import prepare_input
+
+    contiguous = models.build("lenet5", (1, 28, 28), 10, seed=3).eval()
+    channels_last = models.build("lenet5", (1, 28, 28), 10, seed=3).to(memory_format=torch.channels_last).eval()
+    x = torch.randn(64, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = contiguous(x), channels_last(prepare_input(x, True))
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert torch.equal(a.argmax(1), b.argmax(1))
+
+
+def test_cpu_precision_sets_and_restores_the_environment(monkeypatch):
+    from benchmark.engine import precision
+
+    monkeypatch.delenv(precision.CPU_DTYPE_ENV, raising=False)
+    monkeypatch.setenv(precision.CPU_MEMORY_FORMAT_ENV, "contiguous")
+    with precision.cpu_precision("float32", "channels_last"):
+        assert precision.cpu_memory_format() == "channels_last" and precision.cpu_compute_dtype() == torch.float32
+    assert precision.cpu_memory_format() == "contiguous" and precision.CPU_DTYPE_ENV not in __import__("os").environ

@@ -88,7 +88,7 @@ def doctor_command(args) -> int:
             r.more(f"cuda:{i}: {props.name}, {props.total_memory / 2**30:.0f} GiB, compute capability "
                    f"{props.major}.{props.minor}, native bf16 {'yes' if props.major >= 8 else 'no (trains in float32)'}")
     if device is not None:
-        from benchmark.engine.train import native_bf16
+        from benchmark.engine.precision import native_bf16
 
         if device.type == "cuda" and native_bf16(device):
             r.line("dtype", "float32 weights; training under bf16 autocast; channels_last for conv nets")

@@ -17,7 +17,7 @@ import torch
 
 from benchmark.engine.train import check_compile, pick_device
 from benchmark.speed import perf
-from benchmark.speed.perf import DEFAULT_ROUNDS, PACK_SIZES, SMALL_STEP_BLOCK, STEP_ARCHS, WHATS, Row
+from benchmark.speed.perf import DEFAULT_ROUNDS, LIMIT_ARCHS, PACK_SIZES, SMALL_STEP_BLOCK, STEP_ARCHS, WHATS, Row
 
 
 #: What ``perf --help`` says: what each benchmark compares and its target, no module paths.
@@ -51,7 +51,9 @@ def add_commands(sub) -> None:
     p.add_argument("what", nargs="?", default="all", choices=[*WHATS, "grid-pack", "all"],
                    help="data: our epoch vs a torchvision DataLoader epoch; step: DWF D=2/3/4 vs dense step time "
                         "per architecture; grid: cells per hour with --jobs 1 and 2 and peak memory per worker; "
-                        "pack: packed training vs one model at a time per pack size; all: the four (default); "
+                        "pack: packed training vs one model at a time per pack size; limit: each model's step against "
+                        "its arithmetic limit here, float32 per memory layout and bf16 where the CPU has it; "
+                        "all: the five (default); "
                         "grid-pack: a whole grid with --pack auto vs --pack off (long: not part of all)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps or auto (cuda > mps > cpu); default auto")
     p.add_argument("--out", type=Path,
@@ -63,8 +65,9 @@ def add_commands(sub) -> None:
     p.add_argument("--compile", action="store_true",
                    help="step: also time torch.compile'd models (ratio to the compiled dense model and the "
                         "eager/compiled speedup); compiling VGG/ResNet takes minutes on a small CPU")
-    p.add_argument("--archs", default=",".join(STEP_ARCHS),
-                   help=f"step: comma-separated architectures (default {','.join(STEP_ARCHS)})")
+    p.add_argument("--archs",
+                   help=f"step, limit: comma-separated architectures (default: step {','.join(STEP_ARCHS)}, "
+                        f"limit {','.join(LIMIT_ARCHS)})")
     p.add_argument("--grid", help="grid, grid-pack: preset name or TOML file to run (default: smoke for grid, "
                                   "quick for grid-pack; with --quick, a built-in three-cell grid)")
     p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
@@ -89,7 +92,7 @@ def perf_command(args) -> int:
         if args.threads < 1:
             raise ValueError(f"--threads {args.threads}: must be >= 1")
         torch.set_num_threads(args.threads)
-    archs = [a.strip() for a in args.archs.split(",") if a.strip()]
+    archs = [a.strip() for a in (args.archs or ",".join(STEP_ARCHS)).split(",") if a.strip()]
     unknown = [a for a in archs if a not in STEP_ARCHS]
     if unknown or not archs:
         raise ValueError(f"--archs: unknown {unknown}; choose from {', '.join(STEP_ARCHS)}")
@@ -108,7 +111,7 @@ def perf_command(args) -> int:
     out = args.out or Path("results") / "perf" / f"perf-{args.what}.csv"
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else math.nan
     cores = os.cpu_count() or 1
-    print(f"perf {args.what} on {device}: torch {torch.__version__}, {torch.get_num_threads()} threads, "
+    print(f"perf {args.what} on {device} ({perf.machine_name(device)}): torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{cores} cores, load average {load:.1f}")
     if load > cores:
         print(f"note: this machine is busy (load {load:.1f} on {cores} cores); times are inflated, and contenders "
@@ -120,6 +123,9 @@ def perf_command(args) -> int:
             rows += perf.bench_data(device, args.repeats or (1 if args.quick else DEFAULT_ROUNDS["data"]), args.quick)
         elif what == "step":
             rows += perf.bench_step(device, args.repeats, args.quick, archs, args.compile)
+        elif what == "limit":
+            limit_archs = archs if args.archs else list(LIMIT_ARCHS)
+            rows += perf.bench_limit(device, args.repeats, args.quick, limit_archs)
         elif what == "pack":
             rows += perf.bench_pack(device, args.repeats or (1 if args.quick else DEFAULT_ROUNDS["pack"]), args.quick, sizes)
         elif what == "grid-pack":

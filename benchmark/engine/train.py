@@ -13,7 +13,6 @@ early stopping: the reported model is the one after the last epoch.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import math
 import os
@@ -32,6 +31,7 @@ from benchmark.engine import data as data_mod
 from benchmark.core.files import save_atomic
 from benchmark.core.validation import coerce
 from benchmark.engine.epoch import DIVERGENCE_CHECK_STEPS, EpochTotals, check_finite, epoch_record
+from benchmark.engine.precision import autocast, cpu_compute_dtype, current_cuda_index, prepare_input
 
 
 #: Bounds past which a schedule value is a typo that would exhaust the machine, not a setting.
@@ -301,18 +301,19 @@ def pick_device(requested: str | None = None) -> torch.device:
                              f"(this machine has: {', '.join(available_devices())})")
         if device.type == "cuda" and device.index is None:
             return torch.device("cuda", current_cuda_index())
-        return device
+        return cpu_device() if device.type == "cpu" else device
     if torch.cuda.is_available():
         return torch.device("cuda", current_cuda_index())
     if _mps_available():
         return torch.device("mps")
+    return cpu_device()
+
+
+def cpu_device() -> torch.device:
+    """The CPU, once its training precision is known to work here (``cpu_compute_dtype``: bf16 asked
+    of a CPU without bf16 matmul is a ValueError naming the missing feature, before any cell starts)."""
+    cpu_compute_dtype()
     return torch.device("cpu")
-
-
-def current_cuda_index() -> int:
-    """This thread's current CUDA device, without initialising CUDA in a process that has not
-    (a driver that only hands cells to workers must not hold a context on GPU 0): 0 until then."""
-    return torch.cuda.current_device() if torch.cuda.is_initialized() else 0
 
 
 def _mps_available() -> bool:
@@ -371,46 +372,6 @@ def tune_cpu_allocator() -> bool:
     return applied
 
 
-def native_bf16(device: torch.device) -> bool:
-    """Whether ``device`` is a GPU with bf16 tensor cores (compute capability 8.0, Ampere, and
-    later). Older GPUs (V100, T4) would emulate bf16 at a fraction of their float32 speed."""
-    if device.type != "cuda":
-        return False
-    index = device.index if device.index is not None else current_cuda_index()
-    if index not in _BF16_BY_INDEX:
-        _BF16_BY_INDEX[index] = torch.cuda.get_device_capability(index)[0] >= 8
-    return _BF16_BY_INDEX[index]
-
-
-_BF16_BY_INDEX: dict[int, bool] = {}
-
-
-def training_dtype(device: torch.device) -> torch.dtype:
-    """What training computes in on ``device``: bf16 (autocast) on GPUs with native bf16, float32
-    everywhere else."""
-    return torch.bfloat16 if native_bf16(device) else torch.float32
-
-
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA GPUs with native bf16 (``native_bf16``); nothing elsewhere."""
-    if native_bf16(device):
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-@contextlib.contextmanager
-def exact_float32():
-    """Convolutions and matmuls in full float32 (no TF32) while inside: scores that rank weights
-    one by one (SNIP, GraSP) must not depend on TF32's 10-bit mantissa. No effect on a CPU."""
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
-
-
 #: The cuBLAS setting that makes its matmuls reproducible (NVIDIA's documented choice).
 CUBLAS_DETERMINISTIC = ":4096:8"
 
@@ -428,10 +389,6 @@ def make_deterministic(device: torch.device) -> bool:
     torch.backends.cudnn.deterministic = True
     torch.backends.cudnn.benchmark = False
     return True
-
-
-def prepare_input(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
-    return x.contiguous(memory_format=torch.channels_last) if channels_last and x.ndim == 4 else x
 
 
 @torch.no_grad()

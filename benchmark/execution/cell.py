@@ -26,6 +26,7 @@ from benchmark.core.errors import StorageError, is_disk_error
 from benchmark.core.provenance import cpu_model, source_commit
 from benchmark.core.files import file_lock, save_atomic
 from benchmark.core.validation import coerce
+from benchmark.engine import precision
 from benchmark.engine import train as training
 from benchmark.engine.epoch import Diverged
 from benchmark.engine.train import (History, Schedule, TrainHooks, default_schedule, epoch_steps, evaluate, pick_device,
@@ -225,22 +226,26 @@ def dense_key(cell: Cell, device: torch.device | str | None = None) -> str:
     kind = torch.device(device).type if device is not None else "cpu"
     config = {"arch": cell.arch, "dataset": cell.dataset, "seed": cell.seed,
               "schedule": cell.schedule.config(), "subset": cell.subset, "v": 1}
+    if kind == "cpu" and precision.cpu_compute_dtype() != torch.float32:  # a bf16 CPU run ($BENCHMARK_CPU_DTYPE)
+        config |= {"dtype": str(precision.cpu_compute_dtype()).removeprefix("torch.")}
     return config_hash(config if kind == "cpu" else config | {"device": kind})
 
 
 def uses_channels_last(device: torch.device, arch: str) -> bool:
-    """Convolutional models train channels-last on CUDA (its convolutions are faster so)."""
-    return device.type == "cuda" and arch in models.CONV_MODELS
+    """Convolutional models train channels-last on CUDA and, unless $BENCHMARK_CPU_MEMORY_FORMAT says
+    contiguous, on the CPU (``benchmark.engine.precision.uses_channels_last``)."""
+    return precision.uses_channels_last(device, arch)
 
 
 def device_columns(device: torch.device, arch: str) -> dict:
     """What a record says about how it was computed: the precision and memory layout of its training
-    (``compute_dtype``, ``memory_format``) and, on a GPU, its name and CUDA and cuDNN versions."""
-    layout = {"compute_dtype": str(training.training_dtype(device)).removeprefix("torch."),
-              "memory_format": "channels_last" if uses_channels_last(device, arch) else "contiguous"}
+    (``compute_dtype``, ``memory_format``: the rules of benchmark.engine.precision, as they held in
+    the process that trained it) and, on a GPU, its name and CUDA and cuDNN versions."""
+    layout = {"compute_dtype": str(precision.training_dtype(device)).removeprefix("torch."),
+              "memory_format": precision.memory_format_name(device, arch)}
     if device.type != "cuda":
         return layout
-    index = device.index if device.index is not None else training.current_cuda_index()
+    index = device.index if device.index is not None else precision.current_cuda_index()
     return layout | {"gpu": torch.cuda.get_device_name(index), "cuda_version": torch.version.cuda,
                      "cudnn_version": torch.backends.cudnn.version()}
 

@@ -12,7 +12,7 @@ import torch
 from benchmark.engine import models
 from benchmark.engine.sparsity import layer_macs, prunable_layers
 from benchmark.engine.timing import sync
-from benchmark.engine.train import training_dtype
+from benchmark.engine.precision import training_dtype
 
 
 def step_flops(arch: str, shape, classes: int, batch: int) -> int:

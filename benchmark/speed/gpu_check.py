@@ -339,7 +339,7 @@ def vgg_share_of_peak(step_s: float, batch: int, peak_tflops: float | None = Non
 
     from benchmark.engine import models
     from benchmark.engine.sparsity import layer_macs, prunable_layers
-    from benchmark.engine.train import training_dtype
+    from benchmark.engine.precision import training_dtype
 
     model = models.build("vgg16", (3, 32, 32), 10)
     positions = layer_macs(model, (3, 32, 32))

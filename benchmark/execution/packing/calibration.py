@@ -16,8 +16,10 @@ from pathlib import Path
 import torch
 
 from benchmark.engine import models
+from benchmark.engine.precision import uses_channels_last
 from benchmark.engine.timing import interleave, paired_ratio
-from benchmark.engine.train import default_schedule, make_optimizer, prepare_input, training_step, tune_cpu_allocator
+from benchmark.engine.precision import prepare_input
+from benchmark.engine.train import default_schedule, make_optimizer, training_step, tune_cpu_allocator
 from benchmark.execution.packing.jobs import Job
 from benchmark.execution.packing.train import TrainingPack
 from methods import structures
@@ -31,7 +33,7 @@ def calibration_members(arch: str, in_shape, classes: int, kind: str, size: int,
     """``size`` models of ``kind`` (a ``benchmark.execution.packing.plan.family``) as their cells would build them,
     each with its own λ where the family has one."""
     schedule = default_schedule(arch)
-    channels_last = device.type == "cuda" and arch in models.CONV_MODELS
+    channels_last = uses_channels_last(device, arch)
     jobs = []
     for i in range(size):
         model = models.build(arch, in_shape, classes, seed=i).to(device)

@@ -26,8 +26,9 @@ from torch.nn.utils import parametrize
 
 from benchmark.engine import data as data_mod
 from benchmark.engine.epoch import DIVERGENCE_CHECK_STEPS, EpochTotals, divergence, epoch_record
-from benchmark.engine.train import (Checkpoint, Schedule, TrainHooks, autocast, clone_state, epoch_steps, lr_factor,
-                                    make_optimizer, prepare_input, step_key, tune_cpu_allocator)
+from benchmark.engine.precision import autocast, prepare_input
+from benchmark.engine.train import (Checkpoint, Schedule, TrainHooks, clone_state, epoch_steps, lr_factor,
+                                    make_optimizer, step_key, tune_cpu_allocator)
 from benchmark.execution.packing.jobs import Job, decays, keep_previous, signature
 from benchmark.execution.packing.model import NotStackable, StackedModel
 

@@ -14,6 +14,11 @@
   pack against the same steps of each model alone, through the code ``--pack auto`` calibrates with
   (``benchmark.execution.packing.calibration.measure``). Printed as one ``N.NNx`` per line (cells per hour packed / one
   at a time, as far as training steps decide it).
+- ``limit``: each model's dense training step (batch 128) against its arithmetic limit on this
+  device (weight-layer FLOPs at the large-matmul rate), in float32 in each memory layout and in
+  bf16 where the CPU multiplies it natively, with the machine named. Targets on CPU: LeNet-5 within
+  3x of the float32 limit, LeNet-300-100 within 1.5x; a missed one prints torch.profiler's top
+  operators.
 - ``grid-pack`` (not part of ``all``: it runs a whole grid twice per round: the ``quick`` grid took 33
   minutes on 2 cores): cells per hour of a grid with ``run --pack auto`` against ``--pack off``, same
   ``--jobs``, each in a fresh results folder so ``auto`` pays its calibration, plus the largest
@@ -30,14 +35,15 @@ unit tests. CPU runs tune glibc's allocator first, as every CPU training run doe
 from benchmark.speed.perf.data_loop import bench_data, plain_epoch, torchvision_copy
 from benchmark.speed.perf.grid import bench_grid, run_grid_child
 from benchmark.speed.perf.grid_pack import bench_grid_pack
+from benchmark.speed.perf.limit import LIMIT_ARCHS, bench_limit, machine_name, profile_top_ops
 from benchmark.speed.perf.pack import PACK_CASES, PACK_SIZES, bench_pack, matmul_rate, step_flops
 from benchmark.speed.perf.rows import COLUMNS, DEFAULT_ROUNDS, Row, format_table, write_csv
 from benchmark.speed.perf.step import SMALL_STEP_BLOCK, STEP_ARCHS, bench_step, build_training, make_step
 
 #: The benchmarks ``perf all`` runs, in order (``grid-pack`` runs a whole grid twice per round: only by name).
-WHATS = ("data", "step", "grid", "pack")
+WHATS = ("data", "step", "grid", "pack", "limit")
 
-__all__ = ["COLUMNS", "DEFAULT_ROUNDS", "PACK_CASES", "PACK_SIZES", "Row", "SMALL_STEP_BLOCK", "STEP_ARCHS", "WHATS",
+__all__ = ["COLUMNS", "DEFAULT_ROUNDS", "LIMIT_ARCHS", "bench_limit", "machine_name", "profile_top_ops", "PACK_CASES", "PACK_SIZES", "Row", "SMALL_STEP_BLOCK", "STEP_ARCHS", "WHATS",
            "bench_data", "bench_grid", "bench_grid_pack", "bench_pack", "bench_step", "build_training",
            "format_table", "make_step", "matmul_rate", "plain_epoch", "run_grid_child", "step_flops",
            "torchvision_copy", "write_csv"]

@@ -10,7 +10,7 @@ import statistics
 import torch
 
 from benchmark.speed.arithmetic import matmul_rate, step_flops
-from benchmark.speed.perf.rows import Row, make_row
+from benchmark.speed.perf.rows import Row, limit_ratio, make_row
 from methods import structures
 
 #: (what is printed, architecture, input shape, classes, structure of methods.structures): the issue's cases.
@@ -43,10 +43,9 @@ def bench_pack(device: torch.device, rounds: int, quick: bool, sizes: tuple[int,
                                   note=f"one at a time {result['sequential_s'] * 1e3:.1f} ms per {size} steps"))
             step_seconds.append(result["sequential_s"] / size)
         step_s = statistics.median(step_seconds)
-        limit = step_s / (flops / rate)
-        print(f"{label}: one step {step_s * 1e3:.2f} ms, its {flops / 1e6:.0f} MFLOP take {flops / rate * 1e3:.2f} ms "
-              f"at {device.type}'s best matmul rate, {rate / 1e9:.0f} GFLOP/s: packing can gain at most about {limit:.2f}x "
-              f"(hardware limit)", flush=True)
+        limit, sentence = limit_ratio(step_s, flops, rate)
+        print(f"{label}: one step {sentence} ({device.type}'s best matmul rate): packing can gain at most about "
+              f"{limit:.2f}x (hardware limit)", flush=True)
         for row in case_rows:
             row.note += f"; hardware limit {limit:.2f}x ({flops / 1e6:.0f} MFLOP per step at {rate / 1e9:.0f} GFLOP/s)"
         rows += case_rows

@@ -59,6 +59,14 @@ def judge(ratio: float, target: float | None, at_least: bool, device: torch.devi
     return (f">= {target:g}" if at_least else f"<= {target:g}"), ("yes" if met else "no")
 
 
+def limit_ratio(step_s: float, flops: float, rate: float) -> tuple[float, str]:
+    """(step / limit, a sentence saying it): the limit is ``flops`` at ``rate`` FLOP/s."""
+    limit_s = flops / rate
+    ratio = step_s / limit_s
+    return ratio, (f"{step_s * 1e3:.2f} ms per step against {limit_s * 1e3:.2f} ms for its {flops / 1e6:.0f} MFLOP at "
+                   f"{rate / 1e9:.0f} GFLOP/s: {ratio:.2f}x the limit")
+
+
 def format_table(rows: list[Row]) -> str:
     """The rows as an aligned text table, one line per contender, for the terminal."""
     def fmt_time(seconds: float) -> str:

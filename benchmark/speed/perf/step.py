@@ -12,9 +12,11 @@ from typing import Callable
 import torch
 
 from benchmark.engine import models
+from benchmark.engine.precision import uses_channels_last
 from benchmark.engine.sparsity import prunable_layers
 from benchmark.engine.timing import interleave, paired_ratio, sync
-from benchmark.engine.train import (TrainHooks, default_schedule, make_optimizer, prepare_input, training_step,
+from benchmark.engine.precision import prepare_input
+from benchmark.engine.train import (TrainHooks, default_schedule, make_optimizer, training_step,
                                     tune_cpu_allocator)
 from benchmark.speed.perf.rows import DEFAULT_ROUNDS, Row, judge, make_row
 
@@ -31,7 +33,7 @@ SMALL_STEP_BLOCK = 10  # LeNet steps take milliseconds: time blocks of steps, no
 def build_training(arch: str, depth: int | None, device: torch.device, batch: int, compiled: bool = False,
                    masked: bool = False, shape: tuple[tuple[int, int, int], int] | None = None):
     """(model, hooks, optimizer, step): ``arch`` (dense when ``depth`` is None) built as a cell builds
-    it, channels_last on CUDA before factorizing, FactorHooks groups, the shared optimizer, bf16
+    it, channels-last where a cell would be (``precision.uses_channels_last``) before factorizing, FactorHooks groups, the shared optimizer, bf16
     autocast, and ``step`` one training step on a fixed batch. ``masked`` puts an all-ones mask on
     every weight (what a pruned model trains with); ``shape`` is (input shape, classes), default
     the architecture's in STEP_ARCHS."""
@@ -39,7 +41,7 @@ def build_training(arch: str, depth: int | None, device: torch.device, batch: in
     from methods.masks import apply_masks
 
     in_shape, classes = shape or STEP_ARCHS[arch]
-    channels_last = device.type == "cuda" and arch in models.CONV_MODELS
+    channels_last = uses_channels_last(device, arch)
     model = models.build(arch, in_shape, classes, seed=0).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)

@@ -1,0 +1,125 @@
+"""``perf limit``: each model's training step against its arithmetic limit on this device, per
+precision and memory layout, with the machine named; where a target is missed, the profile that says why.
+
+The limit of a step is its weight layers' FLOPs (``step_flops``: forward, input and weight gradient)
+at the device's large-matmul rate (``matmul_rate``): no kernel does a layer's arithmetic faster than
+a large square product does. ``rows.limit_ratio`` is the one helper that states it, here and in
+``perf pack``. The CPU targets (docs/scaling.md, "CPU speed") are on the float32 limit.
+"""
+
+from __future__ import annotations
+
+import platform
+
+import torch
+
+from benchmark.core.provenance import cpu_model
+from benchmark.engine import precision
+from benchmark.engine.precision import CONV_MODELS, cpu_precision
+from benchmark.engine.timing import interleave, sync
+from benchmark.engine.train import tune_cpu_allocator
+from benchmark.speed.arithmetic import matmul_rate, step_flops
+from benchmark.speed.perf.rows import DEFAULT_ROUNDS, Row, judge, limit_ratio, make_row
+from benchmark.speed.perf.step import STEP_ARCHS, build_training
+
+#: Step / float32 limit a CPU should reach (the CPU-speed issue): LeNet-5 within 3x, LeNet-300-100 1.5x.
+LIMIT_TARGETS = {"lenet5": 3.0, "lenet300": 1.5}
+LIMIT_ARCHS = ("lenet300", "lenet5")
+LIMIT_BATCH = 128
+LIMIT_BLOCK = 10  # steps per timed block (LeNet steps take milliseconds)
+PROFILE_STEPS = 10
+PROFILE_TOP = 8
+
+
+def machine_name(device: torch.device) -> str:
+    """The device as a reader would look it up: the CPU model (and its bf16 matmul, if any) or the GPU."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    bf16 = "/".join(precision.cpu_bf16_features()) or "no bf16 matmul"
+    return f"{cpu_model()} ({platform.machine()}, {bf16})"
+
+
+def variants(device: torch.device, arch: str) -> dict[str, tuple[str | None, str | None]]:
+    """The (dtype, memory format) settings to time: on a CPU float32 in each layout of a conv net,
+    and bf16 where the CPU multiplies it natively; elsewhere what training uses there."""
+    if device.type != "cpu":
+        return {"as trained": (None, None)}
+    found = {"float32 contiguous": ("float32", "contiguous")}
+    if arch in CONV_MODELS:
+        found["float32 channels_last"] = ("float32", "channels_last")
+    if precision.cpu_bf16_features():
+        found["bf16 " + ("channels_last" if arch in CONV_MODELS else "contiguous")] = ("bf16", "channels_last")
+    return found
+
+
+def profile_top_ops(step, steps: int = PROFILE_STEPS, top: int = PROFILE_TOP) -> str:
+    """torch.profiler's table of the ``top`` operators by their own CPU time over ``steps`` steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step()  # first-call costs (allocation, kernel selection) stay out
+    step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top)
+
+
+def bench_limit(device: torch.device, rounds: int | None, quick: bool, archs: list[str]) -> list[Row]:
+    """Per architecture (dense, batch 128), every variant's step timed in alternating blocks, each
+    against the float32 limit and its own precision's; a missed CPU target prints the profile of
+    the fastest float32 variant."""
+    if device.type == "cpu":
+        tune_cpu_allocator()
+    batch = 16 if quick else LIMIT_BATCH
+    block = 2 if quick else LIMIT_BLOCK
+    n_rounds = rounds or (1 if quick else DEFAULT_ROUNDS["step_small"])
+    print(f"machine: {machine_name(device)}, {torch.get_num_threads()} threads", flush=True)
+    with cpu_precision(dtype="float32"):
+        fp32_rate = matmul_rate(device)
+    rates = {"float32": fp32_rate}
+    if device.type == "cpu" and precision.cpu_bf16_features():
+        with cpu_precision(dtype="bf16"):
+            rates["bf16"] = matmul_rate(device)
+    print("large-matmul rate: " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in rates.items()), flush=True)
+    rows: list[Row] = []
+    for arch in archs:
+        shape, classes = STEP_ARCHS[arch]
+        flops = step_flops(arch, shape, classes, batch)
+        steps, settings = {}, variants(device, arch)
+        for name, (dtype, layout) in settings.items():
+            with cpu_precision(dtype, layout):
+                step = build_training(arch, None, device, batch)[3]
+                step()
+                step()
+                sync(device)
+
+            def block_of(step=step, dtype=dtype, layout=layout):
+                with cpu_precision(dtype, layout):
+                    for _ in range(block):
+                        step()
+
+            steps[name] = block_of
+        seconds = interleave(steps, n_rounds, device)
+        case = f"{arch} dense, batch {batch}"
+        best_fp32 = None
+        for name, (dtype, _) in settings.items():
+            row = make_row("limit", case, name, "s/step", seconds[name], per=block, device=str(device),
+                           threads=torch.get_num_threads())
+            ratio, sentence = limit_ratio(row.median_s, flops, fp32_rate)
+            row.ratio, row.ratio_of = ratio, "step / float32 limit"
+            row.target, row.met = judge(ratio, None if quick or dtype == "bf16" else LIMIT_TARGETS.get(arch), False, device)
+            row.note = f"{flops / 1e6:.0f} MFLOP per step"
+            if dtype == "bf16" and "bf16" in rates:
+                row.note += f"; {limit_ratio(row.median_s, flops, rates['bf16'])[0]:.2f}x the bf16 limit"
+            print(f"{arch} {name}: {sentence}", flush=True)
+            if dtype != "bf16" and (best_fp32 is None or row.median_s < best_fp32[1].median_s):
+                best_fp32 = (name, row)
+            rows.append(row)
+        if best_fp32 is not None and best_fp32[1].met == "no":
+            name, _ = best_fp32
+            dtype, layout = settings[name]
+            print(f"{arch} {name} misses {best_fp32[1].target} of the float32 limit; where its step goes "
+                  f"({PROFILE_STEPS} steps):", flush=True)
+            with cpu_precision(dtype, layout):
+                print(profile_top_ops(build_training(arch, None, device, batch)[3]), flush=True)
+    return rows
