@@ -143,6 +143,15 @@ class LocalPool(InlinePool):
                 else:
                     executor.shutdown(wait=True)
 
+    def kill_all(self) -> None:
+        """SIGKILL every worker (one is frozen, and no progress report says which): the pool breaks,
+        and its tasks fail as a dead worker's."""
+        self._note_pids()
+        for pid in self.pids:
+            if child_alive(pid):
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+
     def stop(self, kill: bool = True) -> None:
         """Stop the workers (at once with ``kill``: they are training cells that are being
         abandoned; otherwise they are idle and leave in order), and make sure they are gone."""
