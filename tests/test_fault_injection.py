@@ -399,3 +399,40 @@ def test_a_frozen_worker_is_killed_and_its_cell_redone(reference, tmp_path):
     same_as_reference(assert_every_cell_once(results, g), reference)
     REPORT.append(f"frozen worker: SIGSTOP mid-cell, killed after {FROZEN_STALL_S} s without progress, its cell "
                   f"redone once; records identical to an undisturbed run")
+
+
+def test_a_driver_frozen_past_its_claims_expiry_writes_nothing_another_host_took_over(reference, tmp_path):
+    """Driver A (claiming as host "frozen-host", the test-only ``claims.HOST_ENV``) is SIGSTOPped
+    mid-cell; its claims age past the expiry (their times are set back instead of waiting 10
+    minutes); driver B, on this host, takes them over and finishes the grid. Then A is resumed: its
+    workers' results arrive, and it writes none of them (the store checks the claim at the write)."""
+    from benchmark.execution import claims
+
+    g = grid_file(tmp_path)
+    results = tmp_path / "r"
+    claims_dir, cells = results / "g" / "claims", results / "g" / "cells"
+    a = start("run", "--grid", g, "--results-dir", results, "--no-progress", "--jobs", "2",
+              env_extra={claims.HOST_ENV: "frozen-host"})
+    assert wait_until(lambda: list(claims_dir.glob("*.claim")) or a.poll() is not None, 600, every=0.05)
+    assert a.poll() is None, "driver A ended before it claimed anything"
+    os.kill(a.pid, signal.SIGSTOP)
+    try:
+        held = list(claims_dir.glob("*.claim"))
+        expired = time.time() - claims.CLAIM_TIMEOUT_S - 60
+        for path in held:
+            with contextlib.suppress(FileNotFoundError):
+                os.utime(path, (expired, expired))
+        b = cli("run", "--grid", g, "--results-dir", results, "--no-progress", "--jobs", "2", timeout=900)
+        assert b.returncode == 0, b.stderr
+        assert len(list(cells.glob("*.json"))) == len(reference)
+        written = {p.name: p.stat().st_mtime_ns for p in cells.glob("*.json")}
+    finally:
+        os.kill(a.pid, signal.SIGCONT)
+    out, err = a.communicate(timeout=900)
+    assert a.returncode == 0 and "Traceback" not in err, err
+    assert {p.name: p.stat().st_mtime_ns for p in cells.glob("*.json")} == written, "driver A wrote a cell again"
+    finishes = Counter(e["cell_id"] for e in events(results, "g") if e["event"] == "finish")
+    assert set(finishes.values()) == {1}, finishes
+    same_as_reference(assert_every_cell_once(results, g), reference)
+    REPORT.append(f"frozen driver on another host: SIGSTOPped past its claims' expiry ({len(held)} claims) while "
+                  f"another driver took them over, then resumed: no cell written twice")

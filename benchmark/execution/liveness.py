@@ -30,6 +30,7 @@ class Stalled:
     limit_s: float
     pid: int | None
     host: str | None
+    reported_at: float | None  # when the report naming them was written
 
 
 def newest_report(work_dir: Path, cells) -> dict | None:
@@ -55,7 +56,8 @@ def stalled_tasks(in_flight: dict, handed_out: dict, reports: dict, floor_s: flo
         last = max(handed_out.get(future, now), report["updated"] if report else 0.0)
         limit = cell_progress.stall_limit(report, floor_s)
         if now - last > limit:
-            found.append(Stalled(future, cells, now - last, limit, report and report["pid"], report and report["host"]))
+            found.append(Stalled(future, cells, now - last, limit, report["pid"] if report else None,
+                                 report["host"] if report else None, report["updated"] if report else None))
     return found
 
 

@@ -143,6 +143,11 @@ class LocalPool(InlinePool):
                 else:
                     executor.shutdown(wait=True)
 
+    def owns(self, pid: int | None) -> bool:
+        """Whether ``pid`` is one of this pool's live worker processes."""
+        self._note_pids()
+        return pid is not None and pid in self.pids and child_alive(pid)
+
     def kill_all(self) -> None:
         """SIGKILL every worker (one is frozen, and no progress report says which): the pool breaks,
         and its tasks fail as a dead worker's."""

@@ -110,6 +110,7 @@ class GridRun:
         self.handed_out: dict = {}  # future -> when it was submitted (or its frozen worker killed)
         self.frozen: dict = {}  # cell id -> why its worker was killed as frozen
         self.unreachable: set = set()  # frozen tasks on another machine, already named in the log
+        self.killed_at: dict = {}  # future -> when its frozen worker was last killed
         self.progress = None  # EpochProgress: the bar in epochs
         self.watched_at = 0.0
         self.stall_s = cell_progress.stall_seconds()
@@ -220,6 +221,7 @@ class GridRun:
                 continue
             for future in self.pool.wait(list(self.in_flight), timeout=0.25):
                 self.handed_out.pop(future, None)
+                self.killed_at.pop(future, None)
                 for cell in self.in_flight.pop(future):  # a pack's cells one by one, each written as alone
                     self._outcome(future, cell)
             if time.monotonic() - self.watched_at >= WATCH_S:
@@ -247,8 +249,13 @@ class GridRun:
         labels = ", ".join(cell.label() for cell in frozen.cells)
         why = (f"its worker made no training progress for {frozen.silent_s:.0f} s (stall limit {frozen.limit_s:.0f} s: "
                f"frozen?) and was killed")
-        self.handed_out[frozen.future] = time.time()  # not killed again before the limit passes anew
-        killed = liveness.kill_local(frozen.pid, frozen.host)
+        pid = frozen.pid
+        if isinstance(self.pool, LocalPool) and not self.pool.owns(pid):
+            pid = None  # an older attempt's report: its process is gone, and its pid may be another's now
+        if frozen.reported_at is not None and frozen.reported_at <= self.killed_at.get(frozen.future, 0.0):
+            pid = None  # the report is from before this task's last kill (the same reasons)
+        self.handed_out[frozen.future] = self.killed_at[frozen.future] = time.time()  # not again before the limit
+        killed = liveness.kill_local(pid, frozen.host)
         if not killed and isinstance(self.pool, LocalPool):
             self.pool.kill_all()  # no report names the worker: stop them all, their cells go back in the queue
             killed = True
