@@ -2,8 +2,8 @@
 is lost or doubled.
 
 Real `python -m benchmark run` processes, real signals (SIGKILL, SIGTERM, SIGINT, SIGHUP to the
-driver alone, SIGKILL to a worker), a real Dask scheduler and workers on loopback, and several
-drivers on one results folder at once. After each scenario every cell must have exactly one result,
+driver alone, SIGKILL to a worker, SIGSTOP to a worker or to a driver), a real Dask scheduler and
+workers on loopback, and several drivers on one results folder at once. After each scenario every cell must have exactly one result,
 be recorded (a `finish` event) at most once, have no `failed` record, leave no claim behind, and
 hold records identical to those of an undisturbed run (same numbers to the last bit: resuming from a
 checkpoint must not change them).

@@ -87,6 +87,10 @@ def test_a_task_silent_past_its_stall_limit_is_frozen():
                "slow-but-steady": report | {"longest_gap_s": 30.0}}  # limit 10 x 30 s = 300 s
     found = {s.future for s in liveness.stalled_tasks(in_flight, handed_out, reports, 60.0, True, now)}
     assert found == {"frozen", "never-reported"}
+    # a task not yet reporting gets the start-up grace (its worker process may still be importing)
+    handed_out["never-reported"] = now - liveness.STARTUP_GRACE_S + 10
+    found = {s.future for s in liveness.stalled_tasks(in_flight, handed_out, reports, 60.0, True, now)}
+    assert found == {"frozen"}
     # on Dask a task without a report may still wait in the scheduler's queue
     found = {s.future for s in liveness.stalled_tasks(in_flight, handed_out, reports, 60.0, False, now)}
     assert found == {"frozen"}

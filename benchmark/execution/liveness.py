@@ -18,6 +18,9 @@ from pathlib import Path
 
 from benchmark.core import cell_progress
 
+#: Least time a task in a local pool may go without any report (a fresh worker process starts first).
+STARTUP_GRACE_S = 120.0
+
 
 @dataclass
 class Stalled:
@@ -54,7 +57,8 @@ def stalled_tasks(in_flight: dict, handed_out: dict, reports: dict, floor_s: flo
             continue
         # a requeued cell's old report is older than its new hand-out (or than its last kill: ``handed_out``)
         last = max(handed_out.get(future, now), report["updated"] if report else 0.0)
-        limit = cell_progress.stall_limit(report, floor_s)
+        # before its first report a worker may still be starting (imports, CUDA): a longer grace
+        limit = cell_progress.stall_limit(report, floor_s) if report else max(floor_s, STARTUP_GRACE_S)
         if now - last > limit:
             found.append(Stalled(future, cells, now - last, limit, report["pid"] if report else None,
                                  report["host"] if report else None, report["updated"] if report else None))
