@@ -434,5 +434,5 @@ def test_a_driver_frozen_past_its_claims_expiry_writes_nothing_another_host_took
     finishes = Counter(e["cell_id"] for e in events(results, "g") if e["event"] == "finish")
     assert set(finishes.values()) == {1}, finishes
     same_as_reference(assert_every_cell_once(results, g), reference)
-    REPORT.append(f"frozen driver on another host: SIGSTOPped past its claims' expiry ({len(held)} claims) while "
+    REPORT.append(f"frozen driver on another host: SIGSTOPped past its claims' expiry ({len(held)} claim(s)) while "
                   f"another driver took them over, then resumed: no cell written twice")
