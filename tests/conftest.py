@@ -51,6 +51,33 @@ def tiny_data() -> data_mod.Data:
     return make_data()
 
 
+def write_tiny_grid(path: Path, lams=(1e-4, 1e-3), epochs=1, extra="") -> Path:
+    """The suite's one tiny grid: dense and DWF D=2/3 at ``lams`` on 600 Fashion-MNIST examples of
+    LeNet-300-100, seed 0 (seconds per cell); ``extra`` is appended as TOML (more methods)."""
+    lam_list = ", ".join(repr(x) for x in lams)
+    path.write_text(f"""
+description = "runner test grid"
+seeds = [0]
+subset = 600
+[[experiment]]
+archs = ["lenet300"]
+datasets = ["fashion-mnist"]
+schedule = {{ epochs = {epochs}, batch_size = 64 }}
+[experiment.methods.dense]
+[[experiment.methods.dwf]]
+depth = [2, 3]
+lam = [{lam_list}]
+{extra}
+""")
+    return path
+
+
+@pytest.fixture
+def tiny_grid():
+    """``write_tiny_grid``, for a test to call with the path and overrides it needs."""
+    return write_tiny_grid
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests marked ``cuda`` are skipped, with the reason, where no GPU is visible."""
     if torch.cuda.is_available():

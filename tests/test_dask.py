@@ -8,7 +8,6 @@ from benchmark.execution import worker
 from benchmark.__main__ import main
 from benchmark.execution.store import Store
 
-from test_runner import tiny_grid
 
 pytestmark = pytest.mark.slow  # processes, clusters or whole grids: left out of make test-fast
 
@@ -22,7 +21,7 @@ def cluster():
         yield c
 
 
-def test_dask_backend_matches_local_backend(tmp_path, cluster):
+def test_dask_backend_matches_local_backend(tmp_path, cluster, tiny_grid):
     grid_file = tiny_grid(tmp_path / "g.toml")
     local, remote = tmp_path / "local", tmp_path / "dask"
     worker.DATA_CACHE.clear()
@@ -48,13 +47,13 @@ def test_dask_backend_matches_local_backend(tmp_path, cluster):
     assert sum(e["event"] == "finish" for e in events) == 5
 
 
-def test_dask_backend_needs_a_scheduler(tmp_path, capsys):
+def test_dask_backend_needs_a_scheduler(tmp_path, capsys, tiny_grid):
     grid_file = tiny_grid(tmp_path / "g.toml")
     assert main(["run", "--grid", str(grid_file), "--results-dir", str(tmp_path), "--backend", "dask"]) == 2
     assert "--scheduler" in capsys.readouterr().err
 
 
-def test_dask_backend_with_pack_n_packs_without_measuring_the_workers_memory(tmp_path, cluster, capsys):
+def test_dask_backend_with_pack_n_packs_without_measuring_the_workers_memory(tmp_path, cluster, capsys, tiny_grid):
     """--pack N on Dask: the driver cannot see the workers' devices, so it packs N as asked (it
     used to crash asking the free memory of no device)."""
     grid_file = tiny_grid(tmp_path / "g.toml")

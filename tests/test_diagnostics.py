@@ -49,12 +49,11 @@ def test_one_seed_that_breaks_is_enough(tmp_path):
     assert warnings_for(rows, tmp_path) == []
 
 
-def test_run_and_report_end_with_the_warning_for_a_dwf_grid_that_compresses_nothing(tmp_path, capsys):
+def test_run_and_report_end_with_the_warning_for_a_dwf_grid_that_compresses_nothing(tmp_path, capsys, tiny_grid):
     """The new user's trap: DWF at a tiny λ for one epoch stays at CR 1; `run` and `report` say so and
     what to change, after the CSV line, and `run` still exits 0 (nothing failed)."""
     from benchmark.__main__ import main
-    from test_runner import tiny_grid
-
+    
     grid = tiny_grid(tmp_path / "flat.toml", lams=(1e-7,)).read_text().replace("depth = [2, 3]", "depth = 3")
     (tmp_path / "flat.toml").write_text(grid)
     results = str(tmp_path / "r")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmark.speed import estimate
+from benchmark.speed import estimate, wall_time
 from benchmark.__main__ import main
 from benchmark.execution.cell import Cell, dense_key
 
@@ -61,7 +61,8 @@ def test_a_dense_training_shared_by_post_training_methods_counts_once(tmp_path):
 
 def test_per_epoch_times_from_a_file_give_the_hours_by_hand(tmp_path, capsys):
     """600 of 60,000 examples: an epoch takes 1% of the file's. Dense: 1 + 2 x 0.6 s; DWF D=3 at
-    twice dense: 1 + 2 x 1.2 s; 5.6 s one at a time, 3.4 s (the longer cell) with two workers."""
+    twice dense: 1 + 2 x 1.2 s; each cell 1.5 s more (its hand-off) and 4 s to start the workers:
+    4 + 3.7 + 4.9 = 12.6 s one at a time, 4 + 4.9 = 8.9 s (the longer cell) with two workers."""
     (tmp_path / "a100.toml").write_text('machine = "Test GPU 9000"\ncell_s = 1\n[epoch_s]\nlenet300 = 60\n'
                                         '[slowdown]\n"dwf D=3" = 2\n')
     args = ["run", "--grid", str(grid(tmp_path / "g.toml")), "--results-dir", str(tmp_path / "r"), "--dry-run",
@@ -70,10 +71,10 @@ def test_per_epoch_times_from_a_file_give_the_hours_by_hand(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "2 cell(s) to run, 0 done or failed; ~4 training epochs in the cells" in out
     assert "estimated wall time on Test GPU 9000:" in out
-    assert total_seconds(out) == pytest.approx(5.6, rel=0.01)
+    assert total_seconds(out) == pytest.approx(12.6, rel=0.01)
     assert main(args + ["--jobs", "2"]) == 0
     out = capsys.readouterr().out
-    assert "2 at a time (--jobs)" in out and total_seconds(out, 1) == pytest.approx(3.4, rel=0.01)
+    assert "2 at a time (--jobs)" in out and total_seconds(out, 1) == pytest.approx(8.9, rel=0.01)
 
 
 @pytest.mark.parametrize("text, says", [
@@ -118,7 +119,8 @@ def test_the_estimate_is_within_a_factor_3_of_the_run(tmp_path, capsys, monkeypa
 
     def measure_and_estimate(cache: str) -> None:
         monkeypatch.setenv("BENCHMARK_CACHE_DIR", str(tmp_path / cache))
-        assert main(["run", "--grid", str(grid_file), "--results-dir", str(tmp_path / cache), "--dry-run"]) == 0
+        assert main(["run", "--grid", str(grid_file), "--results-dir", str(tmp_path / cache), "--dry-run",
+                     "--measure-speeds"]) == 0
         captured = capsys.readouterr()
         assert "measuring speeds on cpu" in captured.err and f"estimated wall time on {machine}" in captured.out
         estimates.append(total_seconds(captured.out))
@@ -132,8 +134,10 @@ def test_the_estimate_is_within_a_factor_3_of_the_run(tmp_path, capsys, monkeypa
     assert took / 3 <= estimated <= took * 3, f"estimated {estimates} s, the run took {took:.1f} s"
 
     grid_again = grid(tmp_path / "g2.toml", epochs=3, subset=1000)
-    assert main(["run", "--grid", str(grid_again), "--results-dir", str(tmp_path / "r"), "--dry-run"]) == 0
-    assert "measuring" not in capsys.readouterr().err  # same models, cached
+    assert main(["run", "--grid", str(grid_again), "--results-dir", str(tmp_path / "r"), "--dry-run",
+                 "--measure-speeds"]) == 0
+    captured = capsys.readouterr()
+    assert "measuring" not in captured.err and "ROUGH" not in captured.out  # same models, cached
     assert main(["run", "--grid", str(grid_again), "--results-dir", str(tmp_path / "r"), "--dry-run", "--speeds",
                  machine.split(",")[0]]) == 0
     out = capsys.readouterr().out
@@ -149,7 +153,7 @@ def test_a_speed_cached_while_the_machine_was_busy_is_measured_again_once_it_is_
 
     monkeypatch.setenv("BENCHMARK_CACHE_DIR", str(tmp_path / "cache"))
     grid_file = grid(tmp_path / "g.toml")
-    args = ["run", "--grid", str(grid_file), "--results-dir", str(tmp_path / "r"), "--dry-run"]
+    args = ["run", "--grid", str(grid_file), "--results-dir", str(tmp_path / "r"), "--dry-run", "--measure-speeds"]
     assert main(args) == 0
     capsys.readouterr()
     cache_path = tmp_path / "cache" / "speeds.json"
@@ -169,3 +173,82 @@ def test_a_speed_cached_while_the_machine_was_busy_is_measured_again_once_it_is_
     assert units[quiet_key]["step_s"] == 77.0  # quiet measurements are kept
     assert estimate.measured_while_busy({"load": 8.0}, 3.0, 2) and not estimate.measured_while_busy({"load": 8.0}, 5.0, 2)
     assert not estimate.measured_while_busy({"load": 1.5}, 0.1, 2)
+
+
+def conv_grid(path: Path) -> Path:
+    path.write_text("""
+seeds = [0]
+[[experiment]]
+archs = ["vgg16", "resnet18"]
+datasets = ["cifar10", "tiny-imagenet"]
+schedule = { epochs = 200, batch_size = 128 }
+[experiment.methods.dense]
+[[experiment.methods.dwf]]
+depth = 3
+lam = 1e-3
+[experiment.methods.magnitude]
+target_cr = 10
+""")
+    return path
+
+
+def test_a_first_dry_run_measures_no_step_and_says_its_estimate_is_rough(tmp_path, capsys, monkeypatch):
+    """An empty speed cache and VGG / ResNet cells on CIFAR and Tiny ImageNet: nothing is built for
+    training, nothing timed but the matrix-product rate, nothing cached; the estimate is there,
+    labelled rough, with the units it covers and the flag that measures them."""
+    from benchmark.speed.perf import step
+
+    monkeypatch.setenv("BENCHMARK_CACHE_DIR", str(tmp_path / "cache"))
+    calls = []
+    monkeypatch.setattr(estimate, "measure", lambda *a, **k: calls.append(("measure", a)))
+    monkeypatch.setattr(step, "build_training", lambda *a, **k: calls.append(("build_training", a)))
+    assert main(["run", "--grid", str(conv_grid(tmp_path / "g.toml")), "--results-dir", str(tmp_path / "r"),
+                 "--dry-run", "--jobs", "2"]) == 0
+    captured = capsys.readouterr()
+    assert calls == [] and "measuring" not in captured.err
+    assert "12 cell(s) to run" in captured.out and "ROUGH estimated wall time on" in captured.out
+    assert "--measure-speeds times them" in captured.out
+    for unit in ("vgg16 3x32x32 dense b128", "resnet18 3x64x64 dwf D=3 b128", "vgg16 3x64x64 masked b128"):
+        assert unit in captured.out
+    assert total_seconds(captured.out, 0) > 0 and total_seconds(captured.out, 1) > 0
+    assert not (tmp_path / "cache" / "speeds.json").exists()
+
+
+def test_cached_units_count_as_measured_the_rest_rough(tmp_path, capsys, monkeypatch):
+    import json
+
+    monkeypatch.setenv("BENCHMARK_CACHE_DIR", str(tmp_path / "cache"))
+    args = ["run", "--grid", str(grid(tmp_path / "g.toml")), "--results-dir", str(tmp_path / "r"), "--dry-run"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "rough, from FLOPs" in out and "lenet300 dense b64, lenet300 dwf D=3 b64" in out
+    machine = estimate.machine_name(__import__("torch").device("cpu"))
+    key = f"cpu: {machine} | torch {__import__('torch').__version__} | {os_cores()} threads"
+    unit = {"step_s": 0.01, "eval_s": 1e-5, "tail_s": 0.01, "setup_s": 0.01, "final_s": 0.1}
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "speeds.json").write_text(json.dumps({"devices": {key: {
+        "machine": machine, "measured_at": 1.0, "units": {"lenet300|1x28x28|dense|b64": unit}}}}))
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "measured (cached): lenet300 dense b64" in out
+    rough_line = next(line for line in out.splitlines() if "rough, from FLOPs" in line)
+    assert "lenet300 dwf D=3 b64" in rough_line and "dense" not in rough_line
+
+
+def os_cores() -> int:
+    import os
+
+    return os.cpu_count() or 1
+
+
+def test_cells_go_to_the_first_free_worker_in_the_runs_order():
+    """A long cell started last runs alone: 4 cells of 10 s then one of 100 s on 2 workers take
+    20 + 100 s, not max(140 / 2, 100); started first, 100 s."""
+    assert wall_time.makespan([10, 10, 10, 10, 100], 2) == 120
+    assert wall_time.makespan([100, 10, 10, 10, 10], 2) == 100
+    assert wall_time.makespan([5, 5], 2, start_s=4) == 9 and wall_time.makespan([], 2) == 0
+
+
+def test_a_large_batch_is_timed_smaller_and_scaled():
+    assert estimate.measured_batch(128, (1, 28, 28)) == 128
+    assert estimate.measured_batch(128, (3, 32, 32)) == 42 and estimate.measured_batch(128, (3, 64, 64)) == 10

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from benchmark.__main__ import main
-from benchmark.analysis import matching
+from benchmark.analysis import matching, matching_output
 from benchmark.execution import cell as cell_mod
 from benchmark.execution.grids import load_grid
 
@@ -238,7 +238,7 @@ def test_written_grid_parses_into_the_proposed_cells_with_their_curves_settings(
     path, results = setup
     match = matching.match_grid(str(path), results)
     out = tmp_path / "added.toml"
-    cells = matching.write_grid(match, out)
+    cells = matching_output.write_grid(match, out)
     written = load_grid(str(out))
     assert {c.id for c in written.cells} == {c.id for c in cells} and len(cells) == len(match.cells())
     original = load_grid(str(path)).cells
@@ -323,6 +323,6 @@ def test_the_committed_reference(tmp_path):
     d2 = [g for g in match.gaps if g.label.startswith("lenet300/fashion-mnist dwf D=2")]
     assert {(g.seed, g.cr) for g in d2} == {(0, 1000.0), (1, 1000.0), (2, 1000.0)}
     assert all(0.0178 < g.proposed < 0.0316 for g in d2)
-    cells = matching.write_grid(match, tmp_path / "more.toml")
+    cells = matching_output.write_grid(match, tmp_path / "more.toml")
     assert len(load_grid(str(tmp_path / "more.toml")).cells) == len(cells) > 0
     assert before == {p: p.stat().st_mtime_ns for p in (reference / "lenet-reference").glob("*.csv")}

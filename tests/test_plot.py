@@ -137,10 +137,42 @@ def test_layer_figure_shows_each_variants_run_closest_to_the_cr(results, results
 
 def test_layer_figure_leaves_out_variants_far_from_the_cr(results, results_dir):
     layers = cv.load_layers(results_dir / "g" / "layers.csv")
-    fig, notes = plot.plot_layer_sparsity(results, layers, at_cr=5000)
-    # the largest CR anywhere is 2000 (dwf seed 1) and 5000 / 2000 = 2.5 > 2: no run qualifies
+    fig, notes = plot.plot_layer_sparsity(results, layers, at_cr=20000)
+    # the largest CR anywhere is 2000 (dwf seed 1) and 20000 / 2000 = 10 > 5: no run qualifies
     assert fig is None
-    assert any("no run within a factor 2 of CR 5000" in n for n in notes)
+    assert any("no run within a factor 5 of CR 20000" in n for n in notes)
+
+
+def test_layer_figure_shows_a_variant_whose_nearest_run_is_a_few_times_off(results, results_dir):
+    """The quick grid's DWF D=4 is nearest CR 100 at CR 380: drawn, its legend saying so (issue 29)."""
+    layers = cv.load_layers(results_dir / "g" / "layers.csv")
+    fig, notes = plot.plot_layer_sparsity(results, layers, at_cr=4500)
+    labels = [c.get_label() for c in fig.axes[0].containers]
+    assert labels == ["dwf D=2 (CR 2,000, seed 1)", "dwf D=3 (CR 2,000, seed 1)", "magnitude (CR 1,000, seed 0)"]
+    assert notes == []
+
+
+def _lab(rgb) -> np.ndarray:
+    """CIELAB (D65) of an sRGB colour, to compare colours as eyes do."""
+    c = np.asarray(rgb, float)
+    c = np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
+    xyz = np.array([[0.4124, 0.3576, 0.1805], [0.2126, 0.7152, 0.0722], [0.0193, 0.1192, 0.9505]]) @ c
+    f = np.cbrt(xyz / np.array([0.95047, 1.0, 1.08883]))
+    return np.array([116 * f[1] - 16, 500 * (f[0] - f[1]), 200 * (f[1] - f[2])])
+
+
+def test_dwf_depths_stay_vivid_blues_apart_from_every_baseline():
+    """Issue 29: the dark DWF depths were hard to tell from GMP and SynFlow (and D=2 from SET)."""
+    from benchmark.core.method import all_methods
+    info = {f"dwf D={d}": ("dwf", {"depth": d}) for d in (2, 3, 4)}
+    info |= {name: (name, {}) for name in all_methods() if name not in ("dwf", "dense")}
+    styles = plot.variant_styles(info)
+    for depth in ("dwf D=2", "dwf D=3", "dwf D=4"):
+        lab = _lab(styles[depth].color)
+        assert np.hypot(lab[1], lab[2]) > 45, depth  # saturated, not near-black
+        for other in info:
+            if not other.startswith("dwf") and other != "shallow":  # shallow is D=2's kin on purpose
+                assert np.linalg.norm(lab - _lab(styles[other].color)) > 30, (depth, other)
 
 
 def test_default_cr_of_layer_figure_is_the_median_largest_cr_up_to_100(results):

@@ -105,6 +105,49 @@ def test_a_plugin_that_fails_to_load_is_named(tmp_path):
     assert "broken" in result.stderr and "no_such_module_here" in result.stderr and "dwf_bench.methods" in result.stderr
 
 
+BROKEN_GRID = """\
+seeds = [0]
+subset = 300
+
+[[experiment]]
+archs = ["lenet300"]
+datasets = ["fashion-mnist"]
+schedule = { epochs = 1, batch_size = 64 }
+
+[experiment.methods.dense]
+
+[experiment.methods.random]
+target_cr = 4
+
+[experiment.methods.snip]
+target_cr = 4
+
+[experiment.methods.gmp]
+target_cr = 4
+"""
+
+
+def test_a_pip_installed_plugin_that_fails_to_import_is_one_problem_naming_its_package(tmp_path):
+    """Not one grid problem per method line (issue 29: "grid 'cifar' has 25 problem(s)")."""
+    source = tmp_path / "source"
+    source.mkdir()
+    (source / "pyproject.toml").write_text(
+        '[build-system]\nrequires = ["setuptools>=61"]\nbuild-backend = "setuptools.build_meta"\n'
+        '[project]\nname = "needs-missing-dep"\nversion = "0.3"\n'
+        '[project.entry-points."dwf_bench.methods"]\nmissing-dep = "needs_missing_dep"\n'
+        '[tool.setuptools]\npy-modules = ["needs_missing_dep"]\n')
+    (source / "needs_missing_dep.py").write_text("import a_dependency_nobody_installed  # noqa: F401\n")
+    target = tmp_path / "installed"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+                    "--no-index", "--target", str(target), str(source)], check=True, timeout=300)
+    (tmp_path / "g.toml").write_text(BROKEN_GRID)
+    result = benchmark(target, tmp_path, "run", "--grid", "g.toml", "--dry-run")
+    assert result.returncode == 2
+    assert result.stderr.count("a_dependency_nobody_installed") == 1, result.stderr
+    assert "'needs-missing-dep' 0.3" in result.stderr and "'missing-dep'" in result.stderr
+    assert "1 problem" in result.stderr and "4 problem" not in result.stderr
+
+
 # -- the contract a method is written against -------------------------------------------------------
 
 def _ctx_members_used(path: Path) -> set[str]:

@@ -15,7 +15,6 @@ from benchmark.execution.cell import Cell, run_cell
 from benchmark.engine.sparsity import cr_at, threshold_sensitivity
 from benchmark.execution.collection import variant_label
 
-from test_runner import tiny_grid
 
 THRESHOLD = 1.19e-7
 
@@ -55,7 +54,7 @@ def test_regularized_records_carry_settling_columns_and_a_per_epoch_trajectory(t
         assert history[-1]["balance_error"] == pytest.approx(record["balance_error"])
 
 
-def test_collect_writes_one_history_row_per_record_and_epoch_and_plot_draws_trajectories(tmp_path):
+def test_collect_writes_one_history_row_per_record_and_epoch_and_plot_draws_trajectories(tmp_path, tiny_grid):
     grid_file = tiny_grid(tmp_path / "g.toml", lams=(1e-3, 1e-2), epochs=2)
     results = tmp_path / "results"
     assert main(["run", "--grid", str(grid_file), "--results-dir", str(results), "--no-progress"]) == 0

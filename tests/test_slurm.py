@@ -63,8 +63,12 @@ def _listening(ports) -> dict[int, str]:
     return found
 
 
+#: The private node's size, whatever this machine has (slurmd takes it from the config: config_overrides):
+#: smaller than a worker job's defaults (4 cores, 16GB), as on a cluster of small nodes.
+NODE_CPUS, NODE_MEMORY_MB = 2, 6000
+
+
 def _config(folder: Path, node: str, ctld_port: int, node_port: int) -> str:
-    cpus = max(2, os.cpu_count() or 1)
     return f"""\
 ClusterName=dwftest
 SlurmctldHost={socket.gethostname().split('.')[0]}(127.0.0.1)
@@ -94,7 +98,7 @@ SlurmdParameters=config_overrides
 JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
 MailProg=/bin/true
-NodeName={node} NodeAddr=127.0.0.1 NodeHostname=localhost CPUs={cpus} RealMemory=16000 State=UNKNOWN
+NodeName={node} NodeAddr=127.0.0.1 NodeHostname=localhost CPUs={NODE_CPUS} RealMemory={NODE_MEMORY_MB} State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 """
 
@@ -249,7 +253,58 @@ def test_a_job_slurm_refuses_is_one_line_naming_it_and_nothing_is_queued(slurm_c
     assert done.returncode == 2, done.stderr
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "nosuchpartition" in errors[0], done.stderr
-    assert "SLURM refuses the worker job" in errors[0] and "--slurm-" in errors[0]
+    assert "SLURM refuses the worker job" in errors[0] and "change --slurm-partition" in errors[0], errors[0]
+    assert no_traceback(done.stderr) and nothing_trained(tmp_path)
+    assert squeue() == []
+
+
+def test_sinfo_of_the_private_cluster_gives_its_node_sizes(slurm_cluster):
+    from benchmark.execution.slurm_nodes import NodeGroup, Partition, read_partition
+
+    expected = Partition("debug", (NodeGroup(NODE_CPUS, NODE_MEMORY_MB, 1),))
+    assert read_partition(None) == expected  # the default partition
+    assert read_partition("debug") == expected
+    assert read_partition("nosuchpartition") is None
+
+
+def test_without_size_flags_the_jobs_fit_the_partitions_small_nodes(slurm_cluster, tmp_path):
+    """No --slurm-cores / --slurm-memory: the defaults (4 cores, 16GB) would not fit the 2-CPU,
+    6000 MB node, and SLURM would refuse the job; the job asks what the node has and is queued."""
+    no_sizes = [a for a in SLURM_ARGS if a not in ("--slurm-cores", "1", "--slurm-memory", "3GB")]
+    assert len(no_sizes) == len(SLURM_ARGS) - 4
+    driver = start(*RUN_ARGS, "--results-dir", tmp_path, *no_sizes)
+    try:
+        lines = []
+        for line in driver.stderr:
+            lines.append(line)
+            if line.startswith("SLURM:") and "submitted" in line or line.startswith("error:"):
+                break
+        said = "".join(lines)
+        assert "submitted" in lines[-1], said
+        assert (f"partition debug has 1 node(s) of {NODE_CPUS} CPU(s) and {NODE_MEMORY_MB} MB: each job asks "
+                f"{NODE_CPUS} core(s) and {NODE_MEMORY_MB // 1024}GiB") in said, said
+        assert f"({NODE_CPUS} core(s), {NODE_MEMORY_MB // 1024}GiB" in lines[-1], said
+        driver.send_signal(signal.SIGTERM)
+        _, err = driver.communicate(timeout=120)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+            driver.wait()
+    assert "none left in squeue" in err and no_traceback(err), err
+    assert squeue() == []
+
+
+@pytest.mark.parametrize("flag, value, fix", [("--slurm-cores", "8", f"use --slurm-cores {NODE_CPUS} or less"),
+                                              ("--slurm-memory", "64GB", "use --slurm-memory 5GiB or less")])
+def test_a_request_larger_than_the_nodes_is_refused_with_their_sizes_and_the_flag(slurm_cluster, tmp_path, flag,
+                                                                                   value, fix):
+    args = [a for a in SLURM_ARGS if a not in ("--slurm-cores", "1", "--slurm-memory", "3GB")] + [flag, value]
+    done = cli(*RUN_ARGS, "--results-dir", tmp_path, *args)
+    assert done.returncode == 2, done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, done.stderr
+    assert f"{flag} {value}" in errors[0] and fix in errors[0], errors[0]
+    assert f"partition debug has 1 node(s) of {NODE_CPUS} CPU(s) and {NODE_MEMORY_MB} MB" in errors[0]
     assert no_traceback(done.stderr) and nothing_trained(tmp_path)
     assert squeue() == []
 
@@ -274,6 +329,28 @@ def test_jobs_that_end_before_a_worker_connects_stop_the_run_with_their_logs(slu
 
 def parse(*words) -> object:
     return build_parser("run").parse_args(["run", *map(str, words)])
+
+
+def test_sinfo_lines_give_the_partitions_node_sizes_and_a_request_that_fits():
+    from benchmark.execution.slurm_nodes import NodeGroup, fitted, parse_sinfo, slurm_megabytes
+
+    text = "debug*|2|6000|1\ngpu|64|512000|4\ngpu|32|256000|2\nbroken line\n"
+    small = parse_sinfo(text, None)
+    assert small.name == "debug" and small.nodes == (NodeGroup(2, 6000, 1),)
+    assert parse_sinfo(text, "gpu").nodes == (NodeGroup(32, 256000, 2), NodeGroup(64, 512000, 4))
+    assert parse_sinfo(text, "none") is None
+    assert fitted(None, None, None, small)[:2] == (2, "5GiB")
+    assert fitted(None, None, None, parse_sinfo(text, "gpu"))[:2] == (4, "16GB")  # the defaults fit: kept
+    assert fitted(None, None, None, None) == (4, "16GB", "")  # no sinfo: the defaults, SLURM decides
+    assert slurm_megabytes("16GB") == 15360 and slurm_megabytes("500MB") == 477
+    with pytest.raises(ValueError, match="--slurm-cores 4: partition debug has 1 node"):
+        fitted(4, None, None, small)
+
+
+def test_refusals_name_the_flags_that_fix_them():
+    assert slurm.refusal_flags("sbatch: error: invalid partition specified: x") == ["--slurm-partition"]
+    assert "--slurm-cores" in slurm.refusal_flags("Requested node configuration is not available")
+    assert slurm.refusal_flags("something new")[0] == "--slurm-partition"
 
 
 def test_flags_win_over_the_config_file(tmp_path):

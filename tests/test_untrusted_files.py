@@ -249,7 +249,8 @@ SPEEDS_DAMAGE = {
 def test_a_damaged_speed_cache_is_named_set_aside_and_measured_again(tmp_path, monkeypatch, capsys, damage):
     monkeypatch.setenv("BENCHMARK_CACHE_DIR", str(tmp_path / "cache"))
     (tmp_path / "g.toml").write_text(GRID)
-    args = ["run", "--grid", str(tmp_path / "g.toml"), "--results-dir", str(tmp_path / "r"), "--dry-run"]
+    args = ["run", "--grid", str(tmp_path / "g.toml"), "--results-dir", str(tmp_path / "r"), "--dry-run",
+            "--measure-speeds"]
     assert main(args) == 0
     speeds = tmp_path / "cache" / "speeds.json"
     good = speeds.read_text()

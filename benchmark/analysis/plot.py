@@ -14,7 +14,8 @@ Three figures, each as PNG and PDF in ``<plots-dir>/<grid>/``:
   misalignment against the epoch, for the run of each variant closest to one final CR.
 
 Colours come from seaborn's colour-blind-safe palette; DWF depths share a blue ramp (darker =
-deeper) and differ by marker; families differ by line style.
+deeper, from azure to ultramarine: vivid enough at every depth not to be taken for the dark brown,
+olive and grey of the baselines) and differ by marker; families differ by line style.
 """
 
 from __future__ import annotations
@@ -38,8 +39,10 @@ from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: 
 
 from benchmark.analysis import curves as cv  # noqa: E402
 
-#: A run counts as "at" the chosen CR when its CR is within this factor of it.
-AT_CR_FACTOR = 2.0
+#: A run counts as "at" the chosen CR of the per-layer figure when its CR is within this factor of it
+#: (its legend entry says its CR). Half a decade: a λ grid of three points per decade-and-a-half, as
+#: the quick grid's DWF D=4 (CR 8.5, 380, 1050), still has a point near CR 100.
+AT_CR_FACTOR = 5.0
 DEFAULT_AT_CR = 100.0
 FIGURE_FORMATS = ("png", "pdf")
 
@@ -52,6 +55,8 @@ def _palette() -> list:
     return sns.color_palette("colorblind", 10)
 
 
+#: The ends of the colour ramp of a method's curves (DWF's depths): every step stays a saturated blue.
+RAMP_ENDS = ("#2a9df4", "#1d2fa0")
 _RAMP_MARKERS = ("o", "s", "D", "^", "v", "p")  # the curves of a method with a colour ramp, in turn
 _VARIANT_LINES = ("-", (0, (5, 2)), (0, (1, 1)), (0, (6, 1, 1, 1, 1, 1)))  # a method's variants, in turn
 _SPARE = [0, 5, 2, 4, 6, 8]  # palette slots for methods without a plotting.style
@@ -71,6 +76,13 @@ def _darken(color, amount: float) -> tuple:
     return tuple(float(c) * (1 - amount) for c in color)
 
 
+def _ramp(n: int) -> list[tuple]:
+    """``n`` colours from light to dark between ``RAMP_ENDS`` (one curve: the palette's blue)."""
+    import seaborn as sns
+
+    return [tuple(_palette()[0])] if n == 1 else [tuple(c) for c in sns.blend_palette(RAMP_ENDS, n)]
+
+
 def variant_styles(info: dict[str, tuple[str, dict]]) -> dict[str, Style]:
     """A fixed style per variant (same variant, same look in every figure of a grid), from each
     method's ``plotting.style`` / ``plotting.ramp``; ``info`` is ``Results.variant_info()``."""
@@ -82,9 +94,9 @@ def variant_styles(info: dict[str, tuple[str, dict]]) -> dict[str, Style]:
             ramps.setdefault(method, []).append((found.plotting.rank(values), variant))
     for ramp in ramps.values():
         ramp.sort()
+        colours = _ramp(len(ramp))
         for i, (_, variant) in enumerate(ramp):
-            amount = 0.7 * i / max(1, len(ramp) - 1)
-            styles[variant] = Style(_darken(_palette()[0], amount), _RAMP_MARKERS[i % len(_RAMP_MARKERS)], "-")
+            styles[variant] = Style(colours[i], _RAMP_MARKERS[i % len(_RAMP_MARKERS)], "-")
     spare = 0
     others: dict[str, int] = {}  # method -> its variants styled so far besides the plain one
     for variant, (method, _) in sorted(info.items()):
@@ -334,7 +346,8 @@ def _draw_layer_bars(ax, joined: pd.DataFrame, styles: dict[str, Style], order: 
         kept = 100 * (1 - rows.sparsity.to_numpy(float))
         x = np.arange(len(names)) + (i - (len(variants) - 1) / 2) * width
         first = rows.dropna(subset=["cr"]).iloc[0]
-        label = f"{variant} (CR {first.cr:.3g}, seed {first.seed})"
+        cr = f"{first.cr:,.0f}" if first.cr >= 100 else f"{first.cr:.3g}"  # 2,000, not 2e+03
+        label = f"{variant} (CR {cr}, seed {first.seed})"
         ax.bar(x, np.where(kept > 0, kept, np.nan), width=width, color=styles[variant].color, label=label,
                edgecolor="white", linewidth=0.4)
         collapsed = kept <= 0

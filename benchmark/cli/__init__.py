@@ -1,1 +1,1 @@
-"""Command line: the sub-commands of ``python -m benchmark`` that are not owned by a layer's own module."""
+"""Command line: every sub-command of ``python -m benchmark`` (the one table of them: ``commands``), flags in, one call below, text out."""

@@ -1,6 +1,6 @@
 """``python -m benchmark doctor``: what a run on this machine would use, and whether it works.
 
-In well under a minute it says which device and dtype a run picks, which datasets it finds where,
+In under a minute (``DURATION``) it says which device and dtype a run picks, which datasets it finds where,
 how many threads each worker gets, which backends are there, whether the results folder takes
 writes, and whether a short training step (dense and DWF) works on every device it finds. Exit 1
 if something a run needs is broken (a missing dataset is only reported: a grid may not need it).
@@ -16,11 +16,16 @@ import time
 from pathlib import Path
 
 
+#: How long doctor takes (here: 15-20 s on a loaded 2-core CPU); ``--help`` says it, and the README's
+#: command table says the same words (tests/test_user_defaults.py).
+DURATION = "under a minute"
+
+
 def add_commands(sub) -> None:
     p = sub.add_parser("doctor", help="check this machine: device, dtype, datasets, threads, backends, a training step",
                        description="Report what 'run' would use here (device, dtype, datasets, threads per worker, "
                                    "backends, results folder) and try a few training steps on every device found. "
-                                   "Takes seconds; exit 1 if something a run needs does not work.")
+                                   f"Takes {DURATION}; exit 1 if something a run needs does not work.")
     p.add_argument("--device", default="auto", help="the --device a run would get (default auto)")
     p.add_argument("--data-dir", help="the --data-dir a run would get")
     p.add_argument("--results-dir", default="results", help="the --results-dir a run would get (default results)")
@@ -226,12 +231,12 @@ def _synchronize(device) -> None:
 def step_structures() -> list[str]:
     """What the doctor's training step trains: the structures (``methods.structures``) of the
     reference method and of the method the benchmark studies, at their default parameters, as the
-    method registry says (``Method.is_reference``, ``Method.is_subject``, ``Method.step_variant``)."""
+    method registry says (``Method.is_reference``, ``Method.is_subject``, ``Method.Workload.step_variant``)."""
     from benchmark.core.method import all_methods, make_params
 
     chosen = [m for m in all_methods().values() if m.is_reference] + \
              [m for m in all_methods().values() if m.is_subject and not m.is_reference]
-    return list(dict.fromkeys(method(make_params(method)).step_variant() for method in chosen))
+    return list(dict.fromkeys(method(make_params(method)).workload.step_variant() for method in chosen))
 
 
 def _check_step(r: _Report, device_name: str) -> None:

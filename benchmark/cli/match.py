@@ -40,20 +40,20 @@ def add_commands(sub) -> None:
 
 
 def match_command(args) -> int:
-    from benchmark.analysis import matching
+    from benchmark.analysis import matching, matching_output
 
     if not args.ratio > 1:
         raise ValueError(f"--ratio={args.ratio:g} must be > 1")
     if not args.reach_points > 0:
         raise ValueError(f"--reach-points={args.reach_points:g} must be > 0")
     match = matching.match_grid(args.grid, args.results_dir, args.crs, args.ratio, args.reach_points)
-    print(matching.format_match(match))
+    print(matching_output.format_match(match))
     if args.write:
         if not match.cells():
             print(f"nothing to add: {args.write} not written", file=sys.stderr)
             return 0
         command = "python -m benchmark " + " ".join(shlex.quote(w) for w in args.argv)
-        cells = matching.write_grid(match, args.write, command)
+        cells = matching_output.write_grid(match, args.write, command)
         print(f"wrote {args.write}: {len(cells)} cells (parsed back and checked); run them with "
               f"`python -m benchmark run --grid {args.write}`, or add the file to the grid's include list",
               file=sys.stderr)

@@ -1,7 +1,7 @@
 """``python -m benchmark perf``: flags in, the benchmarks of ``benchmark.speed.perf`` run, one table out.
 
-What each benchmark measures and why its contenders alternate is the package's docstring, which is
-also this command's ``--help`` description.
+``--help`` describes each benchmark in a user's words (``DESCRIPTION``); the package's docstring says
+the same for whoever works on it, naming the code each one goes through.
 """
 
 from __future__ import annotations
@@ -20,11 +20,34 @@ from benchmark.speed import perf
 from benchmark.speed.perf import DEFAULT_ROUNDS, PACK_SIZES, SMALL_STEP_BLOCK, STEP_ARCHS, WHATS, Row
 
 
+#: What ``perf --help`` says: what each benchmark compares and its target, no module paths.
+DESCRIPTION = """\
+The speed claims of this project, measured as ratios on this machine:
+
+- data: one LeNet-300-100 / Fashion-MNIST training epoch with the suite's tensor-resident batches
+  against a plain torchvision DataLoader loop training the same model the same way.
+  Target on CPU: ours >= 8x faster.
+- step: one training step (forward, backward, optimizer; batch 128) of DWF depth 2, 3 and 4 against
+  the dense model, for every architecture, built as a real run builds them. Targets on CPU: <= 1.15x
+  for VGG-16 and ResNet-18, <= 1.6x for LeNet-300-100 at depth 4.
+- grid: cells per hour of a small grid with --jobs 1 and 2, and each worker's peak memory.
+- pack: packed training (run --pack) against one model at a time, per pack size (1, 8, 16, 64), for
+  dense and DWF D=3 LeNet-300-100 and SynFlow LeNet-5, timed as 'run --pack auto' calibrates.
+  Printed as one N.NNx per line (cells per hour packed / one at a time).
+- grid-pack (not part of all: it runs a whole grid twice per round; the quick grid took 33 minutes on
+  2 cores): cells per hour of a grid with 'run --pack auto' against '--pack off', same --jobs, each
+  in a fresh results folder, and the largest accuracy and CR differences between the two runs.
+  Target on CPU: auto >= off (1.00x).
+
+Machines are often shared, so each comparison alternates its contenders round by round in one
+process and reports medians of the ratios within a round: load that comes and goes hits every
+contender alike. CPU runs tune glibc's allocator first, as every CPU training run does
+(BENCHMARK_NO_MALLOC_TUNING=1 measures without it).
+"""
+
+
 def add_commands(sub) -> None:
-    p = sub.add_parser(
-        "perf", formatter_class=argparse.RawDescriptionHelpFormatter,
-        description=perf.__doc__.split("\n\n", 1)[1],
-    )
+    p = sub.add_parser("perf", formatter_class=argparse.RawDescriptionHelpFormatter, description=DESCRIPTION)
     p.add_argument("what", nargs="?", default="all", choices=[*WHATS, "grid-pack", "all"],
                    help="data: our epoch vs a torchvision DataLoader epoch; step: DWF D=2/3/4 vs dense step time "
                         "per architecture; grid: cells per hour with --jobs 1 and 2 and peak memory per worker; "

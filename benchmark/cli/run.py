@@ -101,9 +101,15 @@ def add_commands(sub) -> None:
                         f"docs/scaling.md, 'Packed training'")
     p.add_argument("--dry-run", action="store_true",
                    help="list the cells that would run, their training epochs and the hours they take per "
-                        "architecture, one at a time and with --jobs / --jobs-per-gpu; run nothing. Speeds are "
-                        "measured on --device first (seconds, once per machine, torch version and thread count; "
-                        "cached in $BENCHMARK_CACHE_DIR or ~/.cache/dwf-bench)")
+                        "architecture, one at a time and with --jobs / --jobs-per-gpu; run nothing. Answers in "
+                        "seconds: speeds measured earlier on this machine (cached in $BENCHMARK_CACHE_DIR or "
+                        "~/.cache/dwf-bench) are used, the others are ROUGH, from each model's FLOPs and this "
+                        "device's matrix-product rate (the output says which)")
+    p.add_argument("--measure-speeds", action="store_true",
+                   help="with --dry-run: time the models the speed cache lacks on --device (a few training steps, "
+                        "an evaluation pass, setup and final measurement per architecture, batch and variant: seconds "
+                        "for LeNets, minutes for VGG/ResNet; once per machine, torch version and thread count, then "
+                        "cached) instead of the rough estimate from FLOPs")
     p.add_argument("--no-estimate", action="store_true",
                    help="with --dry-run: count cells and epochs only, measure and estimate nothing")
     p.add_argument("--speeds", metavar="FILE|MACHINE",
@@ -228,9 +234,9 @@ def run_command(args) -> int:
     store = Store(args.results_dir, grid.name)
     if args.dry_run:
         return dry_run(store, cells, args, grid, groups)
-    if args.no_estimate or args.speeds:
-        raise ValueError(f"{'--no-estimate' if args.no_estimate else '--speeds'} is for --dry-run; add --dry-run "
-                         f"to see the estimate, or leave it out to run")
+    if args.no_estimate or args.speeds or args.measure_speeds:
+        flag = "--no-estimate" if args.no_estimate else "--speeds" if args.speeds else "--measure-speeds"
+        raise ValueError(f"{flag} is for --dry-run; add --dry-run to see the estimate, or leave it out to run")
     if args.compile and args.backend == "local":  # on Dask the workers' machines matter, not this one
         from benchmark.engine.train import check_compile, pick_device
 
@@ -362,7 +368,7 @@ def dry_run(store: Store, cells: list[Cell], args, grid: grids_mod.Grid | None =
             lines = []
     if lines:
         sys.stdout.write("\n".join(lines) + "\n")
-    from benchmark.speed import estimate
+    from benchmark.speed import estimate, wall_time
 
     plan = estimate.plan(planned, Path(args.results_dir) / "cache")
     shared = (f" and {plan.dense_epochs} in {plan.dense_trainings} dense training(s) that post-training methods share"
@@ -370,10 +376,10 @@ def dry_run(store: Store, cells: list[Cell], args, grid: grids_mod.Grid | None =
     print(f"{len(todo)} cell(s) to run, {skipped} done or failed; ~{total_epochs} training epochs in the cells{shared}",
           flush=True)
     if plan.trainings and not args.no_estimate:
-        lines = estimate.estimate_lines(plan, device_name=args.device, jobs=args.jobs,
-                                        backend="dask" if args.backend == "slurm" else args.backend,
-                                        jobs_per_gpu=args.jobs_per_gpu, speeds_arg=args.speeds,
-                                        say=lambda text: say(text))
+        lines = wall_time.estimate_lines(plan, device_name=args.device, jobs=args.jobs,
+                                         backend="dask" if args.backend == "slurm" else args.backend,
+                                         jobs_per_gpu=args.jobs_per_gpu, speeds_arg=args.speeds,
+                                         measure=args.measure_speeds, say=lambda text: say(text))
         print("\n".join(lines))
     return 0
 

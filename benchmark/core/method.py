@@ -163,20 +163,40 @@ def register(cls: type[Method]) -> type[Method]:
 
 def load_methods() -> dict[str, type[Method]]:
     """Register the built-in methods and every ``dwf_bench.methods`` entry point (once per process);
-    returns the registry. An entry point that fails to load is an error naming it."""
+    returns the registry.
+
+    Entry points that fail to load are one problem, reported once: the first call raises a
+    PluginError naming each of them with its package; later calls return the methods that did load
+    (a grid then reports the broken plugin once, not on each of its method lines, and a method the
+    plugin would have added is an unknown method that names it)."""
     if not _LOADED:
         importlib.import_module(BUILTIN_PACKAGE)
         for point in entry_points(group=ENTRY_POINT_GROUP):
             try:
                 loaded = point.load()
             except Exception as exc:  # noqa: BLE001 - name the plugin that broke, whatever broke it
-                raise PluginError(f"the method plugin {point.name!r} ({point.value}, entry-point group "
-                                  f"{ENTRY_POINT_GROUP}) failed to load: {type(exc).__name__}: {exc}; fix or "
-                                  f"uninstall the package that declares it") from exc
+                _BROKEN[point.name] = (f"the method plugin {point.name!r} of the package {_package_of(point)} "
+                                       f"({point.value}, entry-point group {ENTRY_POINT_GROUP}) failed to load: "
+                                       f"{type(exc).__name__}: {exc}")
+                continue
             if isinstance(loaded, type) and issubclass(loaded, Method) and METHODS.get(loaded.name) is not loaded:
                 register(loaded)
         _LOADED.append(True)
+        if _BROKEN:
+            packages = "that package" if len(_BROKEN) == 1 else "those packages"
+            raise PluginError("; ".join(_BROKEN.values()) + f"; fix or uninstall {packages}")
     return METHODS
+
+
+#: What went wrong with each plugin (by entry-point name) that failed to load: said once by load_methods,
+#: recalled by get_method.
+_BROKEN: dict[str, str] = {}
+
+
+def _package_of(point) -> str:
+    """The distribution that declares an entry point, as pip names it."""
+    dist = getattr(point, "dist", None)
+    return f"{dist.name!r} {dist.version}" if dist is not None else "(unknown)"
 
 
 class PluginError(ValueError):
@@ -192,7 +212,8 @@ def get_method(name: str) -> type[Method]:
     try:
         return load_methods()[name]
     except KeyError:
-        raise ValueError(f"unknown method {name!r}; choose one of: {', '.join(sorted(METHODS))}") from None
+        broken = f" (the method plugin(s) {', '.join(map(repr, _BROKEN))} failed to load)" if _BROKEN else ""
+        raise ValueError(f"unknown method {name!r}; choose one of: {', '.join(sorted(METHODS))}{broken}") from None
 
 
 def param_fields(method: type[Method]) -> dict[str, dataclasses.Field]:

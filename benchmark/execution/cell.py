@@ -165,10 +165,15 @@ class Cell:
                         config.get("params"), config.get("schedule"), config.get("subset"))
 
     def label(self) -> str:
-        """Human-readable name for logs and listings, e.g. ``dwf D=3 [lam=0.001] lenet300/fashion-mnist seed=0``."""
-        name = method_base.get_method(self.method).curve_label(asdict(self.method_params))
-        extra = ",".join(f"{k}={v}" for k, v in sorted(self.params.items()) if str(v) not in name)
-        return f"{name} [{extra}] {self.arch}/{self.dataset} seed={self.seed}"
+        """Human-readable name for logs and listings, e.g. ``dwf D=3 [lam=0.001] lenet300/fashion-mnist seed=0``:
+        the parameters the cell sets, or all of them when it leaves each at its default (``snip
+        [target_cr=10.0,...]``, not ``snip []``); no brackets for a method without parameters."""
+        values = asdict(self.method_params)
+        name = method_base.get_method(self.method).curve_label(values)
+        shown = self.params or values
+        extra = ",".join(f"{k}={v}" for k, v in sorted(shown.items()) if str(v) not in name)
+        return f"{name} [{extra}] {self.arch}/{self.dataset} seed={self.seed}" if extra else \
+            f"{name} {self.arch}/{self.dataset} seed={self.seed}"
 
 
 @functools.lru_cache(maxsize=1024)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from benchmark.core.errors import RunStopped
 from benchmark.execution.pools import DaskPool
+from benchmark.execution.slurm_nodes import DEFAULT_CORES, DEFAULT_MEMORY, fitted, read_partition
 
 #: What installs dask-jobqueue (the version range pyproject.toml's ``cluster`` extra pins).
 INSTALL = "pip install 'dask-jobqueue>=0.9,<0.10'  (or pip install -e '.[cluster]')"
@@ -41,8 +42,8 @@ class SlurmOptions:
     partition: str | None = None
     account: str | None = None
     jobs: int = 2
-    cores: int = 4
-    memory: str = "16GB"
+    cores: int | None = None  # None: DEFAULT_CORES, or fewer where the partition's nodes have fewer
+    memory: str | None = None  # None: DEFAULT_MEMORY, or less where the partition's nodes have less
     gpus: int = 0
     processes: int | None = None  # None: one per core, or one with a GPU (its cells share the GPU)
     walltime: str = "12:00:00"
@@ -53,7 +54,7 @@ class SlurmOptions:
 
     @property
     def worker_processes(self) -> int:
-        return self.processes or (1 if self.gpus else self.cores)
+        return self.processes or (1 if self.gpus else self.cores or DEFAULT_CORES)
 
 
 #: (field, flag's metavar, help, what "not set" means where the default is None). The TOML file takes
@@ -63,8 +64,10 @@ FIELDS = [
     ("account", "NAME", "account to charge (sbatch -A)", "your default account"),
     ("jobs", "N", "SLURM jobs kept running, each hosting Dask workers; one that ends (walltime, node failure) "
                   "is replaced", None),
-    ("cores", "N", "CPU cores per job (sbatch --cpus-per-task)", None),
-    ("memory", "SIZE", "memory per job, e.g. 16GB or 500MB (sbatch --mem)", None),
+    ("cores", "N", "CPU cores per job (sbatch --cpus-per-task)",
+     f"{DEFAULT_CORES}, or what the partition's smallest node has (sinfo)"),
+    ("memory", "SIZE", "memory per job, e.g. 16GB or 500MB (sbatch --mem)",
+     f"{DEFAULT_MEMORY}, or what the partition's smallest node has (sinfo)"),
     ("gpus", "0|1", "GPUs per job (sbatch --gres=gpu:N); its workers train on it", None),
     ("processes", "N", "Dask worker processes per job, each running one cell at a time on one thread",
      "one per core, or 1 with a GPU (its cells then share it)"),
@@ -177,7 +180,7 @@ def check(values: dict, where: str = "--slurm-") -> SlurmOptions:
     if options.gpus > 1:
         raise ValueError(f"{flag('gpus')} {options.gpus}: a job's workers train on its first GPU only; use "
                          f"{flag('gpus')} 1 and more {flag('jobs')} (several cells per GPU: {flag('processes')} K)")
-    if options.processes and options.processes > options.cores:
+    if options.processes and options.cores and options.processes > options.cores:
         raise ValueError(f"{flag('processes')} {options.processes}: more worker processes than the job's "
                          f"{options.cores} core(s); raise {flag('cores')} or lower {flag('processes')}")
     for name in ("partition", "account", "interface"):
@@ -194,7 +197,7 @@ def check(values: dict, where: str = "--slurm-") -> SlurmOptions:
         raise ValueError(f"--backend slurm needs dask, distributed and dask-jobqueue, which are not installed "
                          f"here: {INSTALL}") from None
     try:
-        size = parse_bytes(options.memory)
+        size = parse_bytes(options.memory) if options.memory is not None else 2**30
     except (ValueError, TypeError):
         size = None
     if not size or size < 2**20:
@@ -213,7 +216,7 @@ def check_installed() -> None:
         import distributed  # noqa: F401
     except ImportError:
         raise ValueError(f"--backend slurm needs dask-jobqueue, which is not installed: {INSTALL}") from None
-    for command in ("sbatch", "squeue", "scancel"):
+    for command in ("sbatch", "squeue", "scancel", "sinfo"):
         if shutil.which(command) is None:
             raise ValueError(f"--backend slurm: {command} is not on PATH; run on a machine that submits SLURM jobs "
                              f"(a login node), or use --backend local")
@@ -251,9 +254,25 @@ def make_cluster(options: SlurmOptions, name: str, log_dir: Path):
     return SLURMCluster(**kwargs)
 
 
-def test_submission(cluster) -> None:
+#: (words in SLURM's refusal, the options that can cause it): where SLURM does not name the option.
+REFUSAL_FLAGS = ((("partition",), ("partition",)), (("account", "association"), ("account", "sbatch")),
+                 (("time limit", "walltime"), ("walltime",)), (("qos",), ("sbatch", "account")),
+                 (("node configuration", "memory", "cpu", "gres", "feature", "constraint"),
+                  ("cores", "memory", "processes", "gpus", "sbatch", "partition")))
+
+
+def refusal_flags(said: str) -> list[str]:
+    """The --slurm-* flags that can fix what SLURM said (all of them when its words are not known)."""
+    text = said.lower()
+    names = [name for words, names in REFUSAL_FLAGS if any(w in text for w in words) for name in names]
+    names = names or ["partition", "account", "cores", "memory", "gpus", "walltime", "sbatch"]
+    return ["--slurm-" + name for name in dict.fromkeys(names)]
+
+
+def test_submission(cluster, options: "SlurmOptions", partition=None) -> None:
     """``sbatch --test-only`` on the very job script: a bad partition, account, walltime or
-    directive is reported by SLURM here, as one line, before anything is queued."""
+    directive is reported by SLURM here, as one line, before anything is queued, with the
+    partition's node sizes (``partition``, from sinfo, where known) and the flags to change."""
     with tempfile.NamedTemporaryFile("w", suffix=".sh", delete=False) as f:
         f.write(cluster.job_script())
     try:
@@ -265,8 +284,11 @@ def test_submission(cluster) -> None:
         Path(f.name).unlink(missing_ok=True)
     if done.returncode != 0:
         said = " ".join(line.strip() for line in done.stderr.splitlines() if line.strip()) or f"exit {done.returncode}"
-        raise ValueError(f"--backend slurm: SLURM refuses the worker job: {said}; fix the --slurm-* option it "
-                         f"names (or --slurm-config)")
+        asked = (f"{options.cores} core(s), {options.memory}{f', {options.gpus} GPU' if options.gpus else ''}, "
+                 f"walltime {options.walltime}, partition {options.partition or '(the default)'}")
+        nodes = f"; {partition.describe()}" if partition is not None else ""
+        raise ValueError(f"--backend slurm: SLURM refuses the worker job ({asked}): {said}{nodes}; change "
+                         f"{', '.join(refusal_flags(said))} (or their keys in --slurm-config)")
 
 
 def queued(name: str) -> list[tuple[str, str, str]]:
@@ -332,8 +354,13 @@ class SlurmPool(DaskPool):
         try:
             with signals.interruptible():  # a stop signal while jobs start ends the run in order
                 self.log_dir.mkdir(parents=True, exist_ok=True)
+                partition = read_partition(options.partition)
+                cores, memory, decided = fitted(options.cores, options.memory, options.processes, partition)
+                options = dataclasses.replace(options, cores=cores, memory=memory)
+                if decided:
+                    say(f"SLURM: {decided}")
                 self.cluster = make_cluster(options, self.name, self.log_dir)
-                test_submission(self.cluster)
+                test_submission(self.cluster, options, partition)
                 self.cluster.adapt(minimum_jobs=options.jobs, maximum_jobs=options.jobs)
                 self.submitting = True
                 say(f"SLURM: {options.jobs} job(s) named {self.name} submitted, {options.worker_processes} worker "

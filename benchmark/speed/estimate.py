@@ -1,25 +1,24 @@
-"""How long a run will take, before it runs: ``run --dry-run`` prints cells, training epochs and
-hours per architecture and for the grid, one cell at a time and with the parallelism the run uses.
+"""What a run's trainings cost, before it runs (``run --dry-run``; ``benchmark.speed.wall_time`` lays
+them out on the run's workers and prints the table).
 
-Speeds come from a short calibration on the run's device: per architecture x input shape x batch
-size x variant (``dense``, ``masked`` for every pruned model, ``dwf D=k``) a model is built as a cell
-builds it (``perf.build_training``) and a few training steps, an evaluation pass, the per-epoch
-extras (the method's epoch metrics, the checkpoint) and the final measurement are timed. Results are
-cached in ``$BENCHMARK_CACHE_DIR/speeds.json`` (default ``~/.cache/dwf-bench``) under the machine's
-name, the torch version and the thread count, so a later dry run measures only what is new. For
-a device that is not here, ``--speeds`` takes a file of per-epoch times or the name of a machine
-measured earlier (a shared home, or a cache file copied over).
+Speeds per architecture x input shape x batch size x variant (``dense``, ``masked`` for every pruned
+model, ``dwf D=k``) come from ``$BENCHMARK_CACHE_DIR/speeds.json`` (default ``~/.cache/dwf-bench``),
+under the machine's name, the torch version and the thread count, where measured earlier; the rest
+are rough, from the model's FLOPs at a fraction of this device's matrix-product rate (``rough_units``,
+in a second), or with ``--measure-speeds`` measured now (``measure``: a model built as a cell builds
+it, ``perf.build_training``, and a few training steps, an evaluation pass, the per-epoch extras and
+the final measurement timed) and cached. For a device that is not here, ``--speeds`` takes a file
+of per-epoch times or the name of a machine measured earlier (a shared home, or a cache file copied
+over).
 
 One training (a cell, or a dense training shared through the cache) costs::
 
     builds x (setup + final) + epochs x (steps x step + test examples x evaluation + epoch extras)
-
-Not counted: starting worker processes and loading datasets (seconds per worker), and methods'
-own scoring passes (SNIP, GraSP, SynFlow rounds), which are small next to training.
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -27,6 +26,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,6 +76,9 @@ class Plan:
     epochs: Counter  # arch -> epochs, shared dense trainings included
     dense_trainings: int = 0
     dense_epochs: int = 0
+    #: (Training, is a cell) in the order the run starts them: a dense training that post-training
+    #: cells share runs in the first cell that needs it (docs/design.md, "Shared dense training").
+    order: list = dataclasses.field(default_factory=list)
 
 
 def variant(cell: Cell) -> str:
@@ -98,11 +101,14 @@ def plan(todo: list[tuple[Cell, int, int]], cache_dir: Path) -> Plan:
     trainings: Counter = Counter()
     cells: Counter = Counter()
     epochs: Counter = Counter()
+    order: list = []
     dense_trained, dense_needed = set(), {}
     for cell, cell_epochs, builds in todo:
         n_train, n_test = _sizes(cell)
-        trainings[Training(cell.arch, cell.dataset, variant(cell), cell.schedule.batch_size, n_train, n_test,
-                           cell_epochs, builds)] += 1
+        training = Training(cell.arch, cell.dataset, variant(cell), cell.schedule.batch_size, n_train, n_test,
+                            cell_epochs, builds)
+        trainings[training] += 1
+        order.append((training, cell))
         cells[cell.arch] += 1
         epochs[cell.arch] += cell_epochs
         if get_method(cell.method).needs_dense:
@@ -112,15 +118,22 @@ def plan(todo: list[tuple[Cell, int, int]], cache_dir: Path) -> Plan:
             else:
                 dense_needed.setdefault(same, cell)
     result = Plan(trainings, cells, epochs)
+    first_user = {}
     for same, cell in dense_needed.items():
         if same in dense_trained or (Path(cache_dir) / f"dense-{dense_key(cell)}.pt").is_file():
             continue
         n_train, n_test = _sizes(cell)
-        trainings[Training(cell.arch, cell.dataset, structures.DENSE, cell.schedule.batch_size, n_train, n_test,
-                           cell.schedule.epochs, 1)] += 1
+        dense = Training(cell.arch, cell.dataset, structures.DENSE, cell.schedule.batch_size, n_train, n_test,
+                         cell.schedule.epochs, 1)
+        trainings[dense] += 1
+        first_user[id(cell)] = dense
         epochs[cell.arch] += cell.schedule.epochs
         result.dense_trainings += 1
         result.dense_epochs += cell.schedule.epochs
+    for training, cell in order:
+        if id(cell) in first_user:
+            result.order.append((first_user[id(cell)], False))
+        result.order.append((training, True))
     return result
 
 
@@ -161,6 +174,9 @@ class Speeds:
     source = ""
     load: float | None = None  # load average while measured, where known
 
+    def rough(self) -> list[str]:
+        return []
+
     def seconds(self, t: Training) -> float:
         raise NotImplementedError
 
@@ -170,8 +186,12 @@ class Measured(Speeds):
 
     def __init__(self, machine: str, units: dict[str, dict], source: str):
         self.machine, self.units, self.source = machine, units, source
-        loads = [u["load"] for u in units.values() if u.get("load") is not None]
+        loads = [u["load"] for u in units.values() if u.get("load") is not None and not u.get("rough")]
         self.load = max(loads) if loads else None
+
+    def rough(self) -> list[str]:
+        """The units estimated from FLOPs, not measured."""
+        return sorted(k for k, u in self.units.items() if u.get("rough"))
 
     def seconds(self, t: Training) -> float:
         key = _unit_key(t.arch, t.dataset, t.variant, t.batch)
@@ -281,9 +301,11 @@ def measured_while_busy(unit: dict, load_now: float | None, cores: int) -> bool:
     return then is not None and load_now is not None and then > cores and load_now < then / 2
 
 
-def calibrate(trainings, device, threads: int, say=print) -> Measured:
-    """Speeds of this device at ``threads`` torch threads: what the cache has, the rest measured now
-    (and added to the cache)."""
+def calibrate(trainings, device, threads: int, say=print, measure_missing: bool = False) -> Measured:
+    """Speeds of this device at ``threads`` torch threads: what the cache has, as measured; the rest
+    rough (``rough_units``: FLOPs at this device's matrix-product rate, in a second), or with
+    ``measure_missing`` measured now (and added to the cache; a speed cached while the machine was
+    busy is then measured again)."""
     import torch
 
     from benchmark.core.files import atomic_write_text
@@ -296,19 +318,24 @@ def calibrate(trainings, device, threads: int, say=print) -> Measured:
     units = dict(entry.get("units", {}))
     load_now = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     busy = {k for k, t in needed.items() if k in units and measured_while_busy(units[k], load_now, os.cpu_count() or 1)}
-    missing = {k: t for k, t in needed.items() if k not in units or k in busy}
-    if missing:
-        again = f" ({len(busy)} measured again: cached while the machine was busy)" if busy else ""
-        say(f"measuring speeds on {device} ({machine}, {threads} threads): {len(missing)} model(s), once; "
-            f"cached in {path}{again}")
-        before = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        try:
+    missing = {k: t for k, t in needed.items() if k not in units or (measure_missing and k in busy)}
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        if missing and not measure_missing:
+            units |= rough_units(missing, device)
+            return Measured(machine, {k: units[k] for k in needed}, f"{threads} threads, cached in {path}")
+        if missing:
+            again = f" ({len(busy & set(missing))} measured again: cached while the machine was busy)" if busy else ""
+            say(f"measuring speeds on {device} ({machine}, {threads} threads): {len(missing)} model(s), once; "
+                f"cached in {path}{again}")
             for unit, t in missing.items():
                 units[unit] = measure(t.arch, t.dataset, t.variant, t.batch, device)
+                gc.collect()  # one model's tensors at a time
                 say(f"  {t.arch} {t.variant}, batch {t.batch}: {1e3 * units[unit]['step_s']:.1f} ms per step")
-        finally:
-            torch.set_num_threads(before)
+    finally:
+        torch.set_num_threads(before)
+    if missing:
         cache = _read_cache(path)  # again: another dry run may have added to it meanwhile
         merged = cache["devices"].get(key, {}).get("units", {}) | units
         cache["devices"][key] = {"machine": machine, "device": device.type, "torch": torch.__version__,
@@ -319,6 +346,50 @@ def calibrate(trainings, device, threads: int, say=print) -> Measured:
         except (OSError, ValueError) as exc:  # a read-only home: the estimate still stands
             say(f"note: cannot cache the speeds in {path} ({exc}); set BENCHMARK_CACHE_DIR to a writable folder")
     return Measured(machine, {k: units[k] for k in needed}, f"{threads} threads, cached in {path}")
+
+
+#: A training step's FLOPs run at this fraction of the device's large-matmul rate (``rough_units``).
+#: On this project's 2-core CPU machine (92 GFLOP/s at one thread): dense LeNet-300-100 steps at
+#: batch 128 reached 0.55 in the committed reference records (1.44 s per epoch at --jobs 2); timed
+#: while the machine was overloaded (load 13), LeNet-300-100 0.21, VGG-16 0.31, ResNet-18 0.78 and
+#: LeNet-5 (small convolutions) 0.07. Rough by nature: off by 2x either way for some models.
+ROUGH_EFFICIENCY = 0.5
+#: Seconds a step costs besides its FLOPs (the optimizer's update, Python and dispatch; LeNet steps
+#: are a few milliseconds, so it matters there), and per epoch / per model built (the checkpoint,
+#: the epoch metrics; building, the final measurement), as measured for LeNets on that machine.
+ROUGH_STEP_S, ROUGH_TAIL_S, ROUGH_SETUP_S, ROUGH_FINAL_S = 0.5e-3, 0.02, 0.05, 0.3
+
+
+def rough_units(missing: dict, device) -> dict[str, dict]:
+    """Speeds of ``missing`` ({unit key: Training}) from each model's FLOPs per example
+    (``arithmetic.example_flops``) at ``ROUGH_EFFICIENCY`` times this device's matrix-product rate
+    (timed now, well under a second), marked ``rough``: nothing is built or trained, so a first dry
+    run answers in seconds, whatever the models."""
+    from benchmark.speed.arithmetic import example_flops, matmul_rate
+
+    rate = matmul_rate(device, rounds=3) * ROUGH_EFFICIENCY
+    flops: dict[tuple, tuple[float, float]] = {}
+    units = {}
+    for key, t in missing.items():
+        spec = data_mod.get_spec(t.dataset)
+        shape = (tuple(spec.shape), spec.num_classes)
+        if shape[0] + (t.arch,) not in flops:
+            flops[shape[0] + (t.arch,)] = example_flops(t.arch, *shape)
+        train, forward = flops[shape[0] + (t.arch,)]
+        units[key] = {"step_s": t.batch * train / rate + ROUGH_STEP_S, "eval_s": forward / rate,
+                      "tail_s": ROUGH_TAIL_S, "setup_s": ROUGH_SETUP_S, "final_s": ROUGH_FINAL_S, "rough": True}
+    return units
+
+
+#: Input values in a batch that ``measure`` times at most (2^17: a LeNet batch of 128; CIFAR at 42,
+#: Tiny ImageNet at 10 examples): a larger batch is timed at this size and its step scaled up by
+#: the batch ratio (a convolution's time grows linearly with the batch on a CPU), so a VGG or
+#: ResNet measurement holds a few hundred MB, not gigabytes.
+MEASURE_VALUES = 2 ** 17
+
+
+def measured_batch(batch: int, shape) -> int:
+    return max(1, min(batch, MEASURE_VALUES // math.prod(shape)))
 
 
 def measure(arch: str, dataset: str, variant_name: str, batch: int, device) -> dict:
@@ -339,10 +410,12 @@ def measure(arch: str, dataset: str, variant_name: str, batch: int, device) -> d
         tune_cpu_allocator()  # as every CPU training run does
     spec = data_mod.get_spec(dataset)
     depth = structures.depth_of(variant_name)
+    timed_batch = measured_batch(batch, spec.shape)
     for _ in range(2):  # the second build is timed: the first pays one-off costs (imports, allocator)
         began = time.perf_counter()
-        model, hooks, optimizer, step = build_training(arch, depth, device, batch, masked=variant_name == structures.MASKED,
-                                                            shape=(spec.shape, spec.num_classes))
+        model, hooks, optimizer, step = build_training(arch, depth, device, timed_batch,
+                                                       masked=variant_name == structures.MASKED,
+                                                       shape=(spec.shape, spec.num_classes))
         sync(device)
         setup_s = time.perf_counter() - began
     step()  # first-call costs (allocation, kernel selection) stay out
@@ -353,7 +426,7 @@ def measure(arch: str, dataset: str, variant_name: str, batch: int, device) -> d
         step()
         sync(device)
         times.append(time.perf_counter() - began)
-    n_eval = min(EVAL_BATCH, 2 * batch)
+    n_eval = min(EVAL_BATCH, 2 * timed_batch)
     gen = torch.Generator().manual_seed(0)
     channels = (1, spec.shape[0], 1, 1)
     split = data_mod.Split(torch.randn(n_eval, *spec.shape, generator=gen).to(device),
@@ -376,135 +449,5 @@ def measure(arch: str, dataset: str, variant_name: str, batch: int, device) -> d
     final_s = time.perf_counter() - began
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     # the mean, not the median: a run's time is the sum of its steps, slow ones (a busy machine) included
-    return {"step_s": sum(times) / len(times), "eval_s": eval_s, "tail_s": tail_s, "setup_s": setup_s,
+    return {"step_s": sum(times) / len(times) * batch / timed_batch, "eval_s": eval_s, "timed_batch": timed_batch, "tail_s": tail_s, "setup_s": setup_s,
             "final_s": final_s, "steps_timed": len(times), "load": load, "measured_at": time.time()}
-
-
-# ------------------------------------------------------------------------------------------------
-# The printed estimate
-# ------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Lane:
-    """One way of running the grid: ``workers`` cells at a time at ``speeds``."""
-
-    label: str
-    workers: int
-    speeds: Speeds
-    note: str = ""
-
-
-def hours(seconds: float) -> str:
-    """'0.0016 h (5.6 s)', '0.25 h (15 min)', '5.2 h', '96 h (4.0 days)'."""
-    h = seconds / 3600
-    text = f"{h:.2g} h" if h < 10 else f"{h:.0f} h"
-    if seconds < 3600:
-        text += f" ({seconds:.3g} s)" if seconds < 120 else f" ({seconds / 60:.0f} min)"
-    elif h >= 48:
-        text += f" ({h / 24:.1f} days)"
-    return text
-
-
-def makespan(costs: list[tuple[float, int]], workers: int) -> float:
-    """Wall time of items (seconds, count) spread over ``workers``: the larger of an even share and
-    the longest single item (greedy list scheduling lands within a third of the best above that)."""
-    total = sum(s * n for s, n in costs)
-    longest = max((s for s, n in costs if n), default=0.0)
-    return max(total / workers, longest)
-
-
-def describe(p: Plan, lanes: list[Lane]) -> list[str]:
-    """The table: per arch cells, epochs and hours in each lane, then the total."""
-    per_arch: dict[str, list[list[tuple[float, int]]]] = {}
-    for t, n in p.trainings.items():
-        costs = per_arch.setdefault(t.arch, [[] for _ in lanes])
-        for i, lane in enumerate(lanes):
-            costs[i].append((lane.speeds.seconds(t), n))
-    label_w = max(8, *(len(a) for a in per_arch)) if per_arch else 8
-    heads = [lane.label for lane in lanes]
-    widths = [max(len(h), 18) for h in heads]
-    out = [f"  {'arch':{label_w}s} {'cells':>8s} {'epochs':>10s}   "
-           + "   ".join(f"{h:>{w}s}" for h, w in zip(heads, widths))]
-    totals: list[list[tuple[float, int]]] = [[] for _ in lanes]
-    for arch in sorted(per_arch):
-        cols = [hours(makespan(c, lane.workers)) for c, lane in zip(per_arch[arch], lanes)]
-        out.append(f"  {arch:{label_w}s} {p.cells[arch]:8d} {p.epochs[arch]:10d}   "
-                   + "   ".join(f"{c:>{w}s}" for c, w in zip(cols, widths)))
-        for i, c in enumerate(per_arch[arch]):
-            totals[i] += c
-    cols = [hours(makespan(c, lane.workers)) for c, lane in zip(totals, lanes)]
-    out.append(f"  {'total':{label_w}s} {sum(p.cells.values()):8d} {sum(p.epochs.values()):10d}   "
-               + "   ".join(f"{c:>{w}s}" for c, w in zip(cols, widths)))
-    return out
-
-
-def lanes(*, device_name: str, backend: str, jobs: int | None, jobs_per_gpu: int | None, speeds_arg: str | None,
-          trainings, say=print) -> tuple[list[Lane], list[str]]:
-    """The lanes to show (one cell at a time, then the run's parallelism where it has any) and notes."""
-    cores = os.cpu_count() or 1
-    notes = []
-    if speeds_arg:
-        path = Path(speeds_arg).expanduser()
-        speeds = Supplied(path) if path.is_file() else stored(speeds_arg)
-        serial = Lane("one at a time", 1, speeds)
-        if jobs and jobs > 1:
-            return [serial, Lane(f"{jobs} at a time (--jobs)", jobs, speeds)], notes
-        if jobs_per_gpu:
-            notes.append("--jobs-per-gpu: the number of GPUs over there is not known here; divide by it")
-        return [serial], notes
-    from benchmark.engine.train import pick_device
-
-    try:
-        device = pick_device(device_name)
-    except ValueError as exc:
-        raise ValueError(f"{exc}. To estimate for a device that is not here give --speeds FILE or the name of "
-                         f"a machine measured earlier, or leave the estimate out with --no-estimate") from None
-    serial = Lane("one at a time", 1, calibrate(trainings, device, cores, say))
-    if backend == "dask":
-        notes.append(f"--backend dask: speeds of this machine's {device}; for the workers' devices give --speeds")
-        if jobs:
-            return [serial, Lane(f"{jobs} in flight (--jobs)", jobs, serial.speeds)], notes
-        notes.append("the cluster's size decides how many cells run at once; --jobs N shows N at a time")
-        return [serial], notes
-    if device.type == "cuda":
-        import torch
-
-        if jobs_per_gpu:
-            gpus = torch.cuda.device_count()
-            if jobs_per_gpu > 1:
-                notes.append(f"--jobs-per-gpu {jobs_per_gpu}: cells sharing a GPU are counted as no faster than "
-                             f"one after another (they gain only where one cell leaves the GPU idle; 'perf grid' "
-                             f"measures it)")
-            if gpus > 1:
-                return [serial, Lane(f"{gpus} GPUs (--jobs-per-gpu)", gpus, serial.speeds)], notes
-        elif jobs and jobs > 1:
-            notes.append(f"--jobs {jobs} puts every cell on one GPU: counted as one at a time (use --jobs-per-gpu)")
-        return [serial], notes
-    if jobs and jobs > 1:
-        threads = max(1, cores // jobs)
-        return [serial, Lane(f"{jobs} at a time (--jobs)", jobs, calibrate(trainings, device, threads, say),
-                             f"{threads} thread(s) each")], notes
-    return [serial], notes
-
-
-def estimate_lines(p: Plan, *, device_name: str = "auto", backend: str = "local", jobs: int | None = None,
-                   jobs_per_gpu: int | None = None, speeds_arg: str | None = None, say=print) -> list[str]:
-    """What ``run --dry-run`` prints below its cell count: the machine, the table, the notes."""
-    shown, notes = lanes(device_name=device_name, backend=backend, jobs=jobs, jobs_per_gpu=jobs_per_gpu,
-                         speeds_arg=speeds_arg, trainings=list(p.trainings), say=say)
-    speeds = shown[0].speeds
-    head = f"estimated wall time on {speeds.machine}"
-    if speeds.load is not None:
-        cores = os.cpu_count() or 1
-        busy = ": a busy machine, so the estimate holds while it stays as busy" if speeds.load > cores else ""
-        head += f" (load average {speeds.load:.1f} on {cores} cores while measured{busy})"
-    out = [head + ":"] + describe(p, shown)
-    for lane in shown:
-        if lane.note:
-            out.append(f"  {lane.label}: {lane.note}")
-    out += [f"  note: {n}" for n in notes]
-    out.append(f"  speeds: {speeds.source}" + ("; delete that file to measure again" if "cached in" in speeds.source
-                                              else ""))
-    out.append("  not counted: starting workers, loading datasets, scoring passes (SNIP, GraSP, SynFlow)")
-    return out

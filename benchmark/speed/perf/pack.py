@@ -6,14 +6,10 @@ hardware's limit on what packing can gain.
 from __future__ import annotations
 
 import statistics
-import time
 
 import torch
 
-from benchmark.engine import models
-from benchmark.engine.sparsity import layer_macs, prunable_layers
-from benchmark.engine.timing import sync
-from benchmark.engine.train import training_dtype
+from benchmark.speed.arithmetic import matmul_rate, step_flops
 from benchmark.speed.perf.rows import Row, make_row
 from methods import structures
 
@@ -22,31 +18,6 @@ PACK_CASES = [("dense LeNet-300-100", "lenet300", (1, 28, 28), 10, structures.DE
               ("DWF D=3 LeNet-300-100", "lenet300", (1, 28, 28), 10, structures.factorized(3)),
               ("SynFlow LeNet-5", "lenet5", (1, 28, 28), 10, structures.MASKED)]
 PACK_SIZES = (1, 8, 16, 64)
-
-
-def step_flops(arch: str, shape, classes: int, batch: int) -> int:
-    """Floating-point operations of one training step in its weight layers: forward, input gradient
-    and weight gradient, each 2 per multiply-add (activations, pooling and the update not counted)."""
-    model = models.build(arch, shape, classes)
-    positions = layer_macs(model, shape)
-    return 6 * batch * sum(m.weight.numel() * positions[name] for name, m in prunable_layers(model))
-
-
-def matmul_rate(device: torch.device, rounds: int = 10) -> float:
-    """The device's FLOP/s on large square matrix products (best of ``rounds`` at two sizes), in the
-    dtype training computes in there (``training_dtype``: bf16 on GPUs with native bf16, under
-    autocast; float32 elsewhere): the rate no packing of small products can beat."""
-    dtype = training_dtype(device)
-    best = 0.0
-    for n in ((4096, 8192) if device.type == "cuda" else (512, 1024)):
-        a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
-        for _ in range(rounds + 1):
-            sync(device)
-            began = time.perf_counter()
-            a @ b
-            sync(device)
-            best = max(best, 2 * n ** 3 / (time.perf_counter() - began))
-    return best
 
 
 def bench_pack(device: torch.device, rounds: int, quick: bool, sizes: tuple[int, ...]) -> list[Row]:
