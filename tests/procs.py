@@ -28,10 +28,10 @@ def cli(*args, cwd=None, timeout=600) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=timeout)
 
 
-def start(*args, cwd=None) -> subprocess.Popen:
+def start(*args, cwd=None, env_extra: dict | None = None) -> subprocess.Popen:
     """A driver in its own session: signals below go to it alone, not to its workers, so a test
-    sees what the driver does for them."""
-    return subprocess.Popen([sys.executable, "-m", "benchmark", *map(str, args)], cwd=cwd, env=env(),
+    sees what the driver does for them. ``env_extra`` adds to its environment."""
+    return subprocess.Popen([sys.executable, "-m", "benchmark", *map(str, args)], cwd=cwd, env=env() | (env_extra or {}),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 

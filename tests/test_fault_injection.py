@@ -2,8 +2,8 @@
 is lost or doubled.
 
 Real `python -m benchmark run` processes, real signals (SIGKILL, SIGTERM, SIGINT, SIGHUP to the
-driver alone, SIGKILL to a worker), a real Dask scheduler and workers on loopback, and several
-drivers on one results folder at once. After each scenario every cell must have exactly one result,
+driver alone, SIGKILL to a worker, SIGSTOP to a worker or to a driver), a real Dask scheduler and
+workers on loopback, and several drivers on one results folder at once. After each scenario every cell must have exactly one result,
 be recorded (a `finish` event) at most once, have no `failed` record, leave no claim behind, and
 hold records identical to those of an undisturbed run (same numbers to the last bit: resuming from a
 checkpoint must not change them).
@@ -17,6 +17,7 @@ replays a run's random choices (the seed is printed in the summary, with the kil
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
@@ -352,3 +353,86 @@ def test_dask_driver_killed_mid_cell_loses_no_training(cluster, tmp_path):
 def _busy_threads(dask_worker) -> int:
     """Threads of this Dask worker still running a task (forgotten by the scheduler or not)."""
     return len(dask_worker.active_threads)
+
+
+# ------------------------------------------------------------------------------------------------
+# Frozen processes (issue 27): SIGSTOP, not a kill
+# ------------------------------------------------------------------------------------------------
+
+#: The stall limit the frozen-worker scenario runs with (seconds): short, but far above the gaps
+#: between a healthy worker's progress reports on a busy machine.
+FROZEN_STALL_S = 30
+
+
+def test_a_frozen_worker_is_killed_and_its_cell_redone(reference, tmp_path):
+    """A worker SIGSTOPped mid-cell keeps its driver's claims fresh (the heartbeat is the driver's),
+    so only its silence tells: past the stall limit the driver kills it and requeues its cell, which
+    resumes from its checkpoint. The run ends, the cell starts twice, records are an undisturbed run's."""
+    from benchmark.core import cell_progress
+
+    g = grid_file(tmp_path)
+    results = tmp_path / "r"
+    work, cells = results / "g" / "work", results / "g" / "cells"
+    proc = start("run", "--grid", g, "--results-dir", results, "--no-progress", "--jobs", "2",
+                 env_extra={cell_progress.STALL_ENV: str(FROZEN_STALL_S)})
+
+    def training_now():
+        found = []
+        for path in work.glob("*/progress.json"):
+            report = cell_progress.read_progress(path)
+            if report and report["epochs"] >= 1 and not (cells / f"{path.parent.name}.json").exists():
+                found.append((path.parent.name, report["pid"]))
+        return found
+
+    assert wait_until(lambda: training_now() or proc.poll() is not None, 600, every=0.05)
+    frozen_cell, pid = training_now()[0]
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        out, err = proc.communicate(timeout=900)
+    finally:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+    assert proc.returncode == 0, err
+    assert "frozen" in err and "Traceback" not in err, err
+    starts = Counter(e["cell_id"] for e in events(results, "g") if e["event"] == "start")
+    assert starts[frozen_cell] == 2, starts
+    same_as_reference(assert_every_cell_once(results, g), reference)
+    REPORT.append(f"frozen worker: SIGSTOP mid-cell, killed after {FROZEN_STALL_S} s without progress, its cell "
+                  f"redone once; records identical to an undisturbed run")
+
+
+def test_a_driver_frozen_past_its_claims_expiry_writes_nothing_another_host_took_over(reference, tmp_path):
+    """Driver A (claiming as host "frozen-host", the test-only ``claims.HOST_ENV``) is SIGSTOPped
+    mid-cell; its claims age past the expiry (their times are set back instead of waiting 10
+    minutes); driver B, on this host, takes them over and finishes the grid. Then A is resumed: its
+    workers' results arrive, and it writes none of them (the store checks the claim at the write)."""
+    from benchmark.execution import claims
+
+    g = grid_file(tmp_path)
+    results = tmp_path / "r"
+    claims_dir, cells = results / "g" / "claims", results / "g" / "cells"
+    a = start("run", "--grid", g, "--results-dir", results, "--no-progress", "--jobs", "2",
+              env_extra={claims.HOST_ENV: "frozen-host"})
+    assert wait_until(lambda: list(claims_dir.glob("*.claim")) or a.poll() is not None, 600, every=0.05)
+    assert a.poll() is None, "driver A ended before it claimed anything"
+    os.kill(a.pid, signal.SIGSTOP)
+    try:
+        held = list(claims_dir.glob("*.claim"))
+        expired = time.time() - claims.CLAIM_TIMEOUT_S - 60
+        for path in held:
+            with contextlib.suppress(FileNotFoundError):
+                os.utime(path, (expired, expired))
+        b = cli("run", "--grid", g, "--results-dir", results, "--no-progress", "--jobs", "2", timeout=900)
+        assert b.returncode == 0, b.stderr
+        assert len(list(cells.glob("*.json"))) == len(reference)
+        written = {p.name: p.stat().st_mtime_ns for p in cells.glob("*.json")}
+    finally:
+        os.kill(a.pid, signal.SIGCONT)
+    out, err = a.communicate(timeout=900)
+    assert a.returncode == 0 and "Traceback" not in err, err
+    assert {p.name: p.stat().st_mtime_ns for p in cells.glob("*.json")} == written, "driver A wrote a cell again"
+    finishes = Counter(e["cell_id"] for e in events(results, "g") if e["event"] == "finish")
+    assert set(finishes.values()) == {1}, finishes
+    same_as_reference(assert_every_cell_once(results, g), reference)
+    REPORT.append(f"frozen driver on another host: SIGSTOPped past its claims' expiry ({len(held)} claim(s)) while "
+                  f"another driver took them over, then resumed: no cell written twice")

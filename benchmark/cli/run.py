@@ -8,6 +8,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+from benchmark.core import cell_progress
 from benchmark.core.errors import RunStopped, StorageError
 from benchmark.execution import grids as grids_mod
 from benchmark.execution import slurm, tuning
@@ -66,6 +67,11 @@ def add_commands(sub) -> None:
     p.add_argument("--jobs", type=int,
                    help="cells at once: local worker processes (default 1; on CPU each gets cores/jobs threads), "
                         "or with --backend dask the most cells in flight (default: all worker threads)")
+    p.add_argument("--stall-timeout", type=float, metavar="SECONDS",
+                   help=f"a worker whose cell makes no training progress this long (and ten times its own longest "
+                        f"pause between progress reports) counts as frozen: it is killed and its cell runs again "
+                        f"(default {cell_progress.DEFAULT_STALL_S:g}, or ${cell_progress.STALL_ENV}); also how long "
+                        f"a cell waits on a frozen holder of a dense-model lock")
     p.add_argument("--jobs-per-gpu", type=int,
                    help="with GPUs: run at most K cells per GPU at a time, each pinned to its GPU (jobs = GPUs x K)")
     p.add_argument("--backend", choices=["local", "dask", "slurm"], default="local",
@@ -219,6 +225,10 @@ def _resume_command(args) -> str:
 
 
 def run_command(args) -> int:
+    if getattr(args, "stall_timeout", None) is not None:  # the workers inherit it (benchmark.core.cell_progress)
+        if not 0 < args.stall_timeout < float("inf"):
+            raise ValueError(f"--stall-timeout {args.stall_timeout:g}: give a number of seconds above 0")
+        os.environ[cell_progress.STALL_ENV] = repr(args.stall_timeout)
     options = run_options(args)
     grid, cells, groups = _select(args)
     store = Store(args.results_dir, grid.name)

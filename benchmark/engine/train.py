@@ -28,6 +28,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from benchmark.engine import data as data_mod
+from benchmark.core import cell_progress
 from benchmark.core.files import save_atomic
 from benchmark.core.validation import coerce
 from benchmark.engine.epoch import DIVERGENCE_CHECK_STEPS, EpochTotals, check_finite, epoch_record
@@ -171,9 +172,13 @@ class Checkpoint:
     epoch: int  # epochs done
     snapshots: dict
     hooks: dict = field(default_factory=dict)  # TrainHooks.state_dict(); absent from older checkpoints
+    # seconds of the whole cell when it was written (earlier runs before a resume included), so that
+    # a resumed cell's wall_s is its whole training time; absent from older checkpoints and packs
+    elapsed_s: float | None = None
 
     def save(self, path: Path) -> None:
-        save_atomic({name: getattr(self, name) for name in CHECKPOINT_KEYS + ("hooks",)}, path)
+        extra = ("hooks",) if self.elapsed_s is None else ("hooks", "elapsed_s")
+        save_atomic({name: getattr(self, name) for name in CHECKPOINT_KEYS + extra}, path)
 
     @classmethod
     def load(cls, path: Path, map_location="cpu", mmap: bool = False) -> Checkpoint | None:
@@ -181,7 +186,8 @@ class Checkpoint:
         state = load_state(path, keys=CHECKPOINT_KEYS, map_location=map_location, mmap=mmap)
         if state is None:
             return None
-        return cls(**{name: state[name] for name in CHECKPOINT_KEYS}, hooks=state.get("hooks", {}))
+        return cls(**{name: state[name] for name in CHECKPOINT_KEYS}, hooks=state.get("hooks", {}),
+                   elapsed_s=state.get("elapsed_s"))
 
     def restore(self, model: nn.Module, optimizer: torch.optim.Optimizer, hooks: TrainHooks,
                 scheduler: torch.optim.lr_scheduler.LRScheduler | None = None) -> None:
@@ -497,6 +503,8 @@ def train(
         history = History(saved.history, saved.wall_s, resumed_from=saved.epoch)
         snapshots = saved.snapshots
         start_epoch = saved.epoch
+        cell_progress.note_resumed(saved.elapsed_s)
+        cell_progress.epochs_resumed(saved.epoch - first_epoch)
     if start_epoch == first_epoch and first_batch == 0 and first_epoch in snapshot_epochs:
         snapshots[first_epoch] = clone_state(model)
 
@@ -524,6 +532,7 @@ def train(
                 totals.add(out, loss, y)
                 if step % DIVERGENCE_CHECK_STEPS == 0:
                     check_finite(total.detach(), epoch, step, schedule.lr)
+                cell_progress.step_done()
             check_finite(totals.loss_sum, epoch, steps_per_epoch - 1, schedule.lr)
             hooks.after_epoch(model, epoch)
             test_acc, test_loss = evaluate(model, data.test, channels_last=channels_last)
@@ -536,7 +545,9 @@ def train(
                 snapshots[epoch + 1] = clone_state(model)
             if checkpoint is not None:
                 Checkpoint(model.state_dict(), optimizer.state_dict(), scheduler.state_dict(), history.epochs,
-                           history.wall_s, epoch + 1, snapshots, hooks.state_dict()).save(checkpoint)
+                           history.wall_s, epoch + 1, snapshots, hooks.state_dict(),
+                           cell_progress.elapsed_s()).save(checkpoint)
+            cell_progress.epoch_done(seconds)
             bar.update(1)
             bar.set_postfix(loss=f"{history.final['train_loss']:.3f}", test_acc=f"{test_acc:.4f}")
     finally:

@@ -14,6 +14,7 @@ import shutil
 import socket
 import time
 import traceback
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -24,7 +25,8 @@ from benchmark.engine import data as data_mod
 from benchmark.engine import models, sparsity
 from benchmark.core.errors import StorageError, is_disk_error
 from benchmark.core.provenance import cpu_model, source_commit
-from benchmark.core.files import file_lock, save_atomic
+from benchmark.core import cell_progress
+from benchmark.core.files import save_atomic
 from benchmark.core.validation import coerce
 from benchmark.engine import precision
 from benchmark.engine import train as training
@@ -334,7 +336,9 @@ class Context:
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         key = self.dense_key()
         final = self.cache_dir / f"dense-{key}.pt"
-        with file_lock(self.cache_dir / f"dense-{key}.lock"):
+        # a frozen holder of the lock does not block this cell for ever: past the stall limit it trains
+        # the (deterministic, atomically written) dense model itself (docs/design.md, "Progress and liveness")
+        with cell_progress.watched_lock(self.cache_dir / f"dense-{key}.lock", warn=_warn):
             cached = training.load_state(final, keys=DENSE_KEYS, mmap=True)
             kept = cached.get("snapshot_points", training.REWIND_EPOCHS) if cached is not None else ()
             if cached is None or (snapshot is not None and snapshot not in kept):
@@ -379,6 +383,10 @@ class Context:
         return record
 
 
+def _warn(message: str) -> None:
+    warnings.warn(message, RuntimeWarning, stacklevel=2)
+
+
 def _same_state(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k].cpu(), b[k].cpu()) for k in a)
 
@@ -412,6 +420,7 @@ def run_cell(cell: Cell, *, data_dir=None, device: str | torch.device | None = N
     ``deterministic`` (``run --deterministic``, GPU-only): reproducible cuDNN/cuBLAS kernels
     (``benchmark.engine.train.make_deterministic``); records on a GPU then say ``deterministic``."""
     began = time.perf_counter()
+    cell_progress.start_cell()
     dev = device if isinstance(device, torch.device) else pick_device(device)
     # What a bit-identical rerun needs besides the config (docs/design.md, Reproducibility).
     common = cell_columns(cell) | {"device": str(dev), "compiled": compiled, "host": socket.gethostname(),
@@ -441,7 +450,8 @@ def run_cell(cell: Cell, *, data_dir=None, device: str | torch.device | None = N
     except Exception as exc:  # noqa: BLE001 - a cell's failure is data, the grid goes on
         return [common | {"status": "failed", "error": f"{type(exc).__name__}: {exc}",
                           "traceback": traceback.format_exc(), "wall_s": time.perf_counter() - began}]
-    wall = time.perf_counter() - began
+    # a cell resumed from checkpoints costs the seconds of its earlier runs too (to its last checkpoint)
+    wall = time.perf_counter() - began + cell_progress.resumed_seconds()
     if not keep_work:
         shutil.rmtree(Path(work_root) / cell.id, ignore_errors=True)
     return [common | {"status": "ok", "epochs": ctx.trained_epochs, "wall_s": wall} | r for r in records]

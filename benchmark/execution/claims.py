@@ -35,6 +35,14 @@ CLAIM_BYTES = 4096
 #: largest pid_max cannot be real.
 NAME_CHARS, MAX_PID = 255, 2 ** 22
 LOCK_NAME = ".takeover.lock"
+#: Test-only: the host name a driver writes in its claims and judges them by, in place of the
+#: machine's (tests/test_fault_injection.py plays a driver on another host with it).
+HOST_ENV = "DWF_BENCH_CLAIM_HOST"
+
+
+def host_name() -> str:
+    """This driver's host name in claims: the machine's, or ``HOST_ENV`` where a test sets it."""
+    return os.environ.get(HOST_ENV) or socket.gethostname()
 
 
 @dataclass(frozen=True)
@@ -139,7 +147,7 @@ class ClaimFiles:
         not touched for ``timeout`` seconds (another host)."""
         if claim is None:
             return True
-        if claim.host == socket.gethostname():
+        if claim.host == host_name():
             if not pid_alive(claim.pid):
                 return True
             # a live pid that started at another time is a reused pid
@@ -162,7 +170,7 @@ class ClaimFiles:
     # ---- taking and dropping ----------------------------------------------------------------
     def _payload(self, run_id: str) -> str:
         pid = os.getpid()
-        return json.dumps({"host": socket.gethostname(), "pid": pid, "start": process_start(pid),
+        return json.dumps({"host": host_name(), "pid": pid, "start": process_start(pid),
                            "run_id": run_id, "at": time.time()})
 
     def take(self, cell_id: str, run_id: str) -> bool:

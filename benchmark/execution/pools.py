@@ -143,6 +143,20 @@ class LocalPool(InlinePool):
                 else:
                     executor.shutdown(wait=True)
 
+    def owns(self, pid: int | None) -> bool:
+        """Whether ``pid`` is one of this pool's live worker processes."""
+        self._note_pids()
+        return pid is not None and pid in self.pids and child_alive(pid)
+
+    def kill_all(self) -> None:
+        """SIGKILL every worker (one is frozen, and no progress report says which): the pool breaks,
+        and its tasks fail as a dead worker's."""
+        self._note_pids()
+        for pid in self.pids:
+            if child_alive(pid):
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+
     def stop(self, kill: bool = True) -> None:
         """Stop the workers (at once with ``kill``: they are training cells that are being
         abandoned; otherwise they are idle and leave in order), and make sure they are gone."""

@@ -20,6 +20,9 @@ them):
   the work of another run.
 - A worker that dies (killed, out of memory) does not stop the grid: its cells go back in the
   queue and run again; a cell in flight at MAX_WORKER_DEATHS deaths is recorded as failed.
+- A worker that makes no training progress for far longer than its own measured pace (and the
+  stall limit, ``run --stall-timeout``) is frozen: it is killed and counts as a worker that died
+  (benchmark.execution.liveness; docs/design.md, "Progress and liveness").
 - A disk that cannot take a write stops the run with a message that names the file.
 """
 
@@ -37,9 +40,11 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from benchmark.core import cell_progress
 from benchmark.core.console import say
 from benchmark.core.errors import Interrupted, RunStopped, StorageError, is_disk_error
 from benchmark.execution import grids as grids_mod
+from benchmark.execution import liveness
 from benchmark.execution.cell import Cell
 from benchmark.execution.pools import DaskPool, InlinePool, LocalPool
 from benchmark.execution.run_options import RunOptions, local_workers
@@ -47,7 +52,7 @@ from benchmark.execution.slurm import SlurmPool
 from benchmark.execution.stop_signals import StopSignals, signal_name
 from benchmark.execution.claims import HEARTBEAT_S
 from benchmark.execution.store import CLAIM_LOST, Store
-from benchmark.execution.todo import pending_cells, work_units, written_since
+from benchmark.execution.todo import estimate_epochs, pending_cells, work_units, written_since
 from benchmark.execution.worker import execute_tagged
 
 log = logging.getLogger("benchmark.run")
@@ -55,6 +60,8 @@ log = logging.getLogger("benchmark.run")
 #: A cell in flight when a worker process dies this many times is recorded as failed (the others
 #: go back in the queue). Several cells run at once, so one bad cell costs its neighbours a retry.
 MAX_WORKER_DEATHS = 3
+#: How often the driver reads the progress of its cells in flight (seconds).
+WATCH_S = 2.0
 
 
 @dataclass
@@ -72,6 +79,7 @@ class RunSummary:
     finished_labels: list = field(default_factory=list)
     worker_deaths: int = 0
     requeued: int = 0
+    stalled: int = 0  # workers killed for making no progress (counted in worker_deaths too)
 
 
 def run_grid(grid: grids_mod.Grid, cells: list[Cell], options: RunOptions | None = None, **keywords) -> RunSummary:
@@ -99,6 +107,13 @@ class GridRun:
         self.queue: deque = deque()  # cells and packs (lists of cells) not yet handed out
         self.in_flight: dict = {}  # future -> the cells it runs
         self.deaths: Counter = Counter()  # cell id -> workers that died under it
+        self.handed_out: dict = {}  # future -> when it was submitted (or its frozen worker killed)
+        self.frozen: dict = {}  # cell id -> why its worker was killed as frozen
+        self.unreachable: set = set()  # frozen tasks on another machine, already named in the log
+        self.killed_at: dict = {}  # future -> when its frozen worker was last killed
+        self.progress = None  # EpochProgress: the bar in epochs
+        self.watched_at = 0.0
+        self.stall_s = cell_progress.stall_seconds()
         self.common: dict = {}  # execute's keywords, the same for every task
         self.started_at = time.time()
 
@@ -122,10 +137,14 @@ class GridRun:
                  "dask" if options.on_dask else "local")
         sweep_finished_work(store)
         store.sweep_leftovers()
+        note = liveness.resume_note(store.work_dir, todo, skipped)
+        if note is not None:
+            log.info(note)
+            say(note)
         if not todo:
             return self.summary
 
-        from benchmark.core.progress import bar_class
+        from benchmark.core.progress import EPOCH_BAR_FORMAT, EpochProgress, bar_class
 
         began = time.perf_counter()
         self.signals.install()
@@ -138,8 +157,11 @@ class GridRun:
             self.common = {"data_dir": options.data_dir, "device": options.device, "work_root": str(store.work_dir),
                            "cache_dir": cache_dir, "threads": threads, "compiled": options.compiled,
                            "keep_work": True, "deterministic": options.deterministic}
-            self.bar = bar_class()(total=len(todo), desc=f"grid {self.grid.name}", unit="cell",
-                                   disable=_no_bar(options.progress), dynamic_ncols=True)
+            weights = {cell.id: cell_weight(cell) for cell in todo}
+            self.bar = bar_class()(total=sum(max(1, w) for w in weights.values()), desc=f"grid {self.grid.name}",
+                                   unit="epoch", bar_format=EPOCH_BAR_FORMAT, disable=_no_bar(options.progress),
+                                   dynamic_ncols=True)
+            self.progress = EpochProgress(weights, self.pool.capacity, self.bar)
             stop_heartbeat = start_heartbeat(store, self.run_id)
             self._dispatch()
         except Interrupted as stop:
@@ -198,8 +220,61 @@ class GridRun:
             if not self.in_flight:
                 continue
             for future in self.pool.wait(list(self.in_flight), timeout=0.25):
+                self.handed_out.pop(future, None)
+                self.killed_at.pop(future, None)
                 for cell in self.in_flight.pop(future):  # a pack's cells one by one, each written as alone
                     self._outcome(future, cell)
+            if time.monotonic() - self.watched_at >= WATCH_S:
+                self._watch()
+
+    def _watch(self) -> None:
+        """Read the progress of the cells in flight: move the bar, and kill the workers of frozen
+        tasks (their futures then fail as a dead worker's: ``_worker_died``). A cell running in the
+        driver itself (``InlinePool``) is not watched: a frozen driver watches nothing."""
+        self.watched_at = time.monotonic()
+        reports = {future: liveness.newest_report(self.store.work_dir, cells) for future, cells in self.in_flight.items()}
+        for future, cells in self.in_flight.items():
+            report = reports[future]
+            for cell in cells:
+                if report is not None:
+                    self.progress.report(cell.id, report["epochs"], report.get("epoch_s"))
+        self._show()
+        if type(self.pool) is InlinePool:
+            return
+        on_local_pool = isinstance(self.pool, LocalPool)
+        for frozen in liveness.stalled_tasks(self.in_flight, self.handed_out, reports, self.stall_s, on_local_pool):
+            self._kill_frozen(frozen)
+
+    def _kill_frozen(self, frozen: liveness.Stalled) -> None:
+        labels = ", ".join(cell.label() for cell in frozen.cells)
+        why = (f"its worker made no training progress for {frozen.silent_s:.0f} s (stall limit {frozen.limit_s:.0f} s: "
+               f"frozen?) and was killed")
+        pid = frozen.pid
+        if isinstance(self.pool, LocalPool) and not self.pool.owns(pid):
+            pid = None  # an older attempt's report: its process is gone, and its pid may be another's now
+        if frozen.reported_at is not None and frozen.reported_at <= self.killed_at.get(frozen.future, 0.0):
+            pid = None  # the report is from before this task's last kill (the same reasons)
+        self.handed_out[frozen.future] = self.killed_at[frozen.future] = time.time()  # not again before the limit
+        killed = liveness.kill_local(pid, frozen.host)
+        if not killed and isinstance(self.pool, LocalPool):
+            self.pool.kill_all()  # no report names the worker: stop them all, their cells go back in the queue
+            killed = True
+        if not killed:
+            if frozen.future not in self.unreachable:
+                self.unreachable.add(frozen.future)
+                log.warning("%s: no progress for %.0f s, but its worker (%s) is not on this machine; the driver "
+                            "cannot stop it (docs/scaling.md)", labels, frozen.silent_s, frozen.host)
+            return
+        self.summary.stalled += 1
+        for cell in frozen.cells:
+            self.frozen[cell.id] = why
+        log.warning("%s: %s", labels, why)
+        self.bar.write(f"frozen: {labels}: {why}; it goes back in the queue", file=sys.stderr)
+
+    def _show(self) -> None:
+        summary = self.summary
+        self.progress.show([c.id for cells in self.in_flight.values() for c in cells],
+                           failed=summary.failed, blocked=summary.blocked)
 
     def _submit(self, unit) -> None:
         """Claim the unit's cells that are still to do and hand them to the pool as one task."""
@@ -220,6 +295,7 @@ class GridRun:
             self.queue.appendleft(cells if len(cells) > 1 else cells[0])
             return
         self.in_flight[future] = cells
+        self.handed_out[future] = time.time()
 
     def _take(self, cell: Cell) -> bool:
         """Claim ``cell`` for this run, unless it is finished or claimed elsewhere."""
@@ -227,7 +303,7 @@ class GridRun:
         status = store.status(cell.id)
         if status == "ok" or (status in ("failed", "blocked") and written_since(store, cell.id, self.started_at)):
             summary.skipped += 1  # another driver finished it meanwhile
-            self.bar.update(1)
+            self._cell_over(cell)
             return False
         if status == "damaged":  # damaged since this run listed the grid
             moved = store.set_aside(cell.id, "damaged while this run was going")
@@ -235,7 +311,7 @@ class GridRun:
                 summary.set_aside.append((moved, "damaged while this run was going"))
         if not store.claim(cell.id, self.run_id):
             summary.busy += 1
-            self.bar.update(1)
+            self._cell_over(cell)
             return False
         store.event("start", cell.id, self.run_id, label=cell.label())
         return True
@@ -270,7 +346,7 @@ class GridRun:
         self.deaths[cell.id] += 1
         self.summary.worker_deaths += 1
         self.store.sweep_leftovers()  # what the dead worker was writing
-        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        first_line = self.frozen.pop(cell.id, None) or (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         if self.options.on_dask or self.deaths[cell.id] >= MAX_WORKER_DEATHS:
             times = "several" if self.options.on_dask else self.deaths[cell.id]
             self._finish(cell, failed_record(cell, f"WorkerDied: the worker process running this cell died "
@@ -289,13 +365,13 @@ class GridRun:
             # another driver took the claim over (it thought this one dead) and finished first
             log.warning("%s %s was finished by run %s meanwhile; not written again", cell.id, cell.label(), holder)
             summary.skipped += 1
-            bar.update(1)
+            self._cell_over(cell)
             return
         result = store.write(cell.id, cell.config(), records, self.run_id)
         status = result["status"]
         if status == CLAIM_LOST:  # another run owns the cell now; store.write said so and wrote nothing
             summary.skipped += 1
-            bar.update(1)
+            self._cell_over(cell)
             return
         store.event("finish" if status == "ok" else status, cell.id, self.run_id,
                     wall_s=sum(r.get("wall_s", 0) or 0 for r in records[:1]))
@@ -310,13 +386,25 @@ class GridRun:
             summary.blocked += status == "blocked"
             log.warning("%s %s %s: %s", status, cell.id, cell.label(), records[0].get("error"))
             bar.write(f"{status}: {cell.label()}: {str(records[0].get('error')).splitlines()[0]}", file=sys.stderr)
-        bar.update(1)
-        bar.set_postfix(done=summary.finished, failed=summary.failed, blocked=summary.blocked, left=bar.total - bar.n)
+        self._cell_over(cell)
+
+    def _cell_over(self, cell: Cell) -> None:
+        """``cell`` needs no more work from this run: its whole weight counts as done on the bar."""
+        self.progress.cell_over(cell.id)
+        self._show()
 
 
 # ------------------------------------------------------------------------------------------------
 # What a run keeps beside its results: a log, a heartbeat on its claims, no stale checkpoints
 # ------------------------------------------------------------------------------------------------
+
+
+def cell_weight(cell: Cell) -> int:
+    """A cell's weight on the run's bar: its estimated training epochs (``estimate_epochs``)."""
+    try:
+        return estimate_epochs(cell)
+    except Exception:  # noqa: BLE001 - a bar must not stop a run; the cell then weighs one epoch
+        return 1
 
 
 def failed_record(cell: Cell, error: str, tb: str | None = None) -> list[dict]:

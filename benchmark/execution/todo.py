@@ -12,12 +12,16 @@ from benchmark.execution.records import DamagedResult
 from benchmark.execution.store import Store
 
 
-def priority(cell: Cell) -> int:
-    """Dense trainings first (they feed the shared cache), post-training methods last."""
+def priority(cell: Cell) -> tuple[int, int, int]:
+    """Dense trainings first (they feed the shared cache); then the cells of most estimated training
+    epochs first, so that a long cell (a lottery ticket's levels) does not run alone at the end;
+    post-training methods, which train nothing of their own, last."""
     method = get_method(cell.method)
-    if method.is_reference:
-        return 0
-    return 2 if method.needs_dense else 1
+    try:
+        epochs = estimate_epochs(cell)
+    except Exception:  # noqa: BLE001 - an estimate only orders the cells; validation names bad values
+        epochs = 0
+    return 0 if method.is_reference else 1, -epochs, 1 if method.needs_dense else 0
 
 
 def pending_cells(store: Store, cells: list[Cell], retry_failed: bool,

@@ -15,6 +15,7 @@ import threading
 import time
 from pathlib import Path
 
+from benchmark.core import cell_progress
 from benchmark.execution.cell import Cell
 
 #: How often a worker checks that its driver is alive (seconds).
@@ -80,8 +81,13 @@ def execute(config: dict | list[dict], *, data_dir, device, work_root, cache_dir
 
 
 def execute_tagged(task_id: str, config: dict | list[dict], common: dict) -> tuple[str, list[dict] | dict]:
-    """``execute`` as a pool task: (the task's id, its records); the id names the task on Dask."""
-    return task_id, execute(config, **common)
+    """``execute`` as a pool task: (the task's id, its records); the id names the task on Dask. The
+    task reports its progress in each of its cells' work folders, where its driver reads it
+    (benchmark.core.cell_progress)."""
+    configs = config if isinstance(config, list) else [config]
+    work_dirs = [Path(common["work_root"]) / Cell.from_config(c).id for c in configs]
+    with cell_progress.reporting(work_dirs):
+        return task_id, execute(config, **common)
 
 
 def worker_device(device: str | None):

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from benchmark.core.files import file_lock
+from benchmark.core import cell_progress
 from benchmark.engine.train import REWIND_EPOCHS, REWIND_ITERATIONS, TrainHooks
 from benchmark.execution.cell import Cell, Context, run_cell
 from benchmark.execution.packing.jobs import Job, resume_together, signature, why_not_packable
@@ -178,7 +178,7 @@ def _train_waiting(waiting: list[_Member], data) -> None:
         jobs = []
         for request in sorted(unique.values(), key=lambda r: str(r.job.checkpoint)):
             if request.lock is not None:
-                locks.enter_context(file_lock(request.lock))
+                locks.enter_context(cell_progress.watched_lock(request.lock, warn=log.warning))
                 if request.done is not None and request.done.is_file():
                     continue
             if why_not_packable(request.job) is None:

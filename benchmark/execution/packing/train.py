@@ -24,6 +24,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.nn.utils import parametrize
 
+from benchmark.core import cell_progress
 from benchmark.engine import data as data_mod
 from benchmark.engine.epoch import DIVERGENCE_CHECK_STEPS, EpochTotals, divergence, epoch_record
 from benchmark.engine.precision import autocast, prepare_input
@@ -219,6 +220,7 @@ def train_packed(jobs: list[Job], data: data_mod.Data) -> None:
                     if done_steps in job.snapshot_steps:
                         job.snapshots[step_key(done_steps)] = clone_state(job.model)
             totals.add(out, ce, y.view(size, -1))
+            cell_progress.step_done()
             if step % DIVERGENCE_CHECK_STEPS == 0:
                 alive, pack = _without_diverged(total.detach(), epoch, step, alive, pack, totals)
                 if not alive:
@@ -233,6 +235,7 @@ def train_packed(jobs: list[Job], data: data_mod.Data) -> None:
             else ([None] * len(alive), None)
         seconds = (time.perf_counter() - began) / len(alive)
         lr = schedule.lr * factor((epoch + 1) * steps_per_epoch)
+        cell_progress.epoch_done(seconds * len(alive))
         for i, job in enumerate(alive):
             job.wall_s += seconds
             held_out = {} if val_losses is None else {"val_acc": val_accs[i], "val_loss": val_losses[i]}
