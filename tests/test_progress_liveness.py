@@ -7,11 +7,9 @@ import signal
 import subprocess
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import pytest
-import torch
 
 from benchmark.core import cell_progress
 from benchmark.core.progress import EpochProgress, SilentBar, eta_seconds

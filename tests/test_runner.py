@@ -20,25 +20,6 @@ from benchmark.execution.store import Store
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def tiny_grid(path: Path, lams=(1e-4, 1e-3), epochs=1, extra="") -> Path:
-    lam_list = ", ".join(repr(x) for x in lams)
-    path.write_text(f"""
-description = "runner test grid"
-seeds = [0]
-subset = 600
-[[experiment]]
-archs = ["lenet300"]
-datasets = ["fashion-mnist"]
-schedule = {{ epochs = {epochs}, batch_size = 64 }}
-[experiment.methods.dense]
-[[experiment.methods.dwf]]
-depth = [2, 3]
-lam = [{lam_list}]
-{extra}
-""")
-    return path
-
-
 def _cli(*args, cwd=None, wait=True):
     cmd = [sys.executable, "-m", "benchmark", *args]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -53,7 +34,7 @@ def _events(results: Path, grid: str) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
 
-def test_run_collect_and_second_run_trains_nothing(tmp_path, capsys):
+def test_run_collect_and_second_run_trains_nothing(tmp_path, capsys, tiny_grid):
     grid_file = tiny_grid(tmp_path / "g.toml")
     results = tmp_path / "results"
     assert main(["run", "--grid", str(grid_file), "--results-dir", str(results), "--no-progress"]) == 0
@@ -78,7 +59,7 @@ def test_run_collect_and_second_run_trains_nothing(tmp_path, capsys):
     assert len(layers) == 5 * 3 and set(layers["layer"]) == {"fc1", "fc2", "fc3"}
 
 
-def test_failed_cell_is_recorded_grid_goes_on_and_retry_reruns_it(tmp_path, capsys):
+def test_failed_cell_is_recorded_grid_goes_on_and_retry_reruns_it(tmp_path, capsys, tiny_grid):
     grid_file = tiny_grid(tmp_path / "g.toml", lams=(1e-4,), extra="""
 [experiment.methods.l1]
 lam = 1e-5
@@ -124,7 +105,7 @@ schedule = { epochs = 1 }
     assert "python -m benchmark data fetch kmnist" in results["kmnist"]["records"][0]["error"]
 
 
-def test_dry_run_lists_cells_and_trains_nothing(tmp_path, capsys):
+def test_dry_run_lists_cells_and_trains_nothing(tmp_path, capsys, tiny_grid):
     grid_file = tiny_grid(tmp_path / "g.toml")
     assert main(["run", "--grid", str(grid_file), "--results-dir", str(tmp_path / "r"), "--dry-run",
                  "--only", "method=dwf", "--only", "depth=3"]) == 0
@@ -133,7 +114,7 @@ def test_dry_run_lists_cells_and_trains_nothing(tmp_path, capsys):
     assert not (tmp_path / "r" / "g" / "cells").exists() or not list((tmp_path / "r" / "g" / "cells").iterdir())
 
 
-def test_sigkill_then_rerun_finishes_every_cell_exactly_once(tmp_path):
+def test_sigkill_then_rerun_finishes_every_cell_exactly_once(tmp_path, tiny_grid):
     grid_file = tiny_grid(tmp_path / "g.toml", lams=(1e-5, 1e-4, 3e-4, 1e-3), epochs=3)
     results = tmp_path / "r"
     grid = grids.load_grid(str(grid_file))
@@ -160,7 +141,7 @@ def test_sigkill_then_rerun_finishes_every_cell_exactly_once(tmp_path):
     assert not list(store.cells_dir.glob(".*tmp*")) and not list(store.claims_dir.glob("*.claim"))
 
 
-def test_two_concurrent_runs_never_train_a_cell_twice(tmp_path):
+def test_two_concurrent_runs_never_train_a_cell_twice(tmp_path, tiny_grid):
     grid_file = tiny_grid(tmp_path / "g.toml", lams=(1e-5, 1e-4, 3e-4, 1e-3), epochs=1)
     results = tmp_path / "r"
     procs = [_cli("run", "--grid", str(grid_file), "--results-dir", str(results), "--no-progress", wait=False)
@@ -232,7 +213,7 @@ target_cr = 10
     assert [c.method for c in ordered] == ["dense", "dwf", "magnitude"]
 
 
-def test_each_run_writes_its_own_log(tmp_path):
+def test_each_run_writes_its_own_log(tmp_path, tiny_grid):
     grid_file = tiny_grid(tmp_path / "g.toml", lams=(1e-4,))
     for _ in range(2):
         main(["run", "--grid", str(grid_file), "--results-dir", str(tmp_path), "--no-progress"])
@@ -242,7 +223,7 @@ def test_each_run_writes_its_own_log(tmp_path):
     assert sum("0 to run, 3 already done" in text for text in logs) == 1
 
 
-def test_the_log_survives_a_library_that_reconfigures_logging(tmp_path):
+def test_the_log_survives_a_library_that_reconfigures_logging(tmp_path, tiny_grid):
     """logging.config.dictConfig (import-linter, distributed and others call it) disables every logger
     that exists already; a run in that process must still write its log."""
     import logging.config
@@ -256,7 +237,7 @@ def test_the_log_survives_a_library_that_reconfigures_logging(tmp_path):
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the no-GPU message")
-def test_jobs_per_gpu_without_a_gpu_is_an_error_not_ignored(tmp_path, capsys):
+def test_jobs_per_gpu_without_a_gpu_is_an_error_not_ignored(tmp_path, capsys, tiny_grid):
     grid_file = tiny_grid(tmp_path / "g.toml")
     assert main(["run", "--grid", str(grid_file), "--results-dir", str(tmp_path), "--jobs-per-gpu", "2"]) == 2
     assert "no CUDA GPU is visible" in capsys.readouterr().err
@@ -314,7 +295,7 @@ def test_run_options_name_every_bad_value_with_its_fix_in_one_error(tmp_path):
         RunOptions(pack=4, compiled=True)
 
 
-def test_run_grid_takes_options_or_their_fields_as_keywords_not_both(tmp_path):
+def test_run_grid_takes_options_or_their_fields_as_keywords_not_both(tmp_path, tiny_grid):
     from benchmark.execution.run_options import RunOptions
 
     grid = grids.load_grid(str(tiny_grid(tmp_path / "g.toml")))
