@@ -45,8 +45,10 @@ def test_perf_help_names_no_module_paths(capsys):
 
 def test_a_cell_at_its_defaults_shows_them_in_its_label():
     """``snip []`` hid the default target CR."""
-    assert Cell.make("snip", "lenet300", "fashion-mnist").label().startswith("snip [")
-    assert "target_cr=10.0" in Cell.make("snip", "lenet300", "fashion-mnist").label()
+    assert Cell.make("snip", "lenet300", "fashion-mnist").label() == "snip [target_cr=10.0] lenet300/fashion-mnist seed=0"
+    # the curve's sweep parameter is always shown; other defaults stay out
+    assert Cell.make("magnitude", "lenet300", "fashion-mnist", params={"finetune_epochs": 10}).label() == \
+        "magnitude +FT [finetune_epochs=10,target_cr=10.0] lenet300/fashion-mnist seed=0"
     assert Cell.make("snip", "lenet300", "fashion-mnist", params={"target_cr": 100}).label() == \
         "snip [target_cr=100.0] lenet300/fashion-mnist seed=0"
     assert Cell.make("dense", "lenet300", "fashion-mnist").label() == "dense lenet300/fashion-mnist seed=0"

@@ -35,6 +35,12 @@ ENTRY_POINT_GROUP = "dwf_bench.methods"
 _LOADED: list[bool] = []
 
 
+#: Parameters along which a method's curve is drawn: cells that differ only in these (and the seed)
+#: are one curve (one label in tables and figures, one pick when tuned), and a cell's label always
+#: shows them.
+SWEEP_PARAMETERS = ("lam", "target_cr", "channel_ratio")
+
+
 def _no_rank(values: Mapping[str, Any]) -> float:
     return 0.0
 

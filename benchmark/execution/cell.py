@@ -167,11 +167,11 @@ class Cell:
 
     def label(self) -> str:
         """Human-readable name for logs and listings, e.g. ``dwf D=3 [lam=0.001] lenet300/fashion-mnist seed=0``:
-        the parameters the cell sets, or all of them when it leaves each at its default (``snip
-        [target_cr=10.0,...]``, not ``snip []``); no brackets for a method without parameters."""
+        the parameters the cell sets and its place on the curve (``method_base.SWEEP_PARAMETERS``) even
+        where that is the default (``snip [target_cr=10.0]``, not ``snip []``)."""
         values = asdict(self.method_params)
         name = method_base.get_method(self.method).curve_label(values)
-        shown = self.params or values
+        shown = {k: v for k, v in values.items() if k in method_base.SWEEP_PARAMETERS} | dict(self.params)
         extra = ",".join(f"{k}={v}" for k, v in sorted(shown.items()) if str(v) not in name)
         return f"{name} [{extra}] {self.arch}/{self.dataset} seed={self.seed}" if extra else \
             f"{name} {self.arch}/{self.dataset} seed={self.seed}"

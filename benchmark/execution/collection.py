@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 
 from benchmark.core.files import atomic_write_text
-from benchmark.core.method import all_methods
+from benchmark.core.method import SWEEP_PARAMETERS, all_methods
 from benchmark.engine.train import OPT_IN_DEFAULTS
 from benchmark.execution import tuning
 
@@ -50,13 +50,13 @@ def training_cost(record: dict) -> float | None:
 
 def curve_settings(record: dict) -> dict:
     """What makes a record's curve: its method's parameters (with their defaults) except the ones a
-    curve sweeps (``tuning.SWEEP_PARAMETERS``), and its schedule."""
+    curve sweeps (``SWEEP_PARAMETERS``), and its schedule."""
     method = all_methods().get(str(record.get("method")))
     names = [f.name for f in dataclasses.fields(method.Params)] if method is not None else []
     config = record.get("config") if isinstance(record.get("config"), dict) else {}
     params = config.get("params") if isinstance(config.get("params"), dict) else {}
     defaults = {f.name: f.default for f in dataclasses.fields(method.Params)} if method is not None else {}
-    settings = {name: params.get(name, defaults.get(name)) for name in names if name not in tuning.SWEEP_PARAMETERS}
+    settings = {name: params.get(name, defaults.get(name)) for name in names if name not in SWEEP_PARAMETERS}
     schedule = config.get("schedule") if isinstance(config.get("schedule"), dict) else {}
     settings |= {f"schedule.{k}": v for k, v in ({**OPT_IN_DEFAULTS, **schedule}).items()}
     return settings

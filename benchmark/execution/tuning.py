@@ -29,14 +29,12 @@ from dataclasses import dataclass, field, fields
 
 import numpy as np
 
+from benchmark.core.method import SWEEP_PARAMETERS
 from benchmark.core import method as method_base
 from benchmark.core.interpolation import interpolate_log_cr
 from benchmark.engine.train import Schedule
 from benchmark.execution.cell import Cell
 
-#: Parameters along which a method's curve is drawn: cells that differ only in these (and the seed)
-#: are one curve (one label in tables and figures, one pick when tuned).
-SWEEP_PARAMETERS = ("lam", "target_cr", "channel_ratio")
 TUNE_KEYS = {"parameter", "candidates", "validation", "crs", "seeds", "methods", "at"}
 #: A scoring CR more than this factor beyond a candidate's measured CRs counts as chance accuracy
 #: (nearer, it takes the nearest measured point): the matched-CR criterion of the tables.
