@@ -13,12 +13,14 @@ from benchmark.speed.estimate import Plan, Speeds, Supplied, calibrate, stored
 
 #: Seconds a local worker process takes to start: importing torch and this package, and loading
 #: its dataset onto the device (once per worker: workers are reused, docs/design.md). 2-5 s on
-#: this project's 2-core machine, more while it is busy.
+#: this project's 2-core machine, more while it is busy. One at a time (``--jobs 1``) runs cells in
+#: the driver itself: no worker starts.
 WORKER_START_S = 4.0
-#: Seconds each cell costs besides its trainings: the driver's claim and result file, the worker's
-#: hand-off and the cell's own setup outside its epochs (median 0.7 s, 90th percentile 2.1 s over
-#: 423 committed LeNet-300-100 records, wall_s minus their epochs' seconds).
-CELL_OVERHEAD_S = 1.5
+#: Seconds each cell costs besides its trainings' build, epochs and final measurement (which the
+#: speeds already hold): the driver's claim and result file and the hand-off to a worker. The
+#: committed LeNet-300-100 records spend a median 0.7 s outside their epochs, most of it the build
+#: and final measurement counted in the speeds.
+CELL_OVERHEAD_S = 0.3
 #: How much slower a cell trains while the run's other workers fill the remaining cores (shared
 #: memory bandwidth and caches, the driver, the system): dense LeNet-300-100 epochs took 1.44 s at
 #: --jobs 2 on the 2-core machine (the committed reference records, one thread per cell), against
@@ -65,7 +67,7 @@ def lane_seconds(p: Plan, lane: Lane, arch: str | None = None) -> float:
     slowdown, each cell's overhead, one worker start each."""
     costs = [lane.speeds.seconds(t) * lane.slowdown + (CELL_OVERHEAD_S if is_cell else 0.0)
              for t, is_cell in p.order if arch is None or t.arch == arch]
-    return makespan(costs, lane.workers, WORKER_START_S)
+    return makespan(costs, lane.workers, WORKER_START_S if lane.workers > 1 else 0.0)
 
 
 def describe(p: Plan, lanes: list[Lane]) -> list[str]:
