@@ -85,18 +85,23 @@ def set_aside(path: Path | str, reason: str, redo: str) -> Path | None:
     return aside
 
 
+def checked_json(path: Path | str, problems: Callable[[object], list[str]], limit: int):
+    """The JSON of ``path`` when ``problems`` finds none in it; None when there is no such file;
+    DamagedFile otherwise (nothing is moved)."""
+    text = read_text(path, limit)
+    if text is None:
+        return None
+    value = parse_json(path, text)
+    found = problems(value)
+    if found:
+        raise DamagedFile(path, "; ".join(found))
+    return value
+
+
 def load_json(path: Path | str, problems: Callable[[object], list[str]], *, limit: int, redo: str):
-    """The JSON of ``path`` when ``problems`` finds none in it; None when there is no such file, and
-    when it is damaged (then it is set aside, see ``set_aside``)."""
+    """``checked_json``, with a damaged file set aside (``set_aside``) and None for it."""
     try:
-        text = read_text(path, limit)
-        if text is None:
-            return None
-        value = parse_json(path, text)
-        found = problems(value)
-        if found:
-            raise DamagedFile(path, "; ".join(found))
-        return value
+        return checked_json(path, problems, limit)
     except DamagedFile as exc:
         set_aside(path, exc.reason, redo)
         return None

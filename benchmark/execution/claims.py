@@ -22,7 +22,7 @@ from pathlib import Path
 
 from benchmark.core.errors import StorageError
 from benchmark.core.files import file_lock, pid_alive, process_start, temporary_name
-from benchmark.core.untrusted import DamagedFile, is_number, parse_json, read_text, set_aside, short
+from benchmark.core.untrusted import DamagedFile, checked_json, is_number, set_aside, short
 
 #: How often a running driver touches its claims, and how old another host's claim may get
 #: before it counts as abandoned (ten missed heartbeats: generous for clock skew on shared disks).
@@ -80,13 +80,9 @@ def claim_problems(info) -> list[str]:
 def parse_claim(path: Path) -> Claim | None:
     """The claim in ``path``; None when there is none. DamagedFile when it is not a claim; nothing is
     moved (``ClaimFiles.load`` does that)."""
-    text = read_text(path, CLAIM_BYTES)
-    if text is None:
+    info = checked_json(path, claim_problems, CLAIM_BYTES)
+    if info is None:
         return None
-    info = parse_json(path, text)
-    problems = claim_problems(info)
-    if problems:
-        raise DamagedFile(path, "; ".join(problems))
     return Claim(info["host"], info["pid"], info.get("start"), info.get("run_id"), info.get("at"))
 
 
