@@ -86,6 +86,15 @@ def test_perf_limit_puts_each_step_against_its_arithmetic_limit_and_profiles_a_m
     assert "aten::" in limit.profile_top_ops(lambda: torch.ones(64, 64) @ torch.ones(64, 64), steps=2)
 
 
+def test_the_limit_sentence_keeps_three_figures_at_a_gpus_scale():
+    """On the H200, LeNet-300-100's limit is a fraction of a microsecond: "0.00 ms" said nothing."""
+    from benchmark.speed.perf.rows import limit_ratio
+
+    ratio, line = limit_ratio(step_s=1.36e-3, flops=204e6, rate=752e12)
+    assert ratio == pytest.approx(1.36e-3 / (204e6 / 752e12))
+    assert line.startswith("1.36 ms per step against 0.27 µs for its 204 MFLOP at 752,000 GFLOP/s: 5,013")
+
+
 def test_bf16_comparison_pairs_the_records_of_the_same_cells(tmp_path):
     import json
 

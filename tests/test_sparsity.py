@@ -75,6 +75,26 @@ def test_dense_conv_nets_are_fully_effective(arch, shape):
     assert m["cr"] == 1.0 and m["cr_effective"] == 1.0 and m["speedup"] == pytest.approx(1.0)
 
 
+class _StrictBatchNorm(nn.BatchNorm2d):
+    """Rejects a non-positive eps at every call, as torch 2.11's ``F.batch_norm`` does (the first GPU
+    check, on an H200 with torch 2.11, failed every VGG-16 record on it)."""
+
+    def forward(self, x):
+        if self.eps <= 0:
+            raise ValueError(f"batch_norm eps must be positive, but got {self.eps}")
+        return super().forward(x)
+
+
+def test_effective_counting_never_runs_a_batchnorm_with_zero_eps():
+    net = nn.Sequential(nn.Conv2d(1, 2, 3), _StrictBatchNorm(2), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 4 * 4, 3))
+    with torch.no_grad():
+        net[0].weight[1].zero_()  # channel 1 is cut off: its 16 positions feed fc1 with nothing
+        net[1].running_mean.fill_(5.0)  # trained statistics must not matter to path counting
+    layers = {layer.name: layer for layer in sparsity.layer_stats(net, (1, 6, 6))}
+    assert layers["0"].effective == 9
+    assert layers["4"].effective == 3 * 16 and layers["4"].nonzero == 3 * 32
+
+
 def test_parametrized_weights_are_measured_through_their_value():
     from torch.nn.utils import parametrize
 

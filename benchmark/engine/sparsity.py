@@ -100,7 +100,7 @@ def effective_masks(model: nn.Module, input_shape, threshold: float = 0.0) -> di
     """
     net = copy.deepcopy(model).cpu().double().eval()
     unparametrize(net)
-    _replace_pools(net)
+    _replace_pools_and_norms(net)
     masks = {}
     for mod_name, module in net.named_modules():
         if isinstance(module, PRUNABLE_TYPES):
@@ -108,9 +108,6 @@ def effective_masks(model: nn.Module, input_shape, threshold: float = 0.0) -> di
             module.weight = nn.Parameter(masks[mod_name].clone())
             if module.bias is not None:
                 module.bias = nn.Parameter(torch.zeros_like(module.bias), requires_grad=False)
-        elif isinstance(module, nn.modules.batchnorm._BatchNorm):
-            module.reset_parameters()
-            module.eps = 0.0
         for p in module.parameters(recurse=False):
             if not isinstance(module, PRUNABLE_TYPES):
                 p.requires_grad_(False)
@@ -142,14 +139,18 @@ def unparametrize(model: nn.Module, select=lambda module: True) -> nn.Module:
     return model
 
 
-def _replace_pools(net: nn.Module) -> None:
+def _replace_pools_and_norms(net: nn.Module) -> None:
+    """Max-pooling becomes average pooling, BatchNorm the identity (a module, not ``eps = 0``: torch
+    2.11 rejects a zero eps, which the first GPU check found)."""
     for name, child in list(net.named_children()):
-        if isinstance(child, nn.MaxPool2d):
+        if isinstance(child, nn.modules.batchnorm._BatchNorm):
+            setattr(net, name, nn.Identity())
+        elif isinstance(child, nn.MaxPool2d):
             setattr(net, name, nn.AvgPool2d(child.kernel_size, child.stride, child.padding, child.ceil_mode))
         elif isinstance(child, nn.AdaptiveMaxPool2d):
             setattr(net, name, nn.AdaptiveAvgPool2d(child.output_size))
         else:
-            _replace_pools(child)
+            _replace_pools_and_norms(child)
 
 
 def layer_stats(model: nn.Module, input_shape, threshold: float = 0.0, effective: bool = True) -> list[LayerStats]:

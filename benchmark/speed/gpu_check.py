@@ -76,8 +76,10 @@ DEFAULT_BUDGET_S = 450
 #: Each part's timeout (seconds): together at most DEFAULT_BUDGET_S, so that the whole check,
 #: writing its data and summary included, ends within 8 minutes. A --cpu-dry-run gives each
 #: DRY_RUN_SLACK times as long (a CPU is slower at everything) under its own --budget.
-TIMEOUTS = {"cuda-tests": 120, "cells": 45, "doctor": 25, "perf-step": 45, "perf-pack": 35, "epoch-lenet300": 25,
-            "epoch-vgg16": 40, "grid-1": 25, "grid-2": 25, "grid-3": 25, "grid-4": 25}
+#: Sized from the first run on an H200 (2026-12-04): cuda-tests took 60 s, cells 19, perf-step 16,
+#: perf-pack 19; 16 one-epoch cells one after another (grid-1) and pack auto's calibration overran 25 s.
+TIMEOUTS = {"cuda-tests": 90, "cells": 40, "doctor": 25, "perf-step": 35, "perf-pack": 30, "epoch-lenet300": 25,
+            "epoch-vgg16": 40, "grid-1": 60, "grid-2": 30, "grid-3": 30, "grid-4": 45}
 DRY_RUN_SLACK = 3
 GRID_TOML = """description = "gpu-check: {cells} LeNet-300-100 cells (DWF D=3, a lambda grid, two seeds)"
 seeds = [0, 1]

@@ -63,8 +63,17 @@ def limit_ratio(step_s: float, flops: float, rate: float) -> tuple[float, str]:
     """(step / limit, a sentence saying it): the limit is ``flops`` at ``rate`` FLOP/s."""
     limit_s = flops / rate
     ratio = step_s / limit_s
-    return ratio, (f"{step_s * 1e3:.2f} ms per step against {limit_s * 1e3:.2f} ms for its {flops / 1e6:.0f} MFLOP at "
-                   f"{rate / 1e9:.0f} GFLOP/s: {ratio:.2f}x the limit")
+    return ratio, (f"{duration(step_s)} per step against {duration(limit_s)} for its {flops / 1e6:.0f} MFLOP at "
+                   f"{rate / 1e9:,.0f} GFLOP/s: {ratio:,.2f}x the limit")
+
+
+def duration(seconds: float) -> str:
+    """Seconds in the unit that keeps three figures: a GPU's limit for a small net is microseconds."""
+    if seconds >= 1:
+        return f"{seconds:.2f} s"
+    if seconds >= 1e-3:
+        return f"{seconds * 1e3:.2f} ms"
+    return f"{seconds * 1e6:.2f} µs"
 
 
 def format_table(rows: list[Row]) -> str:
