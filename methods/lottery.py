@@ -12,7 +12,7 @@ target_cr)`` weights. How a level retrains is ``retrain``:
   and the rest of the schedule is trained from there: the learning rate and batch order of those
   steps (joining mid-epoch for an iteration), with a fresh optimizer state, so every level ends at
   the same point of the schedule as the dense run. Only the points the dense cache keeps
-  (``benchmark.engine.train.REWIND_POINTS``) are allowed.
+  (``benchmark.engine.schedule.REWIND_POINTS``) are allowed.
 - ``lr_rewind`` (learning-rate rewinding, Renda et al. 2020): the weights stay as the previous level
   trained them (pruned ones zero); only the learning-rate schedule and batch order go back to
   ``rewind`` (any epoch or iteration: no snapshot is needed), and the rest of the schedule is
@@ -41,7 +41,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from benchmark.engine import train as training
+from benchmark.engine import schedule as schedule_mod
 from benchmark.engine.sparsity import prunable_layers
 from benchmark.core.context import MethodContext
 from benchmark.core.method import Method, Plotting, register
@@ -59,7 +59,7 @@ _ITERATION = re.compile(r"(\d+)it")
 
 def rewind_points() -> tuple[int | str, ...]:
     """The points the dense cache keeps (read when asked: tests change them)."""
-    return training.REWIND_POINTS
+    return schedule_mod.REWIND_POINTS
 
 
 def rewind_steps(point: int | str, steps_per_epoch: int) -> int:

@@ -20,7 +20,9 @@ from benchmark.engine import models
 from benchmark.execution.cell import Cell, Context, run_cell
 from benchmark.execution.packing.run import run_pack
 from benchmark.execution.runner import run_grid
-from benchmark.engine.train import Schedule, TrainHooks, check_compile, train, training_step
+from benchmark.engine.devices import check_compile
+from benchmark.engine.schedule import Schedule
+from benchmark.engine.train import TrainHooks, train, training_step
 from conftest import make_data
 from methods.dwf import factorize, factors_of
 

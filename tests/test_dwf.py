@@ -10,7 +10,8 @@ from torch import nn
 
 from benchmark.engine import models
 from benchmark.execution.cell import Cell, run_cell
-from benchmark.engine.train import Schedule, train
+from benchmark.engine.schedule import Schedule
+from benchmark.engine.train import train
 from methods import make_params
 from methods.dwf import FactorHooks, balance_error, collapse, factorize, factorized_modules, factors_of, init_factors
 

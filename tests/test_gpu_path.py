@@ -17,7 +17,7 @@ from benchmark.execution import pools, run_options, stop_signals, todo, worker
 from benchmark.execution.packing import plan as pack_plan
 from benchmark.execution.cell import Cell, dense_key, device_columns
 from benchmark.engine import precision
-from benchmark.engine import train as training
+from benchmark.engine import devices
 
 SITE_FAKES = Path(__file__).resolve().parent / "site_fakes"
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,15 +33,15 @@ def gpus(monkeypatch):
 
 
 def test_auto_and_cuda_name_a_gpu_with_its_index_without_initialising_cuda(gpus):
-    assert training.pick_device("auto") == torch.device("cuda", 0)
-    assert training.pick_device("cuda") == torch.device("cuda", 0)
+    assert devices.pick_device("auto") == torch.device("cuda", 0)
+    assert devices.pick_device("cuda") == torch.device("cuda", 0)
     assert not torch.cuda.is_initialized()  # a driver that only hands out cells holds no CUDA context
     torch.cuda.set_device(1)
-    assert training.pick_device("auto") == torch.device("cuda", 1) == training.pick_device("cuda")
-    assert training.pick_device("cuda:0") == torch.device("cuda", 0)
+    assert devices.pick_device("auto") == torch.device("cuda", 1) == devices.pick_device("cuda")
+    assert devices.pick_device("cuda:0") == torch.device("cuda", 0)
     with pytest.raises(ValueError, match="only 2 CUDA device"):
-        training.pick_device("cuda:2")
-    torch.cuda.set_device(training.pick_device("auto"))  # what worker.execute does: no ValueError
+        devices.pick_device("cuda:2")
+    torch.cuda.set_device(devices.pick_device("auto"))  # what worker.execute does: no ValueError
 
 
 def test_a_worker_that_owns_a_gpu_runs_every_cell_there(gpus, monkeypatch):
@@ -188,11 +188,11 @@ def test_scoring_runs_without_tf32_and_restores_the_settings():
 
 def test_deterministic_is_gpu_only(monkeypatch):
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
-    assert training.make_deterministic(torch.device("cpu")) is False
+    assert devices.make_deterministic(torch.device("cpu")) is False
     assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ and not torch.are_deterministic_algorithms_enabled()
     saved = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
     try:
-        assert training.make_deterministic(torch.device("cuda", 0)) is True
+        assert devices.make_deterministic(torch.device("cuda", 0)) is True
         assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8" and torch.are_deterministic_algorithms_enabled()
         assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
     finally:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from benchmark.engine import sparsity
-from benchmark.engine.train import REWIND_EPOCHS
+from benchmark.engine.schedule import REWIND_EPOCHS
 from benchmark.execution.cell import Cell, Context, run_cell
 from methods.lottery import level_keep_counts, rewound_model
 from methods.masks import kept_count, magnitude_scores, masks_from_scores, read_masks

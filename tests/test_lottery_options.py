@@ -13,14 +13,15 @@ import math
 import pytest
 import torch
 
-from benchmark.engine import train as training
+from benchmark.engine import schedule as schedule_mod
 from benchmark.execution import grids
 from benchmark.engine import models
 from benchmark.__main__ import main
 from benchmark.execution.cell import Cell, Context, run_cell
 from benchmark.execution.todo import estimate_epochs
 from benchmark.execution.collection import variant_label
-from benchmark.engine.train import Schedule, TrainHooks, train
+from benchmark.engine.schedule import Schedule
+from benchmark.engine.train import TrainHooks, train
 from methods import get_method
 from methods.lottery import level_keep_counts
 from methods.masks import kept_count
@@ -42,8 +43,8 @@ def data():
 def early_points(monkeypatch):
     """The dense cache keeps iterations 2, 6 and 50 instead of 100, 500 and 2000, so that rewind points
     fall inside an 8-step run (training 100 steps takes most of a minute on a loaded 2-core machine)."""
-    monkeypatch.setattr(training, "REWIND_ITERATIONS", (2, 6, 50))
-    monkeypatch.setattr(training, "REWIND_POINTS", (0, 1, 2, "2it", "6it", "50it"))
+    monkeypatch.setattr(schedule_mod, "REWIND_ITERATIONS", (2, 6, 50))
+    monkeypatch.setattr(schedule_mod, "REWIND_POINTS", (0, 1, 2, "2it", "6it", "50it"))
 
 
 def lottery(**params) -> Cell:
@@ -124,7 +125,7 @@ def kept_weights_equal(start: dict, source: dict) -> bool:
 def test_the_dense_cache_keeps_the_state_after_k_steps_and_taking_it_changes_nothing(tmp_path, data, early_points):
     cell = lottery(rewind="6it")
     dense = Context(cell, data, torch.device("cpu"), tmp_path / "w", tmp_path / "c", progress=False).dense("6it")
-    kept = [p for p in training.REWIND_POINTS if p in dense.snapshots]
+    kept = [p for p in schedule_mod.REWIND_POINTS if p in dense.snapshots]
     assert kept == [0, 1, 2, "2it", "6it"]  # 50it: past the end of the 8 steps
     # An independent run without snapshots, watched after each step: same states at 2, 6 and the end.
     watcher = StepRecorder(steps=(2, 6))

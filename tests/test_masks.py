@@ -9,7 +9,8 @@ import torch
 from torch.nn.utils import parametrize
 
 from benchmark.engine import models, sparsity
-from benchmark.engine.train import Schedule, train
+from benchmark.engine.schedule import Schedule
+from benchmark.engine.train import train
 from methods.masks import (apply_masks, kept_count, magnitude_scores, masks_from_scores, read_masks,
                            remove_masks)
 from tests.conftest import make_data

@@ -33,7 +33,9 @@ from benchmark.execution.packing.model import NotStackable, StackedModel
 from benchmark.execution.packing.plan import pack_key
 from benchmark.execution.packing.run import run_pack
 from benchmark.execution.packing.train import train_packed
-from benchmark.engine.train import Schedule, TrainHooks, previous_checkpoint, train
+from benchmark.engine.checkpoints import previous_checkpoint
+from benchmark.engine.schedule import Schedule
+from benchmark.engine.train import TrainHooks, train
 from conftest import make_data
 from procs import alive, children, cli, env
 from methods.dwf import FactorHooks, factorize

@@ -18,7 +18,9 @@ from benchmark.engine import models
 from benchmark.speed import perf
 from benchmark.engine import data as data_mod
 from benchmark.__main__ import build_parser, main
-from benchmark.engine.train import Schedule, check_compile, evaluate, make_optimizer, tune_cpu_allocator
+from benchmark.engine.devices import check_compile, tune_cpu_allocator
+from benchmark.engine.schedule import Schedule
+from benchmark.engine.train import evaluate, make_optimizer
 from methods import dwf
 from methods.dwf import FactorHooks, Product, factorize, factors_of, init_factors
 

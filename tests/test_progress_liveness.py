@@ -13,7 +13,7 @@ import pytest
 
 from benchmark.core import cell_progress
 from benchmark.core.progress import EpochProgress, SilentBar, eta_seconds
-from benchmark.engine.train import Checkpoint
+from benchmark.engine.checkpoints import Checkpoint
 from benchmark.execution import grids, liveness, todo
 from benchmark.execution.cell import run_cell
 

@@ -14,7 +14,8 @@ from torch import nn
 from benchmark.engine import models
 from benchmark.execution.cell import Cell, Context, run_cell
 from benchmark.engine.sparsity import prunable_layers
-from benchmark.engine.train import Schedule, TrainHooks, train
+from benchmark.engine.schedule import Schedule
+from benchmark.engine.train import TrainHooks, train
 from methods import get_method
 from methods.gmp import GMPHooks, gmp_schedule
 from methods.masks import apply_masks, kept_count, mask_of_module, read_masks

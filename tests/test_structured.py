@@ -11,7 +11,7 @@ from torch import nn
 
 from benchmark.engine import models, sparsity
 from benchmark.execution.cell import Cell, run_cell
-from benchmark.engine.train import Schedule
+from benchmark.engine.schedule import Schedule
 from benchmark.core.method import make_params
 from methods.structured import StructuredMagnitude, _choose_removals, prune_channels
 

@@ -6,7 +6,9 @@ import torch
 from benchmark.engine import models
 from benchmark.execution.cell import Cell, run_cell
 from benchmark.engine.epoch import Diverged
-from benchmark.engine.train import Schedule, TrainHooks, pick_device, train
+from benchmark.engine.devices import pick_device
+from benchmark.engine.schedule import Schedule
+from benchmark.engine.train import TrainHooks, train
 from methods.dwf import factorize
 
 from conftest import make_data
@@ -72,7 +74,7 @@ def test_joining_the_schedule_at_a_rewind_epoch_continues_it_exactly():
 
 
 def _compile_works() -> bool:
-    from benchmark.engine.train import check_compile
+    from benchmark.engine.devices import check_compile
 
     try:
         check_compile(torch.device("cpu"))
@@ -162,7 +164,7 @@ def test_schedule_rejects_bad_values():
 
 
 def test_warmup_rises_linearly_then_cosine_decays_to_zero():
-    from benchmark.engine.train import lr_factor
+    from benchmark.engine.schedule import lr_factor
 
     f = lr_factor(warmup_steps=4, total_steps=12)
     assert [f(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]

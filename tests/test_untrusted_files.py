@@ -20,7 +20,9 @@ from benchmark.__main__ import main
 from benchmark.execution.packing import plan as pack_plan
 from benchmark.execution.store import Store
 
-from benchmark.engine.train import Schedule, load_state, train
+from benchmark.engine.checkpoints import load_state
+from benchmark.engine.schedule import Schedule
+from benchmark.engine.train import train
 from benchmark.engine import models
 from benchmark.execution.cell import Cell, dense_key, run_cell
 

@@ -89,7 +89,7 @@ class Family:
     arch: str
     dataset: str
     params: tuple  # sorted (name, value) of the non-default parameters other than the swept one
-    schedule: object  # benchmark.engine.train.Schedule
+    schedule: object  # benchmark.engine.schedule.Schedule
     subset: int | None
     swept: str
 

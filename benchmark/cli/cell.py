@@ -65,7 +65,7 @@ def run_command(args) -> int:
     from pathlib import Path
 
     from benchmark.execution.cell import Cell, run_cell
-    from benchmark.engine.train import pick_device
+    from benchmark.engine.devices import pick_device
 
     if args.data_dir and not Path(args.data_dir).expanduser().is_dir():
         raise ValueError(f"--data-dir {args.data_dir}: no such folder. Datasets are searched there first; fix the "
@@ -76,7 +76,7 @@ def run_command(args) -> int:
                                   "weight_decay": args.weight_decay, "momentum": args.momentum}.items() if v is not None}
     cell = Cell.make(args.method, args.arch, args.dataset, args.seed, parse_assignments(args.set), schedule, args.subset)
     if args.compile:
-        from benchmark.engine.train import check_compile, pick_device
+        from benchmark.engine.devices import check_compile, pick_device
 
         check_compile(pick_device(args.device))
     records = run_cell(cell, data_dir=args.data_dir, device=args.device, work_root=args.work_dir,

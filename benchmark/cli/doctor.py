@@ -64,7 +64,7 @@ def doctor_command(args) -> int:
 
     from benchmark.engine import data as data_mod
     from benchmark.execution.run_options import threads_per_job
-    from benchmark.engine.train import available_devices, pick_device
+    from benchmark.engine.devices import available_devices, pick_device
 
     versions = [f"python {platform.python_version()}", f"torch {torch.__version__}"]
     for module, name in (("numpy", "numpy"), ("joblib", "joblib"), ("torch_pruning", "torch-pruning"),
@@ -245,7 +245,8 @@ def _check_step(r: _Report, device_name: str) -> None:
     import torch
 
     from benchmark.engine import models
-    from benchmark.engine.train import Schedule, make_optimizer, training_step
+    from benchmark.engine.schedule import Schedule
+    from benchmark.engine.train import make_optimizer, training_step
     from methods.structures import stand_in
 
     device = torch.device(device_name)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from benchmark.engine.train import check_compile, pick_device
+from benchmark.engine.devices import check_compile, pick_device
 from benchmark.speed import perf
 from benchmark.speed.perf import DEFAULT_ROUNDS, LIMIT_ARCHS, PACK_SIZES, SMALL_STEP_BLOCK, STEP_ARCHS, WHATS, Row
 

@@ -238,7 +238,7 @@ def run_command(args) -> int:
         flag = "--no-estimate" if args.no_estimate else "--speeds" if args.speeds else "--measure-speeds"
         raise ValueError(f"{flag} is for --dry-run; add --dry-run to see the estimate, or leave it out to run")
     if args.compile and args.backend == "local":  # on Dask the workers' machines matter, not this one
-        from benchmark.engine.train import check_compile, pick_device
+        from benchmark.engine.devices import check_compile, pick_device
 
         check_compile(pick_device(args.device))
     resume = _resume_command(args)

@@ -30,7 +30,7 @@ class MethodContext(Protocol):
 
     @property
     def schedule(self) -> Any:
-        """The cell's training schedule (``benchmark.engine.train.Schedule``)."""
+        """The cell's training schedule (``benchmark.engine.schedule.Schedule``)."""
 
     @property
     def input_shape(self) -> tuple[int, int, int]:

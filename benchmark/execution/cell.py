@@ -29,10 +29,12 @@ from benchmark.core import cell_progress
 from benchmark.core.files import save_atomic
 from benchmark.core.validation import coerce
 from benchmark.engine import precision
-from benchmark.engine import train as training
+from benchmark.engine import schedule as schedule_mod
 from benchmark.engine.epoch import Diverged
-from benchmark.engine.train import (History, Schedule, TrainHooks, default_schedule, epoch_steps, evaluate, pick_device,
-                                    previous_checkpoint, train, validation_metrics)
+from benchmark.engine.checkpoints import load_state, previous_checkpoint
+from benchmark.engine.devices import make_deterministic, pick_device
+from benchmark.engine.schedule import Schedule, default_schedule, epoch_steps
+from benchmark.engine.train import History, TrainHooks, evaluate, train, validation_metrics
 from benchmark.core import method as method_base
 
 #: Seeds go to torch and numpy generators; numpy's take 32 bits.
@@ -324,8 +326,8 @@ class Context:
 
     def dense(self, snapshot: int | str | None = None) -> DenseModel:
         """The dense model of this arch x dataset x schedule x seed, trained once and cached, with its
-        snapshots at the ``training.REWIND_POINTS`` the run reached (memory-mapped on the CPU: a cell reads
-        only the one it rewinds to).
+        snapshots at the ``schedule_mod.REWIND_POINTS`` the run reached (memory-mapped on the CPU: a
+        cell reads only the one it rewinds to).
 
         Concurrent cells on one machine wait on a file lock instead of training it twice. A cache
         file written before ``snapshot`` was one of the points kept (older versions kept epochs 0-2
@@ -339,8 +341,8 @@ class Context:
         # a frozen holder of the lock does not block this cell for ever: past the stall limit it trains
         # the (deterministic, atomically written) dense model itself (docs/design.md, "Progress and liveness")
         with cell_progress.watched_lock(self.cache_dir / f"dense-{key}.lock", warn=_warn):
-            cached = training.load_state(final, keys=DENSE_KEYS, mmap=True)
-            kept = cached.get("snapshot_points", training.REWIND_EPOCHS) if cached is not None else ()
+            cached = load_state(final, keys=DENSE_KEYS, mmap=True)
+            kept = cached.get("snapshot_points", schedule_mod.REWIND_EPOCHS) if cached is not None else ()
             if cached is None or (snapshot is not None and snapshot not in kept):
                 fresh = self._train_dense(key)
                 if cached is not None and not _same_state(cached["model"], fresh["model"]):
@@ -352,7 +354,7 @@ class Context:
                 progress_file = self.cache_dir / f"dense-{key}.ckpt"
                 progress_file.unlink(missing_ok=True)
                 previous_checkpoint(progress_file).unlink(missing_ok=True)  # kept there when a pack trained it
-                cached = training.load_state(final, keys=DENSE_KEYS, mmap=True)
+                cached = load_state(final, keys=DENSE_KEYS, mmap=True)
                 if cached is None:
                     raise RuntimeError(f"the dense cache {final} just written cannot be read back")
         model = self.new_model()
@@ -363,11 +365,11 @@ class Context:
         model = self.new_model()
         history, snaps = train(model, self.data, self.schedule, seed=self.cell.seed,
                                checkpoint=self.cache_dir / f"dense-{key}.ckpt", progress=self.progress,
-                               desc="dense", channels_last=self.channels_last, snapshot_epochs=training.REWIND_EPOCHS,
-                               snapshot_steps=training.REWIND_ITERATIONS, compiled=self.compiled)
+                               desc="dense", channels_last=self.channels_last, snapshot_epochs=schedule_mod.REWIND_EPOCHS,
+                               snapshot_steps=schedule_mod.REWIND_ITERATIONS, compiled=self.compiled)
         acc, _ = self.evaluate(model)
         return {"model": model.state_dict(), "history": history.epochs, "wall_s": history.wall_s,
-                "snapshots": snaps, "snapshot_points": list(training.REWIND_POINTS), "test_acc": acc,
+                "snapshots": snaps, "snapshot_points": list(schedule_mod.REWIND_POINTS), "test_acc": acc,
                 "config": self.cell.config()}
 
     def measure(self, model: nn.Module, threshold: float = 0.0, history: History | list | None = None,
@@ -418,7 +420,7 @@ def run_cell(cell: Cell, *, data_dir=None, device: str | torch.device | None = N
     so a driver killed in between loses no training: the rerun finds the last epoch's checkpoint).
     ``context`` builds the Context (benchmark.execution.packing.run passes one whose trainings wait for the pack).
     ``deterministic`` (``run --deterministic``, GPU-only): reproducible cuDNN/cuBLAS kernels
-    (``benchmark.engine.train.make_deterministic``); records on a GPU then say ``deterministic``."""
+    (``benchmark.engine.devices.make_deterministic``); records on a GPU then say ``deterministic``."""
     began = time.perf_counter()
     cell_progress.start_cell()
     dev = device if isinstance(device, torch.device) else pick_device(device)
@@ -426,7 +428,7 @@ def run_cell(cell: Cell, *, data_dir=None, device: str | torch.device | None = N
     common = cell_columns(cell) | {"device": str(dev), "compiled": compiled, "host": socket.gethostname(),
                                    "torch_version": torch.__version__, "threads": torch.get_num_threads(),
                                    "cpu_model": cpu_model(), "commit": source_commit(), "config": cell.config()} | device_columns(dev, cell.arch)
-    if deterministic and training.make_deterministic(dev):
+    if deterministic and make_deterministic(dev):
         common["deterministic"] = True
     try:
         if data is None:

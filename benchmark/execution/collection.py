@@ -16,7 +16,7 @@ import pandas as pd
 
 from benchmark.core.files import atomic_write_text
 from benchmark.core.method import SWEEP_PARAMETERS, all_methods
-from benchmark.engine.train import OPT_IN_DEFAULTS
+from benchmark.engine.schedule import OPT_IN_DEFAULTS
 from benchmark.execution import tuning
 
 #: Record keys that are not CSV columns (nested or bulky); layers go to layers.csv.

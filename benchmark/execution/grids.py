@@ -188,7 +188,7 @@ def parse_grid(text: str, name: str = "grid", source: str = "<text>", _chain: tu
     from benchmark.engine import data as data_mod
     from benchmark.engine import models
     from benchmark.execution.cell import canonical_json, capacity_problems, cell_id, check_seed, check_subset
-    from benchmark.engine.train import Schedule, default_schedule
+    from benchmark.engine.schedule import Schedule, default_schedule
     from benchmark.core import method as method_base
 
     try:

@@ -97,7 +97,7 @@ class RunOptions:
             problems.append("SLURM options are for --backend slurm; add --backend slurm or leave them out")
         if self.jobs and self.jobs_per_gpu:
             problems.append("give either --jobs (CPU processes) or --jobs-per-gpu (GPU slots), not both")
-        from benchmark.engine.train import pick_device
+        from benchmark.engine.devices import pick_device
 
         try:
             pick_device(self.device)  # names the device and what this machine has
@@ -129,7 +129,7 @@ class RunOptions:
         if self.device != "auto":
             import torch
 
-            from benchmark.engine.train import DEVICE_TYPES
+            from benchmark.engine.devices import DEVICE_TYPES
 
             try:
                 kind = torch.device(self.device).type

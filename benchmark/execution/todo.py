@@ -86,7 +86,7 @@ def work_units(todo: list[Cell], pack, on_dask: bool, device: str, gpu_slots: li
     setting = pack_plan.parse_pack(pack)
     if setting == "off" or compiled:  # packed training does not compile (RunOptions refuses --pack N)
         return list(todo)
-    from benchmark.engine.train import pick_device
+    from benchmark.engine.devices import pick_device
 
     dev = None if on_dask else pick_device(f"cuda:{gpu_slots[0]}" if gpu_slots else device)
     workers = len(gpu_slots) or (jobs or 1)

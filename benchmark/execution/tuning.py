@@ -32,7 +32,7 @@ import numpy as np
 from benchmark.core.method import SWEEP_PARAMETERS
 from benchmark.core import method as method_base
 from benchmark.core.interpolation import interpolate_log_cr
-from benchmark.engine.train import Schedule
+from benchmark.engine.schedule import Schedule
 from benchmark.execution.cell import Cell
 
 TUNE_KEYS = {"parameter", "candidates", "validation", "crs", "seeds", "methods", "at"}

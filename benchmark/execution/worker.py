@@ -95,7 +95,7 @@ def worker_device(device: str | None):
     ``device`` as ``pick_device`` reads it here (a CUDA device always with its index)."""
     import torch
 
-    from benchmark.engine.train import pick_device
+    from benchmark.engine.devices import pick_device
 
     return torch.device("cuda", OWNED_GPU[0]) if OWNED_GPU else pick_device(device)
 

@@ -402,7 +402,8 @@ def measure(arch: str, dataset: str, variant_name: str, batch: int, device) -> d
     from benchmark.speed.perf.step import build_training
     from benchmark.engine import sparsity
     from benchmark.core.files import save_atomic
-    from benchmark.engine.train import evaluate, tune_cpu_allocator
+    from benchmark.engine.devices import tune_cpu_allocator
+    from benchmark.engine.train import evaluate
     from methods.dwf import collapse, factorized_modules
     from methods.regularization import FLOAT32_EPS
 

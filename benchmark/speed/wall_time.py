@@ -103,7 +103,7 @@ def lanes(*, device_name: str, backend: str, jobs: int | None, jobs_per_gpu: int
         if jobs_per_gpu:
             notes.append("--jobs-per-gpu: the number of GPUs over there is not known here; divide by it")
         return [serial], notes
-    from benchmark.engine.train import pick_device
+    from benchmark.engine.devices import pick_device
 
     try:
         device = pick_device(device_name)

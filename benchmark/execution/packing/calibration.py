@@ -19,7 +19,9 @@ from benchmark.engine import models
 from benchmark.engine.precision import uses_channels_last
 from benchmark.engine.timing import interleave, paired_ratio
 from benchmark.engine.precision import prepare_input
-from benchmark.engine.train import default_schedule, make_optimizer, training_step, tune_cpu_allocator
+from benchmark.engine.devices import tune_cpu_allocator
+from benchmark.engine.schedule import default_schedule
+from benchmark.engine.train import make_optimizer, training_step
 from benchmark.execution.packing.jobs import Job
 from benchmark.execution.packing.train import TrainingPack
 from methods import structures

@@ -1,7 +1,7 @@
 """One training of a pack (``Job``: the arguments of a ``train`` call), whether it may pack, and where it resumes.
 
 Jobs with equal ``signature`` train together (``benchmark.execution.packing.train``). A packed
-job's checkpoint is ``train``'s own (``benchmark.engine.train.Checkpoint``), at the job's own path,
+job's checkpoint is ``train``'s own (``benchmark.engine.checkpoints.Checkpoint``), at the job's own path,
 and the one of the epoch before is kept beside it (``previous_checkpoint``), so a pack killed
 between two of its checkpoint writes resumes whole at the earlier epoch (``resume_together``).
 """
@@ -17,7 +17,9 @@ import torch
 from torch import nn
 
 from benchmark.core.files import temporary_name
-from benchmark.engine.train import Checkpoint, Schedule, TrainHooks, clone_state, make_optimizer, previous_checkpoint
+from benchmark.engine.checkpoints import Checkpoint, previous_checkpoint
+from benchmark.engine.schedule import Schedule
+from benchmark.engine.train import TrainHooks, clone_state, make_optimizer
 from benchmark.execution.packing.model import NotStackable, structure
 
 #: Hook methods a packed job's hooks must leave as ``TrainHooks`` has them: they act on one model

@@ -33,7 +33,8 @@ from pathlib import Path
 import torch
 
 from benchmark.core import cell_progress
-from benchmark.engine.train import REWIND_EPOCHS, REWIND_ITERATIONS, TrainHooks
+from benchmark.engine.schedule import REWIND_EPOCHS, REWIND_ITERATIONS
+from benchmark.engine.train import TrainHooks
 from benchmark.execution.cell import Cell, Context, run_cell
 from benchmark.execution.packing.jobs import Job, resume_together, signature, why_not_packable
 from benchmark.execution.packing.model import NotStackable

@@ -4,10 +4,11 @@
 shared loop once for all of them: each model gets its own batches (the seeded permutation its own
 run would draw), its own weight decay per tensor and its own penalty from its hooks, its own
 evaluation, history, snapshots and divergence check. The epoch's bookkeeping (running totals,
-history entry, checkpoint, divergence error) is ``train``'s own, from ``benchmark.engine.train``.
-Every epoch ends with one checkpoint per job in ``train``'s format at the job's own path, so a
-killed pack resumes packed or one model at a time, and ``train`` called afterwards with the same
-arguments finds the finished checkpoint and returns the job's history without training a step.
+history entry, checkpoint, divergence error) is ``train``'s own, from ``benchmark.engine.epoch``
+and ``benchmark.engine.checkpoints``. Every epoch ends with one checkpoint per job in ``train``'s
+format at the job's own path, so a killed pack resumes packed or one model at a time, and
+``train`` called afterwards with the same arguments finds the finished checkpoint and returns the
+job's history without training a step.
 
 Not bit-identical to ``train``: batched matrix products and grouped convolutions sum in another
 order than one model's kernels, and a weight decay that differs between models is added to the
@@ -28,8 +29,10 @@ from benchmark.core import cell_progress
 from benchmark.engine import data as data_mod
 from benchmark.engine.epoch import DIVERGENCE_CHECK_STEPS, EpochTotals, divergence, epoch_record
 from benchmark.engine.precision import autocast, prepare_input
-from benchmark.engine.train import (Checkpoint, Schedule, TrainHooks, clone_state, epoch_steps, lr_factor,
-                                    make_optimizer, step_key, tune_cpu_allocator)
+from benchmark.engine.checkpoints import Checkpoint
+from benchmark.engine.devices import tune_cpu_allocator
+from benchmark.engine.schedule import Schedule, epoch_steps, lr_factor, step_key
+from benchmark.engine.train import TrainHooks, clone_state, make_optimizer
 from benchmark.execution.packing.jobs import Job, decays, keep_previous, signature
 from benchmark.execution.packing.model import NotStackable, StackedModel
 

@@ -29,7 +29,7 @@ comparison alternates its contenders round by round in one process (reversing th
 round), reports median times, and takes each ratio as the median of the ratios within a round, so
 load that comes and goes hits all contenders alike. Targets are checked here, on ratios, never in
 unit tests. CPU runs tune glibc's allocator first, as every CPU training run does
-(``benchmark.engine.train.tune_cpu_allocator``; BENCHMARK_NO_MALLOC_TUNING=1 measures without it).
+(``benchmark.engine.devices.tune_cpu_allocator``; BENCHMARK_NO_MALLOC_TUNING=1 measures without it).
 """
 
 from benchmark.speed.perf.data_loop import bench_data, plain_epoch, torchvision_copy

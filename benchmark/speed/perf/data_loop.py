@@ -16,7 +16,8 @@ from torch import nn
 from benchmark.engine import data as data_mod
 from benchmark.engine import models
 from benchmark.engine.timing import interleave, paired_ratio
-from benchmark.engine.train import default_schedule, make_optimizer, train
+from benchmark.engine.schedule import default_schedule
+from benchmark.engine.train import make_optimizer, train
 from benchmark.speed.perf.rows import Row, judge, make_row
 
 DATA_TARGET = 8.0  # ours at least this many times faster than the DataLoader loop (CPU)

@@ -17,7 +17,7 @@ from benchmark.core.provenance import cpu_model
 from benchmark.engine import precision
 from benchmark.engine.precision import CONV_MODELS, cpu_precision
 from benchmark.engine.timing import interleave, sync
-from benchmark.engine.train import tune_cpu_allocator
+from benchmark.engine.devices import tune_cpu_allocator
 from benchmark.speed.arithmetic import matmul_rate, step_flops
 from benchmark.speed.perf.rows import DEFAULT_ROUNDS, Row, judge, limit_ratio, make_row
 from benchmark.speed.perf.step import STEP_ARCHS, build_training

@@ -16,8 +16,9 @@ from benchmark.engine.precision import uses_channels_last
 from benchmark.engine.sparsity import prunable_layers
 from benchmark.engine.timing import interleave, paired_ratio, sync
 from benchmark.engine.precision import prepare_input
-from benchmark.engine.train import (TrainHooks, default_schedule, make_optimizer, training_step,
-                                    tune_cpu_allocator)
+from benchmark.engine.devices import tune_cpu_allocator
+from benchmark.engine.schedule import default_schedule
+from benchmark.engine.train import TrainHooks, make_optimizer, training_step
 from benchmark.speed.perf.rows import DEFAULT_ROUNDS, Row, judge, make_row
 
 STEP_ARCHS = {"lenet300": ((1, 28, 28), 10), "lenet5": ((1, 28, 28), 10),
