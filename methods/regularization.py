@@ -50,7 +50,7 @@ class RegularizerParams(Method.Params):
         if self.threshold < 0:
             problems.append(f"threshold={self.threshold} must be >= 0")
         if self.lr is not None and not self.lr > 0:
-            problems.append(f"lr={self.lr} must be > 0, or {SCHEDULE_LR!r} for the schedule's learning rate")
+            problems.append(f"lr={self.lr} must be > 0, or \"{SCHEDULE_LR}\" for the schedule's learning rate")
         return problems
 
 

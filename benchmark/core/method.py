@@ -290,7 +290,7 @@ def make_params(method: type[Method] | str, values: dict | None = None) -> Metho
                 keep = method.keep_default.get(name)
                 problems.append((name, str(exc) if keep is None else
                                  f"{method.name}.{name}={value!r} is not allowed: give "
-                                 f"{_kind(_field_type(method, fields_[name]))} or {keep!r}"))
+                                 f"{_kind(_field_type(method, fields_[name]))} or \"{keep}\""))
                 bad.add(name)
     # The values that coerced are range-checked even when others did not (their defaults stand in),
     # so one message lists every problem.
