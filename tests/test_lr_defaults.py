@@ -13,7 +13,7 @@ import pytest
 from benchmark.__main__ import main
 from benchmark.core import method as method_base
 from benchmark.execution.cell import Cell
-from benchmark.execution.grids import GridError, parse_grid
+from benchmark.execution.grids import GridError, load_grid, parse_grid
 
 
 def grid(methods: str, archs=("lenet300",), top: str = "") -> str:
@@ -70,8 +70,6 @@ def test_the_calibrated_rates_are_the_references():
     """The presets that reproduce the reference set the same rates by hand (lenet-reference, quick)."""
     reference = parse_grid(grid("[experiment.methods.dwf]\ndepth = [2, 3, 4]\n[experiment.methods.l1]",
                                 archs=("lenet300", "lenet5")), "g")
-    from benchmark.execution.grids import load_grid
-
     chosen = {(c.method, c.arch, getattr(c.method_params, "depth", None)): c.method_params.lr
               for c in load_grid("lenet-reference").cells if c.method in ("dwf", "l1")
               and c.dataset == "fashion-mnist" and c.seed == 0}
