@@ -26,7 +26,7 @@ from benchmark.engine.train import TrainHooks
 from benchmark.core.context import MethodContext
 from benchmark.core.method import Method, Plotting, register
 from methods import structures
-from methods.regularization import RegularizerParams, schedule_with_lr, settling_metrics
+from methods.regularization import SCHEDULE_LR, RegularizerParams, calibrated_lr, schedule_with_lr, settling_metrics
 
 #: Deepest factorization accepted (ours): far beyond any depth studied, and the truncated
 #: initialization gets slower with depth (at depth 10^6 it never ends).
@@ -199,6 +199,7 @@ class DWF(Method):
     is_subject = True  # the report's comparisons table tests its curves against every other one
     plotting = Plotting(order=0, ramp=True, rank=depth_rank)  # one blue ramp over the depths, darker = deeper
     columns = ("lr", "balance_error", "zeroed_by_threshold", "lam_convention", "cr_thr_small", "cr_thr_large")
+    keep_default = {"lr": SCHEDULE_LR}
 
     @dataclass(frozen=True)
     class Params(RegularizerParams):
@@ -218,6 +219,11 @@ class DWF(Method):
             if not 0 < self.init_eps < 2:
                 problems.append(f"init_eps={self.init_eps} must be in (0, 2) (a fraction of sigma_w)")
             return problems
+
+    @classmethod
+    def default_params(cls, arch, params):
+        """The learning rate calibrated for this architecture and depth (docs/methods.md)."""
+        return calibrated_lr(arch, params.depth)
 
     @classmethod
     def curve_label(cls, values):

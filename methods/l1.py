@@ -15,7 +15,8 @@ from benchmark.engine.train import TrainHooks
 from benchmark.core.context import MethodContext
 from benchmark.core.method import Method, Plotting, register
 from methods import structures
-from methods.regularization import RegularizerParams, schedule_with_lr, settling_metrics
+from methods.regularization import (L1_DEPTH, SCHEDULE_LR, RegularizerParams, calibrated_lr, schedule_with_lr,
+                                    settling_metrics)
 
 
 class L1Hooks(TrainHooks):
@@ -55,10 +56,16 @@ class L1(Method):
     family = "regularization"
     plotting = Plotting(order=2, style=(2, 0.0, "P", "-"))
     columns = ("lr", "zeroed_by_threshold", "cr_thr_small", "cr_thr_large")
+    keep_default = {"lr": SCHEDULE_LR}
 
     @dataclass(frozen=True)
     class Params(RegularizerParams):
         lam: float = 1e-5
+
+    @classmethod
+    def default_params(cls, arch, params):
+        """The learning rate calibrated for this architecture (docs/methods.md)."""
+        return calibrated_lr(arch, L1_DEPTH)
 
     class Workload(Method.Workload):
         def pack_family(self):

@@ -61,6 +61,9 @@ def test_run_and_report_end_with_the_warning_for_a_dwf_grid_that_compresses_noth
     out = capsys.readouterr().out
     [line] = [line for line in out.splitlines() if line.startswith("warning: ")]
     assert line.startswith("warning: dwf D=3 on lenet300/fashion-mnist (λ 1e-07): every point has CR <= 1.1")
+    # it already trained at the calibrated default (a grid without lr): the warning says so
+    assert "learning rate (it trained at 0.5; without an lr of their own, the LeNets take the calibrated " \
+           "per-depth rates of docs/methods.md)" in line
     assert out.index("CSV: ") < out.index(line)
     assert main(["report", "--grid", "flat", "--results-dir", results, "--no-page"]) == 0
     assert line in capsys.readouterr().err

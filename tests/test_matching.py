@@ -15,7 +15,8 @@ from benchmark.execution import cell as cell_mod
 from benchmark.execution.grids import load_grid
 
 # lenet300 on Fashion-MNIST (10 classes: chance 0.10), 2 seeds. Method tables name their λs; each
-# depth of DWF is one curve with its own shape below.
+# depth of DWF is one curve with its own shape below. D=2 sets its lr, D=3 and D=4 take the
+# schedule's, L1 its calibrated default (0.05, written into its cells).
 GRID = """
 description = "matching test grid"
 seeds = [0, 1]
@@ -32,9 +33,11 @@ lam = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2]
 [[experiment.methods.dwf]]
 depth = 3
 lam = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2]
+lr = "schedule"
 [[experiment.methods.dwf]]
 depth = 4
 lam = [1e-4, 3e-4, 1e-3, 3e-3]
+lr = "schedule"
 [experiment.methods.l1]
 lam = [1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2]
 [experiment.methods.magnitude]
@@ -151,8 +154,8 @@ def test_a_curve_within_the_ratio_everywhere_gets_nothing(setup):
     path, results = setup
     match = matching.match_grid(str(path), results)
     assert not gaps_of(match, "l1")
-    assert ("lenet300/fashion-mnist l1", 2) in match.complete
-    assert "lenet300/fashion-mnist l1" not in by_label(match)
+    assert ("lenet300/fashion-mnist l1 [lr=0.05]", 2) in match.complete
+    assert "lenet300/fashion-mnist l1 [lr=0.05]" not in by_label(match)
 
 
 def test_baselines_get_targets_past_the_lambda_curves_reach(setup):
@@ -255,6 +258,11 @@ def test_written_grid_parses_into_the_proposed_cells_with_their_curves_settings(
         assert twins, cell.label()
         assert all(c.schedule == cell.schedule and c.subset == cell.subset for c in twins)
         assert cell.seed in {c.seed for c in twins}
+    # D=4's curve is at the schedule's learning rate: the written grid says so, or its cells would
+    # take the calibrated rate and join no curve (write_grid checks the ids)
+    d4 = out.read_text().split("# lenet300/fashion-mnist dwf D=4")[1].split("[[experiment]]")[1]
+    assert 'lr = "schedule"' in d4 and all(c.method_params.lr is None for c in written.cells
+                                            if c.method == "dwf" and c.method_params.depth == 4)
     # the lottery ticket's single target became a list of two
     assert sorted(c.method_params.target_cr for c in written.cells if c.method == "lottery") == [2000, 2000, 5000, 5000]
     # crossed with the curve's seeds: D=2 gets λ 0.00173 on seeds 0 and 1

@@ -1,7 +1,8 @@
 """Curves that cannot say anything about their method, named with what to change.
 
-A new user's DWF grid at the schedule's learning rate stays at CR 1, the tolerance table says "≥ 1.00"
-and the figure shows a vertical segment: without a word, that reads as "DWF does not work". Two cases
+A DWF grid at too small a λ or learning rate (the schedule's, before the calibrated rates were the
+default) stays at CR 1, the tolerance table says "≥ 1.00" and the figure shows a vertical segment:
+without a word, that reads as "DWF does not work". Two cases
 of a thresholded curve (a λ sweep: DWF, L1 — records with ``cr_thr_small``) are caught here:
 
 - **Stuck at CR ≈ 1**: no point of the curve compresses by more than ``FLAT_CR``: λ, the learning rate or
@@ -38,6 +39,14 @@ def _sweep(frame: pd.DataFrame) -> str:
     return f" (λ {low:g})" if low == high else f" (λ {low:g} to {high:g})"
 
 
+def _trained_at(frame: pd.DataFrame) -> str:
+    """The learning rates a curve's records trained at, for a warning ("" where they do not say)."""
+    if "lr" not in frame.columns:
+        return ""
+    rates = sorted(set(pd.to_numeric(frame.lr, errors="coerce").dropna()))
+    return f"it trained at {', '.join(f'{rate:g}' for rate in rates)}; " if rates else ""
+
+
 def curve_warnings(results: Results) -> list[str]:
     """One line per thresholded curve that is stuck at CR ≈ 1 or never leaves dense accuracy."""
     frame = results.ok
@@ -51,7 +60,8 @@ def curve_warnings(results: Results) -> list[str]:
         if not largest > FLAT_CR:
             lines.append(f"{name}: every point has CR <= {FLAT_CR:g} (largest {largest:.2f}), so the penalty zeroed "
                          f"almost no weights and its tolerance figures say nothing. Raise lam (steps of 10x), "
-                         f"the learning rate (the calibrated per-depth rates are in docs/methods.md) or the epochs.")
+                         f"the learning rate ({_trained_at(curve)}without an lr of their own, the LeNets take the "
+                         f"calibrated per-depth rates of docs/methods.md) or the epochs.")
             continue
         drops = [results.dense_for(arch, dataset, seed) - rows.test_acc.min()
                  for seed, rows in curve.groupby("seed")]

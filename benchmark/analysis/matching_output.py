@@ -112,6 +112,17 @@ def _toml_key(key: str) -> str:
     return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else json.dumps(key)
 
 
+def _kept_defaults(family) -> dict:
+    """What the grid writes for the parameters its curve leaves at their dataclass defaults where
+    the method would fill them in (``lr = "schedule"``), so that the written cells join that curve."""
+    from benchmark.core.method import fill_defaults, get_method, make_params
+
+    method = get_method(family.method)
+    params = dict(family.params)
+    filled = fill_defaults(method, family.arch, make_params(method, params), params)
+    return {name: text for name, text in method.keep_default.items() if name in filled}
+
+
 def grid_text(match: Match, command: str = "") -> str:
     """The proposed cells as a grid: one experiment per curve, with its full schedule, subset,
     seeds and parameters, and the added λs or targets."""
@@ -135,6 +146,7 @@ def grid_text(match: Match, command: str = "") -> str:
             lines.append(f"subset = {family.subset}")
         lines.append(f"[experiment.methods.{_toml_key(family.method)}]")
         lines += [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in family.params]
+        lines += [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in _kept_defaults(family).items()]
         values = [int(v) if float(v).is_integer() else float(v) for v in values]  # an int fits int and float fields
         lines += [f"{family.swept} = {_toml_value(values)}", ""]
     return "\n".join(lines)

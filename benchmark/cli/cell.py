@@ -33,14 +33,16 @@ def add_commands(sub) -> None:
         "cell",
         description="Train and evaluate one cell here and print its result records (one per line with "
                     "--json). Parameters not given use the architecture's default schedule and the method's "
-                    "defaults (see 'python -m benchmark list').",
+                    "defaults (see 'python -m benchmark list'), and what the method fills in for the architecture, "
+                    "as a grid does (DWF's and L1's calibrated learning rate: docs/methods.md).",
     )
     p.add_argument("method", choices=sorted(all_methods()), help="method name")
     p.add_argument("--arch", required=True, choices=list(models.MODELS), help="architecture")
     p.add_argument("--dataset", required=True, choices=list(data_mod.DATASETS), help="dataset")
     p.add_argument("--seed", type=int, default=0, help="seed of init, data order and pruning scores (default 0)")
     p.add_argument("--epochs", type=int, help="training epochs (default: the architecture's schedule)")
-    p.add_argument("--lr", type=float, help="learning rate (default: the architecture's schedule)")
+    p.add_argument("--lr", type=float, help="the schedule's learning rate (default: the architecture's); a method "
+                                            "with its own lr parameter trains at that: --set lr=... (docs/methods.md)")
     p.add_argument("--batch-size", type=int, help="batch size (default: the architecture's schedule)")
     p.add_argument("--weight-decay", type=float, help="weight decay of unregularized methods' weights")
     p.add_argument("--momentum", type=float, help="SGD momentum (default 0.9)")
@@ -64,6 +66,7 @@ def add_commands(sub) -> None:
 def run_command(args) -> int:
     from pathlib import Path
 
+    from benchmark.core.method import with_defaults
     from benchmark.execution.cell import Cell, run_cell
     from benchmark.engine.devices import pick_device
 
@@ -74,7 +77,9 @@ def run_command(args) -> int:
 
     schedule = {k: v for k, v in {"epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size,
                                   "weight_decay": args.weight_decay, "momentum": args.momentum}.items() if v is not None}
-    cell = Cell.make(args.method, args.arch, args.dataset, args.seed, parse_assignments(args.set), schedule, args.subset)
+    # what the method fills in on this architecture (a calibrated learning rate) is part of the cell, as in a grid
+    params = with_defaults(args.method, args.arch, parse_assignments(args.set))
+    cell = Cell.make(args.method, args.arch, args.dataset, args.seed, params, schedule, args.subset)
     if args.compile:
         from benchmark.engine.devices import check_compile, pick_device
 

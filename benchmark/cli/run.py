@@ -467,7 +467,8 @@ def list_command(args) -> int:
         print(f"  {name:8s} {len(grid.cells):5d} cells  {grid.description}")
     print("methods (parameters with defaults):")
     for name, method in sorted(all_methods().items()):
-        params = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(method.Params))
+        params = ", ".join(f"{f.name}={f.metadata.get('shown_default', repr(f.default))}"  # a default said in words
+                           for f in dataclasses.fields(method.Params))
         print(f"  {name:22s} [{method.family}] {method.describe()}\n  {'':22s} {params or '-'}")
         if method.columns:
             print(f"  {'':22s} adds columns: {', '.join(method.columns)}")

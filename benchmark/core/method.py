@@ -19,6 +19,7 @@ import dataclasses
 import functools
 import importlib
 import math
+import types
 import typing
 from importlib.metadata import entry_points
 from typing import Any, Callable, ClassVar, Mapping
@@ -125,6 +126,10 @@ class Method:
     #: What its cells train and cost (``method.workload``), for estimates and packing.
     Workload: ClassVar[type[Workload]] = Workload
 
+    #: Parameters ``default_params`` may fill in, each with the text a grid or ``cell --set`` gives it
+    #: to keep its dataclass default instead (a learning rate: "schedule", the schedule's).
+    keep_default: ClassVar[Mapping[str, str]] = {}
+
     @dataclasses.dataclass(frozen=True)
     class Params:
         def validate(self) -> list[str]:
@@ -152,6 +157,17 @@ class Method:
     @classmethod
     def describe(cls) -> str:
         return (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+
+    @classmethod
+    def default_params(cls, arch: str, params: "Method.Params") -> dict[str, Any]:
+        """Values of parameters that depend on the cell, for those a grid or ``cell --set`` leaves out
+        (a learning rate calibrated per architecture), or none where the dataclass defaults stand.
+        The harness writes them into the cell's parameters (``fill_defaults``), so they are part of
+        its id and record; changing a dataclass default instead would change what the ids of
+        existing records mean (docs/design.md, Cells). ``params``: the cell's, as given. Each
+        parameter it fills needs its text in ``keep_default``, so that a grid can ask for the
+        dataclass default (``match`` writes it for curves at that default)."""
+        return {}
 
     @classmethod
     def curve_label(cls, values: Mapping[str, Any]) -> str:
@@ -255,12 +271,14 @@ def make_params(method: type[Method] | str, values: dict | None = None) -> Metho
     every value out of range, with what is allowed.
     """
     method = get_method(method) if isinstance(method, str) else method
-    values = dict(values or {})
     fields_ = param_fields(method)
+    values = {name: _default(fields_[name]) if name in method.keep_default and value == method.keep_default[name]
+              else value for name, value in (values or {}).items()}
     problems: list[tuple[str | None, str]] = []
     unknown = sorted(set(values) - set(fields_))
     if unknown:
-        allowed = ", ".join(f"{n} ({_type_name(_field_type(method, f))}, default {_default(f)!r})"
+        allowed = ", ".join(f"{n} ({_type_name(_field_type(method, f))}, default "
+                            f"{f.metadata.get('shown_default', repr(_default(f)))})"
                             for n, f in fields_.items()) or "none"
         problems.append((unknown[0], f"unknown parameter(s) {unknown} for method {method.name!r}; allowed: {allowed}"))
     coerced, bad = {}, set()
@@ -269,7 +287,10 @@ def make_params(method: type[Method] | str, values: dict | None = None) -> Metho
             try:
                 coerced[name] = coerce(value, _field_type(method, fields_[name]), f"{method.name}.{name}")
             except ValueError as exc:
-                problems.append((name, str(exc)))
+                keep = method.keep_default.get(name)
+                problems.append((name, str(exc) if keep is None else
+                                 f"{method.name}.{name}={value!r} is not allowed: give "
+                                 f"{_kind(_field_type(method, fields_[name]))} or \"{keep}\""))
                 bad.add(name)
     # The values that coerced are range-checked even when others did not (their defaults stand in),
     # so one message lists every problem.
@@ -287,6 +308,14 @@ def _default(field: dataclasses.Field):
     return field.default if field.default is not dataclasses.MISSING else field.default_factory()
 
 
+def _kind(annotation) -> str:
+    """What a value of ``annotation`` is, in words (``float | None``: "a number")."""
+    union = typing.get_origin(annotation) in (typing.Union, getattr(types, "UnionType", None))
+    kinds = [a for a in (typing.get_args(annotation) if union else (annotation,)) if a is not type(None)]
+    words = {float: "a number", int: "an integer", bool: "true or false", str: "a text"}
+    return " or ".join(words.get(kind, _type_name(kind)) for kind in kinds)
+
+
 def _type_name(annotation) -> str:
     if typing.get_origin(annotation) is typing.Literal:
         return "one of " + "/".join(map(str, typing.get_args(annotation)))
@@ -297,3 +326,21 @@ def non_default(params: Method.Params) -> dict:
     """The parameters that differ from their defaults (what a cell id hashes)."""
     return {f.name: getattr(params, f.name) for f in dataclasses.fields(params)
             if getattr(params, f.name) != _default(f)}
+
+
+def fill_defaults(method: type[Method], arch: str, params: Method.Params, given) -> dict:
+    """What ``method.default_params`` fills in on ``arch`` for the parameters not in ``given`` (the
+    names a grid entry or ``--set`` wrote, whatever their values)."""
+    return {name: value for name, value in method.default_params(arch, params).items() if name not in given}
+
+
+def with_defaults(method: type[Method] | str, arch: str, values: dict | None) -> dict:
+    """``values`` (a cell's parameters as given) with what the method fills in on ``arch``
+    (``fill_defaults``); as given when they are not valid (``make_params`` then says why)."""
+    method = get_method(method) if isinstance(method, str) else method
+    values = dict(values or {})
+    try:
+        params = make_params(method, values)
+    except ValueError:
+        return values
+    return values | fill_defaults(method, arch, params, values)

@@ -37,8 +37,9 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
+from benchmark.core import method as method_base
 from benchmark.execution import tuning
-from benchmark.execution.cell import Cell
+from benchmark.execution.cell import Cell, canonical_json
 
 GRID_KEYS = {"description", "seeds", "schedule", "subset", "experiment", "include"}
 EXPERIMENT_KEYS = {"archs", "datasets", "seeds", "schedule", "subset", "methods", "name", "tune"}
@@ -328,6 +329,9 @@ def parse_grid(text: str, name: str = "grid", source: str = "<text>", _chain: tu
             except ValueError as exc:
                 problems.append(f"{where(f'{table}.methods.{method}')}: {exc}")
                 continue
+            # a parameter the tune table chooses is not filled in: its candidates replace it
+            tuned_here = {spec.parameter} if spec is not None and spec.tunes(method) and \
+                tuning.target_of(method, spec.parameter) == "method" else set()
             listed = isinstance(entries, list)
             for j, entry in enumerate(entries if listed else [entries]):
                 entry_table = f"{table}.methods.{method}" + (f"[{j}]" if listed else "")
@@ -357,10 +361,11 @@ def parse_grid(text: str, name: str = "grid", source: str = "<text>", _chain: tu
                         continue
                     if empty:
                         continue
-                    changed = method_base.non_default(params)
-                    changed_json = canonical_json(changed)
+                    given = dict(zip(keys, combo))
+                    per_arch = _with_arch_defaults(method_cls, archs, params, given, tuned_here)
                     for arch, dataset in itertools.product(archs, datasets):
-                        too_far = capacity_problems(method, params, arch, dataset, schedules.get(arch))
+                        arch_params, changed, changed_json = per_arch[arch]
+                        too_far = capacity_problems(method, arch_params, arch, dataset, schedules.get(arch))
                         if too_far:
                             problems += [f"{where(entry_table, 'target_cr')}: {p}" for p in too_far]
                             continue
@@ -373,7 +378,7 @@ def parse_grid(text: str, name: str = "grid", source: str = "<text>", _chain: tu
                             into = tuned if spec is not None and spec.tunes(method) else cells
                             if key not in into:
                                 into[key] = Cell.trusted(method, arch, dataset, seed, changed, schedule, subset,
-                                                         params, key)
+                                                         arch_params, key)
         if spec is not None and tuned and not problems:
             try:
                 groups += tuning.build_groups(spec, list(tuned.values()))
@@ -385,6 +390,26 @@ def parse_grid(text: str, name: str = "grid", source: str = "<text>", _chain: tu
     if not cells and not groups:
         raise GridError(f"grid {name!r} ({source}) has no cells")
     return Grid(name, description, list(cells.values()), source, groups)
+
+
+def _with_arch_defaults(method_cls, archs: list[str], params, given: dict, tuned: set[str]) -> dict[str, tuple]:
+    """Per architecture, (params, non-default params, their canonical JSON) of a grid entry's
+    combination, with the values the method fills in there for the parameters the entry leaves out
+    (a calibrated learning rate; ``Method.default_params``), written explicitly so that they are
+    part of the cell id (docs/design.md, Cells). Parameters the tune table chooses are not filled."""
+    changed = method_base.non_default(params)
+    as_given = (params, changed, canonical_json(changed))
+    out = {}
+    for arch in archs:
+        filled = {name: value for name, value in method_base.fill_defaults(method_cls, arch, params, given).items()
+                  if name not in tuned}
+        if not filled:
+            out[arch] = as_given
+            continue
+        arch_params = method_base.make_params(method_cls, given | filled)
+        arch_changed = method_base.non_default(arch_params)
+        out[arch] = (arch_params, arch_changed, canonical_json(arch_changed))
+    return out
 
 
 def filter_cells(cells: list[Cell], only: list[str] | None) -> list[Cell]:
