@@ -47,6 +47,7 @@ import numpy as np
 import pandas as pd
 
 from benchmark.analysis import curves as cv
+from benchmark.analysis import tables as tb
 
 #: Reported CRs of the tables (the report's fixed CRs and the ones between).
 REPORTED_CRS = (10.0, 30.0, 100.0, 300.0, 1000.0)
@@ -62,7 +63,7 @@ MIN_SPLIT = 1.05
 #: Proposals of different seeds for one reported CR this close in λ become one λ.
 MERGE_FACTOR = 1.1
 #: A λ curve reaches as far as it stays within this many points of dense (the report's widest tolerance).
-REACH_POINTS = max(cv.TOLERANCE_POINTS)
+REACH_POINTS = max(tb.TOLERANCE_POINTS)
 #: The swept parameter of a λ curve and of a baseline curve.
 LAM, TARGET = "lam", "target_cr"
 _REL = 1e-6  # λs / targets closer than this (relative) are the same value

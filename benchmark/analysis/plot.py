@@ -38,6 +38,7 @@ from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
 
 from benchmark.analysis import curves as cv  # noqa: E402
+from benchmark.analysis import tables as tb  # noqa: E402
 
 #: A run counts as "at" the chosen CR of the per-layer figure when its CR is within this factor of it
 #: (its legend entry says its CR). Half a decade: a λ grid of three points per decade-and-a-half, as
@@ -246,13 +247,13 @@ def plot_cost_vs_accuracy(results: cv.Results, at_cr: float, title: str = "") ->
 
 def _threshold_whiskers(ax, rows: pd.DataFrame, style: Style) -> int:
     """For thresholded runs whose CR still depends on the zero threshold (CR at 0.01x and 100x differ
-    by more than ``cv.SETTLED_RATIO``), a horizontal whisker over that CR range: how far the point
+    by more than ``tb.SETTLED_RATIO``), a horizontal whisker over that CR range: how far the point
     could move if the threshold did."""
     if not {"cr_thr_small", "cr_thr_large"} <= set(rows.columns):
         return 0
     small = pd.to_numeric(rows.cr_thr_small, errors="coerce")
     large = pd.to_numeric(rows.cr_thr_large, errors="coerce")
-    loose = (large / small > cv.SETTLED_RATIO) & np.isfinite(small) & np.isfinite(large)
+    loose = (large / small > tb.SETTLED_RATIO) & np.isfinite(small) & np.isfinite(large)
     for lo, hi, acc in zip(small[loose], large[loose], rows.test_acc[loose]):
         ax.plot([lo, hi], [100 * acc, 100 * acc], color=style.color, alpha=0.45, linewidth=0.9, zorder=2,
                 solid_capstyle="butt")
