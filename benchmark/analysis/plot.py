@@ -5,7 +5,7 @@ Three figures, each as PNG and PDF in ``<plots-dir>/<grid>/``:
 - ``accuracy_vs_cr``: one panel per arch x dataset, accuracy against compression on a log axis,
   a mean line with a ±1 std band over seeds per variant (aggregation in :mod:`benchmark.analysis.curves`),
   the single runs as faint markers and the dense accuracy as a dashed reference line;
-- ``layer_sparsity`` (:mod:`benchmark.analysis.plot_layers`): per panel, the weights each layer keeps in the run of each variant closest
+- ``layer_sparsity``: per panel, the weights each layer keeps in the run of each variant closest
   to one CR, so layer collapse (a layer pruned to nothing) is visible;
 - ``effective_cr``: direct CR against effective CR (weights on no input-output path count as
   pruned), for the variants where the two differ;
@@ -13,9 +13,9 @@ Three figures, each as PNG and PDF in ``<plots-dir>/<grid>/``:
   test accuracy, CR (with the band between 0.01x and 100x the zero threshold) and the factors'
   misalignment against the epoch, for the run of each variant closest to one final CR.
 
-This module draws the figures drawn from curves and records, and writes them all; the per-layer
-figure is drawn in :mod:`benchmark.analysis.plot_layers`, and every figure's colours, markers and
-axes come from :mod:`benchmark.analysis.plot_style`.
+This module draws every figure but the per-layer one (:mod:`benchmark.analysis.plot_layers`: it alone
+joins ``layers.csv``) and writes them all; every figure's colours, markers and axes come from
+:mod:`benchmark.analysis.plot_style`, so a variant looks the same in each.
 """
 
 from __future__ import annotations
