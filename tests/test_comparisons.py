@@ -14,6 +14,7 @@ from scipy import stats
 from benchmark.__main__ import main
 from benchmark.analysis import comparisons as cmp
 from benchmark.analysis import curves as cv
+from benchmark.analysis import tables as tb
 from benchmark.analysis import report
 
 CRS = (10, 30)
@@ -131,7 +132,7 @@ def test_the_table_is_the_welch_test_and_holm_computed_by_hand(folder):
 def test_per_seed_accuracy_is_the_accuracy_tables(folder):
     results = cv.load_results(folder / "g" / "results.csv")
     table = cmp.comparisons_table(results, CRS)
-    accuracy = cv.accuracy_at_cr_table(results, CRS).set_index(["arch", "variant", "cr"])
+    accuracy = tb.accuracy_at_cr_table(results, CRS).set_index(["arch", "variant", "cr"])
     for r in table.itertuples():
         assert r.acc_a_pct == pytest.approx(accuracy.loc[(r.arch, r.a, r.cr), "acc_pct_mean"], abs=1e-12)
         assert r.acc_b_pct == pytest.approx(accuracy.loc[(r.arch, r.b, r.cr), "acc_pct_mean"], abs=1e-12)

@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 
 from benchmark.analysis import curves as cv
+from benchmark.analysis import tables as tb
 
 COLUMNS = ["grid", "cell_id", "method", "family", "variant", "arch", "dataset", "seed", "depth", "lam", "target_cr",
            "level", "test_acc", "cr", "cr_total", "cr_effective", "speedup", "sparsity", "epochs", "wall_s", "device",
@@ -209,7 +210,7 @@ def two_seed_rows() -> list[dict]:
 def test_tolerance_uses_each_seeds_own_dense_accuracy(tmp_path):
     path = tmp_path / "quick" / "results.csv"
     write_csv(path, two_seed_rows())
-    table = cv.tolerance_table(cv.load_results(path)).set_index("points")
+    table = tb.tolerance_table(cv.load_results(path)).set_index("points")
     # k=5: seed 0 threshold 0.93 -> 10**(2 + 2/15) (as above); seed 1 threshold 0.96-0.05 = 0.91:
     # 100 (0.92) qualifies, 1000 (0.78) not; (0.91-0.92)/(0.78-0.92) = 1/14 -> 10**(2 + 1/14)
     a, b = 10 ** (2 + 2 / 15), 10 ** (2 + 1 / 14)
@@ -226,7 +227,7 @@ def test_seed_without_dense_uses_the_mean_dense(tmp_path):
     rows = [result_row("dense", 0, 1, 0.98), result_row("dense", 1, 1, 0.96)] + \
         [result_row("magnitude", 2, c, a) for c, a in zip(CR, ACC)]
     write_csv(path, rows)
-    table = cv.tolerance_table(cv.load_results(path)).set_index("points")
+    table = tb.tolerance_table(cv.load_results(path)).set_index("points")
     # mean dense 0.97, k=1 -> threshold 0.96: (0.96-0.975)/(0.95-0.975) = 0.6 -> 10**1.6
     assert table.loc[1, "cr_mean"] == pytest.approx(10 ** 1.6)
     assert table.loc[1, "n_seeds"] == 1 and table.loc[1, "cr_std"] == 0
@@ -237,7 +238,7 @@ def test_accuracy_at_fixed_crs_interpolates_and_leaves_out_of_range_blank(tmp_pa
     rows = two_seed_rows()
     rows[-1].update(cr="inf", test_acc=0.1)  # seed 1 stops at CR 100: its strongest lambda pruned everything
     write_csv(path, rows)
-    table = cv.accuracy_at_cr_table(cv.load_results(path), crs=(10, math.sqrt(1000), 1000, 5000))
+    table = tb.accuracy_at_cr_table(cv.load_results(path), crs=(10, math.sqrt(1000), 1000, 5000))
     table = table.set_index("cr")
     # CR 10: 97.5 and 95.5 -> 96.5 ± 1.414
     assert table.loc[10, "acc_pct_mean"] == pytest.approx(96.5)
@@ -266,5 +267,5 @@ def test_a_seed_whose_sweep_is_still_running_is_left_out_and_noted(tmp_path):
     assert [c.seed for c in results.seed_curves("lenet300", "mnist", "dwf D=3")] == [0, 2]
     assert results.partial_seeds("lenet300", "mnist", "dwf D=3") == {1: (1, 3)}
     assert "lenet300/mnist dwf D=3: seed 1 left out of curves and tables, 1 of its 3 cells run so far" in results.notes()
-    table = cv.accuracy_at_cr_table(results, crs=(10.0,))
+    table = tb.accuracy_at_cr_table(results, crs=(10.0,))
     assert table.n_seeds.tolist() == [2] and table.acc_pct_mean.tolist() == pytest.approx([94.0])

@@ -382,10 +382,10 @@ def test_variant_labels_tell_the_options_apart_and_old_records_keep_theirs():
     assert variant_label(base | {"rewind": "500it", "retrain": "lr_rewind", "prune_output": False}) == \
         "lottery LRR rewind=500it dense-output"
     assert variant_label(base | {"rewind": 0, "retrain": "finetune", "finetune_epochs": 5}) == "lottery FT"
-    from benchmark.analysis import plot
+    from benchmark.analysis import plot_style
 
-    styles = plot.variant_styles({v: ("lottery", None) for v in ("lottery", "lottery LRR", "lottery FT",
-                                                                 "lottery rewind=2")})
+    styles = plot_style.variant_styles({v: ("lottery", None) for v in ("lottery", "lottery LRR", "lottery FT",
+                                                                       "lottery rewind=2")})
     assert len({(s.color, s.linestyle) for s in styles.values()}) == 4
 
 

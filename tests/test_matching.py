@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from benchmark.__main__ import main
-from benchmark.analysis import matching, matching_output
+from benchmark.analysis import matching, matching_baselines, matching_lambda, matching_output
 from benchmark.execution import cell as cell_mod
 from benchmark.execution.grids import load_grid
 
@@ -144,10 +144,10 @@ def test_a_curve_stopping_short_extrapolates_one_step(setup):
     gaps = gaps_of(match, "dwf D=4")
     assert {(g.cr, g.reason) for g in gaps} == {(1000.0, "beyond")}
     (lam,) = by_label(match)["lenet300/fashion-mnist dwf D=4"]
-    assert 3e-3 < lam <= 3e-3 * matching.MAX_STEP * 1.001  # one step past its largest λ, at most half a decade
+    assert 3e-3 < lam <= 3e-3 * matching_lambda.MAX_STEP * 1.001  # one step past its largest λ, at most half a decade
     # along the last segment's slope (log λ / log CR = log 3 / log 4), aimed at sqrt(1.5) x CR 1000
     slope = math.log(3) / math.log(4)
-    assert lam == matching.round3(3e-3 * min(matching.MAX_STEP, (1000 * math.sqrt(1.5) / 400) ** slope))
+    assert lam == matching_lambda.round3(3e-3 * min(matching_lambda.MAX_STEP, (1000 * math.sqrt(1.5) / 400) ** slope))
 
 
 def test_a_curve_within_the_ratio_everywhere_gets_nothing(setup):
@@ -316,10 +316,10 @@ def test_reads_the_result_files_of_a_run_still_going(tmp_path):
 
 
 def test_one_two_five_and_rounding():
-    assert matching.one_two_five(1000, 4000) == [2000, 5000]
-    assert matching.one_two_five(1000, 2000) == [2000]
-    assert matching.one_two_five(500, 600) == [1000]
-    assert matching.round3(0.0017320508) == 0.00173 and matching.round3(12345) == 12300
+    assert matching_baselines.one_two_five(1000, 4000) == [2000, 5000]
+    assert matching_baselines.one_two_five(1000, 2000) == [2000]
+    assert matching_baselines.one_two_five(500, 600) == [1000]
+    assert matching_lambda.round3(0.0017320508) == 0.00173 and matching_lambda.round3(12345) == 12300
 
 
 def test_the_committed_reference(tmp_path):

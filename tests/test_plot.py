@@ -12,7 +12,7 @@ import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 
 from benchmark.analysis import curves as cv  # noqa: E402
-from benchmark.analysis import plot  # noqa: E402
+from benchmark.analysis import plot, plot_layers, plot_style  # noqa: E402
 from benchmark.__main__ import build_parser, main  # noqa: E402
 
 PANELS = [("lenet300", "mnist"), ("lenet5", "fashion-mnist")]
@@ -111,7 +111,7 @@ def test_accuracy_figure_draws_the_seed_mean_in_percent_and_the_dense_line(resul
 
 
 def test_dwf_depths_get_different_colours_and_markers(results):
-    styles = plot.variant_styles(results.variant_info())
+    styles = plot_style.variant_styles(results.variant_info())
     assert styles["dwf D=2"].color != styles["dwf D=3"].color
     assert styles["dwf D=2"].marker != styles["dwf D=3"].marker
     assert styles["magnitude"].linestyle != styles["dwf D=2"].linestyle  # another family
@@ -119,7 +119,7 @@ def test_dwf_depths_get_different_colours_and_markers(results):
 
 def test_layer_figure_shows_each_variants_run_closest_to_the_cr(results, results_dir):
     layers = cv.load_layers(results_dir / "g" / "layers.csv")
-    fig, notes = plot.plot_layer_sparsity(results, layers, at_cr=100)
+    fig, notes = plot_layers.plot_layer_sparsity(results, layers, at_cr=100)
     assert len(fig.axes) == 2
     ax = fig.axes[0]
     assert ax.get_yscale() == "log"
@@ -137,7 +137,7 @@ def test_layer_figure_shows_each_variants_run_closest_to_the_cr(results, results
 
 def test_layer_figure_leaves_out_variants_far_from_the_cr(results, results_dir):
     layers = cv.load_layers(results_dir / "g" / "layers.csv")
-    fig, notes = plot.plot_layer_sparsity(results, layers, at_cr=20000)
+    fig, notes = plot_layers.plot_layer_sparsity(results, layers, at_cr=20000)
     # the largest CR anywhere is 2000 (dwf seed 1) and 20000 / 2000 = 10 > 5: no run qualifies
     assert fig is None
     assert any("no run within a factor 5 of CR 20000" in n for n in notes)
@@ -146,7 +146,7 @@ def test_layer_figure_leaves_out_variants_far_from_the_cr(results, results_dir):
 def test_layer_figure_shows_a_variant_whose_nearest_run_is_a_few_times_off(results, results_dir):
     """The quick grid's DWF D=4 is nearest CR 100 at CR 380: drawn, its legend saying so (issue 29)."""
     layers = cv.load_layers(results_dir / "g" / "layers.csv")
-    fig, notes = plot.plot_layer_sparsity(results, layers, at_cr=4500)
+    fig, notes = plot_layers.plot_layer_sparsity(results, layers, at_cr=4500)
     labels = [c.get_label() for c in fig.axes[0].containers]
     assert labels == ["dwf D=2 (CR 2,000, seed 1)", "dwf D=3 (CR 2,000, seed 1)", "magnitude (CR 1,000, seed 0)"]
     assert notes == []
@@ -166,7 +166,7 @@ def test_dwf_depths_stay_vivid_blues_apart_from_every_baseline():
     from benchmark.core.method import all_methods
     info = {f"dwf D={d}": ("dwf", {"depth": d}) for d in (2, 3, 4)}
     info |= {name: (name, {}) for name in all_methods() if name not in ("dwf", "dense")}
-    styles = plot.variant_styles(info)
+    styles = plot_style.variant_styles(info)
     for depth in ("dwf D=2", "dwf D=3", "dwf D=4"):
         lab = _lab(styles[depth].color)
         assert np.hypot(lab[1], lab[2]) > 45, depth  # saturated, not near-black
@@ -176,12 +176,12 @@ def test_dwf_depths_stay_vivid_blues_apart_from_every_baseline():
 
 
 def test_default_cr_of_layer_figure_is_the_median_largest_cr_up_to_100(results):
-    assert plot.default_at_cr(results, "lenet300", "mnist") == 100
+    assert plot_layers.default_at_cr(results, "lenet300", "mnist") == 100
     small = results.rows[results.rows.cr <= 10]
     smaller = cv.Results(results.path, small.reset_index(drop=True))
     maxima = smaller.rows[(smaller.rows.arch == "lenet300") & (smaller.rows.dataset == "mnist")
                           & (smaller.rows.method != "dense")].groupby("variant").cr.max()
-    assert plot.default_at_cr(smaller, "lenet300", "mnist") == float(maxima.median()) <= 10
+    assert plot_layers.default_at_cr(smaller, "lenet300", "mnist") == float(maxima.median()) <= 10
 
 
 def test_effective_figure_only_shows_variants_where_it_differs(results):

@@ -96,6 +96,7 @@ def test_the_authors_lottery_recipe_reaches_cr_1000_on_lenet_300_100_and_bad_opt
 
 def test_training_cost_is_epochs_over_the_schedules_and_follows_a_curve_to_a_fixed_cr(tmp_path):
     from benchmark.analysis import curves as cv
+    from benchmark.analysis import tables as tb
     from benchmark.analysis.plot import cost_at_cr, plot_cost_vs_accuracy
     from benchmark.execution.collection import training_cost
 
@@ -122,6 +123,6 @@ def test_training_cost_is_epochs_over_the_schedules_and_follows_a_curve_to_a_fix
     drawn = {tuple(np.round(line.get_xydata()[0], 3)) for ax in fig.axes for line in ax.get_lines()
              if len(line.get_xydata()) == 1}
     assert (4.0, 74.5) in drawn and (1.0, 61.667) in drawn  # lottery level 3; SNIP interpolated at CR 8
-    table = cv.cost_table(results)
+    table = tb.cost_table(results)
     lottery = table[table.variant == "lottery"].iloc[0]
     assert (lottery.train_cost_min, lottery.train_cost_max) == (2.0, 5.0)

@@ -10,6 +10,7 @@ from torch import nn
 from benchmark.analysis import curves as cv
 from benchmark.core.provenance import cpu_model, source_commit
 from benchmark.analysis import plot as plot_mod
+from benchmark.analysis import plot_style
 from benchmark.__main__ import main
 from benchmark.execution.cell import Cell, run_cell
 from benchmark.engine.sparsity import cr_at, threshold_sensitivity
@@ -81,6 +82,6 @@ def test_fine_tuned_magnitude_is_its_own_curve():
     assert variant_label(base | {"finetune_epochs": 5}) == "magnitude +FT"
     assert variant_label({"method": "structured-magnitude", "family": "structured", "finetune_epochs": 5}) == \
         "structured-magnitude"
-    styles = plot_mod.variant_styles({"magnitude": ("magnitude", None), "magnitude +FT": ("magnitude", None)})
+    styles = plot_style.variant_styles({"magnitude": ("magnitude", None), "magnitude +FT": ("magnitude", None)})
     assert styles["magnitude"].color != styles["magnitude +FT"].color
     assert not math.isnan(styles["magnitude +FT"].color[0])

@@ -32,6 +32,7 @@ import pandas as pd
 from scipy import stats
 
 from benchmark.analysis import curves as cv
+from benchmark.analysis import tables as tb
 
 ALPHA = 0.05  # family-wise error rate of the verdicts
 CONFIDENCE = 0.95  # of the interval on the difference
@@ -114,7 +115,7 @@ def verdict(diff: float, p_holm: float, n_a: int, n_b: int, alpha: float = ALPHA
     return f"not resolved with {seeds_text(n_a, n_b)}"
 
 
-def comparisons_table(results: cv.Results, crs=cv.FIXED_CRS, alpha: float = ALPHA) -> pd.DataFrame:
+def comparisons_table(results: cv.Results, crs=tb.FIXED_CRS, alpha: float = ALPHA) -> pd.DataFrame:
     """One row per (arch, dataset, CR, A, B): see the module docstring. Accuracies, their std over
     seeds, the difference and its interval are in percentage points; ``family_size`` is the number
     of comparisons with a p in the arch x dataset, over which ``p_holm`` is corrected."""
@@ -199,7 +200,7 @@ def detectable_differences(results: cv.Results, crs=(10, 30, 100, 300, 1000), ns
     spread (curves at chance accuracy have none), at its quartiles, and the minimum detectable
     difference at 80 % power for ``ns`` seeds per side, at level ``alpha`` and at Holm's strictest
     level alpha/m (m: the largest family of those panels in the comparisons table)."""
-    accuracy, table = cv.accuracy_at_cr_table(results, crs), comparisons_table(results, crs)
+    accuracy, table = tb.accuracy_at_cr_table(results, crs), comparisons_table(results, crs)
     if arch is not None:
         accuracy, table = accuracy[accuracy.arch == arch], table[table.arch == arch]
     stds = accuracy.acc_pct_std[(accuracy.n_seeds >= 2) & (accuracy.acc_pct_std > 0)]

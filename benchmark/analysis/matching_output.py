@@ -10,7 +10,7 @@ from collections import defaultdict
 from dataclasses import asdict
 from pathlib import Path
 
-from benchmark.analysis.matching import Match
+from benchmark.analysis.matching_records import Match
 
 
 def _num(x: float) -> str:

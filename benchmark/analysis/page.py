@@ -21,6 +21,7 @@ import pandas as pd
 from benchmark import __version__
 from benchmark.core.provenance import source_commit
 from benchmark.analysis import curves as cv
+from benchmark.analysis import tables as tb
 from benchmark.analysis import report
 from benchmark.core.files import atomic_write_text
 from benchmark.execution.store import Store
@@ -136,7 +137,7 @@ def commands(store: Store, grid: str, results_dir) -> list[str]:
     return lines
 
 
-def write_page(grid: str, results_dir: Path | str = "results", points=cv.TOLERANCE_POINTS, crs=cv.FIXED_CRS,
+def write_page(grid: str, results_dir: Path | str = "results", points=tb.TOLERANCE_POINTS, crs=tb.FIXED_CRS,
                at_cr: float | None = None) -> Path:
     """Write ``<results_dir>/<grid>/report.html`` from the grid's CSVs; returns its path."""
     from benchmark.analysis import plot
@@ -144,7 +145,7 @@ def write_page(grid: str, results_dir: Path | str = "results", points=cv.TOLERAN
     store = Store(results_dir, grid)
     results = cv.load_results(store.root / "results.csv")
     tables = report.build_tables(results, grid, points, crs)
-    dense = cv.dense_summary(results)
+    dense = tb.dense_summary(results)
     drawn, figure_notes = plot.figures(grid, results_dir, at_cr)
     description, source, toml = grid_section(store, grid)
     cells = results.rows.drop_duplicates("cell_id") if "cell_id" in results.rows.columns else results.rows

@@ -13,18 +13,14 @@ Three figures, each as PNG and PDF in ``<plots-dir>/<grid>/``:
   test accuracy, CR (with the band between 0.01x and 100x the zero threshold) and the factors'
   misalignment against the epoch, for the run of each variant closest to one final CR.
 
-Colours come from seaborn's colour-blind-safe palette; DWF depths share a blue ramp (darker =
-deeper, from azure to ultramarine: vivid enough at every depth not to be taken for the dark brown,
-olive and grey of the baselines) and differ by marker; families differ by line style.
+This module draws every figure but the per-layer one (:mod:`benchmark.analysis.plot_layers`: it alone
+joins ``layers.csv``) and writes them all; every figure's colours, markers and axes come from
+:mod:`benchmark.analysis.plot_style`, so a variant looks the same in each.
 """
 
 from __future__ import annotations
 
 import textwrap
-
-import functools
-import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -35,117 +31,24 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
-from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
 
 from benchmark.analysis import curves as cv  # noqa: E402
+from benchmark.analysis import tables as tb  # noqa: E402
+from benchmark.analysis.plot_layers import plot_layer_sparsity  # noqa: E402
+from benchmark.analysis.plot_style import (Style, legend_handle, panel_axes, plain_log_axis,  # noqa: E402
+                                           variant_styles)
 
-#: A run counts as "at" the chosen CR of the per-layer figure when its CR is within this factor of it
-#: (its legend entry says its CR). Half a decade: a λ grid of three points per decade-and-a-half, as
-#: the quick grid's DWF D=4 (CR 8.5, 380, 1050), still has a point near CR 100.
-AT_CR_FACTOR = 5.0
-DEFAULT_AT_CR = 100.0
 FIGURE_FORMATS = ("png", "pdf")
 
 
-@functools.lru_cache(maxsize=1)
-def _palette() -> list:
-    """seaborn's colour-blind-safe palette (imported here: seaborn takes seconds to import)."""
-    import seaborn as sns
-
-    return sns.color_palette("colorblind", 10)
-
-
-#: The ends of the colour ramp of a method's curves (DWF's depths): every step stays a saturated blue.
-RAMP_ENDS = ("#2a9df4", "#1d2fa0")
-_RAMP_MARKERS = ("o", "s", "D", "^", "v", "p")  # the curves of a method with a colour ramp, in turn
-_VARIANT_LINES = ("-", (0, (5, 2)), (0, (1, 1)), (0, (6, 1, 1, 1, 1, 1)))  # a method's variants, in turn
-_SPARE = [0, 5, 2, 4, 6, 8]  # palette slots for methods without a plotting.style
-
-
-@dataclass(frozen=True)
-class Style:
-    color: tuple
-    marker: str
-    linestyle: object
-
-    def line_kwargs(self) -> dict:
-        return {"color": self.color, "linestyle": self.linestyle}
-
-
-def _darken(color, amount: float) -> tuple:
-    return tuple(float(c) * (1 - amount) for c in color)
-
-
-def _ramp(n: int) -> list[tuple]:
-    """``n`` colours from light to dark between ``RAMP_ENDS`` (one curve: the palette's blue)."""
-    import seaborn as sns
-
-    return [tuple(_palette()[0])] if n == 1 else [tuple(c) for c in sns.blend_palette(RAMP_ENDS, n)]
-
-
-def variant_styles(info: dict[str, tuple[str, dict]]) -> dict[str, Style]:
-    """A fixed style per variant (same variant, same look in every figure of a grid), from each
-    method's ``plotting.style`` / ``plotting.ramp``; ``info`` is ``Results.variant_info()``."""
-    styles = {}
-    ramps: dict[str, list] = {}  # method -> [(curve rank, variant)] of a method drawn as a colour ramp
-    for variant, (method, values) in info.items():
-        found = cv.method_class(method)
-        if found is not None and found.plotting.ramp:
-            ramps.setdefault(method, []).append((found.plotting.rank(values), variant))
-    for ramp in ramps.values():
-        ramp.sort()
-        colours = _ramp(len(ramp))
-        for i, (_, variant) in enumerate(ramp):
-            styles[variant] = Style(colours[i], _RAMP_MARKERS[i % len(_RAMP_MARKERS)], "-")
-    spare = 0
-    others: dict[str, int] = {}  # method -> its variants styled so far besides the plain one
-    for variant, (method, _) in sorted(info.items()):
-        if variant in styles or cv.is_reference(method):
-            continue
-        found = cv.method_class(method)
-        if found is not None and found.plotting.style is not None:
-            slot, darken, marker, ls = found.plotting.style
-            if variant != method:  # "magnitude +FT", "lottery LRR": the method's colour, darker, and a
-                i = others[method] = others.get(method, -1) + 1  # line of its own (the first one solid)
-                darken += 0.35 if i % 2 == 0 else 0.15
-                ls = _VARIANT_LINES[i % len(_VARIANT_LINES)]
-        else:
-            slot, darken, marker, ls = _SPARE[spare % len(_SPARE)], 0.3 * (spare // len(_SPARE)), "o", (0, (3, 1))
-            spare += 1
-        styles[variant] = Style(_darken(_palette()[slot], darken), marker, ls)
-    return styles
-
-
-def _plain_log_axis(axis) -> None:
-    """Log ticks as 1, 10, 100 rather than 10^0, 10^1, 10^2."""
-    axis.set_major_locator(LogLocator(base=10))
-    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-    axis.set_minor_formatter(NullFormatter())
-
-
-def _panel_axes(n: int, panel_size=(4.8, 3.7), max_cols: int = 3):
-    ncols = 2 if n == 4 else min(n, max_cols)  # 2 x 2 rather than 3 + 1
-    nrows = math.ceil(n / ncols)
-    fig, grid = plt.subplots(nrows, ncols, squeeze=False, layout="constrained",
-                             figsize=(panel_size[0] * ncols + 2.2, panel_size[1] * nrows + 0.6))
-    axes = list(grid.flat)
-    for extra in axes[n:]:
-        fig.delaxes(extra)
-    return fig, axes[:n]
-
-
-def _legend_handle(style: Style, label: str) -> Line2D:
-    return Line2D([], [], marker=style.marker, markersize=6, linewidth=1.8, label=label, **style.line_kwargs())
-
-
-# -- figure 1 ---------------------------------------------------------------------------------------
+# -- accuracy against CR, and against training cost -------------------------------------------------
 
 
 def plot_accuracy_vs_cr(results: cv.Results, title: str = "") -> plt.Figure:
     """One panel per arch x dataset: accuracy (%) against CR (log), mean ± std over seeds per variant."""
     panels = results.panels()
     styles = variant_styles(results.variant_info())
-    fig, axes = _panel_axes(len(panels))
+    fig, axes = panel_axes(len(panels))
     used, whiskers = [], 0
     for ax, (arch, dataset) in zip(axes, panels):
         dense = results.dense_by_seed(arch, dataset)
@@ -171,14 +74,14 @@ def plot_accuracy_vs_cr(results: cv.Results, title: str = "") -> plt.Figure:
             if variant not in used:
                 used.append(variant)
         ax.set_xscale("log")
-        _plain_log_axis(ax.xaxis)
+        plain_log_axis(ax.xaxis)
         ax.set_title(cv.panel_title(arch, dataset))
         ax.set_xlabel("compression ratio (log scale)")
         ax.set_ylabel("test accuracy (%)")
         ax.grid(True, which="major", alpha=0.3)
         ax.grid(True, which="minor", axis="x", alpha=0.1)
     order = results.variants()
-    handles = [_legend_handle(styles[v], v) for v in order if v in used]
+    handles = [legend_handle(styles[v], v) for v in order if v in used]
     handles.append(Line2D([], [], color="0.2", linestyle="--", linewidth=1.1, label="dense (mean over seeds)"))
     fig.legend(handles=handles, loc="outside right upper", frameon=False, alignment="left",
                title="line: mean over seeds\nband: ±1 std\nmarkers: single runs"
@@ -218,7 +121,7 @@ def plot_cost_vs_accuracy(results: cv.Results, at_cr: float, title: str = "") ->
               for arch, dataset in panels for v in results.variants(arch, dataset)}
     if not any(costs for costs, _ in points.values()):
         return None
-    fig, axes = _panel_axes(len(panels))
+    fig, axes = panel_axes(len(panels))
     used = []
     for ax, (arch, dataset) in zip(axes, panels):
         for variant in results.variants(arch, dataset):
@@ -231,12 +134,12 @@ def plot_cost_vs_accuracy(results: cv.Results, at_cr: float, title: str = "") ->
             if variant not in used:
                 used.append(variant)
         ax.set_xscale("log")
-        _plain_log_axis(ax.xaxis)
+        plain_log_axis(ax.xaxis)
         ax.set_title(cv.panel_title(arch, dataset))
         ax.set_xlabel("training cost (dense trainings of the schedule, log scale)")
         ax.set_ylabel(f"test accuracy at CR {at_cr:g} (%)")
         ax.grid(True, which="major", alpha=0.3)
-    handles = [_legend_handle(styles[v], v) for v in results.variants() if v in used]
+    handles = [legend_handle(styles[v], v) for v in results.variants() if v in used]
     fig.legend(handles=handles, loc="outside right upper", frameon=False, alignment="left",
                title="mean ± std over seeds", title_fontsize="small")
     fig.suptitle((f"{title}: " if title else "") + f"accuracy at CR {at_cr:g} vs training cost", fontsize="medium",
@@ -246,142 +149,20 @@ def plot_cost_vs_accuracy(results: cv.Results, at_cr: float, title: str = "") ->
 
 def _threshold_whiskers(ax, rows: pd.DataFrame, style: Style) -> int:
     """For thresholded runs whose CR still depends on the zero threshold (CR at 0.01x and 100x differ
-    by more than ``cv.SETTLED_RATIO``), a horizontal whisker over that CR range: how far the point
+    by more than ``tb.SETTLED_RATIO``), a horizontal whisker over that CR range: how far the point
     could move if the threshold did."""
     if not {"cr_thr_small", "cr_thr_large"} <= set(rows.columns):
         return 0
     small = pd.to_numeric(rows.cr_thr_small, errors="coerce")
     large = pd.to_numeric(rows.cr_thr_large, errors="coerce")
-    loose = (large / small > cv.SETTLED_RATIO) & np.isfinite(small) & np.isfinite(large)
+    loose = (large / small > tb.SETTLED_RATIO) & np.isfinite(small) & np.isfinite(large)
     for lo, hi, acc in zip(small[loose], large[loose], rows.test_acc[loose]):
         ax.plot([lo, hi], [100 * acc, 100 * acc], color=style.color, alpha=0.45, linewidth=0.9, zorder=2,
                 solid_capstyle="butt")
     return int(loose.sum())
 
 
-# -- figure 2 ---------------------------------------------------------------------------------------
-
-
-def default_at_cr(results: cv.Results, arch: str, dataset: str) -> float:
-    """100, or less when most variants of the panel never get that far: the median over variants of
-    the largest CR each reaches (so one variant that stops early does not pull every panel down)."""
-    finite = results.panel_rows(arch, dataset)
-    finite = finite[np.isfinite(finite.cr) & ~cv.reference_rows(finite)]
-    if finite.empty:
-        return DEFAULT_AT_CR
-    reached_by_most = float(finite.groupby("variant").cr.max().median())
-    return min(DEFAULT_AT_CR, reached_by_most)
-
-
-def runs_closest_to(results: cv.Results, arch: str, dataset: str, at_cr: float) -> tuple[pd.DataFrame, list[str]]:
-    """Per variant, the run whose CR is closest to ``at_cr`` in log scale; variants with none within
-    a factor AT_CR_FACTOR are returned by name instead."""
-    frame = results.panel_rows(arch, dataset)
-    frame = frame[np.isfinite(frame.cr) & (frame.cr > 0) & ~cv.reference_rows(frame)].copy()
-    frame["distance"] = np.abs(np.log(frame.cr / at_cr))
-    picked, too_far = [], []
-    for variant in results.variants(arch, dataset):
-        rows = frame[frame.variant == variant].sort_values(["distance", "seed"])
-        if rows.empty or rows.distance.iloc[0] > math.log(AT_CR_FACTOR):
-            too_far.append(variant)
-        else:
-            picked.append(rows.iloc[0])
-    return pd.DataFrame(picked), too_far
-
-
-def plot_layer_sparsity(results: cv.Results, layers: pd.DataFrame, at_cr: float | None = None,
-                        title: str = "") -> tuple[plt.Figure | None, list[str]]:
-    """Grouped bars per layer: the share of weights each variant keeps there, near one CR.
-
-    Returns the figure (None when no panel has a run near the CR) and notes about what is left out."""
-    notes = []
-    if "cell_id" not in results.rows.columns:
-        return None, ["results.csv has no cell_id column, so layers.csv cannot be joined; no per-layer figure"]
-    styles = variant_styles(results.variant_info())
-    layers = layers.assign(cell_id=layers.cell_id.astype(str))
-    jobs = []
-    for arch, dataset in results.panels():
-        target = at_cr if at_cr is not None else default_at_cr(results, arch, dataset)
-        picked, too_far = runs_closest_to(results, arch, dataset, target)
-        if too_far:
-            notes.append(f"{arch}/{dataset}: no run within a factor {AT_CR_FACTOR:g} of CR {target:g} for "
-                         f"{', '.join(too_far)} (left out of the per-layer figure)")
-        if picked.empty:
-            continue
-        picked = picked.assign(cell_id=picked.cell_id.astype(str))
-        joined = picked[["variant", "cell_id", "level_key", "cr", "seed"]].merge(
-            layers, on=["cell_id", "level_key"], how="left")
-        without = sorted(set(joined.loc[joined.layer.isna(), "variant"]))
-        if without:
-            notes.append(f"{arch}/{dataset}: layers.csv has no rows for the picked run of {', '.join(without)}")
-        joined = joined.dropna(subset=["layer"])
-        if not joined.empty:
-            jobs.append((arch, dataset, target, joined))
-    if not jobs:
-        return None, notes + ["no per-layer figure: no run near the chosen CR has per-layer rows"]
-    widths = [len(j[3].layer.unique()) * max(1, len(j[3].variant.unique())) for j in jobs]
-    fig, axes = plt.subplots(len(jobs), 1, squeeze=False, layout="constrained",
-                             figsize=(min(18, max(8, 3.5 + 0.16 * max(widths))), 3.6 * len(jobs) + 0.5))
-    for ax, (arch, dataset, target, joined) in zip(axes[:, 0], jobs):
-        _draw_layer_bars(ax, joined, styles, results.variants(arch, dataset), target)
-        ax.set_title(f"{cv.panel_title(arch, dataset)}: runs closest to CR {target:.3g}")
-    fig.suptitle((f"{title}: " if title else "") + "weights kept per layer "
-                 "(× = layer pruned to nothing; dotted line: every layer pruned alike)", fontsize="medium")
-    return fig, notes
-
-
-def _draw_layer_bars(ax, joined: pd.DataFrame, styles: dict[str, Style], order: list[str], target: float) -> None:
-    layer_order = (joined.groupby("layer").agg(index=("layer_index", "min"), numel=("numel", "max"))
-                   if "numel" in joined.columns else joined.groupby("layer").agg(index=("layer_index", "min")))
-    layer_order = layer_order.sort_values("index")
-    names = list(layer_order.index)
-    variants = [v for v in order if v in set(joined.variant)]
-    width = 0.8 / max(1, len(variants))
-    kept_all = 100 * (1 - joined.sparsity.to_numpy(float))
-    positive = kept_all[kept_all > 0]
-    # down to a whole decade below the smallest bar, so the bottom of the axis has a labelled tick
-    floor = 10 ** math.floor(math.log10(max(1e-3, float(positive.min()) / 2))) if len(positive) else 1e-2
-    for i, variant in enumerate(variants):
-        rows = joined[joined.variant == variant].set_index("layer").reindex(names)
-        kept = 100 * (1 - rows.sparsity.to_numpy(float))
-        x = np.arange(len(names)) + (i - (len(variants) - 1) / 2) * width
-        first = rows.dropna(subset=["cr"]).iloc[0]
-        cr = f"{first.cr:,.0f}" if first.cr >= 100 else f"{first.cr:.3g}"  # 2,000, not 2e+03
-        label = f"{variant} (CR {cr}, seed {first.seed})"
-        ax.bar(x, np.where(kept > 0, kept, np.nan), width=width, color=styles[variant].color, label=label,
-               edgecolor="white", linewidth=0.4)
-        collapsed = kept <= 0
-        if collapsed.any():
-            ax.plot(x[collapsed], np.full(collapsed.sum(), floor * 1.5), linestyle="none", marker="x",
-                    markersize=7, markeredgewidth=2, color=styles[variant].color)
-    ax.axhline(100 / target, color="0.3", linestyle=":", linewidth=1.2, label=f"uniform: {100 / target:.3g} % kept")
-    ax.set_yscale("log")
-    ax.set_ylim(floor, 100 * 1.3)
-    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-    ax.set_ylabel("weights kept in layer (%)")
-    ax.set_xticks(np.arange(len(names)))
-    if "numel" in layer_order.columns:
-        ticks = [f"{n}\n{_count(c)}" for n, c in zip(names, layer_order.numel)]
-    else:
-        ticks = names
-    ax.set_xticklabels(ticks, rotation=0 if len(names) <= 8 else 45, ha="center" if len(names) <= 8 else "right",
-                       fontsize="small")
-    ax.set_xlabel("layer (input to output) and its number of weights")
-    ax.grid(True, axis="y", alpha=0.3)
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False, fontsize="small")
-
-
-def _count(n) -> str:
-    if n is None or pd.isna(n):
-        return ""
-    n = float(n)
-    for div, unit in ((1e6, "M"), (1e3, "k")):
-        if n >= div:
-            return f"{n / div:.3g}{unit}"
-    return f"{n:g}"
-
-
-# -- figure 3 ---------------------------------------------------------------------------------------
+# -- direct against effective CR --------------------------------------------------------------------
 
 
 def plot_effective_cr(results: cv.Results, title: str = "", rel_tol: float = 1e-3) -> plt.Figure | None:
@@ -396,7 +177,7 @@ def plot_effective_cr(results: cv.Results, title: str = "", rel_tol: float = 1e-
     if not panels:
         return None
     styles = variant_styles(results.variant_info())
-    fig, axes = _panel_axes(len(panels), panel_size=(4.4, 4.0))
+    fig, axes = panel_axes(len(panels), panel_size=(4.4, 4.0))
     any_infinite = False
     for ax, (arch, dataset) in zip(axes, panels):
         frame = ok[(ok.arch == arch) & (ok.dataset == dataset) & ok.variant.isin(shown)]
@@ -427,8 +208,8 @@ def plot_effective_cr(results: cv.Results, title: str = "", rel_tol: float = 1e-
         ax.set_ylim(lo / 1.5, top * (8 if panel_infinite else 2))
         ax.set_xscale("log")
         ax.set_yscale("log")
-        _plain_log_axis(ax.xaxis)
-        _plain_log_axis(ax.yaxis)
+        plain_log_axis(ax.xaxis)
+        plain_log_axis(ax.yaxis)
         ax.set_title(cv.panel_title(arch, dataset))
         ax.set_xlabel("CR (nonzero weights)")
         ax.set_ylabel("effective CR (weights on a path)")
@@ -449,10 +230,7 @@ def plot_effective_cr(results: cv.Results, title: str = "", rel_tol: float = 1e-
     return fig
 
 
-# -- command -----------------------------------------------------------------------------------------
-
-
-# -- figure 4 ---------------------------------------------------------------------------------------
+# -- per-epoch trajectories -------------------------------------------------------------------------
 
 TRAJECTORY_AT_CR = 100.0
 
@@ -504,7 +282,7 @@ def plot_trajectories(results: cv.Results, history: pd.DataFrame, at_cr: float =
     axes[0].set_ylabel("test accuracy (%)")
     axes[1].set_ylabel("CR (band: threshold x0.01 .. x100)")
     axes[1].set_yscale("log")
-    _plain_log_axis(axes[1].yaxis)
+    plain_log_axis(axes[1].yaxis)
     if has_balance:
         axes[2].set_ylabel("factor misalignment (DWF)")
         axes[2].set_yscale("log")
@@ -518,6 +296,9 @@ def plot_trajectories(results: cv.Results, history: pd.DataFrame, at_cr: float =
     if len(results.panels()) > 1:
         notes.append(f"trajectory figure shows {arch}/{dataset} only")
     return fig, notes
+
+
+# -- command -----------------------------------------------------------------------------------------
 
 
 def save_figure(fig: plt.Figure, stem: Path) -> list[Path]:

@@ -23,6 +23,7 @@ import pandas as pd
 
 from benchmark.analysis import comparisons as cmp
 from benchmark.analysis import curves as cv
+from benchmark.analysis import tables as tb
 from benchmark.core.files import atomic_write
 
 MISSING = "–"  # shown where a value is not defined (out of the measured range)
@@ -185,12 +186,12 @@ class Table:
     notes: list[str] = field(default_factory=list)  # the table's own notes, under it
 
 
-def build_tables(results: cv.Results, label: str, points=cv.TOLERANCE_POINTS, crs=cv.FIXED_CRS,
+def build_tables(results: cv.Results, label: str, points=tb.TOLERANCE_POINTS, crs=tb.FIXED_CRS,
                  with_cost: bool = True, with_comparisons: bool = True) -> list[Table]:
     """The tolerance and accuracy-at-CR tables, then (``with_comparisons``) the comparisons table,
     then (``with_cost``) the cost and settling tables."""
-    tolerance = cv.tolerance_table(results, points)
-    accuracy = cv.accuracy_at_cr_table(results, crs)
+    tolerance = tb.tolerance_table(results, points)
+    accuracy = tb.accuracy_at_cr_table(results, crs)
     tables = [
         Table("tolerance", f"Largest CR within {', '.join(f'{k:g}' for k in points)} points of dense ({label} grid)",
               TOLERANCE_EXPLANATION, tolerance, tolerance_wide(tolerance), True),
@@ -204,7 +205,7 @@ def build_tables(results: cv.Results, label: str, points=cv.TOLERANCE_POINTS, cr
                             compared, comparisons_wide(compared), False, latex=True,
                             notes=cmp.family_notes(compared)))
     if with_cost:
-        cost, settling = cv.cost_table(results), cv.settling_table(results)
+        cost, settling = tb.cost_table(results), tb.settling_table(results)
         tables += [Table("cost", f"Training cost per curve ({label} grid)", COST_EXPLANATION, cost, cost_wide(cost),
                          False),
                    Table("settling", f"Is sparsity settled? ({label} grid)", SETTLING_EXPLANATION, settling,
@@ -216,8 +217,8 @@ def build_tables(results: cv.Results, label: str, points=cv.TOLERANCE_POINTS, cr
     return tables
 
 
-def write_report(grid: str, results_dir: Path | str = "results", points=cv.TOLERANCE_POINTS,
-                 crs=cv.FIXED_CRS, threshold_scale: float = 1.0) -> tuple[list[Path], str]:
+def write_report(grid: str, results_dir: Path | str = "results", points=tb.TOLERANCE_POINTS,
+                 crs=tb.FIXED_CRS, threshold_scale: float = 1.0) -> tuple[list[Path], str]:
     """Write the tables next to the CSV (tolerance, accuracy and comparisons as CSV, Markdown and
     LaTeX, cost and settling as CSV and Markdown); returns (files, Markdown of the first two).
 
@@ -229,7 +230,7 @@ def write_report(grid: str, results_dir: Path | str = "results", points=cv.TOLER
     suffix = "" if threshold_scale == 1.0 else f"-thr{threshold_scale:g}x"
     label = grid if not suffix else f"{grid}, thresholded CR counted at {threshold_scale:g}x the zero threshold"
     notes = results.notes()
-    dense = cv.dense_summary(results)
+    dense = tb.dense_summary(results)
     files, markdown = [], []
     for table in build_tables(results, label, points, crs, with_cost=not suffix, with_comparisons=not suffix):
         if not table.headline:
@@ -308,7 +309,7 @@ COST_EXPLANATION = (
 )
 SETTLING_EXPLANATION = (
     f"Thresholded records (DWF, L1): CR at 0.01x and 100x the zero threshold. A record counts as settled "
-    f"when the two differ by at most {100 * (cv.SETTLED_RATIO - 1):.0f}%; otherwise its CR is decided by the "
+    f"when the two differ by at most {100 * (tb.SETTLED_RATIO - 1):.0f}%; otherwise its CR is decided by the "
     f"threshold, not by training."
 )
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 
 from benchmark.analysis import curves as cv
-from benchmark.analysis import plot
+from benchmark.analysis import plot, plot_layers
 from benchmark.core.validation import argparse_type, positive_numbers
 
 
@@ -27,8 +27,8 @@ def add_commands(sub) -> None:
     one_cr = argparse_type(lambda text, where: positive_numbers(text, where)[0], "--at-cr")
     p.add_argument("--at-cr", type=one_cr, default=None, metavar="CR",
                    help="CR of the per-layer figure: each method's run closest to it (within a factor "
-                        f"{plot.AT_CR_FACTOR:g}) is shown (default: {plot.DEFAULT_AT_CR:g}, or less if most methods of a "
-                        "panel stop earlier: the median of their largest CRs)")
+                        f"{plot_layers.AT_CR_FACTOR:g}) is shown (default: {plot_layers.DEFAULT_AT_CR:g}, or less if "
+                        "most methods of a panel stop earlier: the median of their largest CRs)")
     p.set_defaults(handler=plot_command)
 
 

@@ -10,6 +10,7 @@ import pandas as pd
 
 from benchmark.analysis import comparisons as cmp
 from benchmark.analysis import curves as cv
+from benchmark.analysis import tables as tb
 from benchmark.analysis import report
 from benchmark.core.validation import argparse_type, positive_numbers
 
@@ -30,9 +31,9 @@ def add_commands(sub) -> None:
     p.add_argument("--results-dir", default="results", metavar="DIR",
                    help="folder holding <grid>/results.csv; the tables are written beside it (default results)")
     p.add_argument("--tolerances", type=argparse_type(positive_numbers, "--tolerances"),
-                   default=list(cv.TOLERANCE_POINTS), metavar="K,K,...",
+                   default=list(tb.TOLERANCE_POINTS), metavar="K,K,...",
                    help="accuracy drops in percentage points for the tolerance table (default 1,5,10)")
-    p.add_argument("--crs", type=argparse_type(positive_numbers, "--crs"), default=list(cv.FIXED_CRS),
+    p.add_argument("--crs", type=argparse_type(positive_numbers, "--crs"), default=list(tb.FIXED_CRS),
                    metavar="CR,CR,...",
                    help="compression ratios for the accuracy table (default 10,100,1000)")
     p.add_argument("--threshold-scale", type=float, choices=sorted(cv.THRESHOLD_SCALES), default=1.0,
