@@ -374,7 +374,7 @@ def test_a_frozen_worker_is_killed_and_its_cell_redone(reference, tmp_path):
     results = tmp_path / "r"
     work, cells = results / "g" / "work", results / "g" / "cells"
     proc = start("run", "--grid", g, "--results-dir", results, "--no-progress", "--jobs", "2",
-                 env_extra={cell_progress.STALL_ENV: str(FROZEN_STALL_S)})
+                 "--stall-timeout", str(FROZEN_STALL_S))
 
     def training_now():
         found = []
@@ -387,12 +387,14 @@ def test_a_frozen_worker_is_killed_and_its_cell_redone(reference, tmp_path):
     assert wait_until(lambda: training_now() or proc.poll() is not None, 600, every=0.05)
     frozen_cell, pid = training_now()[0]
     os.kill(pid, signal.SIGSTOP)
+    stopped_at = time.monotonic()
     try:
         out, err = proc.communicate(timeout=900)
     finally:
         with contextlib.suppress(OSError):
             os.kill(pid, signal.SIGKILL)
     assert proc.returncode == 0, err
+    assert time.monotonic() - stopped_at < cell_progress.DEFAULT_STALL_S  # --stall-timeout was honoured
     assert "frozen" in err and "Traceback" not in err, err
     starts = Counter(e["cell_id"] for e in events(results, "g") if e["event"] == "start")
     assert starts[frozen_cell] == 2, starts

@@ -1,21 +1,24 @@
 """Progress from cells to the driver, frozen processes, the order cells run in, resumed cells' time
 (issues 27 and 29; docs/design.md, "Progress and liveness")."""
 
+import fcntl
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from benchmark.core import cell_progress
 from benchmark.core.progress import EpochProgress, SilentBar, eta_seconds
 from benchmark.engine.checkpoints import Checkpoint
-from benchmark.execution import grids, liveness, todo
-from benchmark.execution.cell import run_cell
+from benchmark.execution import grids, liveness, runner, todo
+from benchmark.execution.cell import dense_key, run_cell
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -94,12 +97,47 @@ def test_a_task_silent_past_its_stall_limit_is_frozen():
     assert found == {"frozen"}
 
 
-def test_the_stall_limit_comes_from_the_environment(monkeypatch):
-    monkeypatch.setenv(cell_progress.STALL_ENV, "90")
-    assert cell_progress.stall_seconds() == 90
-    for bad in ("-1", "nan", "soon", "inf"):
-        monkeypatch.setenv(cell_progress.STALL_ENV, bad)
-        assert cell_progress.stall_seconds() == cell_progress.DEFAULT_STALL_S
+def test_the_stall_limit_is_a_checked_run_option(tmp_path):
+    from benchmark.__main__ import build_parser
+    from benchmark.cli.run import run_options
+    from benchmark.execution.run_options import RunOptions, RunOptionsError
+
+    assert RunOptions(results_dir=tmp_path).stall_timeout == cell_progress.DEFAULT_STALL_S
+    assert run_options(build_parser().parse_args(["run", "--stall-timeout", "90"])).stall_timeout == 90
+    for bad in (0, -1, float("nan"), float("inf"), "soon", True):
+        with pytest.raises(RunOptionsError, match="--stall-timeout .*: give a number of seconds above 0"):
+            RunOptions(results_dir=tmp_path, stall_timeout=bad)
+
+
+def test_a_run_gives_up_a_frozen_dense_lock_after_its_stall_timeout(tmp_path):
+    """``stall_timeout`` reaches the cell's dense-model lock (driver -> task -> run_cell -> Context):
+    a holder that reports no progress is given up after 1 s here, not the default 600 s. The holder
+    lets go after 45 s, so a run that ignored the option would end after that (and fail here)."""
+    grid = grids.parse_grid("""
+seeds = [0]
+subset = 300
+[[experiment]]
+archs = ["lenet300"]
+datasets = ["fashion-mnist"]
+schedule = { epochs = 1, batch_size = 64 }
+[experiment.methods.dense]
+""")
+    cache = tmp_path / "r" / "cache"
+    cache.mkdir(parents=True)
+    holder = open(cache / f"dense-{dense_key(grid.cells[0], torch.device('cpu'))}.lock", "a+")
+    fcntl.flock(holder, fcntl.LOCK_EX)  # another open file of the lock: flock excludes this process's waiter too
+    release = threading.Timer(45, holder.close)
+    release.start()
+    try:
+        began = time.monotonic()
+        with pytest.warns(RuntimeWarning, match="made no progress"):
+            summary = runner.run_grid(grid, grid.cells, results_dir=tmp_path / "r", device="cpu", progress=False,
+                                      stall_timeout=1.0)
+        assert time.monotonic() - began < 45
+        assert summary.finished == 1 and summary.failed == 0
+    finally:
+        release.cancel()
+        holder.close()
 
 
 HOLDER = """

@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from benchmark.core import cell_progress
 from benchmark.engine import data as data_mod
 from benchmark.engine import models
 
@@ -58,6 +59,10 @@ def add_commands(sub) -> None:
                         "CUBLAS_WORKSPACE_CONFIG=:4096:8), so a GPU run repeats bit for bit, somewhat slower; records "
                         "say deterministic=true. No effect on a CPU (its training is deterministic already); "
                         "cell ids do not change")
+    p.add_argument("--stall-timeout", type=float, default=cell_progress.DEFAULT_STALL_S, metavar="SECONDS",
+                   help=f"how long to wait on a holder of the dense-model lock (another cell training the same "
+                        f"dense model) that makes no progress before training it here (default "
+                        f"{cell_progress.DEFAULT_STALL_S:g})")
     p.add_argument("--json", action="store_true", help="print each record as one JSON line instead of a summary")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(handler=run_command)
@@ -74,6 +79,8 @@ def run_command(args) -> int:
         raise ValueError(f"--data-dir {args.data_dir}: no such folder. Datasets are searched there first; fix the "
                          f"path, or leave --data-dir out to search $BENCHMARK_DATA, ./data and system locations")
     pick_device(args.device)  # a device that is not here: a message before anything is built
+    if cell_progress.stall_problem(args.stall_timeout) is not None:
+        raise ValueError(cell_progress.stall_problem(args.stall_timeout))
 
     schedule = {k: v for k, v in {"epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size,
                                   "weight_decay": args.weight_decay, "momentum": args.momentum}.items() if v is not None}
@@ -86,7 +93,7 @@ def run_command(args) -> int:
         check_compile(pick_device(args.device))
     records = run_cell(cell, data_dir=args.data_dir, device=args.device, work_root=args.work_dir,
                        cache_dir=args.cache_dir, progress=False if args.no_progress else None, compiled=args.compile,
-                       deterministic=args.deterministic)
+                       deterministic=args.deterministic, stall_s=args.stall_timeout)
     for record in records:
         if args.json:
             print(json.dumps(record))

@@ -67,10 +67,10 @@ def add_commands(sub) -> None:
     p.add_argument("--jobs", type=int,
                    help="cells at once: local worker processes (default 1; on CPU each gets cores/jobs threads), "
                         "or with --backend dask the most cells in flight (default: all worker threads)")
-    p.add_argument("--stall-timeout", type=float, metavar="SECONDS",
+    p.add_argument("--stall-timeout", type=float, default=cell_progress.DEFAULT_STALL_S, metavar="SECONDS",
                    help=f"a worker whose cell makes no training progress this long (and ten times its own longest "
                         f"pause between progress reports) counts as frozen: it is killed and its cell runs again "
-                        f"(default {cell_progress.DEFAULT_STALL_S:g}, or ${cell_progress.STALL_ENV}); also how long "
+                        f"(default {cell_progress.DEFAULT_STALL_S:g}); also how long "
                         f"a cell waits on a frozen holder of a dense-model lock")
     p.add_argument("--jobs-per-gpu", type=int,
                    help="with GPUs: run at most K cells per GPU at a time, each pinned to its GPU (jobs = GPUs x K)")
@@ -211,7 +211,7 @@ def run_options(args) -> RunOptions:
                          backend=args.backend, scheduler=args.scheduler, data_dir=args.data_dir, device=args.device,
                          retry_failed=args.retry_failed, progress=False if args.no_progress else None,
                          compiled=args.compile, scheduler_timeout=args.connect_timeout, pack=args.pack,
-                         slurm=slurm_options, deterministic=args.deterministic)
+                         slurm=slurm_options, deterministic=args.deterministic, stall_timeout=args.stall_timeout)
     if args.backend == "slurm" and not getattr(args, "dry_run", False):
         slurm.check_installed()
     return options
@@ -225,10 +225,6 @@ def _resume_command(args) -> str:
 
 
 def run_command(args) -> int:
-    if getattr(args, "stall_timeout", None) is not None:  # the workers inherit it (benchmark.core.cell_progress)
-        if not 0 < args.stall_timeout < float("inf"):
-            raise ValueError(f"--stall-timeout {args.stall_timeout:g}: give a number of seconds above 0")
-        os.environ[cell_progress.STALL_ENV] = repr(args.stall_timeout)
     options = run_options(args)
     grid, cells, groups = _select(args)
     store = Store(args.results_dir, grid.name)

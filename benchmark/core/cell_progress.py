@@ -146,10 +146,9 @@ def elapsed_s() -> float:
 
 # -- how long no progress means frozen -------------------------------------------------------------
 
-#: Environment variable with the seconds without progress after which a training process counts as
-#: frozen (``run --stall-timeout`` sets it; workers inherit it).
-STALL_ENV = "DWF_BENCH_STALL_S"
-#: Its default: long beside any step or evaluation, short beside hours of a frozen run.
+#: Seconds without progress after which a training process counts as frozen, unless the run says
+#: otherwise (``run --stall-timeout``, ``RunOptions.stall_timeout``, passed down to the workers): long
+#: beside any step or evaluation, short beside hours of a frozen run.
 DEFAULT_STALL_S = 600.0
 #: How many of its own longest gaps between progress reports a process may stay silent.
 STALL_FACTOR = 10.0
@@ -157,14 +156,13 @@ STALL_FACTOR = 10.0
 LOCK_POLL_S = 0.5
 
 
-def stall_seconds() -> float:
-    """The configured stall limit (``STALL_ENV``, else ``DEFAULT_STALL_S``); a bad value is ignored."""
-    raw = os.environ.get(STALL_ENV)
-    try:
-        value = float(raw) if raw else DEFAULT_STALL_S
-    except ValueError:
-        return DEFAULT_STALL_S
-    return value if value > 0 and value == value and value != float("inf") else DEFAULT_STALL_S
+def stall_problem(seconds, flag: str = "--stall-timeout") -> str | None:
+    """What is wrong with ``seconds`` as a stall limit (a number of seconds above 0, finite), as a
+    message naming ``flag``, the value and the fix; None when it is fine."""
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0 < seconds < float("inf"):
+        return (f"{flag} {seconds!r}: give a number of seconds above 0 (default {DEFAULT_STALL_S:g}), "
+                f"e.g. {flag} 300")
+    return None
 
 
 def stall_limit(progress: dict | None, floor: float) -> float:
@@ -179,11 +177,11 @@ class LockGivenUp(RuntimeError):
 
 
 @contextlib.contextmanager
-def watched_lock(path: Path | str, warn=None, stall_s: float | None = None):
+def watched_lock(path: Path | str, warn=None, stall_s: float = DEFAULT_STALL_S):
     """An exclusive lock on ``path`` between processes of this machine (flock: freed when its holder
     dies) whose waiters do not wait for ever on a frozen holder. The holder reports its progress in
     ``<path>.progress.json`` (each epoch and step it trains meanwhile); a waiter that sees no
-    progress for ``stall_s`` seconds (``stall_seconds``) calls ``warn`` with a message naming the
+    progress for ``stall_s`` seconds (the run's stall limit) calls ``warn`` with a message naming the
     holder and goes on without the lock. A waiter stays alive for its driver meanwhile
     (``still_working``). Where there is no fcntl it does not lock (docs/design.md, "Progress and
     liveness")."""
@@ -192,7 +190,6 @@ def watched_lock(path: Path | str, warn=None, stall_s: float | None = None):
     except ImportError:
         yield True
         return
-    stall_s = stall_seconds() if stall_s is None else stall_s
     holder_report = Path(f"{path}.progress.json")
     with open(path, "a+") as fh:
         waiting_since = time.time()

@@ -273,7 +273,8 @@ class Context:
     deterministic given the cell's seed."""
 
     def __init__(self, cell: Cell, data: data_mod.Data, device: torch.device, work_dir: Path,
-                 cache_dir: Path, progress: bool | None = None, compiled: bool = False):
+                 cache_dir: Path, progress: bool | None = None, compiled: bool = False,
+                 stall_s: float = cell_progress.DEFAULT_STALL_S):
         self.cell = cell
         self.data = data
         self.device = device
@@ -281,6 +282,7 @@ class Context:
         self.cache_dir = Path(cache_dir)
         self.progress = progress
         self.compiled = compiled  # torch.compile the training forward (a speed option, not part of the cell)
+        self.stall_s = stall_s  # how long ``dense`` waits on a lock holder that makes no progress
         self.channels_last = uses_channels_last(device, cell.arch)
         self.trained_epochs = 0
 
@@ -340,7 +342,7 @@ class Context:
         final = self.cache_dir / f"dense-{key}.pt"
         # a frozen holder of the lock does not block this cell for ever: past the stall limit it trains
         # the (deterministic, atomically written) dense model itself (docs/design.md, "Progress and liveness")
-        with cell_progress.watched_lock(self.cache_dir / f"dense-{key}.lock", warn=_warn):
+        with cell_progress.watched_lock(self.cache_dir / f"dense-{key}.lock", warn=_warn, stall_s=self.stall_s):
             cached = load_state(final, keys=DENSE_KEYS, mmap=True)
             kept = cached.get("snapshot_points", schedule_mod.REWIND_EPOCHS) if cached is not None else ()
             if cached is None or (snapshot is not None and snapshot not in kept):
@@ -409,7 +411,8 @@ def dataclass_dict(obj) -> dict:
 def run_cell(cell: Cell, *, data_dir=None, device: str | torch.device | None = None,
              work_root: Path | str = "results/work", cache_dir: Path | str = "results/cache",
              progress: bool | None = None, data: data_mod.Data | None = None, keep_work: bool = False,
-             compiled: bool = False, context=Context, deterministic: bool = False) -> list[dict]:
+             compiled: bool = False, context=Context, deterministic: bool = False,
+             stall_s: float = cell_progress.DEFAULT_STALL_S) -> list[dict]:
     """Run one cell and return its records. Never raises for a failure of the cell itself: a
     diverged or crashed cell returns one record with ``status`` 'failed' (and the error), a cell
     whose dataset is missing one with status 'blocked' (and the fetch command). A disk that cannot
@@ -420,7 +423,9 @@ def run_cell(cell: Cell, *, data_dir=None, device: str | torch.device | None = N
     so a driver killed in between loses no training: the rerun finds the last epoch's checkpoint).
     ``context`` builds the Context (benchmark.execution.packing.run passes one whose trainings wait for the pack).
     ``deterministic`` (``run --deterministic``, GPU-only): reproducible cuDNN/cuBLAS kernels
-    (``benchmark.engine.devices.make_deterministic``); records on a GPU then say ``deterministic``."""
+    (``benchmark.engine.devices.make_deterministic``); records on a GPU then say ``deterministic``.
+    ``stall_s`` (``run --stall-timeout``): how long the cell waits on a frozen holder of the lock of
+    its dense model before it trains that itself."""
     began = time.perf_counter()
     cell_progress.start_cell()
     dev = device if isinstance(device, torch.device) else pick_device(device)
@@ -437,7 +442,7 @@ def run_cell(cell: Cell, *, data_dir=None, device: str | torch.device | None = N
             raise ValueError(f"the data passed to run_cell {'lacks' if data.val is None else 'has'} a validation split, "
                              f"but the cell's schedule says validation={cell.schedule.validation}")
         work_dir = Path(work_root) / cell.id
-        ctx = context(cell, data, dev, work_dir, Path(cache_dir), progress, compiled)
+        ctx = context(cell, data, dev, work_dir, Path(cache_dir), progress, compiled, stall_s=stall_s)
         method = method_base.get_method(cell.method)(cell.method_params)
         records = method.run(ctx)
     except data_mod.DatasetMissing as exc:

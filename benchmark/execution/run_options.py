@@ -12,6 +12,7 @@ import dataclasses
 import os
 from pathlib import Path
 
+from benchmark.core.cell_progress import DEFAULT_STALL_S, stall_problem
 from benchmark.execution.slurm import SlurmOptions
 
 #: Seconds to wait for a Dask scheduler to answer before giving up with a message.
@@ -39,7 +40,10 @@ class RunOptions:
     ``scheduler``, slurm starts Dask workers in SLURM jobs as ``slurm`` says
     (benchmark.execution.slurm.SlurmOptions; its defaults when None). ``pack``: auto, off or N
     (benchmark.execution.packing.plan), kept as parsed. ``progress`` None: a bar on a terminal only.
-    ``deterministic``: reproducible cuDNN/cuBLAS kernels on GPUs (``run_cell``)."""
+    ``deterministic``: reproducible cuDNN/cuBLAS kernels on GPUs (``run_cell``). ``stall_timeout``:
+    seconds without training progress after which the driver kills a worker as frozen, and a cell
+    stops waiting on a frozen holder of a dense-model lock (docs/design.md, "Progress and liveness");
+    the workers get it with every task, so it holds on Dask and SLURM workers too."""
 
     results_dir: str | Path = "results"
     jobs: int | None = None
@@ -55,9 +59,12 @@ class RunOptions:
     pack: str | int = DEFAULT_PACK
     slurm: SlurmOptions | None = None
     deterministic: bool = False
+    stall_timeout: float = DEFAULT_STALL_S
 
     def __post_init__(self):
         problems: list[str] = []
+        if stall_problem(self.stall_timeout) is not None:
+            problems.append(stall_problem(self.stall_timeout))
         if self.backend not in BACKENDS:
             problems.append(f"--backend {self.backend!r}: unknown; use {', '.join(BACKENDS)}")
         for flag, value in (("--jobs", self.jobs), ("--jobs-per-gpu", self.jobs_per_gpu)):

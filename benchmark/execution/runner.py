@@ -40,7 +40,6 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from benchmark.core import cell_progress
 from benchmark.core.console import say
 from benchmark.core.errors import Interrupted, RunStopped, StorageError, is_disk_error
 from benchmark.execution import grids as grids_mod
@@ -113,7 +112,6 @@ class GridRun:
         self.killed_at: dict = {}  # future -> when its frozen worker was last killed
         self.progress = None  # EpochProgress: the bar in epochs
         self.watched_at = 0.0
-        self.stall_s = cell_progress.stall_seconds()
         self.common: dict = {}  # execute's keywords, the same for every task
         self.started_at = time.time()
 
@@ -156,7 +154,8 @@ class GridRun:
                                          threads, options.compiled, cache_dir, say=_tell))
             self.common = {"data_dir": options.data_dir, "device": options.device, "work_root": str(store.work_dir),
                            "cache_dir": cache_dir, "threads": threads, "compiled": options.compiled,
-                           "keep_work": True, "deterministic": options.deterministic}
+                           "keep_work": True, "deterministic": options.deterministic,
+                           "stall_s": options.stall_timeout}
             weights = {cell.id: cell_weight(cell) for cell in todo}
             self.bar = bar_class()(total=sum(max(1, w) for w in weights.values()), desc=f"grid {self.grid.name}",
                                    unit="epoch", bar_format=EPOCH_BAR_FORMAT, disable=_no_bar(options.progress),
@@ -242,7 +241,8 @@ class GridRun:
         if type(self.pool) is InlinePool:
             return
         on_local_pool = isinstance(self.pool, LocalPool)
-        for frozen in liveness.stalled_tasks(self.in_flight, self.handed_out, reports, self.stall_s, on_local_pool):
+        for frozen in liveness.stalled_tasks(self.in_flight, self.handed_out, reports, self.options.stall_timeout,
+                                             on_local_pool):
             self._kill_frozen(frozen)
 
     def _kill_frozen(self, frozen: liveness.Stalled) -> None:

@@ -49,12 +49,14 @@ def cached_data(cell: Cell, data_dir, device):
 
 
 def execute(config: dict | list[dict], *, data_dir, device, work_root, cache_dir, threads: int | None,
-            compiled: bool = False, keep_work: bool = False, deterministic: bool = False) -> list[dict] | dict[str, list[dict]]:
+            compiled: bool = False, keep_work: bool = False, deterministic: bool = False,
+            stall_s: float = cell_progress.DEFAULT_STALL_S) -> list[dict] | dict[str, list[dict]]:
     """Run one cell in a worker process and return its records (never raises for the cell; a full
     or read-only disk raises StorageError). A worker that owns a GPU (``--jobs-per-gpu``: its slot,
     ``claim_gpu``) runs every cell on that GPU, whatever ``device`` says; elsewhere ``device`` is
     picked here, on the worker's machine. A list of configs is a pack (benchmark.execution.packing): it
-    returns the records of each cell by its id."""
+    returns the records of each cell by its id. ``stall_s``: the run's stall limit, for the dense-model
+    lock (``Context.dense``)."""
     import torch
 
     from benchmark.engine import data as data_mod
@@ -75,9 +77,11 @@ def execute(config: dict | list[dict], *, data_dir, device, work_root, cache_dir
         from benchmark.execution.packing.run import run_pack
 
         return run_pack(cells, data_dir=data_dir, device=dev, work_root=work_root, cache_dir=cache_dir,
-                        data=data, compiled=compiled, keep_work=keep_work, deterministic=deterministic)
+                        data=data, compiled=compiled, keep_work=keep_work, deterministic=deterministic,
+                        stall_s=stall_s)
     return run_cell(cell, data_dir=data_dir, device=dev, work_root=work_root, cache_dir=cache_dir,
-                    progress=False, data=data, compiled=compiled, keep_work=keep_work, deterministic=deterministic)
+                    progress=False, data=data, compiled=compiled, keep_work=keep_work, deterministic=deterministic,
+                    stall_s=stall_s)
 
 
 def execute_tagged(task_id: str, config: dict | list[dict], common: dict) -> tuple[str, list[dict] | dict]:

@@ -103,16 +103,17 @@ class PackContext(Context):
 
 
 def run_pack(cells: list[Cell], *, data, device, work_root, cache_dir, keep_work: bool = False,
-             data_dir=None, compiled: bool = False, deterministic: bool = False) -> dict[str, list[dict]]:
+             data_dir=None, compiled: bool = False, deterministic: bool = False,
+             stall_s: float = cell_progress.DEFAULT_STALL_S) -> dict[str, list[dict]]:
     """Run the cells as one pack; returns each cell's records (as ``run_cell`` makes them, with
     ``pack_size`` and the cell's share of the pack's ``wall_s``). Raises StorageError like
-    ``run_cell``."""
+    ``run_cell``. ``stall_s``: the run's stall limit, for the dense-model locks."""
     began = time.perf_counter()
     members = [_Member(cell) for cell in cells]
     threads = [threading.Thread(target=_member_body, name=f"pack-{cell.id}", daemon=True,
                                 args=(m, dict(data=data, device=device, work_root=work_root, cache_dir=cache_dir,
                                               keep_work=keep_work, data_dir=data_dir, compiled=compiled,
-                                              deterministic=deterministic)))
+                                              deterministic=deterministic, stall_s=stall_s)))
                for m, cell in zip(members, cells)]
     for thread in threads:
         thread.start()
@@ -127,7 +128,7 @@ def run_pack(cells: list[Cell], *, data, device, work_root, cache_dir, keep_work
             waiting = [m for m in members if m.request is not None]
             if not waiting:
                 break
-            _train_waiting(waiting, data)
+            _train_waiting(waiting, data, stall_s)
             for m in waiting:
                 m.request = None
     except BaseException:
@@ -169,9 +170,9 @@ def _turn(member: _Member) -> None:
         pass
 
 
-def _train_waiting(waiting: list[_Member], data) -> None:
-    """Train the waiting requests: each shared checkpoint once, under its lock; stackable ones
-    together."""
+def _train_waiting(waiting: list[_Member], data, stall_s: float) -> None:
+    """Train the waiting requests: each shared checkpoint once, under its lock (given up on a holder
+    silent for ``stall_s``); stackable ones together."""
     unique: dict[Path, _Request] = {}
     for m in waiting:
         unique.setdefault(m.request.job.checkpoint, m.request)
@@ -179,7 +180,7 @@ def _train_waiting(waiting: list[_Member], data) -> None:
         jobs = []
         for request in sorted(unique.values(), key=lambda r: str(r.job.checkpoint)):
             if request.lock is not None:
-                locks.enter_context(cell_progress.watched_lock(request.lock, warn=log.warning))
+                locks.enter_context(cell_progress.watched_lock(request.lock, warn=log.warning, stall_s=stall_s))
                 if request.done is not None and request.done.is_file():
                     continue
             if why_not_packable(request.job) is None:
