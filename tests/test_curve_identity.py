@@ -4,6 +4,7 @@ any type, or the schedule) get labels of their own, so no table or figure averag
 from __future__ import annotations
 
 import pandas as pd
+import pytest
 
 from benchmark.__main__ import main
 
@@ -34,6 +35,7 @@ target_cr = 10
 """
 
 
+@pytest.mark.slow  # a whole grid of 10 cells and report
 def test_curves_of_different_settings_get_their_own_labels_rows_and_lines(tmp_path, capsys):
     grid = tmp_path / "mixed.toml"
     grid.write_text(GRID)

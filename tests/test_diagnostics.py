@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pandas as pd
+import pytest
 
 from benchmark.analysis import curves as cv
 from benchmark.analysis.diagnostics import curve_warnings
@@ -49,6 +50,7 @@ def test_one_seed_that_breaks_is_enough(tmp_path):
     assert warnings_for(rows, tmp_path) == []
 
 
+@pytest.mark.slow  # a whole grid and report
 def test_run_and_report_end_with_the_warning_for_a_dwf_grid_that_compresses_nothing(tmp_path, capsys, tiny_grid):
     """The new user's trap: DWF at a tiny λ for one epoch stays at CR 1; `run` and `report` say so and
     what to change, after the CSV line, and `run` still exits 0 (nothing failed)."""

@@ -107,6 +107,7 @@ def test_no_estimate_counts_without_measuring(tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "cache").exists()
 
 
+@pytest.mark.slow  # measures speeds and runs the whole grid
 def test_the_estimate_is_within_a_factor_3_of_the_run(tmp_path, capsys, monkeypatch):
     """Speeds measured here just before and just after the run it estimates (a shared machine's load
     moves), and the run's wall time within a factor 3 of their mean: not tighter, the machine is
@@ -144,6 +145,7 @@ def test_the_estimate_is_within_a_factor_3_of_the_run(tmp_path, capsys, monkeypa
     assert "measured earlier" in out and f"estimated wall time on {machine}" in out
 
 
+@pytest.mark.slow  # measures real training speeds twice
 def test_a_speed_cached_while_the_machine_was_busy_is_measured_again_once_it_is_not(tmp_path, capsys, monkeypatch):
     """A speed measured under a load above the core count (a grid running) overstates the hours many
     times; once the machine is less than half as busy, the next dry run measures it again. A speed

@@ -64,6 +64,7 @@ def test_k_workers_per_gpu_on_n_gpus_and_threads_from_the_cores_per_worker(monke
         run_options.local_workers("auto", 2, 2)
 
 
+@pytest.mark.slow  # a pool of worker processes
 def test_each_worker_process_owns_one_gpu_for_its_life(monkeypatch):
     """Real worker processes (the run's pool), two per GPU on two fake GPUs: each takes a GPU when
     it starts, before any CUDA call, and sets no other device however many cells it runs."""
@@ -86,6 +87,7 @@ def test_each_worker_process_owns_one_gpu_for_its_life(monkeypatch):
     assert not Path(slots_dir).exists()  # the run's slot files go with its pool
 
 
+@pytest.mark.slow  # worker processes killed and replaced
 def test_a_slot_freed_by_a_dead_worker_is_taken_by_its_replacement(tmp_path):
     """Slots are kernel locks: a worker that dies frees its GPU for the next one, and a worker
     beyond K x N finds none (the message says why)."""
@@ -134,6 +136,7 @@ def test_pack_n_plans_for_workers_whose_memory_is_unknown_here():
     assert "cannot be measured from here" in lines[0]
 
 
+@pytest.mark.slow  # a child process
 def test_planning_in_a_child_process_gives_the_units_of_planning_here(tmp_path):
     cells = _cells(5)
     args = (cells, 2, torch.device("cpu"), 2, 2, 1, str(tmp_path))
@@ -206,6 +209,7 @@ def _blocked(code: str, *blocked: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow  # a CLI subprocess
 def test_methods_import_without_torch_pruning_and_a_structured_cell_says_how_to_install_it(tmp_path):
     code = f"""
 import methods
@@ -227,6 +231,7 @@ print(record["status"], "|", record["error"])
     assert status == "failed" and "torch-pruning" in error and "pip install torch-pruning" in error
 
 
+@pytest.mark.slow  # CLI subprocesses
 def test_the_dask_backends_without_dask_say_what_to_install(tmp_path):
     code = f"""
 from benchmark.__main__ import main

@@ -389,6 +389,7 @@ def test_variant_labels_tell_the_options_apart_and_old_records_keep_theirs():
     assert len({(s.color, s.linestyle) for s in styles.values()}) == 4
 
 
+@pytest.mark.slow  # a 9-level lottery cell on real data
 def test_the_cli_runs_the_options_and_prints_one_record_per_level(tmp_path, capsys):
     """Real Fashion-MNIST, 256 images, one epoch of 4 steps: LR rewinding to iteration 1 with the output
     layer dense (265,200 other weights down to 1,662: 8 levels of a half)."""

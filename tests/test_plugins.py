@@ -67,6 +67,7 @@ def benchmark(plugin_path: Path, cwd: Path, *args) -> subprocess.CompletedProces
                           capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow  # pip-installs a package, CLI subprocesses
 def test_installed_method_is_listed_and_runs_one_cell(plugin_path, tmp_path):
     listed = benchmark(plugin_path, tmp_path, "list")
     assert listed.returncode == 0, listed.stderr
@@ -80,6 +81,7 @@ def test_installed_method_is_listed_and_runs_one_cell(plugin_path, tmp_path):
     assert record["target_cr"] == 20 and record["cr"] == pytest.approx(20, rel=0.01)
 
 
+@pytest.mark.slow  # pip-installed package, a whole grid and report
 def test_installed_method_runs_in_a_grid_and_gets_its_curves(plugin_path, tmp_path):
     (tmp_path / "plugin.toml").write_text(GRID)
     ran = benchmark(plugin_path, tmp_path, "run", "--grid", "plugin.toml", "--jobs", "1", "--no-progress")
@@ -94,6 +96,7 @@ def test_installed_method_runs_in_a_grid_and_gets_its_curves(plugin_path, tmp_pa
     assert accuracy.index("| random") < accuracy.index("| init-magnitude")  # its plotting.order: after the built-ins
 
 
+@pytest.mark.slow  # a CLI subprocess
 def test_a_plugin_that_fails_to_load_is_named(tmp_path):
     broken = tmp_path / "broken"
     dist = broken / "broken_plugin-0.1.dist-info"
@@ -127,6 +130,7 @@ target_cr = 4
 """
 
 
+@pytest.mark.slow  # pip install and a CLI subprocess
 def test_a_pip_installed_plugin_that_fails_to_import_is_one_problem_naming_its_package(tmp_path):
     """Not one grid problem per method line (issue 29: "grid 'cifar' has 25 problem(s)")."""
     source = tmp_path / "source"

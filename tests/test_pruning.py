@@ -202,7 +202,7 @@ def test_finetuning_holds_the_mask_and_counts_its_epochs(tmp_path, tiny_data):
 
 
 @pytest.mark.parametrize("method,params", [
-    ("random", {}), ("snip", {"score_batches": 2}), ("grasp", {}), ("synflow", {}),
+    ("random", {}), ("snip", {"score_batches": 2}), ("grasp", {}), ("synflow", {"rounds": 10}),
 ])
 def test_at_init_methods_run_end_to_end_at_the_target(tmp_path, tiny_data, method, params):
     r = run(method, tmp_path, tiny_data, tmp_path / "c", target_cr=10.0, **params)

@@ -114,6 +114,7 @@ def test_dry_run_lists_cells_and_trains_nothing(tmp_path, capsys, tiny_grid):
     assert not (tmp_path / "r" / "g" / "cells").exists() or not list((tmp_path / "r" / "g" / "cells").iterdir())
 
 
+@pytest.mark.slow  # driver subprocesses SIGKILLed and rerun
 def test_sigkill_then_rerun_finishes_every_cell_exactly_once(tmp_path, tiny_grid):
     grid_file = tiny_grid(tmp_path / "g.toml", lams=(1e-5, 1e-4, 3e-4, 1e-3), epochs=3)
     results = tmp_path / "r"
@@ -141,6 +142,7 @@ def test_sigkill_then_rerun_finishes_every_cell_exactly_once(tmp_path, tiny_grid
     assert not list(store.cells_dir.glob(".*tmp*")) and not list(store.claims_dir.glob("*.claim"))
 
 
+@pytest.mark.slow  # two driver subprocesses on one grid
 def test_two_concurrent_runs_never_train_a_cell_twice(tmp_path, tiny_grid):
     grid_file = tiny_grid(tmp_path / "g.toml", lams=(1e-5, 1e-4, 3e-4, 1e-3), epochs=1)
     results = tmp_path / "r"
@@ -213,6 +215,7 @@ target_cr = 10
     assert [c.method for c in ordered] == ["dense", "dwf", "magnitude"]
 
 
+@pytest.mark.slow  # two whole grid runs
 def test_each_run_writes_its_own_log(tmp_path, tiny_grid):
     grid_file = tiny_grid(tmp_path / "g.toml", lams=(1e-4,))
     for _ in range(2):
@@ -223,6 +226,7 @@ def test_each_run_writes_its_own_log(tmp_path, tiny_grid):
     assert sum("0 to run, 3 already done" in text for text in logs) == 1
 
 
+@pytest.mark.slow  # a whole grid run
 def test_the_log_survives_a_library_that_reconfigures_logging(tmp_path, tiny_grid):
     """logging.config.dictConfig (import-linter, distributed and others call it) disables every logger
     that exists already; a run in that process must still write its log."""

@@ -55,6 +55,7 @@ def test_regularized_records_carry_settling_columns_and_a_per_epoch_trajectory(t
         assert history[-1]["balance_error"] == pytest.approx(record["balance_error"])
 
 
+@pytest.mark.slow  # a whole grid, collect and plot
 def test_collect_writes_one_history_row_per_record_and_epoch_and_plot_draws_trajectories(tmp_path, tiny_grid):
     grid_file = tiny_grid(tmp_path / "g.toml", lams=(1e-3, 1e-2), epochs=2)
     results = tmp_path / "results"

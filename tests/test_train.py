@@ -83,6 +83,7 @@ def _compile_works() -> bool:
     return True
 
 
+@pytest.mark.slow  # torch.compile
 @pytest.mark.skipif(not _compile_works(), reason="torch.compile cannot build CPU code here (no C++ compiler)")
 def test_compiled_training_follows_the_eager_run_and_is_recorded(tmp_path):
     data = make_data()

@@ -200,6 +200,7 @@ def _fashion_subset(folder: Path, shuffle_test_labels: bool) -> Path:
 SMALL_TUNED = TUNED.replace("[experiment.methods.lottery]\ntarget_cr = 4\n", "").replace("seeds = [0, 1]", "seeds = [0]")
 
 
+@pytest.mark.slow  # whole tuning grids, run twice
 def test_no_pick_changes_when_the_test_labels_change_and_a_rerun_trains_nothing(tmp_path, capsys):
     grid_file = tmp_path / "tuned.toml"
     grid_file.write_text(SMALL_TUNED)

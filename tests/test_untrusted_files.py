@@ -247,6 +247,7 @@ SPEEDS_DAMAGE = {
 }
 
 
+@pytest.mark.slow  # measures real training speeds twice per case
 @pytest.mark.parametrize("damage", SPEEDS_DAMAGE)
 def test_a_damaged_speed_cache_is_named_set_aside_and_measured_again(tmp_path, monkeypatch, capsys, damage):
     monkeypatch.setenv("BENCHMARK_CACHE_DIR", str(tmp_path / "cache"))
