@@ -176,6 +176,7 @@ def test_depth3_and_4_are_sparser_than_depth2_at_similar_fit():
 # ---- the method through the harness ------------------------------------------------------------
 
 
+@pytest.mark.slow  # 40 epochs; the same balance is checked fast by test_factors_become_balanced_with_weight_decay
 def test_dwf_cell_records_sparsity_and_convention(tmp_path):
     cell = Cell.make("dwf", "lenet300", "fashion-mnist", params={"depth": 3, "lam": 0.02},
                      schedule={"epochs": 40, "batch_size": 32, "lr": 0.2})
