@@ -53,8 +53,9 @@ reference: setup data
 test: setup data test-packages
 	$(PY) -m pytest -q
 
-# The inner loop: unit and small-integration tests (434; 2 min 40 s on 2 cores beside two background
-# grids): no process kills, clusters or whole grids, which are marked slow and run in `make test` (CI).
+# The inner loop: unit and small-integration tests (541; 3 min of CPU time, 5 min on 2 cores at a load
+# of 5): no process kills, worker pools, clusters, whole grids or long trainings, which are marked slow
+# and run in `make test` (CI).
 test-fast: setup data
 	$(PY) -m pytest -q -m "not slow"
 
