@@ -294,8 +294,10 @@ def _comparable(record: dict) -> dict:
     return out
 
 
-@pytest.mark.parametrize("params", [{"rewind": "2it"}, {"retrain": "lr_rewind"},
-                                    {"retrain": "finetune", "finetune_epochs": 2, "prune_output": False}])
+# one retraining kind in the fast tier; the other two resume by the same checkpoint path (make test)
+@pytest.mark.parametrize("params", [{"rewind": "2it"}, pytest.param({"retrain": "lr_rewind"}, marks=pytest.mark.slow),
+                                    pytest.param({"retrain": "finetune", "finetune_epochs": 2, "prune_output": False},
+                                                 marks=pytest.mark.slow)])
 def test_a_cell_killed_mid_level_resumes_to_the_same_records(tmp_path, data, params, early_points):
     cell = lottery(**params)
     kwargs = dict(data=data, cache_dir=tmp_path / "c", progress=False)

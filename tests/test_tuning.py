@@ -247,3 +247,20 @@ def test_the_reference_tuning_preset_is_what_a_tune_table_in_lenet_reference_mak
     made = {c.id for c in tuning.tuning_cells(tuned.tune_groups)}
     assert made == {c.id for c in grids.load_grid("lenet-reference-tuning").cells}
     assert tuning.folder("lenet-reference") == "lenet-reference-tuning"
+
+
+def test_the_tuning_table_notes_a_pick_at_the_edge_of_its_candidates(tmp_path):
+    """lenet-reference-tuning picked 0.8, its largest rate, for every DWF depth: such a pick says only
+    that the best rate may lie beyond the candidates, and the table must say so."""
+    from benchmark.analysis import report
+
+    rows = []
+    for curve, scores in {"dwf D=3": [0.77, 0.85, 0.89], "l1": [0.78, 0.79, 0.54], "snip": [0.60, 0.50, 0.40]}.items():
+        best = int(np.argmax(scores))
+        rows += [{"curve": curve, "parameter": "lr", "candidate": c, "val_score": s, "picked": i == best,
+                  "tuning_cells": 3, "tuning_cpu_hours": 0.1} for i, (c, s) in enumerate(zip([0.2, 0.4, 0.8], scores))]
+    pd.DataFrame(rows).to_csv(tmp_path / "tuning.csv", index=False)
+    notes = dict(zip(*report.tuning_table(tmp_path)[["curve", "note"]].T.values))
+    assert notes["dwf D=3"].startswith("largest candidate") and "extend" in notes["dwf D=3"]
+    assert notes["l1"] == ""
+    assert notes["snip"].startswith("smallest candidate")

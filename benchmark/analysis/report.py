@@ -267,7 +267,8 @@ TUNING_EXPLANATION = (
     "Each tuned curve's candidates with their validation score (mean validation accuracy over the tuning seeds "
     "and scoring CRs, log-CR interpolation; beyond a candidate's measured CRs by more than 1.5x: chance); "
     "the pick in bold. Test data never enters a pick. Tuning cells and their CPU-hours are what the choice cost "
-    "(docs/tuning.md)."
+    "(docs/tuning.md). A pick at the edge of its candidates is noted: the range should be extended before it is "
+    "trusted."
 )
 
 
@@ -286,8 +287,22 @@ def tuning_table(folder: Path) -> pd.DataFrame | None:
                   for c, v, p in zip(group["candidate"].astype(float), group["val_score"].astype(float), picked)]
         first = group.iloc[0]
         rows.append({"curve": curve, "parameter": first["parameter"], "candidates: validation score (%)": ", ".join(scores),
-                     "tuning cells": int(first["tuning_cells"]), "CPU-hours": f"{float(first['tuning_cpu_hours']):.2f}"})
+                     "tuning cells": int(first["tuning_cells"]), "CPU-hours": f"{float(first['tuning_cpu_hours']):.2f}",
+                     "note": edge_note(group["candidate"].astype(float).tolist(), picked.tolist())})
     return pd.DataFrame(rows)
+
+
+def edge_note(candidates: list[float], picked: list[bool]) -> str:
+    """A pick at the smallest or largest of several candidates says only that the best setting may lie
+    beyond them: a reviewer asks for the range to be extended before the pick is trusted."""
+    if len(candidates) < 2 or not any(picked):
+        return ""
+    value = candidates[picked.index(True)]
+    if value == max(candidates):
+        return "largest candidate: the best may lie above; extend the candidates"
+    if value == min(candidates):
+        return "smallest candidate: the best may lie below; extend the candidates"
+    return ""
 
 
 COMPARISONS_EXPLANATION = (
