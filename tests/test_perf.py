@@ -97,25 +97,38 @@ def test_the_limit_sentence_keeps_three_figures_at_a_gpus_scale():
     assert line.startswith("1.36 ms per step against 0.27 µs for its 204 MFLOP at 752,000 GFLOP/s: 5,013")
 
 
-def test_bf16_comparison_pairs_the_records_of_the_same_cells(tmp_path):
+def test_a_comparison_pairs_the_records_of_the_same_cells_and_leaves_out_a_damaged_file(tmp_path):
     import json
 
-    from benchmark.speed.perf import bf16_compare
+    from benchmark.speed.perf import cell_compare
 
-    def cell(folder, cell_id, acc, cr, dtype):
+    committed = sorted((Path(__file__).resolve().parents[1] / "reference" / "lenet-reference" / "cells").glob("*.json"))
+    result = json.loads(committed[0].read_text())
+    cell_id = committed[0].stem
+
+    def cell(folder, name, acc, cr, **how):
         folder.mkdir(exist_ok=True)
-        record = {"test_acc": acc, "cr": cr, "compute_dtype": dtype}
-        (folder / f"{cell_id}.json").write_text(json.dumps(
-            {"config": {"method": "dwf", "params": {"depth": 2, "lam": 0.001}}, "records": [record]}))
+        changed = json.loads(json.dumps(result))
+        for record in changed["records"]:
+            record.update(test_acc=acc, cr=cr, **how)
+        (folder / f"{name}.json").write_text(json.dumps(changed))
 
-    cell(tmp_path / "fp32", "a", 0.9, 100.0, "float32")
-    cell(tmp_path / "fp32", "only-fp32", 0.9, 10.0, "float32")
-    cell(tmp_path / "bf16", "a", 0.88, 120.0, "bfloat16")
-    rows = bf16_compare.write_comparison(tmp_path / "fp32", tmp_path / "bf16", tmp_path / "out" / "comparison")
-    assert len(rows) == 1 and rows[0]["cell_id"] == "a"
+    cell(tmp_path / "fp32", cell_id, 0.9, 100.0)
+    cell(tmp_path / "bf16", cell_id, 0.88, 120.0, compute_dtype="bfloat16", memory_format="channels_last")
+    (tmp_path / "fp32" / "torn.json").write_text('{"config": ')
+    (tmp_path / "bf16" / "torn.json").write_text("{}")
+    with pytest.warns(RuntimeWarning, match="torn.json is damaged"):
+        rows = cell_compare.write_comparison(tmp_path / "fp32", tmp_path / "bf16", tmp_path / "out" / "comparison")
+    assert {r["cell_id"] for r in rows} == {cell_id} and len(rows) == len(result["records"])
     assert rows[0]["acc_diff"] == pytest.approx(-0.02) and rows[0]["cr_ratio"] == pytest.approx(1.2)
-    assert (tmp_path / "out" / "comparison.csv").read_text().startswith(",".join(bf16_compare.COLUMNS))
-    assert "| a | dwf | depth=2 lam=0.001 |" in (tmp_path / "out" / "comparison.md").read_text()
+    assert (rows[0]["dtype_base"], rows[0]["dtype_other"]) == ("float32", "bfloat16")
+    assert rows[0]["layout_other"] == "channels_last"
+    assert (tmp_path / "out" / "comparison.csv").read_text().startswith(",".join(cell_compare.COLUMNS))
+    assert f"| {cell_id} | {result['config']['method']} |" in (tmp_path / "out" / "comparison.md").read_text()
+    assert (tmp_path / "fp32" / "torn.json").exists()  # named, never moved: it is someone's committed folder
+    assert cell_compare.main([str(tmp_path / "fp32"), str(tmp_path / "bf16"), str(tmp_path / "lay"),
+                              "--labels", "contiguous,channels-last"]) == 0
+    assert (tmp_path / "lay.md").read_text().startswith("# channels-last against contiguous")
 
 
 def test_perf_grid_reports_cells_per_hour_and_memory_per_worker(tmp_path):
