@@ -261,6 +261,11 @@ def test_the_tuning_table_notes_a_pick_at_the_edge_of_its_candidates(tmp_path):
                   "tuning_cells": 3, "tuning_cpu_hours": 0.1} for i, (c, s) in enumerate(zip([0.2, 0.4, 0.8], scores))]
     pd.DataFrame(rows).to_csv(tmp_path / "tuning.csv", index=False)
     notes = dict(zip(*report.tuning_table(tmp_path)[["curve", "note"]].T.values))
-    assert notes["dwf D=3"].startswith("largest candidate") and "extend" in notes["dwf D=3"]
+    assert notes["dwf D=3"].startswith("the largest candidate") and "extend" in notes["dwf D=3"]
     assert notes["l1"] == ""
-    assert notes["snip"].startswith("smallest candidate")
+    assert notes["snip"].startswith("the smallest candidate")
+    from benchmark.execution import tuning
+
+    assert tuning.edge_note([0, 10], np.int64(10)).startswith("the largest")  # integers read back from a CSV
+    assert tuning.edge_note(["layer", "global"], "global") == ""  # categorical: no edge
+    assert tuning.edge_note([0.1], 0.1) == ""  # one candidate: nothing was chosen

@@ -25,6 +25,7 @@ from benchmark.analysis import comparisons as cmp
 from benchmark.analysis import curves as cv
 from benchmark.analysis import tables as tb
 from benchmark.core.files import atomic_write
+from benchmark.execution import tuning
 
 MISSING = "–"  # shown where a value is not defined (out of the measured range)
 
@@ -288,21 +289,9 @@ def tuning_table(folder: Path) -> pd.DataFrame | None:
         first = group.iloc[0]
         rows.append({"curve": curve, "parameter": first["parameter"], "candidates: validation score (%)": ", ".join(scores),
                      "tuning cells": int(first["tuning_cells"]), "CPU-hours": f"{float(first['tuning_cpu_hours']):.2f}",
-                     "note": edge_note(group["candidate"].astype(float).tolist(), picked.tolist())})
+                     "note": tuning.edge_note(group["candidate"].tolist(),
+                                              group["candidate"][picked].iloc[0] if picked.any() else None)})
     return pd.DataFrame(rows)
-
-
-def edge_note(candidates: list[float], picked: list[bool]) -> str:
-    """A pick at the smallest or largest of several candidates says only that the best setting may lie
-    beyond them: a reviewer asks for the range to be extended before the pick is trusted."""
-    if len(candidates) < 2 or not any(picked):
-        return ""
-    value = candidates[picked.index(True)]
-    if value == max(candidates):
-        return "largest candidate: the best may lie above; extend the candidates"
-    if value == min(candidates):
-        return "smallest candidate: the best may lie below; extend the candidates"
-    return ""
 
 
 COMPARISONS_EXPLANATION = (

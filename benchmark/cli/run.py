@@ -192,6 +192,10 @@ def _picks(grid: grids_mod.Grid, groups: list[tuning.TuneGroup], results_dir) ->
     lines = [f"tuning: {len(picks)} of {len(groups)} tuned curve(s) have their pick "
              f"({', '.join(f'{p.group.label}: {p.group.spec.parameter}={p.value}' for p in picks[:6])}"
              f"{', ...' if len(picks) > 6 else ''}); table: {Store(results_dir, grid.name).root / tuning.TABLE}"]
+    for chosen in picks:
+        note = tuning.edge_note(list(chosen.group.spec.candidates), chosen.value)
+        if note:
+            lines.append(f"  note: {chosen.group.label}: {chosen.group.spec.parameter}={chosen.value} is {note}")
     for group, done, total in waiting:
         lines.append(f"  waiting: {group.label} has {done} of {total} tuning cells done; its {len(group.finals)} "
                      f"final cell(s) run once all are (run the same command again)")

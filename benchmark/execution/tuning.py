@@ -25,6 +25,7 @@ after selection; a final cell whose settings the pick does not change keeps its 
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field, fields
 
 import numpy as np
@@ -288,6 +289,24 @@ def pick(group: TuneGroup, results: dict[str, dict | None], num_classes: int) ->
         scores.append(float(np.mean([score(points, group.spec.crs, chance) for points in by_seed.values()])))
     best = max(range(len(scores)), key=lambda i: (scores[i], -i))
     return Pick(group, scores, group.spec.candidates[best], cells, cpu_seconds / 3600)
+
+
+def edge_note(candidates: list, value) -> str:
+    """Where a numeric pick is the smallest or largest of several candidates, the words that say the
+    best setting may lie beyond them (a reviewer asks for the range to be extended before trusting
+    the pick); else "". Categorical candidates have no edge."""
+    if value is None or len(candidates) < 2 or not all(map(_real, [*candidates, value])):
+        return ""
+    if float(value) == max(map(float, candidates)):
+        return "the largest candidate: the best may lie above; extend the candidates"
+    if float(value) == min(map(float, candidates)):
+        return "the smallest candidate: the best may lie below; extend the candidates"
+    return ""
+
+
+def _real(value) -> bool:
+    """A finite number, numpy's too (a CSV's integers are numpy integers: numbers.Real, not int)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(float(value))
 
 
 def _finite(value) -> bool:
