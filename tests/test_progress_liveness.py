@@ -109,19 +109,33 @@ def test_the_stall_limit_is_a_checked_run_option(tmp_path):
             RunOptions(results_dir=tmp_path, stall_timeout=bad)
 
 
-def test_a_run_gives_up_a_frozen_dense_lock_after_its_stall_timeout(tmp_path):
-    """``stall_timeout`` reaches the cell's dense-model lock (driver -> task -> run_cell -> Context):
-    a holder that reports no progress is given up after 1 s here, not the default 600 s. The holder
-    lets go after 45 s, so a run that ignored the option would end after that (and fail here)."""
-    grid = grids.parse_grid("""
+def test_a_lone_cell_refuses_a_bad_stall_limit_before_it_trains(tmp_path, capsys):
+    from benchmark.__main__ import main
+
+    code = main(["cell", "dense", "--arch", "lenet300", "--dataset", "fashion-mnist", "--stall-timeout", "0",
+                 "--work-dir", str(tmp_path / "work"), "--cache-dir", str(tmp_path / "cache")])
+    assert code != 0 and "--stall-timeout 0.0: give a number of seconds above 0" in capsys.readouterr().err
+    assert not (tmp_path / "work").exists()  # refused before anything was built
+
+
+def _one_cell_grid(method: str, epochs: int):
+    """One cell of ``method`` on 300 Fashion-MNIST examples of LeNet-300-100, seed 0 (seconds)."""
+    return grids.parse_grid(f"""
 seeds = [0]
 subset = 300
 [[experiment]]
 archs = ["lenet300"]
 datasets = ["fashion-mnist"]
-schedule = { epochs = 1, batch_size = 64 }
-[experiment.methods.dense]
+schedule = {{ epochs = {epochs}, batch_size = 64 }}
+[experiment.methods.{method}]
 """)
+
+
+def test_a_run_gives_up_a_frozen_dense_lock_after_its_stall_timeout(tmp_path):
+    """``stall_timeout`` reaches the cell's dense-model lock (driver -> task -> run_cell -> Context):
+    a holder that reports no progress is given up after 1 s here, not the default 600 s. The holder
+    lets go after 45 s, so a run that ignored the option would end after that (and fail here)."""
+    grid = _one_cell_grid("dense", epochs=1)
     cache = tmp_path / "r" / "cache"
     cache.mkdir(parents=True)
     holder = open(cache / f"dense-{dense_key(grid.cells[0], torch.device('cpu'))}.lock", "a+")
@@ -186,15 +200,7 @@ def test_a_lock_whose_holder_makes_progress_is_waited_for(tmp_path):
 
 
 def test_a_resumed_cell_counts_the_time_before_its_resume(tmp_path):
-    cell = grids.parse_grid("""
-seeds = [0]
-subset = 300
-[[experiment]]
-archs = ["lenet300"]
-datasets = ["fashion-mnist"]
-schedule = { epochs = 2, batch_size = 64 }
-[experiment.methods.gmp]
-""").cells[0]
+    cell = _one_cell_grid("gmp", epochs=2).cells[0]
     options = {"work_root": tmp_path / "work", "cache_dir": tmp_path / "cache", "device": "cpu", "progress": False}
     first = run_cell(cell, keep_work=True, **options)
     assert first[0]["status"] == "ok" and first[0]["wall_s"] < 1000

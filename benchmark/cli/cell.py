@@ -79,8 +79,8 @@ def run_command(args) -> int:
         raise ValueError(f"--data-dir {args.data_dir}: no such folder. Datasets are searched there first; fix the "
                          f"path, or leave --data-dir out to search $BENCHMARK_DATA, ./data and system locations")
     pick_device(args.device)  # a device that is not here: a message before anything is built
-    if cell_progress.stall_problem(args.stall_timeout) is not None:
-        raise ValueError(cell_progress.stall_problem(args.stall_timeout))
+    if (stall := cell_progress.stall_problem(args.stall_timeout)) is not None:
+        raise ValueError(stall)
 
     schedule = {k: v for k, v in {"epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size,
                                   "weight_decay": args.weight_decay, "momentum": args.momentum}.items() if v is not None}

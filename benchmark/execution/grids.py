@@ -188,9 +188,8 @@ def parse_grid(text: str, name: str = "grid", source: str = "<text>", _chain: tu
     """Parse and validate a grid; GridError lists every problem with its file and line."""
     from benchmark.engine import data as data_mod
     from benchmark.engine import models
-    from benchmark.execution.cell import canonical_json, capacity_problems, cell_id, check_seed, check_subset
+    from benchmark.execution.cell import capacity_problems, cell_id, check_seed, check_subset
     from benchmark.engine.schedule import Schedule, default_schedule
-    from benchmark.core import method as method_base
 
     try:
         raw = tomllib.loads(text)

@@ -63,8 +63,8 @@ class RunOptions:
 
     def __post_init__(self):
         problems: list[str] = []
-        if stall_problem(self.stall_timeout) is not None:
-            problems.append(stall_problem(self.stall_timeout))
+        if (stall := stall_problem(self.stall_timeout)) is not None:
+            problems.append(stall)
         if self.backend not in BACKENDS:
             problems.append(f"--backend {self.backend!r}: unknown; use {', '.join(BACKENDS)}")
         for flag, value in (("--jobs", self.jobs), ("--jobs-per-gpu", self.jobs_per_gpu)):

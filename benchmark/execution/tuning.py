@@ -295,7 +295,7 @@ def edge_note(candidates: list, value) -> str:
     """Where a numeric pick is the smallest or largest of several candidates, the words that say the
     best setting may lie beyond them (a reviewer asks for the range to be extended before trusting
     the pick); else "". Categorical candidates have no edge."""
-    if value is None or len(candidates) < 2 or not all(map(_real, [*candidates, value])):
+    if value is None or len(candidates) < 2 or not all(map(_finite, [*candidates, value])):
         return ""
     if float(value) == max(map(float, candidates)):
         return "the largest candidate: the best may lie above; extend the candidates"
@@ -304,13 +304,9 @@ def edge_note(candidates: list, value) -> str:
     return ""
 
 
-def _real(value) -> bool:
-    """A finite number, numpy's too (a CSV's integers are numpy integers: numbers.Real, not int)."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(float(value))
-
-
 def _finite(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    """A finite number, numpy's too (a CSV's integers come back as numpy integers: numbers.Real, not int)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(float(value))
 
 
 def _cpu_seconds(record: dict) -> float:
