@@ -53,7 +53,7 @@ reference: setup data
 test: setup data test-packages
 	$(PY) -m pytest -q
 
-# The inner loop: unit and small-integration tests (548; 64 s on the idle 2-core machine, 2026-12-04):
+# The inner loop: unit and small-integration tests (549; about a minute on the idle 2-core machine):
 # no process kills, worker pools, clusters, whole grids or long trainings, which are marked slow
 # and run in `make test` (CI).
 test-fast: setup data
