@@ -20,7 +20,7 @@ PINNED = {
     "lenet-calibration": ("731768f53f5d357d7f00e567d93f9475b4478a16fdaab1e4c7edb58bc1a5e0c8", 184),
     "lenet-recipes": ("14d0774520ffcd819cb37c2d680ea198b77dbb29938ebb53f2a72de3cfd27cad", 29),
     "lenet-reference": ("0bd048e4147ad282af0e35082d826507564f4c3b0e342beb80bd0f4e16653521", 996),
-    "lenet-reference-tuning": ("109bfc8fa21e6907330884ad9e9a1e8bba1cb31d0029da50ae0856550246771f", 408),
+    "lenet-reference-tuning": ("2e6ba84f6fb0dc5e06ffd946404d4c191840ee195c44dbe4ce1dd58124698c16", 544),
     "quick": ("d094b78671437829ffed8e7b2d9ccfe8e7a66e659cd842d9b35a6a0383bf9d2f", 32),
     "smoke": ("c55002424e852df1e321e48ec68f2f6e5a19b1b3c088c25ca8b5f60186b07c5e", 17),
 }

@@ -239,7 +239,7 @@ def test_the_reference_tuning_preset_is_what_a_tune_table_in_lenet_reference_mak
     text = grids.grid_source("lenet-reference")[1]
     experiment = text[text.index("[[experiment]]"):text.index('[[experiment]]\narchs = ["lenet5"]')]
     experiment = "\n".join(line for line in experiment.splitlines() if not line.startswith("lr = "))
-    tune = ('\n[experiment.tune]\nparameter = "lr"\ncandidates = [0.025, 0.05, 0.1, 0.2, 0.4, 0.8]\nvalidation = 5000\n'
+    tune = ('\n[experiment.tune]\nparameter = "lr"\ncandidates = [0.0125, 0.025, 0.05, 0.1, 0.2, 0.4, 0.8, 1.6]\nvalidation = 5000\n'
             'crs = [10, 100, 1000]\nseeds = [0]\nat = { lam = [1e-05, 3.16e-05, 0.0001, 0.000316, 0.001, 0.00316, '
             '0.01, 0.0316], target_cr = [10, 100, 1000] }\n')
     schedule = "schedule = { epochs = 30, lr = 0.15, batch_size = 128, weight_decay = 1e-4 }\n"
