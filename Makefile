@@ -37,18 +37,20 @@ run: setup data
 
 reference: setup data
 	-$(REFERENCE_RUN) --grid lenet-calibration
+	-$(REFERENCE_RUN) --grid lenet-reference-v1
 	-$(REFERENCE_RUN) --grid lenet-reference
-	-$(REFERENCE_RUN) --grid lenet-reference-tuning
 	-$(REFERENCE_RUN) --grid lenet-recipes
 	$(PY) -m benchmark collect --grid lenet-calibration --results-dir reference
 	$(PY) -m benchmark report --grid lenet-calibration --results-dir reference > /dev/null
-	$(PY) -m benchmark collect --grid lenet-reference --results-dir reference
-	$(PY) -m benchmark plot --grid lenet-reference --results-dir reference --plots-dir reference --at-cr 1000
-	$(PY) -m benchmark report --grid lenet-reference --results-dir reference --crs 10,30,100,300,1000 > /dev/null
-	$(PY) -m benchmark report --grid lenet-reference --results-dir reference --crs 10,30,100,300,1000 --threshold-scale 0.01 > /dev/null
+	for grid in lenet-reference-v1 lenet-reference; do \
+	  $(PY) -m benchmark collect --grid $$grid --results-dir reference && \
+	  $(PY) -m benchmark plot --grid $$grid --results-dir reference --plots-dir reference --at-cr 1000 && \
+	  $(PY) -m benchmark report --grid $$grid --results-dir reference --crs 10,30,100,300,1000 > /dev/null && \
+	  $(PY) -m benchmark report --grid $$grid --results-dir reference --crs 10,30,100,300,1000 --threshold-scale 0.01 > /dev/null \
+	  || exit $$?; done
 	$(PY) -m benchmark collect --grid lenet-reference-tuning --results-dir reference
 	$(PY) -m benchmark collect --grid lenet-recipes --results-dir reference
-	@echo "reference: CSVs, figures and tables in reference/lenet-reference/ (reference/README.md)"
+	@echo "reference: CSVs, figures and tables in reference/lenet-reference/ and reference/lenet-reference-v1/ (reference/README.md)"
 
 test: setup data test-packages
 	$(PY) -m pytest -q

@@ -2,7 +2,7 @@
 
 import pytest
 
-from benchmark.execution import grids
+from benchmark.execution import grids, tuning
 from benchmark.execution.cell import Cell
 
 GRID = """
@@ -96,7 +96,7 @@ def test_filters_and_seed_override():
 
 
 @pytest.mark.parametrize("name", ["smoke", "quick", "lenet", "cifar", "full", "dwf-study", "lenet-calibration",
-                                  "lenet-reference"])
+                                  "lenet-reference", "lenet-reference-v1"])
 def test_presets_parse(name):
     grid = grids.load_grid(name)
     assert grid.cells and grid.description
@@ -106,7 +106,11 @@ def test_the_lenet_grid_holds_every_reference_cell():
     """`lenet` is the reference's settings on three datasets, so a GPU box that runs it extends the committed
     reference (same cell ids, records reused) instead of training LeNet-5 at rates the calibration rejected."""
     lenet = {cell.id for cell in grids.load_grid("lenet").cells}
-    missing = [cell.label for cell in grids.load_grid("lenet-reference").cells if cell.id not in lenet]
+    reference = grids.load_grid("lenet-reference")
+    lenet_grid = grids.load_grid("lenet")
+    lenet |= {cell.id for cell in lenet_grid.final_templates() + tuning.tuning_cells(lenet_grid.tune_groups)}
+    missing = [cell.label for cell in reference.cells + reference.final_templates()
+               + tuning.tuning_cells(reference.tune_groups) if cell.id not in lenet]
     assert not missing, missing[:5]
 
 

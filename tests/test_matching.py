@@ -323,14 +323,14 @@ def test_one_two_five_and_rounding():
 
 
 def test_the_committed_reference(tmp_path):
-    """lenet-reference: D=2 on LeNet-300-100 jumps from CR ~500 to ~2000-3000 around CR 1000 on every
+    """lenet-reference-v1 (the first protocol): D=2 on LeNet-300-100 jumps from CR ~500 to ~2000-3000 around CR 1000 on every
     seed; the grid file of the proposals parses; the reference folder is only read."""
     reference = Path(__file__).resolve().parents[1] / "reference"
-    before = {p: p.stat().st_mtime_ns for p in (reference / "lenet-reference").glob("*.csv")}
-    match = matching.match_grid("lenet-reference", reference)
+    before = {p: p.stat().st_mtime_ns for p in (reference / "lenet-reference-v1").glob("*.csv")}
+    match = matching.match_grid("lenet-reference-v1", reference)
     d2 = [g for g in match.gaps if g.label.startswith("lenet300/fashion-mnist dwf D=2")]
     assert {(g.seed, g.cr) for g in d2} == {(0, 1000.0), (1, 1000.0), (2, 1000.0)}
     assert all(0.0178 < g.proposed < 0.0316 for g in d2)
     cells = matching_output.write_grid(match, tmp_path / "more.toml")
     assert len(load_grid(str(tmp_path / "more.toml")).cells) == len(cells) > 0
-    assert before == {p: p.stat().st_mtime_ns for p in (reference / "lenet-reference").glob("*.csv")}
+    assert before == {p: p.stat().st_mtime_ns for p in (reference / "lenet-reference-v1").glob("*.csv")}

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from benchmark.core.provenance import cpu_model
-from benchmark.execution import grids
+from benchmark.execution import grids, tuning
 from benchmark.execution.cell import Cell, run_cell
 from benchmark.execution.store import Store
 
@@ -28,12 +28,20 @@ def records(grid: str) -> list[tuple[Path, dict]]:
 
 
 def test_the_reference_grids_are_committed():
-    assert {"lenet-calibration", "lenet-reference"} <= set(GRIDS)
+    assert {"lenet-calibration", "lenet-reference", "lenet-reference-v1", "lenet-reference-tuning"} <= set(GRIDS)
+
+
+def grid_cell_ids(grid: str) -> set[str]:
+    """The ids of a preset's cells: its fixed cells and, for its tuned curves, the final cells of the
+    picks the committed tuning records make (none for a curve whose tuning is not complete)."""
+    loaded = grids.load_grid(grid)
+    picks, _ = tuning.resolve(loaded.tune_groups, Store(REFERENCE, tuning.folder(grid)).read)
+    return {cell.id for cell in loaded.cells} | {cell.id for chosen in picks for cell in chosen.group.final_cells(chosen.value)}
 
 
 @pytest.mark.parametrize("grid", GRIDS)
 def test_every_committed_record_is_recomputable_from_its_own_config(grid):
-    preset_ids = {cell.id for cell in grids.load_grid(grid).cells}
+    preset_ids = grid_cell_ids(grid)
     for path, result in records(grid):
         cell = Cell.from_config(result["config"])
         assert cell.id == result["cell_id"] == path.stem, path
@@ -92,17 +100,19 @@ def test_a_committed_record_is_reproduced_by_training_its_cell_again(tmp_path):
 
 
 def test_the_quick_grid_is_a_subset_of_the_committed_reference_seed_0():
-    """The quick grid's numbers (reference/README.md) are the reference's seed-0 records of the same cells."""
+    """The quick grid's numbers (reference/README.md) are the first reference protocol's seed-0 records of
+    the same cells."""
     quick = grids.load_grid("quick").cells
-    committed = {path.stem for path, _ in records("lenet-reference")}
+    committed = {path.stem for path, _ in records("lenet-reference-v1")}
     assert {cell.seed for cell in quick} == {0}
     missing = [cell.label() if hasattr(cell, "label") else cell.id for cell in quick if cell.id not in committed]
-    assert not missing, f"quick cells not in reference/lenet-reference: {missing}"
+    assert not missing, f"quick cells not in reference/lenet-reference-v1: {missing}"
     assert {cell.method for cell in quick} >= {"dense", "dwf", "l1", "gmp", "rigl", "lottery", "synflow"}
 
 
 # grid: the `report` options its committed tables were made with (the Makefile's `reference` target)
-REPORT_OPTIONS = {"lenet-reference": {"crs": (10, 30, 100, 300, 1000)}, "lenet-calibration": {}}
+REPORT_OPTIONS = {"lenet-reference": {"crs": (10, 30, 100, 300, 1000)},
+                  "lenet-reference-v1": {"crs": (10, 30, 100, 300, 1000)}, "lenet-calibration": {}}
 
 
 @pytest.mark.parametrize("grid", sorted(REPORT_OPTIONS))
@@ -137,16 +147,15 @@ def test_the_results_pages_quote_the_committed_tables():
     front = table_rows((ROOT / "README.md").read_text(), "| method | seeds | CR 10 |")
     full = table_rows(readme, "| method | seeds | CR 10 |")
     assert front and all(row in full for row in front), "README.md's table is not rows of reference/README.md's"
-    folder = REFERENCE / "lenet-reference"
-    accuracy = table_rows((folder / "accuracy_at_cr.md").read_text(), "| arch |")
-    tolerance = table_rows((folder / "tolerance.md").read_text(), "| arch |")
+    first, reference = REFERENCE / "lenet-reference-v1", REFERENCE / "lenet-reference"
 
-    def of(rows, arch):
-        return [row[2:] for row in rows if row[0] == arch]
+    def of(folder, name, arch):
+        return [row[2:] for row in table_rows((folder / name).read_text(), "| arch |") if row[0] == arch]
 
-    assert table_rows(readme, "| method | seeds | CR 10 |") == of(accuracy, "LeNet-300-100")
-    assert table_rows(readme, "| method | seeds | ≤ 1 pt |") == of(tolerance, "LeNet-300-100")
+    # LeNet-300-100: the first protocol's tables until the tuned curves are complete; LeNet-5: lenet-reference's
+    assert table_rows(readme, "| method | seeds | CR 10 |") == of(first, "accuracy_at_cr.md", "LeNet-300-100")
+    assert table_rows(readme, "| method | seeds | ≤ 1 pt |") == of(first, "tolerance.md", "LeNet-300-100")
     # LeNet-5: one table, the 10-point tolerance appended to the accuracies
-    tolerance_10 = {row[0]: row[-1] for row in of(tolerance, "LeNet-5")}
-    expected = [[*row, tolerance_10.get(row[0], "–")] for row in of(accuracy, "LeNet-5")]
+    tolerance_10 = {row[0]: row[-1] for row in of(reference, "tolerance.md", "LeNet-5")}
+    expected = [[*row, tolerance_10.get(row[0], "–")] for row in of(reference, "accuracy_at_cr.md", "LeNet-5")]
     assert table_rows(readme, "| method | seeds | CR 10 | CR 30 | CR 100 | CR 300 | CR 1000 | CR within 10 pts") == expected

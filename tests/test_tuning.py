@@ -233,20 +233,23 @@ def test_no_pick_changes_when_the_test_labels_change_and_a_rerun_trains_nothing(
     assert "Settings chosen on the validation split" in (tmp_path / "results-False" / "tuned" / "report.html").read_text()
 
 
-def test_the_reference_tuning_preset_is_what_a_tune_table_in_lenet_reference_makes():
-    """The committed tuning cells and a tune table over lenet-reference's LeNet-300-100 experiment
-    are the same cells (same ids, so one folder serves both)."""
-    text = grids.grid_source("lenet-reference")[1]
-    experiment = text[text.index("[[experiment]]"):text.index('[[experiment]]\narchs = ["lenet5"]')]
-    experiment = "\n".join(line for line in experiment.splitlines() if not line.startswith("lr = "))
-    tune = ('\n[experiment.tune]\nparameter = "lr"\ncandidates = [0.0125, 0.025, 0.05, 0.1, 0.2, 0.4, 0.8, 1.6]\nvalidation = 5000\n'
-            'crs = [10, 100, 1000]\nseeds = [0]\nat = { lam = [1e-05, 3.16e-05, 0.0001, 0.000316, 0.001, 0.00316, '
-            '0.01, 0.0316], target_cr = [10, 100, 1000] }\n')
-    schedule = "schedule = { epochs = 30, lr = 0.15, batch_size = 128, weight_decay = 1e-4 }\n"
-    tuned = grids.parse_grid("seeds = [0, 1, 2]\n" + experiment.replace(schedule, schedule + tune, 1), "lenet-reference")
-    made = {c.id for c in tuning.tuning_cells(tuned.tune_groups)}
+def test_the_reference_tuning_preset_is_what_the_tune_table_in_lenet_reference_makes():
+    """The committed tuning cells (written out in lenet-reference-tuning) and those of lenet-reference's
+    tune table are the same cells (same ids), so one folder serves both; and the tune table's curves
+    are the first protocol's LeNet-300-100 curves (lenet-reference-v1) with the learning rate left open."""
+    reference = grids.load_grid("lenet-reference")
+    made = {c.id for c in tuning.tuning_cells(reference.tune_groups)}
     assert made == {c.id for c in grids.load_grid("lenet-reference-tuning").cells}
     assert tuning.folder("lenet-reference") == "lenet-reference-tuning"
+    first = [c for c in grids.load_grid("lenet-reference-v1").cells if c.arch == "lenet300"]
+
+    def curve_point(cell):  # what a cell is apart from its learning rate
+        params = {k: v for k, v in cell.params.items() if k != "lr"}
+        return cell.method, repr(sorted(params.items())), cell.seed
+
+    finals = {curve_point(c) for c in reference.final_templates()}
+    assert {curve_point(c) for c in first} <= finals
+    assert {seed for *_, seed in finals} == {0, 1, 2, 3, 4}
 
 
 def test_the_tuning_table_notes_a_pick_at_the_edge_of_its_candidates(tmp_path):
