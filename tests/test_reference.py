@@ -57,11 +57,24 @@ def test_every_committed_record_is_recomputable_from_its_own_config(grid):
 @pytest.mark.parametrize("grid", GRIDS)
 def test_committed_csvs_are_what_collect_makes_of_the_committed_records(grid, tmp_path):
     shutil.copytree(REFERENCE / grid / "cells", tmp_path / grid / "cells")
+    if (REFERENCE / grid / tuning.TABLE).exists():  # the pick columns of tuned curves' rows come from it
+        shutil.copy(REFERENCE / grid / tuning.TABLE, tmp_path / grid / tuning.TABLE)
     Store(tmp_path, grid).collect()
     for name in ("results.csv", "layers.csv", "history.csv"):
         committed = pd.read_csv(REFERENCE / grid / name)
         rebuilt = pd.read_csv(tmp_path / grid / name)
         pd.testing.assert_frame_equal(rebuilt, committed, check_exact=False, rtol=1e-12, obj=f"{grid}/{name}")
+
+
+def test_the_committed_tuning_table_is_what_the_committed_tuning_records_pick(tmp_path):
+    """lenet-reference/tuning.csv (which ``run`` writes and ``collect`` and ``report`` read) is the rule
+    applied to the committed tuning records: every curve picked, and nothing else decided the picks."""
+    loaded = grids.load_grid("lenet-reference")
+    picks, waiting = tuning.resolve(loaded.tune_groups, Store(REFERENCE, tuning.folder("lenet-reference")).read)
+    assert not waiting and len(picks) == len(loaded.tune_groups)
+    Store(tmp_path, "lenet-reference").write_picks(tuning.table_rows(picks))
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "lenet-reference" / tuning.TABLE),
+                                  pd.read_csv(REFERENCE / "lenet-reference" / tuning.TABLE), check_exact=False, rtol=1e-12)
 
 
 # Records made before records carried ``cpu_model`` were all trained on this project's AMD EPYC machines
@@ -118,13 +131,16 @@ REPORT_OPTIONS = {"lenet-reference": {"crs": (10, 30, 100, 300, 1000)},
 @pytest.mark.parametrize("grid", sorted(REPORT_OPTIONS))
 def test_committed_tables_are_what_report_makes_of_the_committed_csv(grid, tmp_path):
     """The Markdown tables the README quotes are rebuilt, byte for byte, from the committed results.csv
-    (and, where committed, the same at 0.01x the zero threshold)."""
+    (and tuning.csv, where committed; and, where committed, the same at 0.01x the zero threshold)."""
     from benchmark.analysis.report import write_report
 
     (tmp_path / grid).mkdir()
     shutil.copy(REFERENCE / grid / "results.csv", tmp_path / grid / "results.csv")
-    write_report(grid, tmp_path, **REPORT_OPTIONS[grid])
     names = [f"{stem}.md" for stem in ("tolerance", "accuracy_at_cr", "comparisons", "cost", "settling")]
+    if (REFERENCE / grid / tuning.TABLE).exists():  # report's tuning table reads tuning.csv beside results.csv
+        shutil.copy(REFERENCE / grid / tuning.TABLE, tmp_path / grid / tuning.TABLE)
+        names.append("tuning.md")
+    write_report(grid, tmp_path, **REPORT_OPTIONS[grid])
     if (REFERENCE / grid / "tolerance-thr0.01x.md").exists():
         write_report(grid, tmp_path, threshold_scale=0.01, **REPORT_OPTIONS[grid])
         names += ["tolerance-thr0.01x.md", "accuracy_at_cr-thr0.01x.md"]
