@@ -334,3 +334,13 @@ def test_the_committed_reference(tmp_path):
     cells = matching_output.write_grid(match, tmp_path / "more.toml")
     assert len(load_grid(str(tmp_path / "more.toml")).cells) == len(cells) > 0
     assert before == {p: p.stat().st_mtime_ns for p in (reference / "lenet-reference-v1").glob("*.csv")}
+
+
+def test_a_tuned_grid_is_matched_on_the_final_cells_of_its_picks():
+    """lenet-reference tunes LeNet-300-100's learning rates: its DWF curves are matched at the picked
+    rate (the committed tuning records pick 0.2 for D=3), with the committed final cells as their points."""
+    reference = Path(__file__).resolve().parents[1] / "reference"
+    match = matching.match_grid("lenet-reference", reference)
+    labels = set(match.labels.values())
+    assert "lenet300/fashion-mnist dwf D=3 [lr=0.2]" in labels
+    assert not any("not in grid" in note for note in match.notes)

@@ -90,17 +90,22 @@ def read_results(grid: str, results_dir) -> tuple[Path, cv.Results | None, list[
 def match_grid(grid: str, results_dir="results", crs=REPORTED_CRS, ratio: float = RATIO,
                reach_points: float = REACH_POINTS) -> Match:
     """Read grid ``grid`` (a preset or a file) and its results so far; propose what closes the gaps."""
+    from benchmark.execution import tuning
     from benchmark.execution.grids import load_grid
+    from benchmark.execution.store import Store
 
     if not ratio > 1:
         raise ValueError(f"--ratio={ratio:g} must be > 1")
     loaded = load_grid(grid)
+    # tuned curves count with the final cells of their picks (docs/tuning.md); one still tuning has none yet
+    picks, _ = tuning.resolve(loaded.tune_groups, Store(results_dir, tuning.folder(loaded.name)).read)
+    cells = loaded.cells + [cell for chosen in picks for cell in chosen.group.final_cells(chosen.value)]
     folder, results, said = read_results(grid, results_dir)
     grid_arg = str(Path(grid).resolve()) if Path(grid).is_file() else grid
     match = Match(loaded.name, grid_arg, folder, tuple(sorted(float(c) for c in crs)), float(ratio),
                   float(reach_points), 0 if results is None else len(results.rows))
     match.notes += said
-    fams = families(loaded.cells)
+    fams = families(cells)
     for fam in fams.values():
         match.seeds[fam.family] = sorted(fam.seeds)
         match.labels[fam.family] = fam.label
@@ -112,7 +117,7 @@ def match_grid(grid: str, results_dir="results", crs=REPORTED_CRS, ratio: float 
         raise ValueError(f"{folder / 'results.csv'} has no cell_id column; rebuild it with "
                          f"`python -m benchmark collect --grid {grid}`")
     frame = frame.assign(cell_id=frame.cell_id.astype(str))
-    grid_ids = {cell.id for cell in loaded.cells}
+    grid_ids = {cell.id for cell in cells}
     strangers = frame[~cv.reference_rows(frame) & ~frame.cell_id.isin(grid_ids)]
     if len(strangers):
         match.notes.append(f"{len(strangers)} record(s) of cells not in grid {loaded.name} left out")
