@@ -36,7 +36,7 @@ def grid_cell_ids(grid: str) -> set[str]:
     picks the committed tuning records make (none for a curve whose tuning is not complete)."""
     loaded = grids.load_grid(grid)
     picks, _ = tuning.resolve(loaded.tune_groups, Store(REFERENCE, tuning.folder(grid)).read)
-    return {cell.id for cell in loaded.cells} | {cell.id for chosen in picks for cell in chosen.group.final_cells(chosen.value)}
+    return {cell.id for cell in loaded.cells} | {cell.id for cell in tuning.picked_finals(picks)}
 
 
 @pytest.mark.parametrize("grid", GRIDS)

@@ -99,7 +99,7 @@ def match_grid(grid: str, results_dir="results", crs=REPORTED_CRS, ratio: float 
     loaded = load_grid(grid)
     # tuned curves count with the final cells of their picks (docs/tuning.md); one still tuning has none yet
     picks, _ = tuning.resolve(loaded.tune_groups, Store(results_dir, tuning.folder(loaded.name)).read)
-    cells = loaded.cells + [cell for chosen in picks for cell in chosen.group.final_cells(chosen.value)]
+    cells = loaded.cells + tuning.picked_finals(picks)
     folder, results, said = read_results(grid, results_dir)
     grid_arg = str(Path(grid).resolve()) if Path(grid).is_file() else grid
     match = Match(loaded.name, grid_arg, folder, tuple(sorted(float(c) for c in crs)), float(ratio),

@@ -188,7 +188,7 @@ def _picks(grid: grids_mod.Grid, groups: list[tuning.TuneGroup], results_dir) ->
     if every:
         Store(results_dir, grid.name).write_picks(tuning.table_rows(every))
     picks, waiting = tuning.resolve(groups, read)
-    finals = [cell for chosen in picks for cell in chosen.group.final_cells(chosen.value)]
+    finals = tuning.picked_finals(picks)
     lines = [f"tuning: {len(picks)} of {len(groups)} tuned curve(s) have their pick "
              f"({', '.join(f'{p.group.label}: {p.group.spec.parameter}={p.value}' for p in picks[:6])}"
              f"{', ...' if len(picks) > 6 else ''}); table: {Store(results_dir, grid.name).root / tuning.TABLE}"]
@@ -350,7 +350,7 @@ def dry_run(store: Store, cells: list[Cell], args, grid: grids_mod.Grid | None =
         tuning_store = Store(args.results_dir, tuning.folder(grid.name))
         tuning_todo, _ = pending_cells(tuning_store, tuning.tuning_cells(groups), args.retry_failed)
         picks, waiting = tuning.resolve(groups, lambda i: _read_quietly(tuning_store, i))
-        cells = tuning_todo + cells + [c for p in picks for c in p.group.final_cells(p.value)]
+        cells = tuning_todo + cells + tuning.picked_finals(picks)
         print(f"tuning: {len(tuning_todo)} tuning cell(s) to run (in {tuning_store.root}); {len(picks)} of "
               f"{len(groups)} tuned curve(s) have their pick; the final cells of {len(waiting)} "
               f"({sum(len(g.finals) for g, _, _ in waiting)} cells) wait for it and are not listed")
@@ -403,7 +403,7 @@ def status_command(args) -> int:
         print(f"tuning ({tuning_store.root}): {states['ok']} finished, {states['failed']} failed, "
               f"{states['blocked']} blocked, {states['todo']} to do; {len(picks)} of {len(groups)} tuned curve(s) "
               f"picked, {len(waiting)} waiting (their final cells are not counted below until then)")
-        cells = cells + [c for p in picks for c in p.group.final_cells(p.value)]
+        cells = cells + tuning.picked_finals(picks)
     store = Store(args.results_dir, grid.name)
     running = store.claimed()
     table: dict[str, Counter] = {}

@@ -353,6 +353,11 @@ def resolve(groups: list[TuneGroup], read) -> tuple[list[Pick], list[tuple[TuneG
     return picks, waiting
 
 
+def picked_finals(picks: list[Pick]) -> list[Cell]:
+    """The final cells the picks make: each curve's cells with its picked value."""
+    return [cell for chosen in picks for cell in chosen.group.final_cells(chosen.value)]
+
+
 def table_rows(picks: list[Pick]) -> list[dict]:
     """Tidy rows of ``TABLE``: one per curve and candidate."""
     rows = []
