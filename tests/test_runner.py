@@ -138,7 +138,10 @@ def test_sigkill_then_rerun_finishes_every_cell_exactly_once(tmp_path, tiny_grid
         if cell.id in first_run:
             assert result["run_id"] == first_run[cell.id]  # finished cells were not run again
     finishes = Counter(e["cell_id"] for e in _events(results, "g") if e["event"] == "finish")
-    assert set(finishes) == {c.id for c in grid.cells} and set(finishes.values()) == {1}
+    # the result files are the truth; the event log may miss the line of a cell whose driver was
+    # killed between writing its file and appending the line, but never logs a finish twice
+    assert set(finishes.values()) == {1}
+    assert {c.id for c in grid.cells} - set(first_run) <= set(finishes)
     assert not list(store.cells_dir.glob(".*tmp*")) and not list(store.claims_dir.glob("*.claim"))
 
 

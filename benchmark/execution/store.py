@@ -11,7 +11,9 @@ Layout under ``<results-dir>/<grid>/``::
     claims/<cell_id>.claim  held while a driver runs the cell (``claims``)
     work/<cell_id>/         per-epoch checkpoints of unfinished cells (removed by the driver once
                             the cell's result is written)
-    events.jsonl            one line per start / finish / failure, appended by every driver
+    events.jsonl            one line per start / finish / failure, appended by every driver; an
+                            audit trail, not the truth: a driver killed between writing a result
+                            file and its line leaves the cell done without a ``finish`` line
     logs/<time>-<run>.log   human-readable log of each run
     results.csv, layers.csv, history.csv   written by ``run`` when it ends and by ``collect``;
                             ``plot`` and ``report`` collect again when they are missing or older
