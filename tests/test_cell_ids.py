@@ -22,7 +22,7 @@ PINNED = {
     "lenet-reference": ("6a2fb5f4c24242ef189a610efae3460da6d689265248d8286d50db16df126fb5", 1358),
     # the first protocol: lenet-reference's LeNet-300-100 cells as they were until 2026-12-04
     "lenet-reference-v1": ("f728ee18821c78509dcb3e026cb2e92d4bc5eabbb8dc0e04406b47bd70b592d4", 483),
-    "lenet-reference-tuning": ("2e6ba84f6fb0dc5e06ffd946404d4c191840ee195c44dbe4ce1dd58124698c16", 544),
+    "lenet-reference-tuning": ("6153fd3cfbcc69b137263047278b909763b7b2fe37c4ff3faa685fa3f95487bd", 1112),
     "quick": ("d094b78671437829ffed8e7b2d9ccfe8e7a66e659cd842d9b35a6a0383bf9d2f", 32),
     "smoke": ("c55002424e852df1e321e48ec68f2f6e5a19b1b3c088c25ca8b5f60186b07c5e", 17),
 }
