@@ -33,10 +33,11 @@ def test_the_reference_grids_are_committed():
 
 def grid_cell_ids(grid: str) -> set[str]:
     """The ids of a preset's cells: its fixed cells and, for its tuned curves, the final cells of the
-    picks the committed tuning records make (none for a curve whose tuning is not complete)."""
+    picks the committed tuning and final records make (none for a curve whose tuning is not complete),
+    and those of candidates dropped because their final training diverged (the records that dropped them)."""
     loaded = grids.load_grid(grid)
-    picks, _ = tuning.resolve(loaded.tune_groups, Store(REFERENCE, tuning.folder(grid)).read)
-    return {cell.id for cell in loaded.cells} | {cell.id for cell in tuning.picked_finals(picks)}
+    picks, _ = tuning.resolve(loaded.tune_groups, Store(REFERENCE, tuning.folder(grid)).read, Store(REFERENCE, grid).read)
+    return {cell.id for cell in loaded.cells + tuning.picked_finals(picks) + tuning.dropped_finals(picks)}
 
 
 @pytest.mark.parametrize("grid", GRIDS)
@@ -68,9 +69,11 @@ def test_committed_csvs_are_what_collect_makes_of_the_committed_records(grid, tm
 
 def test_the_committed_tuning_table_is_what_the_committed_tuning_records_pick(tmp_path):
     """lenet-reference/tuning.csv (which ``run`` writes and ``collect`` and ``report`` read) is the rule
-    applied to the committed tuning records: every curve picked, and nothing else decided the picks."""
+    applied to the committed tuning records (and to whether the committed final cells' training
+    diverged): every curve picked, and nothing else decided the picks."""
     loaded = grids.load_grid("lenet-reference")
-    picks, waiting = tuning.resolve(loaded.tune_groups, Store(REFERENCE, tuning.folder("lenet-reference")).read)
+    picks, waiting = tuning.resolve(loaded.tune_groups, Store(REFERENCE, tuning.folder("lenet-reference")).read,
+                                    Store(REFERENCE, "lenet-reference").read)
     assert not waiting and len(picks) == len(loaded.tune_groups)
     Store(tmp_path, "lenet-reference").write_picks(tuning.table_rows(picks))
     pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "lenet-reference" / tuning.TABLE),

@@ -87,6 +87,18 @@ def read_results(grid: str, results_dir) -> tuple[Path, cv.Results | None, list[
 # -- the whole grid -------------------------------------------------------------------------------
 
 
+def _quiet(store):
+    """``store.read`` that takes a damaged result file for a missing one (``run`` sets it aside)."""
+    from benchmark.execution.store import DamagedResult
+
+    def read(cell_id: str):
+        try:
+            return store.read(cell_id)
+        except DamagedResult:
+            return None
+    return read
+
+
 def match_grid(grid: str, results_dir="results", crs=REPORTED_CRS, ratio: float = RATIO,
                reach_points: float = REACH_POINTS) -> Match:
     """Read grid ``grid`` (a preset or a file) and its results so far; propose what closes the gaps."""
@@ -98,7 +110,8 @@ def match_grid(grid: str, results_dir="results", crs=REPORTED_CRS, ratio: float 
         raise ValueError(f"--ratio={ratio:g} must be > 1")
     loaded = load_grid(grid)
     # tuned curves count with the final cells of their picks (docs/tuning.md); one still tuning has none yet
-    picks, _ = tuning.resolve(loaded.tune_groups, Store(results_dir, tuning.folder(loaded.name)).read)
+    picks, _ = tuning.resolve(loaded.tune_groups, _quiet(Store(results_dir, tuning.folder(loaded.name))),
+                              _quiet(Store(results_dir, loaded.name)))
     cells = loaded.cells + tuning.picked_finals(picks)
     folder, results, said = read_results(grid, results_dir)
     grid_arg = str(Path(grid).resolve()) if Path(grid).is_file() else grid
@@ -117,7 +130,7 @@ def match_grid(grid: str, results_dir="results", crs=REPORTED_CRS, ratio: float 
         raise ValueError(f"{folder / 'results.csv'} has no cell_id column; rebuild it with "
                          f"`python -m benchmark collect --grid {grid}`")
     frame = frame.assign(cell_id=frame.cell_id.astype(str))
-    grid_ids = {cell.id for cell in cells}
+    grid_ids = {cell.id for cell in cells} | {cell.id for cell in tuning.dropped_finals(picks)}
     strangers = frame[~cv.reference_rows(frame) & ~frame.cell_id.isin(grid_ids)]
     if len(strangers):
         match.notes.append(f"{len(strangers)} record(s) of cells not in grid {loaded.name} left out")

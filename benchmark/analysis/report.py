@@ -269,7 +269,7 @@ TUNING_EXPLANATION = (
     "and scoring CRs, log-CR interpolation; beyond a candidate's measured CRs by more than 1.5x: chance); "
     "the pick in bold. Test data never enters a pick. Tuning cells and their CPU-hours are what the choice cost "
     "(docs/tuning.md). A pick at the edge of its candidates is noted: the range should be extended before it is "
-    "trusted."
+    "trusted. A pick whose training diverged in a final cell of the curve is dropped for the next best, and noted."
 )
 
 
@@ -289,9 +289,21 @@ def tuning_table(folder: Path) -> pd.DataFrame | None:
         first = group.iloc[0]
         rows.append({"curve": curve, "parameter": first["parameter"], "candidates: validation score (%)": ", ".join(scores),
                      "tuning cells": int(first["tuning_cells"]), "CPU-hours": f"{float(first['tuning_cpu_hours']):.2f}",
-                     "note": tuning.edge_note(group["candidate"].tolist(),
-                                              group["candidate"][picked].iloc[0] if picked.any() else None)})
+                     "note": _tuning_note(group, picked)})
     return pd.DataFrame(rows)
+
+
+def _tuning_note(group: pd.DataFrame, picked: pd.Series) -> str:
+    """A curve's note in the tuning table: a pick at an edge of its candidates, candidates dropped for
+    diverged final training (``final_diverged``; tables written before it have no such column)."""
+    notes = [tuning.edge_note(group["candidate"].tolist(), group["candidate"][picked].iloc[0] if picked.any() else None)]
+    if "final_diverged" in group:
+        counts = pd.to_numeric(group["final_diverged"], errors="coerce").fillna(0)
+        dropped = {c: n for c, n in zip(group["candidate"], counts) if n > 0}
+        if dropped:
+            notes.append(tuning.dropped_note(str(group.iloc[0]["parameter"]), dropped)
+                         + ("; the next best is picked" if picked.any() else "; no candidate is left"))
+    return "; ".join(n for n in notes if n)
 
 
 COMPARISONS_EXPLANATION = (

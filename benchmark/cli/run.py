@@ -172,22 +172,25 @@ def _select(args) -> tuple[grids_mod.Grid, list[Cell], list[tuning.TuneGroup]]:
     for group in grid.tune_groups:
         finals = [c for c in grids_mod.with_seeds(group.finals, seeds) if c.id in kept]
         if finals:
-            groups.append(tuning.TuneGroup(group.spec, group.target, finals, group.tuning))
+            groups.append(tuning.TuneGroup(group.spec, group.target, finals, group.tuning, group.finals))
     return grid, [c for c in cells if c.id in kept], groups
 
 
 def _picks(grid: grids_mod.Grid, groups: list[tuning.TuneGroup], results_dir) -> tuple[list[Cell], list[str]]:
     """The final cells of the selected tuned curves whose tuning is complete, and lines that say
     what was picked and what waits. Rewrites the grid's tuning table from every tuned curve."""
-    tuning_store = Store(results_dir, tuning.folder(grid.name))
+    tuning_store, store = Store(results_dir, tuning.folder(grid.name)), Store(results_dir, grid.name)
 
     def read(cell_id: str):
         return _read_quietly(tuning_store, cell_id)  # a damaged one: run sets it aside and trains it again
 
-    every, _ = tuning.resolve(grid.tune_groups, read)
+    def read_final(cell_id: str):
+        return _read_quietly(store, cell_id)
+
+    every, _ = tuning.resolve(grid.tune_groups, read, read_final)
     if every:
-        Store(results_dir, grid.name).write_picks(tuning.table_rows(every))
-    picks, waiting = tuning.resolve(groups, read)
+        store.write_picks(tuning.table_rows(every))
+    picks, waiting = tuning.resolve(groups, read, read_final)
     finals = tuning.picked_finals(picks)
     lines = [f"tuning: {len(picks)} of {len(groups)} tuned curve(s) have their pick "
              f"({', '.join(f'{p.group.label}: {p.group.spec.parameter}={p.value}' for p in picks[:6])}"
@@ -196,6 +199,9 @@ def _picks(grid: grids_mod.Grid, groups: list[tuning.TuneGroup], results_dir) ->
         note = tuning.edge_note(list(chosen.group.spec.candidates), chosen.value)
         if note:
             lines.append(f"  note: {chosen.group.label}: {chosen.group.spec.parameter}={chosen.value} is {note}")
+        if chosen.dropped:
+            lines.append(f"  note: {chosen.group.label}: {tuning.dropped_note(chosen.group.spec.parameter, chosen.dropped)}"
+                         + ("" if chosen.value is not None else "; no candidate is left, so the curve has no final cells"))
     for group, done, total in waiting:
         lines.append(f"  waiting: {group.label} has {done} of {total} tuning cells done; its {len(group.finals)} "
                      f"final cell(s) run once all are (run the same command again)")
@@ -349,7 +355,7 @@ def dry_run(store: Store, cells: list[Cell], args, grid: grids_mod.Grid | None =
     if groups:
         tuning_store = Store(args.results_dir, tuning.folder(grid.name))
         tuning_todo, _ = pending_cells(tuning_store, tuning.tuning_cells(groups), args.retry_failed)
-        picks, waiting = tuning.resolve(groups, lambda i: _read_quietly(tuning_store, i))
+        picks, waiting = tuning.resolve(groups, lambda i: _read_quietly(tuning_store, i), lambda i: _read_quietly(store, i))
         cells = tuning_todo + cells + tuning.picked_finals(picks)
         print(f"tuning: {len(tuning_todo)} tuning cell(s) to run (in {tuning_store.root}); {len(picks)} of "
               f"{len(groups)} tuned curve(s) have their pick; the final cells of {len(waiting)} "
@@ -396,8 +402,8 @@ def status_command(args) -> int:
     _last_grid(args)
     grid, cells, groups = _select(args)
     if groups:
-        tuning_store = Store(args.results_dir, tuning.folder(grid.name))
-        picks, waiting = tuning.resolve(groups, lambda i: _read_quietly(tuning_store, i))
+        tuning_store, store = Store(args.results_dir, tuning.folder(grid.name)), Store(args.results_dir, grid.name)
+        picks, waiting = tuning.resolve(groups, lambda i: _read_quietly(tuning_store, i), lambda i: _read_quietly(store, i))
         states = Counter((_read_quietly(tuning_store, c.id) or {}).get("status", "todo")
                          for c in tuning.tuning_cells(groups))
         print(f"tuning ({tuning_store.root}): {states['ok']} finished, {states['failed']} failed, "

@@ -42,7 +42,8 @@ TUNE_KEYS = {"parameter", "candidates", "validation", "crs", "seeds", "methods",
 REACH_RATIO = 1.5
 RULE = ("mean validation accuracy over the tuning seeds and the scoring CRs (each interpolated in log CR "
         f"between the candidate's points; beyond them by more than {REACH_RATIO}x: chance accuracy; a failed "
-        "cell gives no point); the highest wins, ties to the earlier candidate")
+        "cell gives no point); the highest wins, ties to the earlier candidate; a winner whose training diverges "
+        "in a final cell of the curve is dropped for the next best")
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,9 @@ class TuneGroup:
     target: str  # "method" (a parameter of the method) or "schedule"
     finals: list[Cell]
     tuning: list[list[Cell]] = field(default_factory=list)  # per candidate
+    #: the curve's final cells as the grid has them when ``finals`` is a run's selection of them: a
+    #: pick's divergence check reads all of them, so that no selection changes the pick
+    whole_curve: list[Cell] | None = None
 
     @property
     def first(self) -> Cell:
@@ -92,7 +96,11 @@ class TuneGroup:
         return Cell.make(cell.method, cell.arch, cell.dataset, cell.seed, params, schedule, cell.subset)
 
     def final_cells(self, value) -> list[Cell]:
-        return [self.with_value(cell, value) for cell in self.finals]
+        return [] if value is None else [self.with_value(cell, value) for cell in self.finals]
+
+    def curve_cells(self, value) -> list[Cell]:
+        """Every final cell of the curve at ``value``, whatever a run selected."""
+        return [self.with_value(cell, value) for cell in (self.whole_curve or self.finals)]
 
     def all_tuning_cells(self) -> list[Cell]:
         return [cell for cells in self.tuning for cell in cells]
@@ -254,9 +262,11 @@ class Pick:
 
     group: TuneGroup
     scores: list[float]
-    value: object
+    value: object  # None: every candidate was dropped
     cells: int
     cpu_hours: float
+    #: candidates dropped because their training diverged in final cells: {candidate: cells diverged}
+    dropped: dict = field(default_factory=dict)
 
     def row(self) -> dict:
         cell = self.group.first
@@ -265,13 +275,14 @@ class Pick:
                 "candidates": list(self.group.spec.candidates), "val_scores": [round(s, 6) for s in self.scores],
                 "crs": list(self.group.spec.crs), "seeds": list(self.group.spec.seeds),
                 "validation": self.group.spec.validation, "tuning_cells": self.cells,
-                "tuning_cpu_hours": round(self.cpu_hours, 4), "rule": RULE,
+                "tuning_cpu_hours": round(self.cpu_hours, 4), "rule": RULE, "dropped": dict(self.dropped),
                 "final_cells": [c.id for c in self.group.final_cells(self.value)]}
 
 
-def pick(group: TuneGroup, results: dict[str, dict | None], num_classes: int) -> Pick | None:
+def pick(group: TuneGroup, results: dict[str, dict | None], num_classes: int, dropped: dict | None = None) -> Pick | None:
     """The group's pick from its tuning cells' results (``Store.read`` of each id), or None while one
-    has none or is blocked. Only ``val_acc`` and ``cr`` of the records are read."""
+    has none or is blocked. Only ``val_acc`` and ``cr`` of the records are read. ``dropped`` candidates
+    (diverged in final cells: ``resolve``) cannot win; value None when every candidate is dropped."""
     chance = 1.0 / num_classes
     scores, cells, cpu_seconds = [], 0, 0.0
     for candidate_cells in group.tuning:
@@ -287,8 +298,17 @@ def pick(group: TuneGroup, results: dict[str, dict | None], num_classes: int) ->
                 if record.get("status") == "ok" and _finite(record.get("val_acc")) and _finite(record.get("cr")):
                     by_seed[cell.seed].append((float(record["cr"]), float(record["val_acc"])))
         scores.append(float(np.mean([score(points, group.spec.crs, chance) for points in by_seed.values()])))
-    best = max(range(len(scores)), key=lambda i: (scores[i], -i))
-    return Pick(group, scores, group.spec.candidates[best], cells, cpu_seconds / 3600)
+    dropped = dict(dropped or {})
+    eligible = [i for i, c in enumerate(group.spec.candidates) if c not in dropped]
+    best = max(eligible, key=lambda i: (scores[i], -i), default=None)
+    value = None if best is None else group.spec.candidates[best]
+    return Pick(group, scores, value, cells, cpu_seconds / 3600, dropped)
+
+
+def diverged(result: dict | None) -> bool:
+    """A final cell whose training diverged (loss nan or inf: the training data says so, not the test)."""
+    return bool(result) and result.get("status") == "failed" and any(
+        str(r.get("error", "")).startswith("Diverged") for r in result.get("records") or [])
 
 
 def edge_note(candidates: list, value) -> str:
@@ -302,6 +322,13 @@ def edge_note(candidates: list, value) -> str:
     if float(value) == min(map(float, candidates)):
         return "the smallest candidate: the best may lie below; extend the candidates"
     return ""
+
+
+def dropped_note(parameter: str, dropped: dict) -> str:
+    """The words that say which candidates a curve lost to diverged final training (``resolve``)."""
+    return "; ".join(f"{parameter}={value:g} dropped: its training diverged in {int(count)} final cell(s)"
+                     if _finite(value) else f"{parameter}={value} dropped: its training diverged in {int(count)} final cell(s)"
+                     for value, count in dropped.items())
 
 
 def _finite(value) -> bool:
@@ -335,16 +362,25 @@ def tuning_cells(groups: list[TuneGroup]) -> list[Cell]:
     return list(unique.values())
 
 
-def resolve(groups: list[TuneGroup], read) -> tuple[list[Pick], list[tuple[TuneGroup, int, int]]]:
-    """(picks, waiting): each group's pick from ``read(cell_id)`` (a result dict or None), or
-    (group, tuning cells with a usable result, tuning cells) while it waits."""
+def resolve(groups: list[TuneGroup], read, read_final=None) -> tuple[list[Pick], list[tuple[TuneGroup, int, int]]]:
+    """(picks, waiting): each group's pick from ``read(cell_id)`` (a tuning cell's result dict or
+    None), or (group, tuning cells with a usable result, tuning cells) while it waits. With
+    ``read_final`` (the same for final cells), a pick whose training diverged in any final cell of
+    the curve is dropped and the next best taken, until one has no diverged final cell (``RULE``):
+    a rate that trained on the tuning split can still be at the edge of stability on the full set."""
     from benchmark.engine.data import get_spec
 
     picks, waiting = [], []
     for group in groups:
         ids = [cell.id for cell in group.all_tuning_cells()]
         results = {cell_id: read(cell_id) for cell_id in ids}
-        chosen = pick(group, results, get_spec(group.first.dataset).num_classes)
+        classes = get_spec(group.first.dataset).num_classes
+        chosen = pick(group, results, classes)
+        while chosen is not None and chosen.value is not None and read_final is not None:
+            failed = sum(diverged(read_final(cell.id)) for cell in group.curve_cells(chosen.value))
+            if not failed:
+                break
+            chosen = pick(group, results, classes, chosen.dropped | {chosen.value: failed})
         if chosen is None:
             usable = sum(1 for r in results.values() if r is not None and r.get("status") != "blocked")
             waiting.append((group, usable, len(ids)))
@@ -356,6 +392,12 @@ def resolve(groups: list[TuneGroup], read) -> tuple[list[Pick], list[tuple[TuneG
 def picked_finals(picks: list[Pick]) -> list[Cell]:
     """The final cells the picks make: each curve's cells with its picked value."""
     return [cell for chosen in picks for cell in chosen.group.final_cells(chosen.value)]
+
+
+def dropped_finals(picks: list[Pick]) -> list[Cell]:
+    """The final cells of candidates dropped for diverged training: not the curve any more, but their
+    records are what dropped them, so they stay beside it."""
+    return [cell for chosen in picks for value in chosen.dropped for cell in chosen.group.curve_cells(value)]
 
 
 def table_rows(picks: list[Pick]) -> list[dict]:
@@ -370,6 +412,7 @@ def table_rows(picks: list[Pick]) -> list[dict]:
                          "validation": info["validation"], "crs": " ".join(f"{c:g}" for c in info["crs"]),
                          "seeds": " ".join(map(str, info["seeds"])), "tuning_cells": info["tuning_cells"],
                          "tuning_cpu_hours": info["tuning_cpu_hours"],
+                         "final_diverged": chosen.dropped.get(candidate, 0),
                          "final_cells": " ".join(info["final_cells"]) if candidate == chosen.value else ""})
     return rows
 
