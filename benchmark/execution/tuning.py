@@ -20,6 +20,7 @@ in their own results folder (``<grid>-tuning``). Once all of a group's tuning ce
 ``pick`` scores each candidate by ``score`` (test data never enters: only ``val_acc`` and ``cr``) and
 the group's final cells are its curve with the pick, trained on the full training set as usual
 after selection; a final cell whose settings the pick does not change keeps its id and record.
+A pick whose training diverges in one of those final cells gives way to the next best (``resolve``).
 """
 
 from __future__ import annotations
