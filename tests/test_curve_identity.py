@@ -84,3 +84,24 @@ def test_status_and_collect_default_to_the_last_run_and_say_so(tmp_path, capsys)
     assert f"grid {grid}: the last run in {results}" in captured.err and "grid mine (1 cells)" in captured.out
     assert main(["collect", "--results-dir", results]) == 0
     assert "the last run" in capsys.readouterr().err
+
+
+def test_settings_that_only_failed_records_have_do_not_rename_the_curve():
+    """lenet-reference's magnitude curve: its pick 0.8 diverged in every final cell and gave way to
+    0.2 (docs/tuning.md). The failed 0.8 records stay beside the curve; they draw nothing, so the
+    curve keeps its plain label, while two settings that both have ok records still get their own."""
+    from benchmark.execution.collection import distinguish_curves
+
+    def record(method, status, lr, **params):
+        return {"method": method, "status": status, "arch": "lenet300", "dataset": "fashion-mnist",
+                "config": {"params": params, "schedule": {"epochs": 30, "lr": lr}}}
+
+    records = [record("magnitude", "failed", 0.8, target_cr=10.0), record("magnitude", "failed", 0.8, target_cr=100.0),
+               record("magnitude", "ok", 0.2, target_cr=10.0), record("magnitude", "ok", 0.2, target_cr=100.0),
+               record("snip", "ok", 0.1, target_cr=10.0), record("snip", "ok", 0.05, target_cr=10.0),
+               record("snip", "failed", 0.8, target_cr=10.0)]
+    rows = [{"arch": r["arch"], "dataset": r["dataset"], "variant": r["method"], "status": r["status"],
+             "cell_id": str(i), "level": None} for i, r in enumerate(records)]
+    distinguish_curves(rows, records)
+    assert [row["variant"] for row in rows] == ["magnitude"] * 4 + [
+        "snip schedule.lr=0.1", "snip schedule.lr=0.05", "snip schedule.lr=0.8"]

@@ -65,8 +65,10 @@ def curve_settings(record: dict) -> dict:
 def distinguish_curves(rows: list[dict], records: list[dict]) -> dict[tuple, str]:
     """Give records of one label but different settings labels of their own, in place: each row's
     ``variant`` gets the settings that differ within its (arch, dataset, variant), e.g. ``gmp
-    scope=global``, so that no table or figure averages two settings as one curve. Returns the new
-    label of each renamed (cell_id, level)."""
+    scope=global``, so that no table or figure averages two settings as one curve. Only settings that
+    differ between ``ok`` records count (failed ones draw no curve: a tuning pick dropped because its
+    training diverged leaves its records beside the curve without renaming it), unless none is ok.
+    Returns the new label of each renamed (cell_id, level)."""
     groups: dict[tuple, list[tuple[dict, dict]]] = {}
     for row, record in zip(rows, records):
         groups.setdefault((row.get("arch"), row.get("dataset"), row.get("variant")), []).append((row, record))
@@ -74,8 +76,9 @@ def distinguish_curves(rows: list[dict], records: list[dict]) -> dict[tuple, str
     for pairs in groups.values():
         members = [row for row, _ in pairs]
         settings = [curve_settings(record) for _, record in pairs]
-        keys = sorted({k for s in settings for k in s})
-        varying = [k for k in keys if len({repr(s.get(k)) for s in settings}) > 1]
+        drawn = [s for s, row in zip(settings, members) if row.get("status") == "ok"] or settings
+        keys = sorted({k for s in drawn for k in s})
+        varying = [k for k in keys if len({repr(s.get(k)) for s in drawn}) > 1]
         if not varying:
             continue
         for row, own in zip(members, settings):
