@@ -15,11 +15,11 @@ from benchmark.execution import grids
 PINNED = {
     "cifar": ("e50897cb250f229793eb039351d5fcd3bfd9685e5c33d2ed9bd5733c1648c668", 2106),
     "dwf-study": ("821c22238a5809feaafaad48dcbed1e64c51c2dc0766cc034e2558cc0940cc43", 22),
-    "full": ("5aec7c7aa3e1eece346a7cdb165aaef27f8eacc0a6a37068a70f2f8ed87c18a1", 6312),
-    "lenet": ("73931b39856f2e1d6f816bb252bfe6414dfb62fcf5d4cf4f8252d0e0fc45b1f3", 4206),
+    "full": ("b8af3fef40f71ddf08a468fda17c17864d1afa1b5eabec5d676f547d8b7cbc82", 6327),
+    "lenet": ("3ec1b1658ee29f577a07e728b1226f3691e77d965fd709c6b0c40e1a5bd95bce", 4221),
     "lenet-calibration": ("731768f53f5d357d7f00e567d93f9475b4478a16fdaab1e4c7edb58bc1a5e0c8", 184),
     "lenet-recipes": ("14d0774520ffcd819cb37c2d680ea198b77dbb29938ebb53f2a72de3cfd27cad", 29),
-    "lenet-reference": ("fbb8b1ae0afa0bb960f465255567de1e185487209549c9bb86174d9400b3c4d8", 1378),
+    "lenet-reference": ("4b85ac8ead091ee7027738f24be94f84c3d3cee372356394a7a3e15195643039", 1383),
     # the first protocol: lenet-reference's LeNet-300-100 cells as they were until 2026-12-04
     "lenet-reference-v1": ("f728ee18821c78509dcb3e026cb2e92d4bc5eabbb8dc0e04406b47bd70b592d4", 483),
     "lenet-reference-tuning": ("6153fd3cfbcc69b137263047278b909763b7b2fe37c4ff3faa685fa3f95487bd", 1112),

@@ -135,7 +135,7 @@ def test_a_curve_reaching_chance_gets_nothing_beyond_it(setup):
     path, results = setup
     match = matching.match_grid(str(path), results)
     assert not gaps_of(match, "dwf D=3")  # CR 1000 is past chance (CR 400); 10..300 are matched
-    assert ("lenet300/fashion-mnist dwf D=3", 2) in match.complete
+    assert ("lenet300/fashion-mnist dwf D=3", 2, 2) in match.complete
 
 
 def test_a_curve_stopping_short_extrapolates_one_step(setup):
@@ -154,7 +154,7 @@ def test_a_curve_within_the_ratio_everywhere_gets_nothing(setup):
     path, results = setup
     match = matching.match_grid(str(path), results)
     assert not gaps_of(match, "l1")
-    assert ("lenet300/fashion-mnist l1 [lr=0.05]", 2) in match.complete
+    assert ("lenet300/fashion-mnist l1 [lr=0.05]", 2, 2) in match.complete
     assert "lenet300/fashion-mnist l1 [lr=0.05]" not in by_label(match)
 
 
@@ -344,3 +344,10 @@ def test_a_tuned_grid_is_matched_on_the_final_cells_of_its_picks():
     labels = set(match.labels.values())
     assert "lenet300/fashion-mnist dwf D=3 [lr=0.2]" in labels
     assert not any("not in grid" in note for note in match.notes)
+    # a curve counts as matched for the seeds that have results, never for seeds not run yet
+    rows = pd.read_csv(reference / "lenet-reference" / "results.csv", low_memory=False)
+    for label, matched, seeds in match.complete:
+        arch, rest = label.split("/", 1)
+        variant = rest.split(" ", 1)[1].split(" [")[0]
+        ran = rows[(rows.arch == arch) & (rows.variant == variant) & (rows.status == "ok")].seed.nunique()
+        assert matched == ran <= seeds, label

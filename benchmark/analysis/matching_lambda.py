@@ -143,7 +143,7 @@ def _step(gap: dict, lam, cr, c: float, ratio: float, pending, up: bool) -> None
 def match_lambda(match: Match, fam: FamilyCells, rows: pd.DataFrame) -> None:
     """Fill ``match`` with one λ curve's gaps and proposals (seeds each on their own)."""
     family, chance = fam.family, chance_level(fam.family.dataset)
-    gaps = []
+    gaps, measured = [], 0
     for seed in sorted(fam.seeds):
         mine = rows[rows.seed == seed]
         run = set(mine.value)
@@ -153,10 +153,12 @@ def match_lambda(match: Match, fam: FamilyCells, rows: pd.DataFrame) -> None:
             match.notes.append(f"{fam.label} seed {seed}: no ok results yet ({len(pending)} of its "
                                f"{len(fam.values)} cells not run, {len(run)} failed or blocked)")
             continue
+        measured += 1
         for g in seed_gaps(points, match.crs, match.ratio, chance, pending):
             gaps.append(Gap(fam.label, family, seed, **g))
     if not gaps:
-        match.complete.append((fam.label, len(fam.seeds)))
+        if measured:  # seeds without results are in the notes, not counted as matched
+            match.complete.append((fam.label, measured, len(fam.seeds)))
         return
     # round, merge the seeds' λs for one CR, drop what the grid has
     by_cr = defaultdict(list)

@@ -40,7 +40,8 @@ def format_match(match: Match) -> str:
         lines.append("")
     if match.complete:
         lines.append("λ curves within " + f"{match.ratio:g}x of every reported CR (up to chance): "
-                     + "; ".join(f"{label} ({n} seeds)" for label, n in match.complete))
+                     + "; ".join(f"{label} ({n} seeds)" if n == of else f"{label} ({n} of {of} seeds; the others have no results yet)"
+                                 for label, n, of in match.complete))
         lines.append("")
     if match.extensions:
         lines.append(f"baselines: past the largest CR within {match.reach_points:g} points of dense that a seed of a "

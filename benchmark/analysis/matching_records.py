@@ -76,7 +76,7 @@ class Match:
     reach_points: float
     rows: int
     gaps: list = field(default_factory=list)
-    complete: list = field(default_factory=list)  # (label, seeds) of λ curves that need nothing
+    complete: list = field(default_factory=list)  # (label, seeds matched, seeds) of λ curves that need nothing
     proposals: dict = field(default_factory=dict)  # Family -> sorted λs
     extensions: list = field(default_factory=list)
     seeds: dict = field(default_factory=dict)  # Family -> sorted seeds of the grid
