@@ -178,3 +178,23 @@ def test_the_results_pages_quote_the_committed_tables():
     tolerance_10 = {row[0]: row[-1] for row in of(reference, "tolerance.md", "LeNet-5")}
     expected = [[*row, tolerance_10.get(row[0], "–")] for row in of(reference, "accuracy_at_cr.md", "LeNet-5")]
     assert table_rows(readme, "| method | seeds | CR 10 | CR 30 | CR 100 | CR 300 | CR 1000 | CR within 10 pts") == expected
+
+
+def test_what_tuning_changed_as_the_reference_readme_quotes_it():
+    """reference/README.md quotes reference/compare_protocols.py --seeds 0,1 (tuned minus first protocol
+    at CR 10 / 100 / 1000): the quoted numbers are what the script makes of the committed CSVs."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("compare_protocols", REFERENCE / "compare_protocols.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    table = module.differences([0, 1]).set_index("curve")
+    text = " ".join((REFERENCE / "README.md").read_text().split())
+
+    def quoted(curve):
+        return " / ".join(f"{x + 0.0:+.2f}".replace("-", "−").replace("−0.00", "0.00").replace("+0.00", "0.00")
+                          for x in table.loc[curve, ["CR 10", "CR 100", "CR 1000"]])
+
+    for curve in ("dwf D=3", "dwf D=4", "magnitude", "global-magnitude", "gmp", "synflow", "set", "rigl", "random"):
+        assert quoted(curve) in text, (curve, quoted(curve))
+    assert (table.seeds == 2).all() and f"dense {table.loc['dense', 'CR 1']:+.2f}" in text
