@@ -269,7 +269,7 @@ TUNING_EXPLANATION = (
     "and scoring CRs, log-CR interpolation; beyond a candidate's measured CRs by more than 1.5x: chance); "
     "the pick in bold. Test data never enters a pick. Tuning cells and their CPU-hours are what the choice cost "
     "(docs/tuning.md). A pick at the edge of its candidates is noted: the range should be extended before it is "
-    "trusted. A pick whose training diverged in a final cell of the curve is dropped for the next best, and noted."
+    "trusted. A pick whose training diverged in every final cell of a seed is dropped for the next best, and noted."
 )
 
 

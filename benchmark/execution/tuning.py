@@ -20,7 +20,7 @@ in their own results folder (``<grid>-tuning``). Once all of a group's tuning ce
 ``pick`` scores each candidate by ``score`` (test data never enters: only ``val_acc`` and ``cr``) and
 the group's final cells are its curve with the pick, trained on the full training set as usual
 after selection; a final cell whose settings the pick does not change keeps its id and record.
-A pick whose training diverges in one of those final cells gives way to the next best (``resolve``).
+A pick whose training diverged in every final cell of a seed gives way to the next best (``resolve``).
 """
 
 from __future__ import annotations
@@ -43,8 +43,8 @@ TUNE_KEYS = {"parameter", "candidates", "validation", "crs", "seeds", "methods",
 REACH_RATIO = 1.5
 RULE = ("mean validation accuracy over the tuning seeds and the scoring CRs (each interpolated in log CR "
         f"between the candidate's points; beyond them by more than {REACH_RATIO}x: chance accuracy; a failed "
-        "cell gives no point); the highest wins, ties to the earlier candidate; a winner whose training diverges "
-        "in a final cell of the curve is dropped for the next best")
+        "cell gives no point); the highest wins, ties to the earlier candidate; a winner whose training diverged "
+        "in every final cell of a seed (no curve for that seed) is dropped for the next best")
 
 
 @dataclass(frozen=True)
@@ -266,7 +266,7 @@ class Pick:
     value: object  # None: every candidate was dropped
     cells: int
     cpu_hours: float
-    #: candidates dropped because their training diverged in final cells: {candidate: cells diverged}
+    #: candidates dropped because their training diverged in every final cell of a seed: {candidate: those cells}
     dropped: dict = field(default_factory=dict)
 
     def row(self) -> dict:
@@ -306,6 +306,15 @@ def pick(group: TuneGroup, results: dict[str, dict | None], num_classes: int, dr
     return Pick(group, scores, value, cells, cpu_seconds / 3600, dropped)
 
 
+def lost_seeds(cells: list[Cell], read_final) -> int:
+    """How many diverged cells the seeds have whose every final cell diverged (0: every seed has a
+    curve, or has cells still to run)."""
+    by_seed: dict[int, list[bool]] = {}
+    for cell in cells:
+        by_seed.setdefault(cell.seed, []).append(diverged(read_final(cell.id)))
+    return sum(len(flags) for flags in by_seed.values() if all(flags))
+
+
 def diverged(result: dict | None) -> bool:
     """A final cell whose training diverged (loss nan or inf: the training data says so, not the test)."""
     return bool(result) and result.get("status") == "failed" and any(
@@ -327,8 +336,9 @@ def edge_note(candidates: list, value) -> str:
 
 def dropped_note(parameter: str, dropped: dict) -> str:
     """The words that say which candidates a curve lost to diverged final training (``resolve``)."""
-    return "; ".join(f"{parameter}={value:g} dropped: its training diverged in {int(count)} final cell(s)"
-                     if _finite(value) else f"{parameter}={value} dropped: its training diverged in {int(count)} final cell(s)"
+    return "; ".join(f"{parameter}={value:g} dropped: its training diverged in every final cell of a seed ({int(count)} cells)"
+                     if _finite(value) else
+                     f"{parameter}={value} dropped: its training diverged in every final cell of a seed ({int(count)} cells)"
                      for value, count in dropped.items())
 
 
@@ -366,9 +376,10 @@ def tuning_cells(groups: list[TuneGroup]) -> list[Cell]:
 def resolve(groups: list[TuneGroup], read, read_final=None) -> tuple[list[Pick], list[tuple[TuneGroup, int, int]]]:
     """(picks, waiting): each group's pick from ``read(cell_id)`` (a tuning cell's result dict or
     None), or (group, tuning cells with a usable result, tuning cells) while it waits. With
-    ``read_final`` (the same for final cells), a pick whose training diverged in any final cell of
-    the curve is dropped and the next best taken, until one has no diverged final cell (``RULE``):
-    a rate that trained on the tuning split can still be at the edge of stability on the full set."""
+    ``read_final`` (the same for final cells), a pick that left a seed without a curve (every final
+    cell of that seed diverged) is dropped and the next best taken, until none has (``RULE``): a rate
+    that trained on the tuning split can still be at the edge of stability on the full set. A point
+    that diverged where the seed's others trained is a result (the curve ends there), not a reason."""
     from benchmark.engine.data import get_spec
 
     picks, waiting = [], []
@@ -378,7 +389,7 @@ def resolve(groups: list[TuneGroup], read, read_final=None) -> tuple[list[Pick],
         classes = get_spec(group.first.dataset).num_classes
         chosen = pick(group, results, classes)
         while chosen is not None and chosen.value is not None and read_final is not None:
-            failed = sum(diverged(read_final(cell.id)) for cell in group.curve_cells(chosen.value))
+            failed = lost_seeds(group.curve_cells(chosen.value), read_final)
             if not failed:
                 break
             chosen = pick(group, results, classes, chosen.dropped | {chosen.value: failed})
