@@ -1,10 +1,13 @@
-"""What the tuned protocol changed: LeNet-300-100 test accuracy at fixed CRs in lenet-reference (every
-curve's learning rate chosen on a validation split) minus lenet-reference-v1 (the first protocol), seed
-by seed on the seeds both have, then averaged. Interpolated in log CR as the report's tables are
-(benchmark.core.interpolation), never extrapolated. A description of two runs of one curve, not a test:
-reference/README.md quotes it with its seeds.
+"""What a change of protocol changed: LeNet-300-100 test accuracy at fixed CRs, seed by seed on the
+seeds both sides have, then averaged; interpolated in log CR as the report's tables are
+(benchmark.core.interpolation), never extrapolated. A description, not a test: reference/README.md
+and docs/recipes.md quote it with its seeds.
 
-    python reference/compare_protocols.py --seeds 0,1
+    python reference/compare_protocols.py --seeds 0,1   # lenet-reference (every rate chosen on a
+                                                        # validation split) minus lenet-reference-v1
+    python reference/compare_protocols.py --recipes     # lenet-recipes (the authors' output-layer and
+                                                        # lottery recipes, seed 0) minus the same
+                                                        # method in lenet-reference-v1, seed 0
 """
 
 from __future__ import annotations
@@ -61,10 +64,41 @@ def differences(seeds: list[int]) -> pd.DataFrame:
     return pd.DataFrame(table, columns=["curve", "lr", "seeds", "CR 1", *(f"CR {c}" for c in CRS)])
 
 
+#: lenet-recipes' curves and the lenet-reference-v1 curve each replaces (same method, schedule and seed)
+RECIPE_BASES = {"gmp output-rate=0.5": "gmp", "magnitude output-rate=0.5": "magnitude",
+                "magnitude +FT output-rate=0.5": "magnitude +FT", "lottery": "lottery",
+                "lottery p=0.2/out=0.1": "lottery"}
+
+
+def recipes() -> pd.DataFrame:
+    """One row per lenet-recipes curve: its accuracy at each CR, minus its lenet-reference-v1 curve's
+    (seed 0), and both curves' training epochs behind their last point."""
+    rows = ok_rows(HERE / "lenet-recipes" / "results.csv", [0])
+    first = ok_rows(HERE / "lenet-reference-v1" / "results.csv", [0])
+    mine, theirs = per_seed(rows), per_seed(first)
+    table = []
+    for curve, base in RECIPE_BASES.items():
+        if curve not in mine or base not in theirs:
+            continue
+        table.append({"recipe": curve, "instead of": base,
+                      **{f"CR {c}": a for c, a in zip(CRS, mine[curve][0])},
+                      **{f"Δ CR {c}": d for c, d in zip(CRS, mine[curve][0] - theirs[base][0])},
+                      "epochs": rows[rows.variant == curve].epochs.max(),
+                      "epochs before": first[first.variant == base].epochs.max()})
+    return pd.DataFrame(table)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", default="0,1", help="comma-separated seeds both protocols have (default 0,1)")
-    seeds = [int(s) for s in parser.parse_args(argv).seeds.split(",")]
+    parser.add_argument("--recipes", action="store_true", help="lenet-recipes against lenet-reference-v1 (seed 0)")
+    args = parser.parse_args(argv)
+    if args.recipes:
+        table = recipes()
+        print("lenet-recipes, seed 0: test accuracy (%) at CR, and minus the lenet-reference-v1 curve it replaces")
+        print(table.to_string(index=False, float_format=lambda x: f"{x:.2f}", na_rep="–"))
+        return 0
+    seeds = [int(s) for s in args.seeds.split(",")]
     table = differences(seeds)
     print(f"tuned minus first protocol, test accuracy points, mean over seeds {seeds} (both must have the seed)")
     points = {c: (lambda x: "–" if np.isnan(x) else f"{x:+.2f}") for c in table.columns if c.startswith("CR ")}

@@ -198,3 +198,20 @@ def test_what_tuning_changed_as_the_reference_readme_quotes_it():
     for curve in ("dwf D=3", "dwf D=4", "magnitude", "global-magnitude", "gmp", "synflow", "set", "rigl", "random"):
         assert quoted(curve) in text, (curve, quoted(curve))
     assert (table.seeds == 2).all() and f"dense {table.loc['dense', 'CR 1']:+.2f}" in text
+
+
+def test_what_the_authors_recipes_change_as_the_docs_quote_it():
+    """docs/recipes.md's table is reference/compare_protocols.py --recipes on the committed lenet-recipes
+    and lenet-reference-v1 records: every recipe's accuracy and difference at every CR."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("compare_protocols", REFERENCE / "compare_protocols.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    table = module.recipes()
+    assert len(table) == 5
+    text = (ROOT / "docs" / "recipes.md").read_text()
+    for _, row in table.iterrows():
+        cells = " | ".join(f"{row[f'CR {c}']:.2f} ({row[f'Δ CR {c}'] + 0.0:+.2f})".replace("-", "−")
+                           for c in (10, 30, 100, 300, 1000))
+        assert cells in text, (row["recipe"], cells)
