@@ -15,14 +15,14 @@ from benchmark.execution import grids
 PINNED = {
     "cifar": ("e50897cb250f229793eb039351d5fcd3bfd9685e5c33d2ed9bd5733c1648c668", 2106),
     "dwf-study": ("821c22238a5809feaafaad48dcbed1e64c51c2dc0766cc034e2558cc0940cc43", 22),
-    "full": ("b8af3fef40f71ddf08a468fda17c17864d1afa1b5eabec5d676f547d8b7cbc82", 6327),
-    "lenet": ("3ec1b1658ee29f577a07e728b1226f3691e77d965fd709c6b0c40e1a5bd95bce", 4221),
+    "full": ("c09618bb5300c9a87fab7259b288050c89b770ea738eff494b79dd2388aa045a", 6732),
+    "lenet": ("a9b3bb91e72cf517993fbefa72481d2d7941b5cbf55ca26a555f2b662bb4afdb", 4626),
     "lenet-calibration": ("731768f53f5d357d7f00e567d93f9475b4478a16fdaab1e4c7edb58bc1a5e0c8", 184),
     "lenet-recipes": ("14d0774520ffcd819cb37c2d680ea198b77dbb29938ebb53f2a72de3cfd27cad", 29),
-    "lenet-reference": ("4b85ac8ead091ee7027738f24be94f84c3d3cee372356394a7a3e15195643039", 1383),
+    "lenet-reference": ("303bd4f51f9c101e094557ca3c884894f5e51d4ca7a27d9cd3aa37bbf999c1a7", 1518),
     # the first protocol: lenet-reference's LeNet-300-100 cells as they were until 2026-12-04
     "lenet-reference-v1": ("f728ee18821c78509dcb3e026cb2e92d4bc5eabbb8dc0e04406b47bd70b592d4", 483),
-    "lenet-reference-tuning": ("6153fd3cfbcc69b137263047278b909763b7b2fe37c4ff3faa685fa3f95487bd", 1112),
+    "lenet-reference-tuning": ("7c2f17ba6552c3490d881c01b291f937e61f94ae4680e6e32a017f83b53afb8f", 1184),
     "quick": ("d094b78671437829ffed8e7b2d9ccfe8e7a66e659cd842d9b35a6a0383bf9d2f", 32),
     "smoke": ("c55002424e852df1e321e48ec68f2f6e5a19b1b3c088c25ca8b5f60186b07c5e", 17),
 }
