@@ -86,10 +86,12 @@ def test_status_and_collect_default_to_the_last_run_and_say_so(tmp_path, capsys)
     assert "the last run" in capsys.readouterr().err
 
 
-def test_settings_that_only_failed_records_have_do_not_rename_the_curve():
+def test_settings_that_only_failed_records_have_label_those_records_not_the_curve():
     """lenet-reference's magnitude curve: its pick 0.8 diverged in every final cell and gave way to
     0.2 (docs/tuning.md). The failed 0.8 records stay beside the curve; they draw nothing, so the
-    curve keeps its plain label, while two settings that both have ok records still get their own."""
+    curve keeps its plain label and they get their own (else they would count as the curve's cells
+    and make its other seeds look partial), while two settings that both have ok records still get
+    their own labels."""
     from benchmark.execution.collection import distinguish_curves
 
     def record(method, status, lr, **params):
@@ -103,5 +105,5 @@ def test_settings_that_only_failed_records_have_do_not_rename_the_curve():
     rows = [{"arch": r["arch"], "dataset": r["dataset"], "variant": r["method"], "status": r["status"],
              "cell_id": str(i), "level": None} for i, r in enumerate(records)]
     distinguish_curves(rows, records)
-    assert [row["variant"] for row in rows] == ["magnitude"] * 4 + [
+    assert [row["variant"] for row in rows] == ["magnitude schedule.lr=0.8"] * 2 + ["magnitude"] * 2 + [
         "snip schedule.lr=0.1", "snip schedule.lr=0.05", "snip schedule.lr=0.8"]

@@ -65,10 +65,11 @@ def curve_settings(record: dict) -> dict:
 def distinguish_curves(rows: list[dict], records: list[dict]) -> dict[tuple, str]:
     """Give records of one label but different settings labels of their own, in place: each row's
     ``variant`` gets the settings that differ within its (arch, dataset, variant), e.g. ``gmp
-    scope=global``, so that no table or figure averages two settings as one curve. Only settings that
-    differ between ``ok`` records count (failed ones draw no curve: a tuning pick dropped because its
-    training diverged leaves its records beside the curve without renaming it), unless none is ok.
-    Returns the new label of each renamed (cell_id, level)."""
+    scope=global``, so that no table or figure averages two settings as one curve. Settings that
+    differ only between failed records and the ``ok`` ones label just the failed ones (a tuning pick
+    dropped because its training diverged, ``magnitude schedule.lr=0.8``, leaves the curve it gave way
+    to its plain label, and is not counted as that curve's cells). Returns the new label of each
+    renamed (cell_id, level)."""
     groups: dict[tuple, list[tuple[dict, dict]]] = {}
     for row, record in zip(rows, records):
         groups.setdefault((row.get("arch"), row.get("dataset"), row.get("variant")), []).append((row, record))
@@ -77,13 +78,14 @@ def distinguish_curves(rows: list[dict], records: list[dict]) -> dict[tuple, str
         members = [row for row, _ in pairs]
         settings = [curve_settings(record) for _, record in pairs]
         drawn = [s for s, row in zip(settings, members) if row.get("status") == "ok"] or settings
-        keys = sorted({k for s in drawn for k in s})
+        keys = sorted({k for s in settings for k in s})
         varying = [k for k in keys if len({repr(s.get(k)) for s in drawn}) > 1]
-        if not varying:
-            continue
+        drawn_values = {k: {repr(s.get(k)) for s in drawn} for k in keys}
         for row, own in zip(members, settings):
-            row["variant"] = f"{row['variant']} " + " ".join(f"{k}={_short(own.get(k))}" for k in varying)
-            renamed[(row.get("cell_id"), row.get("level"))] = row["variant"]
+            own_keys = varying + [k for k in keys if k not in varying and repr(own.get(k)) not in drawn_values[k]]
+            if own_keys:
+                row["variant"] = f"{row['variant']} " + " ".join(f"{k}={_short(own.get(k))}" for k in own_keys)
+                renamed[(row.get("cell_id"), row.get("level"))] = row["variant"]
     return renamed
 
 
