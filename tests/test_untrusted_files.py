@@ -18,6 +18,7 @@ import torch
 
 from benchmark.__main__ import main
 from benchmark.execution.packing import plan as pack_plan
+from benchmark.execution.records import DamagedResult
 from benchmark.execution.store import Store
 
 from benchmark.engine.checkpoints import load_state
@@ -237,6 +238,18 @@ def test_a_fifo_where_a_record_belongs_hangs_neither_status_nor_collect(grid_cop
         assert main(["run", *args, "--no-progress"]) == 0
     assert "1 finished now, 1 already done" in capsys.readouterr().out
     assert victim.is_file() and len(list((store.cells_dir / "damaged").glob(f"{victim.stem}.*.json"))) == 1
+
+
+def test_readers_that_only_ask_whether_a_cell_is_done_take_a_damaged_record_for_a_missing_one(grid_copy):
+    """Picks, ``match`` and ``status`` read with ``read_or_none``: a torn record means "to do"
+    (``run`` sets it aside), never a crash and never a result."""
+    _, _, store, victim = grid_copy
+    assert store.read_or_none(victim.stem)["status"] == "ok"
+    victim.write_text(victim.read_text()[:40])
+    with pytest.raises(DamagedResult):
+        store.read(victim.stem)
+    assert store.read_or_none(victim.stem) is None
+    assert store.read_or_none("0" * 16) is None  # no file at all
 
 
 SPEEDS_DAMAGE = {

@@ -87,18 +87,6 @@ def read_results(grid: str, results_dir) -> tuple[Path, cv.Results | None, list[
 # -- the whole grid -------------------------------------------------------------------------------
 
 
-def _quiet(store):
-    """``store.read`` that takes a damaged result file for a missing one (``run`` sets it aside)."""
-    from benchmark.execution.store import DamagedResult
-
-    def read(cell_id: str):
-        try:
-            return store.read(cell_id)
-        except DamagedResult:
-            return None
-    return read
-
-
 def match_grid(grid: str, results_dir="results", crs=REPORTED_CRS, ratio: float = RATIO,
                reach_points: float = REACH_POINTS) -> Match:
     """Read grid ``grid`` (a preset or a file) and its results so far; propose what closes the gaps."""
@@ -110,8 +98,8 @@ def match_grid(grid: str, results_dir="results", crs=REPORTED_CRS, ratio: float 
         raise ValueError(f"--ratio={ratio:g} must be > 1")
     loaded = load_grid(grid)
     # tuned curves count with the final cells of their picks (docs/tuning.md); one still tuning has none yet
-    picks, _ = tuning.resolve(loaded.tune_groups, _quiet(Store(results_dir, tuning.folder(loaded.name))),
-                              _quiet(Store(results_dir, loaded.name)))
+    picks, _ = tuning.resolve(loaded.tune_groups, Store(results_dir, tuning.folder(loaded.name)).read_or_none,
+                              Store(results_dir, loaded.name).read_or_none)
     cells = loaded.cells + tuning.picked_finals(picks)
     folder, results, said = read_results(grid, results_dir)
     grid_arg = str(Path(grid).resolve()) if Path(grid).is_file() else grid

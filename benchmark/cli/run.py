@@ -180,13 +180,7 @@ def _picks(grid: grids_mod.Grid, groups: list[tuning.TuneGroup], results_dir) ->
     """The final cells of the selected tuned curves whose tuning is complete, and lines that say
     what was picked and what waits. Rewrites the grid's tuning table from every tuned curve."""
     tuning_store, store = Store(results_dir, tuning.folder(grid.name)), Store(results_dir, grid.name)
-
-    def read(cell_id: str):
-        return _read_quietly(tuning_store, cell_id)  # a damaged one: run sets it aside and trains it again
-
-    def read_final(cell_id: str):
-        return _read_quietly(store, cell_id)
-
+    read, read_final = tuning_store.read_or_none, store.read_or_none
     every, _ = tuning.resolve(grid.tune_groups, read, read_final)
     if every:
         store.write_picks(tuning.table_rows(every))
@@ -317,7 +311,7 @@ def unfinished_lines(store: Store, cells: list[Cell], grid_arg: str, where: str,
     line of its error, and the commands that show all errors and rerun them. None when all is well."""
     bad, written = [], store.finished_ids()
     for cell in cells:
-        result = _read_quietly(store, cell.id) if cell.id in written else None
+        result = store.read_or_none(cell.id) if cell.id in written else None
         if result and result.get("status") in ("failed", "blocked"):
             error = str((result.get("records") or [{}])[0].get("error") or "").strip().splitlines()
             bad.append((result["status"], cell.label(), error[0][:200] if error else ""))
@@ -355,7 +349,7 @@ def dry_run(store: Store, cells: list[Cell], args, grid: grids_mod.Grid | None =
     if groups:
         tuning_store = Store(args.results_dir, tuning.folder(grid.name))
         tuning_todo, _ = pending_cells(tuning_store, tuning.tuning_cells(groups), args.retry_failed)
-        picks, waiting = tuning.resolve(groups, lambda i: _read_quietly(tuning_store, i), lambda i: _read_quietly(store, i))
+        picks, waiting = tuning.resolve(groups, tuning_store.read_or_none, store.read_or_none)
         cells = tuning_todo + cells + tuning.picked_finals(picks)
         print(f"tuning: {len(tuning_todo)} tuning cell(s) to run (in {tuning_store.root}); {len(picks)} of "
               f"{len(groups)} tuned curve(s) have their pick; the final cells of {len(waiting)} "
@@ -390,21 +384,14 @@ def dry_run(store: Store, cells: list[Cell], args, grid: grids_mod.Grid | None =
     return 0
 
 
-def _read_quietly(store: Store, cell_id: str):
-    try:
-        return store.read(cell_id)
-    except DamagedResult:
-        return None
-
-
 def status_command(args) -> int:
     _check_results_dir(args.results_dir)
     _last_grid(args)
     grid, cells, groups = _select(args)
     if groups:
         tuning_store, store = Store(args.results_dir, tuning.folder(grid.name)), Store(args.results_dir, grid.name)
-        picks, waiting = tuning.resolve(groups, lambda i: _read_quietly(tuning_store, i), lambda i: _read_quietly(store, i))
-        states = Counter((_read_quietly(tuning_store, c.id) or {}).get("status", "todo")
+        picks, waiting = tuning.resolve(groups, tuning_store.read_or_none, store.read_or_none)
+        states = Counter((tuning_store.read_or_none(c.id) or {}).get("status", "todo")
                          for c in tuning.tuning_cells(groups))
         print(f"tuning ({tuning_store.root}): {states['ok']} finished, {states['failed']} failed, "
               f"{states['blocked']} blocked, {states['todo']} to do; {len(picks)} of {len(groups)} tuned curve(s) "

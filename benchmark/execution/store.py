@@ -112,6 +112,15 @@ class Store:
         is torn, lacks fields or holds records that ``records.result_problems`` refuses."""
         return self._load(self.path(cell_id), cell_id)
 
+    def read_or_none(self, cell_id: str) -> dict | None:
+        """``read`` that takes a damaged result file for a missing one: for readers that only ask
+        whether a cell is done (picks, matching, status), since ``run`` sets such a file aside and
+        trains the cell again."""
+        try:
+            return self.read(cell_id)
+        except DamagedResult:
+            return None
+
     @staticmethod
     def _load(path: Path, cell_id: str | None) -> dict | None:
         """The one loader of result files (``read`` and ``results``)."""
