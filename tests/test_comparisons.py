@@ -5,6 +5,7 @@ Welch t-test and interval, Holm over the panel. Checked against an independent c
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pandas as pd
@@ -180,6 +181,28 @@ def test_verdicts_of_the_table(folder):
     assert table[table.arch == "lenet5"].verdict.tolist() == ["not resolved with 2 seeds", "A better"]
 
 
+def test_the_resolved_note_names_each_winner_with_its_difference_and_interval(folder):
+    """The note a reader quotes: every resolved row once, turned to the winner's side (a B-better
+    row's interval flipped), nothing unresolved; checked against the by-hand computation."""
+    table = cmp.comparisons_table(cv.load_results(folder / "g" / "results.csv"), CRS)
+    notes = cmp.resolved_notes(table)
+    assert len(notes) == 2 and notes[0].startswith("LeNet-300-100 / MNIST, resolved")
+    expected = expected_table()
+    resolved = expected[expected.p_holm.fillna(1) < 0.05]
+    assert len(resolved) == 10
+    for r in resolved.itertuples():
+        sign = 1 if r.diff_pts > 0 else -1
+        winner, loser = (r.a, r.b) if sign > 0 else (r.b, r.a)
+        low, high = sorted((sign * r.ci_low_pts, sign * r.ci_high_pts))
+        claim = f"{winner} over {loser} {sign * r.diff_pts:+.2f} [{low:+.2f}, {high:+.2f}]"
+        note = notes[0] if r.arch == "lenet300" else notes[1]
+        assert note.count(claim) == 1 and f"CR {r.cr:g}: " in note, claim
+    assert "shallow over dwf D=2" in notes[0] and "dwf D=3 over magnitude" in notes[0]
+    at10, at30 = notes[0].split(" · ")
+    assert "dwf D=3 over dwf D=2" not in at10 and "dwf D=3 over dwf D=2" in at30  # 96.93 against 97.03 at CR 10
+    assert sum(len(re.findall(r"\[[-+][0-9.]+, [-+][0-9.]+\]", n)) for n in notes) == 10  # and nothing else
+
+
 def test_pairs_are_each_dwf_curve_against_every_other_and_dwf_pairs_once(folder):
     results = cv.load_results(folder / "g" / "results.csv")
     assert cmp.pairs(results, "lenet300", "mnist") == [
@@ -221,6 +244,7 @@ def test_report_writes_the_comparisons_table_in_three_formats(folder, capsys):
             "| note |") in md
     assert "| LeNet-300-100 | MNIST | 10 | dwf D=3 | magnitude | 3/4 | 97.03 ± 0.15 | 50.50 ± 1.29 | +46.53 |" in md
     assert "Holm over the 10 comparisons with a p" in md and "Holm over the 2 comparisons" in md
+    assert "LeNet-300-100 / MNIST, resolved (winner over loser, points, 95 % CI): CR 10: " in md
     tex = (folder / "g" / "comparisons.tex").read_text()
     assert r"\begin{longtable}" in tex and r"\end{longtable}" in tex
     assert r"LeNet-300-100 & MNIST & 10 & dwf D=3 & magnitude & 3/4 & 97.03 $\pm$ 0.15" in tex

@@ -164,6 +164,30 @@ def family_notes(table: pd.DataFrame) -> list[str]:
     return notes
 
 
+def resolved_notes(table: pd.DataFrame) -> list[str]:
+    """Per arch x dataset, the resolved rows in a line a reader can quote: winner over loser at each
+    CR with the difference and its interval turned to the winner's side (a B-better row's A - B
+    [lo, hi] is read as B - A [-hi, -lo]), so claims need not be picked out of hundreds of rows."""
+    notes = []
+    for (arch, dataset), panel in table.groupby(["arch", "dataset"], sort=False):
+        won = panel[panel.verdict.isin(["A better", "B better"])]
+        if won.empty:
+            continue
+        by_cr = []
+        for cr, rows in won.groupby("cr", sort=True):
+            claims = []
+            for r in rows.itertuples():
+                flip = r.verdict == "B better"
+                winner, loser = (r.b, r.a) if flip else (r.a, r.b)
+                diff, low, high = ((-r.diff_pts, -r.ci_high_pts, -r.ci_low_pts) if flip
+                                   else (r.diff_pts, r.ci_low_pts, r.ci_high_pts))
+                claims.append(f"{winner} over {loser} {diff:+.2f} [{low:+.2f}, {high:+.2f}]")
+            by_cr.append(f"CR {cr:g}: " + "; ".join(claims))
+        notes.append(f"{cv.panel_title(arch, dataset)}, resolved (winner over loser, points, 95 % CI): "
+                     + " · ".join(by_cr) + ".")
+    return notes
+
+
 def summary_line(table: pd.DataFrame) -> str:
     """One line for the terminal: how many comparisons, how many resolved."""
     if table.empty:

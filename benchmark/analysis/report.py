@@ -204,7 +204,7 @@ def build_tables(results: cv.Results, label: str, points=tb.TOLERANCE_POINTS, cr
         tables.append(Table("comparisons", f"DWF against every other curve at CR {', '.join(f'{c:g}' for c in crs)}: "
                                            f"Welch t-tests, Holm-corrected ({label} grid)", COMPARISONS_EXPLANATION,
                             compared, comparisons_wide(compared), False, latex=True,
-                            notes=cmp.family_notes(compared)))
+                            notes=cmp.family_notes(compared) + cmp.resolved_notes(compared)))
     if with_cost:
         cost, settling = tb.cost_table(results), tb.settling_table(results)
         tables += [Table("cost", f"Training cost per curve ({label} grid)", COST_EXPLANATION, cost, cost_wide(cost),
