@@ -160,9 +160,9 @@ def table_rows(text: str, header: str) -> list[list[str]]:
 
 
 def test_the_results_pages_quote_the_committed_tables():
-    """reference/README.md quotes the committed tables, and the README a selection of their rows; a
-    regenerated table that the pages did not follow fails here, so the numbers a reader cites are the
-    ones the records give."""
+    """reference/README.md quotes the committed tables of the tuned protocol, the first protocol's page
+    its own, and the README a selection of the tuned rows; a regenerated table that the pages did not
+    follow fails here, so the numbers a reader cites are the ones the records give."""
     readme = (REFERENCE / "README.md").read_text()
     front = table_rows((ROOT / "README.md").read_text(), "| method | seeds | CR 10 |")
     full = table_rows(readme, "| method | seeds | CR 10 |")
@@ -172,24 +172,48 @@ def test_the_results_pages_quote_the_committed_tables():
     def of(folder, name, arch):
         return [row[2:] for row in table_rows((folder / name).read_text(), "| arch |") if row[0] == arch]
 
-    # LeNet-300-100: the first protocol's tables until the tuned curves are complete; LeNet-5: lenet-reference's
-    assert table_rows(readme, "| method | seeds | CR 10 |") == of(first, "accuracy_at_cr.md", "LeNet-300-100")
-    assert table_rows(readme, "| method | seeds | ≤ 1 pt |") == of(first, "tolerance.md", "LeNet-300-100")
+    # LeNet-300-100: the tuned protocol here, the first protocol on its own page
+    assert full == of(reference, "accuracy_at_cr.md", "LeNet-300-100")
+    assert table_rows(readme, "| method | seeds | ≤ 1 pt |") == of(reference, "tolerance.md", "LeNet-300-100")
+    first_page = (first / "README.md").read_text()
+    assert table_rows(first_page, "| method | seeds | CR 10 |") == of(first, "accuracy_at_cr.md", "LeNet-300-100")
+    assert table_rows(first_page, "| method | seeds | ≤ 1 pt |") == of(first, "tolerance.md", "LeNet-300-100")
     # LeNet-5: one table, the 10-point tolerance appended to the accuracies
     tolerance_10 = {row[0]: row[-1] for row in of(reference, "tolerance.md", "LeNet-5")}
     expected = [[*row, tolerance_10.get(row[0], "–")] for row in of(reference, "accuracy_at_cr.md", "LeNet-5")]
     assert table_rows(readme, "| method | seeds | CR 10 | CR 30 | CR 100 | CR 300 | CR 1000 | CR within 10 pts") == expected
 
 
+def test_the_verdicts_quote_the_resolved_claims_of_the_comparisons_tables():
+    """Every claim the README and reference/README.md quote for LeNet-300-100 (written in backticks as
+    `winner over loser +d [lo, hi]`) is a resolved row of the committed tuned comparisons table, as its
+    note gives it: a difference no corrected test supports cannot be quoted as a claim."""
+    import re
+
+    from benchmark.analysis import comparisons as cmp
+
+    table = pd.read_csv(REFERENCE / "lenet-reference" / "comparisons.csv")
+    notes = " ".join(cmp.resolved_notes(table[table.arch == "lenet300"]))
+    for page, start in ((ROOT / "README.md", "**Verdict"), (REFERENCE / "README.md", "### Verdict")):
+        text = page.read_text()
+        verdict = text[text.index(start):]
+        end = verdict.find("\n## ", 1)  # up to the next section
+        verdict = verdict if end < 0 else verdict[:end]
+        quoted = [q for q in re.findall(r"`([^`]+)`", " ".join(verdict.split())) if " over " in q]
+        assert len(quoted) >= 3, page
+        for claim in quoted:
+            assert claim in notes, (page.name, claim)
+
+
 def test_what_tuning_changed_as_the_reference_readme_quotes_it():
-    """reference/README.md quotes reference/compare_protocols.py --seeds 0,1 (tuned minus first protocol
+    """reference/README.md quotes reference/compare_protocols.py --seeds 0,1,2 (tuned minus first protocol
     at CR 10 / 100 / 1000): the quoted numbers are what the script makes of the committed CSVs."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("compare_protocols", REFERENCE / "compare_protocols.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    table = module.differences([0, 1]).set_index("curve")
+    table = module.differences([0, 1, 2]).set_index("curve")
     text = " ".join((REFERENCE / "README.md").read_text().split())
 
     def quoted(curve):
@@ -198,7 +222,7 @@ def test_what_tuning_changed_as_the_reference_readme_quotes_it():
 
     for curve in ("dwf D=3", "dwf D=4", "magnitude", "global-magnitude", "gmp", "synflow", "set", "rigl", "random"):
         assert quoted(curve) in text, (curve, quoted(curve))
-    assert (table.seeds == 2).all() and f"dense {table.loc['dense', 'CR 1']:+.2f}" in text
+    assert (table.seeds == 3).all() and f"dense {table.loc['dense', 'CR 1']:+.2f}" in text
 
 
 def test_what_the_authors_recipes_change_as_the_docs_quote_it():
