@@ -79,8 +79,8 @@ def distinguish_curves(rows: list[dict], records: list[dict]) -> dict[tuple, str
         settings = [curve_settings(record) for _, record in pairs]
         drawn = [s for s, row in zip(settings, members) if row.get("status") == "ok"] or settings
         keys = sorted({k for s in settings for k in s})
-        varying = [k for k in keys if len({repr(s.get(k)) for s in drawn}) > 1]
         drawn_values = {k: {repr(s.get(k)) for s in drawn} for k in keys}
+        varying = [k for k in keys if len(drawn_values[k]) > 1]
         for row, own in zip(members, settings):
             own_keys = varying + [k for k in keys if k not in varying and repr(own.get(k)) not in drawn_values[k]]
             if own_keys:
