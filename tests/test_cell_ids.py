@@ -15,11 +15,11 @@ from benchmark.execution import grids
 PINNED = {
     "cifar": ("e50897cb250f229793eb039351d5fcd3bfd9685e5c33d2ed9bd5733c1648c668", 2106),
     "dwf-study": ("821c22238a5809feaafaad48dcbed1e64c51c2dc0766cc034e2558cc0940cc43", 22),
-    "full": ("274e2ed1a9d1af0cbbe03df477c39acd8aa850c1e10e55b570e565ada006cb7d", 6792),
-    "lenet": ("8941ac1d57d9554b0e1c4f151631c5e3ce3e81edb3096de53943407ad5fdcab2", 4686),
+    "full": ("421e3af9a563c701092652962f7afec7dbe157d2207b569164cd4575447a80c0", 6807),
+    "lenet": ("0ed816e50be326059e6e168d7680d61073d8639d73dc71f252d0e0dfd631a327", 4701),
     "lenet-calibration": ("731768f53f5d357d7f00e567d93f9475b4478a16fdaab1e4c7edb58bc1a5e0c8", 184),
     "lenet-recipes": ("14d0774520ffcd819cb37c2d680ea198b77dbb29938ebb53f2a72de3cfd27cad", 29),
-    "lenet-reference": ("4ed2341e1b93b4328ba2894df8889c2a975d85258d0427c38444b4e2a4261e5c", 1538),
+    "lenet-reference": ("729bdea9c18039d23b55fd4e1ada5a4ac3c2bca17de8c59ee41430aff89ee481", 1543),
     # the first protocol: lenet-reference's LeNet-300-100 cells as they were until 2026-12-04
     "lenet-reference-v1": ("f728ee18821c78509dcb3e026cb2e92d4bc5eabbb8dc0e04406b47bd70b592d4", 483),
     "lenet-reference-tuning": ("7c2f17ba6552c3490d881c01b291f937e61f94ae4680e6e32a017f83b53afb8f", 1184),
