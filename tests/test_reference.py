@@ -205,6 +205,51 @@ def test_the_verdicts_quote_the_resolved_claims_of_the_comparisons_tables():
             assert claim in notes, (page.name, claim)
 
 
+def test_the_verdicts_quote_the_unresolved_differences_as_the_comparisons_tables_have_them():
+    """A difference the README and reference/README.md call unresolved is written in backticks as
+    `a vs b at CR c: d [lo, hi]` (optionally `, Holm p x`): it is a row of the committed tuned
+    comparisons table at that CR that the corrected test does not resolve, with that difference a - b,
+    interval and Holm p as printed (a row of b vs a read turned around), so no stale number survives
+    new seeds."""
+    import re
+
+    table = pd.read_csv(REFERENCE / "lenet-reference" / "comparisons.csv")
+    table = table[table.arch == "lenet300"]
+    number = r"([+\u2212-]?\d+\.\d+)"
+    form = re.compile(rf"(.+) vs (.+) at CR ([\d,]+): {number} \[{number}, {number}\](?:, Holm p (\d+\.\d+))?")
+
+    def value(text):
+        return float(text.replace("\u2212", "-"))
+
+    def printed(x):
+        return f"{x + 0.0:+.2f}"
+
+    checked = 0
+    for page, start in ((ROOT / "README.md", "**Verdict"), (REFERENCE / "README.md", "### Verdict")):
+        text = page.read_text()
+        verdict = text[text.index(start):]
+        end = verdict.find("\n## ", 1)
+        verdict = verdict if end < 0 else verdict[:end]
+        for quote in re.findall(r"`([^`]+)`", " ".join(verdict.split())):
+            match = form.fullmatch(quote)
+            if match is None:
+                continue
+            a, b, cr, diff, low, high, holm = match.groups()
+            rows = table[(table.cr == float(cr.replace(",", ""))) & (((table.a == a) & (table.b == b)) | ((table.a == b) & (table.b == a)))]
+            assert len(rows) == 1, (page.name, quote)
+            row = rows.iloc[0]
+            flip = row.a != a
+            expect = ((-row.diff_pts, -row.ci_high_pts, -row.ci_low_pts) if flip
+                      else (row.diff_pts, row.ci_low_pts, row.ci_high_pts))
+            assert [printed(value(x)) for x in (diff, low, high)] == [printed(x) for x in expect], (page.name, quote)
+            assert row.verdict.startswith("not resolved"), (page.name, quote, row.verdict)
+            if holm is not None:
+                decimals = len(holm.split(".")[1])
+                assert abs(float(holm) - row.p_holm) <= 0.5 * 10 ** -decimals + 1e-12, (page.name, quote, row.p_holm)
+            checked += 1
+    assert checked >= 3
+
+
 def test_what_tuning_changed_as_the_reference_readme_quotes_it():
     """reference/README.md quotes reference/compare_protocols.py --seeds 0,1,2 (tuned minus first protocol
     at CR 10 / 100 / 1000): the quoted numbers are what the script makes of the committed CSVs."""
