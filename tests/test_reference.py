@@ -184,25 +184,34 @@ def test_the_results_pages_quote_the_committed_tables():
     assert table_rows(readme, "| method | seeds | CR 10 | CR 30 | CR 100 | CR 300 | CR 1000 | CR within 10 pts") == expected
 
 
-def test_the_verdicts_quote_the_resolved_claims_of_the_comparisons_tables():
-    """Every claim the README and reference/README.md quote for LeNet-300-100 (written in backticks as
-    `winner over loser +d [lo, hi]`) is a resolved row of the committed tuned comparisons table, as its
-    note gives it: a difference no corrected test supports cannot be quoted as a claim."""
+def verdict_quotes() -> list[tuple[str, list[str]]]:
+    """The backticked quotes of the verdict in the README and in reference/README.md (each verdict
+    up to the next section, whitespace joined), per page."""
     import re
 
-    from benchmark.analysis import comparisons as cmp
-
-    table = pd.read_csv(REFERENCE / "lenet-reference" / "comparisons.csv")
-    notes = " ".join(cmp.resolved_notes(table[table.arch == "lenet300"]))
+    out = []
     for page, start in ((ROOT / "README.md", "**Verdict"), (REFERENCE / "README.md", "### Verdict")):
         text = page.read_text()
         verdict = text[text.index(start):]
         end = verdict.find("\n## ", 1)  # up to the next section
         verdict = verdict if end < 0 else verdict[:end]
-        quoted = [q for q in re.findall(r"`([^`]+)`", " ".join(verdict.split())) if " over " in q]
+        out.append((str(page.relative_to(ROOT)), re.findall(r"`([^`]+)`", " ".join(verdict.split()))))
+    return out
+
+
+def test_the_verdicts_quote_the_resolved_claims_of_the_comparisons_tables():
+    """Every claim the README and reference/README.md quote for LeNet-300-100 (written in backticks as
+    `winner over loser +d [lo, hi]`) is a resolved row of the committed tuned comparisons table, as its
+    note gives it: a difference no corrected test supports cannot be quoted as a claim."""
+    from benchmark.analysis import comparisons as cmp
+
+    table = pd.read_csv(REFERENCE / "lenet-reference" / "comparisons.csv")
+    notes = " ".join(cmp.resolved_notes(table[table.arch == "lenet300"]))
+    for page, quotes in verdict_quotes():
+        quoted = [q for q in quotes if " over " in q]
         assert len(quoted) >= 3, page
         for claim in quoted:
-            assert claim in notes, (page.name, claim)
+            assert claim in notes, (page, claim)
 
 
 def test_the_verdicts_quote_the_unresolved_differences_as_the_comparisons_tables_have_them():
@@ -225,27 +234,23 @@ def test_the_verdicts_quote_the_unresolved_differences_as_the_comparisons_tables
         return f"{x + 0.0:+.2f}"
 
     checked = 0
-    for page, start in ((ROOT / "README.md", "**Verdict"), (REFERENCE / "README.md", "### Verdict")):
-        text = page.read_text()
-        verdict = text[text.index(start):]
-        end = verdict.find("\n## ", 1)
-        verdict = verdict if end < 0 else verdict[:end]
-        for quote in re.findall(r"`([^`]+)`", " ".join(verdict.split())):
+    for page, quotes in verdict_quotes():
+        for quote in quotes:
             match = form.fullmatch(quote)
             if match is None:
                 continue
             a, b, cr, diff, low, high, holm = match.groups()
             rows = table[(table.cr == float(cr.replace(",", ""))) & (((table.a == a) & (table.b == b)) | ((table.a == b) & (table.b == a)))]
-            assert len(rows) == 1, (page.name, quote)
+            assert len(rows) == 1, (page, quote)
             row = rows.iloc[0]
             flip = row.a != a
             expect = ((-row.diff_pts, -row.ci_high_pts, -row.ci_low_pts) if flip
                       else (row.diff_pts, row.ci_low_pts, row.ci_high_pts))
-            assert [printed(value(x)) for x in (diff, low, high)] == [printed(x) for x in expect], (page.name, quote)
-            assert row.verdict.startswith("not resolved"), (page.name, quote, row.verdict)
+            assert [printed(value(x)) for x in (diff, low, high)] == [printed(x) for x in expect], (page, quote)
+            assert row.verdict.startswith("not resolved"), (page, quote, row.verdict)
             if holm is not None:
                 decimals = len(holm.split(".")[1])
-                assert abs(float(holm) - row.p_holm) <= 0.5 * 10 ** -decimals + 1e-12, (page.name, quote, row.p_holm)
+                assert abs(float(holm) - row.p_holm) <= 0.5 * 10 ** -decimals + 1e-12, (page, quote, row.p_holm)
             checked += 1
     assert checked >= 3
 
