@@ -233,8 +233,12 @@ def test_a_jump_between_nearly_equal_lambdas_is_not_split(tmp_path):
     pd.DataFrame(results_rows(grid, curves)).to_csv(folder / "results.csv", index=False)
     match = matching.match_grid(str(path), tmp_path / "results")
     gaps = gaps_of(match, "dwf D=4")
-    assert {g.cr for g in gaps} == {100.0, 300.0} and all("jumps" in g.note for g in gaps)
+    assert {g.cr for g in gaps} == {100.0, 300.0} and all("jumps" in g.note and g.jump for g in gaps)
     assert "lenet300/fashion-mnist dwf D=4" not in by_label(match)
+    # the curve is named once as left with jumps only, and not as matched
+    assert match.jumps == [("lenet300/fashion-mnist dwf D=4", 2, 2)]
+    assert not any(label.startswith("lenet300/fashion-mnist dwf D=4") for label, _, _ in match.complete)
+    assert "jumps no λ can split" in matching_output.format_match(match) and "dwf D=4 (2 of 2 seeds)" in matching_output.format_match(match)
 
 
 def test_written_grid_parses_into_the_proposed_cells_with_their_curves_settings(setup, tmp_path):

@@ -46,6 +46,7 @@ class Gap:
     raw: float | None = None  # the seed's own λ, before rounding and merging
     proposed: float | None = None  # the λ that the written grid adds for it
     note: str = ""  # why nothing is proposed (waits on grid cells, not monotone, ...)
+    jump: bool = False  # the CR jumps across it between λs closer than MIN_SPLIT: no λ closes it
 
 
 def seed_points(rows: pd.DataFrame) -> pd.DataFrame:
@@ -79,7 +80,8 @@ def seed_gaps(points: pd.DataFrame, crs, ratio: float, chance: float, pending: l
             reason = "gap"
         else:
             continue
-        gap = {"cr": c, "nearest": near, "ratio": far, "reason": reason, "between": None, "raw": None, "note": ""}
+        gap = {"cr": c, "nearest": near, "ratio": far, "reason": reason, "between": None, "raw": None, "note": "",
+               "jump": False}
         if reason == "gap":
             _interpolate(gap, lam, cr, c, pending)
         else:
@@ -100,6 +102,7 @@ def _interpolate(gap: dict, lam, cr, c: float, pending) -> None:
     if lam[j + 1] < lam[j] * MIN_SPLIT:
         gap["note"] = (f"CR jumps from {cr[j]:.4g} to {cr[j + 1]:.4g} between λs less than "
                        f"{100 * (MIN_SPLIT - 1):.0f}% apart; not split further")
+        gap["jump"] = True
         return
     waiting = [v for v in pending if lam[j] < v < lam[j + 1]]
     if waiting:
@@ -160,6 +163,8 @@ def match_lambda(match: Match, fam: FamilyCells, rows: pd.DataFrame) -> None:
         if measured:  # seeds without results are in the notes, not counted as matched
             match.complete.append((fam.label, measured, len(fam.seeds)))
         return
+    if all(g.jump for g in gaps):  # nothing left that a λ can close: say so once, beside the matched
+        match.jumps.append((fam.label, len({g.seed for g in gaps}), measured))
     # round, merge the seeds' λs for one CR, drop what the grid has
     by_cr = defaultdict(list)
     for g in gaps:

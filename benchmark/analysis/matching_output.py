@@ -10,6 +10,7 @@ from collections import defaultdict
 from dataclasses import asdict
 from pathlib import Path
 
+from benchmark.analysis.matching_lambda import MIN_SPLIT
 from benchmark.analysis.matching_records import Match
 
 
@@ -42,6 +43,11 @@ def format_match(match: Match) -> str:
         lines.append("λ curves within " + f"{match.ratio:g}x of every reported CR (up to chance): "
                      + "; ".join(f"{label} ({n} seeds)" if n == of else f"{label} ({n} of {of} seeds; the others have no results yet)"
                                  for label, n, of in match.complete))
+        lines.append("")
+    if match.jumps:
+        lines.append("λ curves whose only gaps are jumps no λ can split (the CR leaps between λs less than "
+                     f"{100 * (MIN_SPLIT - 1):.0f}% apart, as where L1 collapses): "
+                     + "; ".join(f"{label} ({n} of {of} seeds)" for label, n, of in match.jumps))
         lines.append("")
     if match.extensions:
         lines.append(f"baselines: past the largest CR within {match.reach_points:g} points of dense that a seed of a "

@@ -77,6 +77,7 @@ class Match:
     rows: int
     gaps: list = field(default_factory=list)
     complete: list = field(default_factory=list)  # (label, seeds matched, seeds) of λ curves that need nothing
+    jumps: list = field(default_factory=list)  # (label, seeds with gaps, seeds measured): only jumps left
     proposals: dict = field(default_factory=dict)  # Family -> sorted λs
     extensions: list = field(default_factory=list)
     seeds: dict = field(default_factory=dict)  # Family -> sorted seeds of the grid
