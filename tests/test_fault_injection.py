@@ -27,6 +27,7 @@ from pathlib import Path
 
 import pytest
 
+from benchmark.execution.runner import MAX_WORKER_DEATHS
 from procs import alive, assert_every_cell_once, children, cli, events, start, wait_until
 
 pytestmark = pytest.mark.slow
@@ -117,7 +118,9 @@ def drive_with_kills(g: Path, results: Path, rng: random.Random, seconds: float,
     """Run the grid, killing at random points (at most ``max_kills`` times, for at most
     ``seconds``), then let it finish. Each kill lands a random 0-0.8 s after the driver logged 1-3
     more events (a cell started or finished), so kills hit start-up, training, result writing and
-    claim handling alike."""
+    claim handling alike. One driver run sees at most MAX_WORKER_DEATHS - 1 worker kills: the runner
+    gives a cell up as failed at MAX_WORKER_DEATHS deaths in one run (as it should for a cell that
+    kills its worker every time), and random kills could otherwise land on one cell that often."""
     kills: Counter = Counter()
     deadline = time.monotonic() + seconds
     command = ["run", "--grid", g, "--results-dir", results, "--no-progress", *args]
@@ -128,7 +131,7 @@ def drive_with_kills(g: Path, results: Path, rng: random.Random, seconds: float,
             assert proc.returncode == 0, err
             assert "Traceback" not in err, err
             return kills
-        killed = False
+        killed, worker_kills = False, 0
         while proc.poll() is None and not killed and sum(kills.values()) < max_kills:
             wanted = len(events(results, g.stem)) + rng.randint(1, 3)
             wait_until(lambda: len(events(results, g.stem)) >= wanted or proc.poll() is not None, 300, every=0.05)
@@ -138,9 +141,10 @@ def drive_with_kills(g: Path, results: Path, rng: random.Random, seconds: float,
             action = rng.choice(actions)
             if action == "worker":
                 loky = _loky_workers(proc.pid)
-                if loky:  # a worker dies under a cell (the OOM killer's way); the driver goes on
-                    os.kill(rng.choice(loky), signal.SIGKILL)
+                if loky and worker_kills < MAX_WORKER_DEATHS - 1:  # a worker dies under a cell (the OOM
+                    os.kill(rng.choice(loky), signal.SIGKILL)       # killer's way); the driver goes on
                     kills["worker SIGKILL"] += 1
+                    worker_kills += 1
                 continue
             workers = children(proc.pid)
             sig = getattr(signal, action)
