@@ -141,8 +141,9 @@ def drive_with_kills(g: Path, results: Path, rng: random.Random, seconds: float,
             action = rng.choice(actions)
             if action == "worker":
                 loky = _loky_workers(proc.pid)
-                if loky and worker_kills < MAX_WORKER_DEATHS - 1:  # a worker dies under a cell (the OOM
-                    os.kill(rng.choice(loky), signal.SIGKILL)       # killer's way); the driver goes on
+                # a worker dies under a cell (the OOM killer's way); the driver goes on
+                if loky and worker_kills < MAX_WORKER_DEATHS - 1:
+                    os.kill(rng.choice(loky), signal.SIGKILL)
                     kills["worker SIGKILL"] += 1
                     worker_kills += 1
                 continue
