@@ -7,7 +7,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections import Counter
+from collections import Counter, deque
 from pathlib import Path
 
 import pandas as pd
@@ -216,6 +216,67 @@ target_cr = 10
 """).cells
     ordered = sorted(cells, key=todo.priority)
     assert [c.method for c in ordered] == ["dense", "dwf", "magnitude"]
+
+
+SHARED_DENSE = """
+[[experiment]]
+archs = ["lenet300"]
+datasets = ["fashion-mnist"]
+seeds = [0, 1]
+[experiment.methods.lottery]
+target_cr = 4
+[experiment.methods.magnitude]
+target_cr = 10
+[experiment.methods.dwf]
+"""
+
+
+def test_a_unit_that_would_wait_for_a_dense_model_being_trained_lets_another_go_first():
+    cells = grids.parse_grid(SHARED_DENSE).cells
+    by = {(c.method, c.seed): c for c in cells}
+    queue = deque([by["lottery", 0], by["magnitude", 0], by["dwf", 0], by["magnitude", 1], by["lottery", 1]])
+    seed0 = todo.dense_keys(by["lottery", 0], "cpu")
+    assert seed0 == todo.dense_keys(by["magnitude", 0], "cpu") != todo.dense_keys(by["magnitude", 1], "cpu")
+    assert todo.dense_keys(by["dwf", 0], "cpu") == frozenset()  # trains its own model
+
+    def keys(unit):
+        return todo.dense_keys(unit, "cpu")
+
+    assert todo.take_next(queue, set(seed0), keys) is by["dwf", 0]
+    assert todo.take_next(queue, set(seed0), keys) is by["magnitude", 1]
+    assert todo.take_next(queue, set(), keys) is by["lottery", 0]  # nothing being trained: the queue's order
+    assert todo.take_next(queue, set(seed0) | keys(by["lottery", 1]), keys) is by["magnitude", 0]  # no other: waits
+    assert list(queue) == [by["lottery", 1]]
+
+
+@pytest.mark.slow  # a grid run on two worker processes
+def test_a_free_worker_trains_another_cell_instead_of_waiting_for_a_shared_dense_model(tmp_path):
+    """Two lottery tickets of one seed share its dense training, and go out first (most epochs):
+    the second worker starts the DWF cell rather than wait on the dense lock, and the second lottery
+    ticket follows once the dense model is cached."""
+    grid_file = tmp_path / "shared.toml"
+    grid_file.write_text("""
+seeds = [0]
+subset = 600
+[[experiment]]
+archs = ["lenet300"]
+datasets = ["fashion-mnist"]
+schedule = { epochs = 2, batch_size = 64 }
+[experiment.methods.lottery]
+target_cr = 4
+retrain = ["rewind", "lr_rewind"]
+[experiment.methods.dwf]
+lam = 1e-4
+""")
+    results = tmp_path / "results"
+    assert main(["run", "--grid", str(grid_file), "--results-dir", str(results), "--jobs", "2",
+                 "--no-progress"]) == 0
+    cells = grids.load_grid(str(grid_file)).cells
+    assert [c.method for c in sorted(cells, key=todo.priority)] == ["lottery", "lottery", "dwf"]  # the queue
+    method = {c.id: c.method for c in cells}
+    starts = [method[e["cell_id"]] for e in _events(results, "shared") if e["event"] == "start"]
+    assert starts == ["lottery", "dwf", "lottery"]
+    assert {e["event"] for e in _events(results, "shared")} == {"start", "finish"}
 
 
 @pytest.mark.slow  # two whole grid runs

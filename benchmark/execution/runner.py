@@ -51,7 +51,8 @@ from benchmark.execution.slurm import SlurmPool
 from benchmark.execution.stop_signals import StopSignals, signal_name
 from benchmark.execution.claims import HEARTBEAT_S
 from benchmark.execution.store import CLAIM_LOST, Store
-from benchmark.execution.todo import estimate_epochs, pending_cells, work_units, written_since
+from benchmark.execution.todo import (dense_keys, estimate_epochs, pending_cells, take_next, work_units,
+                                      written_since)
 from benchmark.execution.worker import execute_tagged
 
 log = logging.getLogger("benchmark.run")
@@ -113,6 +114,9 @@ class GridRun:
         self.progress = None  # EpochProgress: the bar in epochs
         self.watched_at = 0.0
         self.common: dict = {}  # execute's keywords, the same for every task
+        self.cache_dir = Path(options.results_dir) / "cache"  # the shared dense trainings (cache/dense-<key>.pt)
+        self.device_kind = "cpu"  # the kind of device the cells train on: it is part of a dense model's key
+        self.dense_of: dict = {}  # a unit's cell ids -> the dense models it reads (todo.dense_keys)
         self.started_at = time.time()
 
     # -- the run, start to end ----------------------------------------------------------------------
@@ -149,7 +153,8 @@ class GridRun:
         stop_heartbeat = None
         try:
             self.pool = self._start_pool(gpu_slots)
-            cache_dir = str(Path(options.results_dir) / "cache")
+            cache_dir = str(self.cache_dir)
+            self.device_kind = _device_kind(options, gpu_slots)
             self.queue.extend(work_units(todo, options.pack, options.on_dask, options.device, gpu_slots, options.jobs,
                                          threads, options.compiled, cache_dir, say=_tell))
             self.common = {"data_dir": options.data_dir, "device": options.device, "work_root": str(store.work_dir),
@@ -213,7 +218,7 @@ class GridRun:
             if self.signals.received:
                 raise Interrupted(self.signals.received)
             while self.queue and len(self.in_flight) < self.pool.capacity:
-                self._submit(self.queue.popleft())
+                self._submit(self._next_unit())
                 if self.signals.received:
                     raise Interrupted(self.signals.received)
             if not self.in_flight:
@@ -275,6 +280,20 @@ class GridRun:
         summary = self.summary
         self.progress.show([c.id for cells in self.in_flight.values() for c in cells],
                            failed=summary.failed, blocked=summary.blocked)
+
+    def _next_unit(self):
+        """The unit to start on a free worker (``todo.take_next``): not one that would wait on the lock
+        of a dense model a task in flight is training now (its cache file not yet written), while
+        another can run."""
+        being_trained = {key for cells in self.in_flight.values() for key in self._dense_keys(cells)
+                         if not (self.cache_dir / f"dense-{key}.pt").is_file()}
+        return take_next(self.queue, being_trained, self._dense_keys)
+
+    def _dense_keys(self, unit) -> frozenset[str]:
+        ids = tuple(cell.id for cell in (unit if isinstance(unit, list) else [unit]))
+        if ids not in self.dense_of:
+            self.dense_of[ids] = dense_keys(unit, self.device_kind)
+        return self.dense_of[ids]
 
     def _submit(self, unit) -> None:
         """Claim the unit's cells that are still to do and hand them to the pool as one task."""
@@ -415,6 +434,22 @@ def failed_record(cell: Cell, error: str, tb: str | None = None) -> list[dict]:
     if tb:
         record["traceback"] = tb
     return [record]
+
+
+def _device_kind(options: RunOptions, gpu_slots: list[int]) -> str:
+    """The kind of device the cells train on (a dense model's cache key names it), read here without
+    starting CUDA in the driver. On a cluster the workers decide: the driver reads only what
+    ``--device`` says, and a key that names another kind than theirs only makes ``take_next`` defer
+    a unit that need not wait (it never makes one wait)."""
+    if gpu_slots:
+        return "cuda"
+    import torch
+
+    from benchmark.engine.devices import pick_device
+
+    if options.on_dask:
+        return "cpu" if options.device == "auto" else torch.device(options.device).type
+    return pick_device(options.device).type
 
 
 def _tell(line: str) -> None:

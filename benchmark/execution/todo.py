@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import concurrent.futures
 import math
+from collections import deque
 from pathlib import Path
 
 from benchmark.core.method import get_method
-from benchmark.execution.cell import Cell, prunable_layer_sizes
+from benchmark.execution.cell import Cell, dense_key, prunable_layer_sizes
 from benchmark.execution.records import DamagedResult
 from benchmark.execution.store import Store
 
@@ -22,6 +23,28 @@ def priority(cell: Cell) -> tuple[int, int, int]:
     except Exception:  # noqa: BLE001 - an estimate only orders the cells; validation names bad values
         epochs = 0
     return 0 if method.is_reference else 1, -epochs, 1 if method.needs_dense else 0
+
+
+def dense_keys(unit: Cell | list[Cell], device_kind: str) -> frozenset[str]:
+    """Keys of the cached dense trainings a unit's cells read (``Method.needs_dense``,
+    ``cache/dense-<key>.pt``): cells that share one and start together wait on its lock while the
+    first of them trains it."""
+    cells = unit if isinstance(unit, list) else [unit]
+    return frozenset(dense_key(cell, device_kind) for cell in cells if get_method(cell.method).needs_dense)
+
+
+def take_next(queue: deque, being_trained: set[str], keys_of):
+    """Pop the unit to start now: the queue's first, unless it reads a dense model that a unit in
+    flight is training at this moment (``being_trained``) and a later unit does not; then the first
+    such unit, and the deferred ones keep their places. A free worker then trains instead of waiting
+    on the dense lock, and the deferred unit starts as soon as the model is cached. With nothing else
+    to run it waits on the lock as before, so deferring never delays a unit past a free worker."""
+    if being_trained:
+        for index, unit in enumerate(queue):
+            if not keys_of(unit) & being_trained:
+                del queue[index]
+                return unit
+    return queue.popleft()
 
 
 def pending_cells(store: Store, cells: list[Cell], retry_failed: bool,
