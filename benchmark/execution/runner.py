@@ -290,6 +290,7 @@ class GridRun:
         return take_next(self.queue, being_trained, self._dense_keys)
 
     def _dense_keys(self, unit) -> frozenset[str]:
+        """``todo.dense_keys``, computed once per unit (the queue is scanned at every free slot)."""
         ids = tuple(cell.id for cell in (unit if isinstance(unit, list) else [unit]))
         if ids not in self.dense_of:
             self.dense_of[ids] = dense_keys(unit, self.device_kind)

@@ -37,8 +37,9 @@ def take_next(queue: deque, being_trained: set[str], keys_of):
     """Pop the unit to start now: the queue's first, unless it reads a dense model that a unit in
     flight is training at this moment (``being_trained``) and a later unit does not; then the first
     such unit, and the deferred ones keep their places. A free worker then trains instead of waiting
-    on the dense lock, and the deferred unit starts as soon as the model is cached. With nothing else
-    to run it waits on the lock as before, so deferring never delays a unit past a free worker."""
+    on the dense lock; a deferred unit is first again once the model is cached (so it is late by at
+    most the units started in its place meanwhile), and with nothing else to run it is taken and
+    waits on the lock, as every unit did before."""
     if being_trained:
         for index, unit in enumerate(queue):
             if not keys_of(unit) & being_trained:
