@@ -53,3 +53,40 @@ def test_seeded_build_is_reproducible_and_isolated():
 def test_unknown_architecture_lists_choices():
     with pytest.raises(ValueError, match="lenet300"):
         models.build("alexnet", (1, 28, 28), 10)
+
+
+def _textbook_lenet5_forward(model, x):
+    """LeNet-5 with ReLU before each max-pool, as the architecture is usually written."""
+    x = model.pool(torch.relu(model.conv1(x)))
+    x = model.pool(torch.relu(model.conv2(x)))
+    x = torch.relu(model.fc1(x.flatten(1)))
+    return model.fc3(torch.relu(model.fc2(x)))
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_lenet5_pooling_before_relu_gives_the_same_bits(layout):
+    """LeNet-5 pools before its ReLU (faster); outputs, every gradient and a few SGD steps must equal
+    the textbook order's bits. A zero image border makes conv1's outputs tie at the bias value there,
+    and small inputs leave whole pooling windows negative: the cases where the orders could differ."""
+    model = models.build("lenet5", (1, 28, 28), 10, seed=0).to(memory_format=layout)
+    textbook = models.build("lenet5", (1, 28, 28), 10, seed=0).to(memory_format=layout)
+    with torch.no_grad():
+        textbook.conv1.bias.fill_(0.05)
+        model.conv1.bias.fill_(0.05)
+    g = torch.Generator().manual_seed(1)
+    x = torch.zeros(32, 1, 28, 28)
+    x[:, :, 4:-4, 4:-4] = torch.rand(32, 1, 20, 20, generator=g) - 0.3
+    x = x.to(memory_format=layout)
+    y = torch.randint(0, 10, (32,), generator=g)
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (model, textbook)]
+    for _ in range(3):
+        outs = []
+        for net, forward, opt in ((model, model, opts[0]), (textbook, lambda x: _textbook_lenet5_forward(textbook, x), opts[1])):
+            opt.zero_grad()
+            out = forward(x)
+            torch.nn.functional.cross_entropy(out, y).backward()
+            outs.append((out.detach(), [p.grad.clone() for p in net.parameters()]))
+            opt.step()
+        assert torch.equal(outs[0][0], outs[1][0])
+        assert all(torch.equal(a, b) for a, b in zip(outs[0][1], outs[1][1]))
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), textbook.parameters()))

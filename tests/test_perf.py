@@ -80,11 +80,14 @@ def test_perf_limit_puts_each_step_against_its_arithmetic_limit_and_profiles_a_m
     assert main(["perf", "limit", "--quick", "--device", "cpu", "--out", str(out)]) == 0
     rows = read_rows(out)
     assert [(r["case"].split()[0], r["variant"]) for r in rows] == [
-        ("lenet300", "float32 contiguous"), ("lenet5", "float32 contiguous"), ("lenet5", "float32 channels_last")]
+        ("lenet300", "float32 contiguous"), ("lenet5", "float32 contiguous"), ("lenet5", "float32 channels_last"),
+        ("lenet5", limit.TEXTBOOK_ORDER)]
+    assert [r["target"] for r in rows][-1] == ""  # the textbook order is a comparison, not judged
     assert_sane_times(rows)
     assert {r["ratio_of"] for r in rows} == {"step / float32 limit"}
     printed = capsys.readouterr().out
     assert "machine: " in printed and "x the limit" in printed and "GFLOP/s" in printed
+    assert "faster than the textbook order" in printed
     assert "aten::" in limit.profile_top_ops(lambda: torch.ones(64, 64) @ torch.ones(64, 64), steps=2)
 
 

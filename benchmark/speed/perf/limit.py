@@ -10,13 +10,14 @@ a large square product does. ``rows.limit_ratio`` is the one helper that states 
 from __future__ import annotations
 
 import platform
+import types
 
 import torch
 
 from benchmark.core.provenance import cpu_model
 from benchmark.engine import precision
 from benchmark.engine.precision import CONV_MODELS, cpu_precision
-from benchmark.engine.timing import interleave, sync
+from benchmark.engine.timing import interleave, paired_ratio, sync
 from benchmark.engine.devices import tune_cpu_allocator
 from benchmark.speed.arithmetic import matmul_rate, step_flops
 from benchmark.speed.perf.rows import DEFAULT_ROUNDS, Row, judge, limit_ratio, make_row
@@ -29,6 +30,9 @@ LIMIT_BATCH = 128
 LIMIT_BLOCK = 10  # steps per timed block (LeNet steps take milliseconds)
 PROFILE_STEPS = 10
 PROFILE_TOP = 8
+#: LeNet-5 as usually written (ReLU before each max-pool), timed beside ours on a CPU: the speed-up of
+#: pooling first, which gives the same bits (models.LeNet5), measured in the same run.
+TEXTBOOK_ORDER = "float32 channels_last, ReLU before pooling (textbook order)"
 
 
 def machine_name(device: torch.device) -> str:
@@ -50,6 +54,16 @@ def variants(device: torch.device, arch: str) -> dict[str, tuple[str | None, str
     if precision.cpu_bf16_features():
         found["bf16 " + ("channels_last" if arch in CONV_MODELS else "contiguous")] = ("bf16", "channels_last")
     return found
+
+
+def _relu_before_pooling(model: torch.nn.Module) -> None:
+    """Make this LeNet-5 instance run ReLU before each max-pool (the textbook order)."""
+    def forward(self, x):
+        x = self.pool(torch.relu(self.conv1(x)))
+        x = self.pool(torch.relu(self.conv2(x)))
+        x = torch.relu(self.fc1(x.flatten(1)))
+        return self.fc3(torch.relu(self.fc2(x)))
+    model.forward = types.MethodType(forward, model)
 
 
 def profile_top_ops(step, steps: int = PROFILE_STEPS, top: int = PROFILE_TOP) -> str:
@@ -86,9 +100,13 @@ def bench_limit(device: torch.device, rounds: int | None, quick: bool, archs: li
         shape, classes = STEP_ARCHS[arch]
         flops = step_flops(arch, shape, classes, batch)
         steps, settings = {}, variants(device, arch)
+        if device.type == "cpu" and arch == "lenet5":
+            settings[TEXTBOOK_ORDER] = ("float32", "channels_last")
         for name, (dtype, layout) in settings.items():
             with cpu_precision(dtype, layout):
-                step = build_training(arch, None, device, batch)[3]
+                model, _, _, step = build_training(arch, None, device, batch)
+                if name == TEXTBOOK_ORDER:
+                    _relu_before_pooling(model)
                 step()
                 step()
                 sync(device)
@@ -107,14 +125,19 @@ def bench_limit(device: torch.device, rounds: int | None, quick: bool, archs: li
                            threads=torch.get_num_threads())
             ratio, sentence = limit_ratio(row.median_s, flops, fp32_rate)
             row.ratio, row.ratio_of = ratio, "step / float32 limit"
-            row.target, row.met = judge(ratio, None if quick or dtype == "bf16" else LIMIT_TARGETS.get(arch), False, device)
+            judged = not (quick or dtype == "bf16" or name == TEXTBOOK_ORDER)
+            row.target, row.met = judge(ratio, LIMIT_TARGETS.get(arch) if judged else None, False, device)
             row.note = f"{flops / 1e6:.0f} MFLOP per step"
             if dtype == "bf16" and "bf16" in rates:
                 row.note += f"; {limit_ratio(row.median_s, flops, rates['bf16'])[0]:.2f}x the bf16 limit"
             print(f"{arch} {name}: {sentence}", flush=True)
-            if dtype != "bf16" and (best_fp32 is None or row.median_s < best_fp32[1].median_s):
+            if judged and (best_fp32 is None or row.median_s < best_fp32[1].median_s):
                 best_fp32 = (name, row)
             rows.append(row)
+        if TEXTBOOK_ORDER in settings:
+            ours = seconds["float32 channels_last"]
+            print(f"{arch}: pooling before ReLU (ours, same bits) is "
+                  f"{paired_ratio(seconds[TEXTBOOK_ORDER], ours):.2f}x faster than the textbook order", flush=True)
         if best_fp32 is not None and best_fp32[1].met == "no":
             name, _ = best_fp32
             dtype, layout = settings[name]
