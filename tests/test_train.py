@@ -238,6 +238,36 @@ def test_channels_last_lenet5_predicts_what_the_contiguous_one_does():
     assert torch.equal(a.argmax(1), b.argmax(1))
 
 
+@pytest.mark.parametrize("weights", ["dwf", "masked", "dense"])
+def test_a_single_channel_batch_runs_the_whole_net_channels_last(weights):
+    """A weight computed each step (DWF's product, mask x weight) has NCHW strides; the first
+    convolution must still run channels-last, and give what the NCHW model does."""
+    from benchmark.engine.precision import prepare_input
+    from benchmark.engine.sparsity import prunable_layers
+    from methods.masks import apply_masks
+
+    model = models.build("lenet5", (1, 28, 28), 10, seed=3).to(memory_format=torch.channels_last)
+    reference = models.build("lenet5", (1, 28, 28), 10, seed=3)
+    if weights == "dwf":
+        factorize(model, 3, seed=0)
+        factorize(reference, 3, seed=0)
+    elif weights == "masked":
+        for net in (model, reference):
+            apply_masks(net, {name: (torch.arange(m.weight.numel()) % 3 > 0).view_as(m.weight).float()
+                              for name, m in prunable_layers(net)})
+    x = torch.randn(64, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    prepared = prepare_input(x, True)
+    assert prepared.data_ptr() == x.data_ptr() and torch.equal(prepared, x)  # same memory, new strides
+    seen = []
+    hook = model.conv1.register_forward_hook(lambda module, inputs, out: seen.append(out))
+    with torch.no_grad():
+        out = model(prepared)
+    hook.remove()
+    assert seen[0].is_contiguous(memory_format=torch.channels_last) and not seen[0].is_contiguous()
+    with torch.no_grad():
+        torch.testing.assert_close(out, reference(x), rtol=1e-5, atol=1e-5)
+
+
 def test_cpu_precision_sets_and_restores_the_environment(monkeypatch):
     from benchmark.engine import precision
 

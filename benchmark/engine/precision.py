@@ -120,7 +120,21 @@ def memory_format_name(device: torch.device, arch: str) -> str:
 
 
 def prepare_input(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
-    return x.contiguous(memory_format=torch.channels_last) if channels_last and x.ndim == 4 else x
+    """A batch laid out as the model trains: channels-last for conv nets where ``channels_last``.
+
+    A single-channel batch (Fashion-MNIST, MNIST) is contiguous and channels-last at once, and
+    ``contiguous(channels_last)`` leaves its strides as they are, which torch reads as NCHW. A
+    convolution then takes its layout from the weight alone, and a weight computed each step (DWF's
+    factor product, a mask times the weight) comes out NCHW: the first convolution and max-pooling
+    ran NCHW for every DWF and masked LeNet-5 cell (until 2026-12-05). The strides channels-last
+    gives a new tensor are set here instead, on the same memory."""
+    if not (channels_last and x.ndim == 4):
+        return x
+    x = x.contiguous(memory_format=torch.channels_last)
+    if x.shape[1] == 1:
+        _, _, height, width = x.shape
+        x = x.as_strided(x.shape, (height * width, 1, width, 1))
+    return x
 
 
 @contextlib.contextmanager
