@@ -23,7 +23,8 @@ PINNED = {
     # the first protocol: lenet-reference's LeNet-300-100 cells as they were until 2026-12-04
     "lenet-reference-v1": ("f728ee18821c78509dcb3e026cb2e92d4bc5eabbb8dc0e04406b47bd70b592d4", 483),
     "lenet-reference-tuning": ("7c2f17ba6552c3490d881c01b291f937e61f94ae4680e6e32a017f83b53afb8f", 1184),
-    "quick": ("d094b78671437829ffed8e7b2d9ccfe8e7a66e659cd842d9b35a6a0383bf9d2f", 32),
+    # the tuned protocol's cells since 2026-12-05 (before: lenet-reference-v1's, d094b786...)
+    "quick": ("7901a19455cf70d07df7bd3451f122ec3b5e59098c9156cde4ff1d0631c0f76a", 32),
     "smoke": ("c55002424e852df1e321e48ec68f2f6e5a19b1b3c088c25ca8b5f60186b07c5e", 17),
 }
 
