@@ -276,3 +276,47 @@ def test_cpu_precision_sets_and_restores_the_environment(monkeypatch):
     with precision.cpu_precision("float32", "channels_last"):
         assert precision.cpu_memory_format() == "channels_last" and precision.cpu_compute_dtype() == torch.float32
     assert precision.cpu_memory_format() == "contiguous" and precision.CPU_DTYPE_ENV not in __import__("os").environ
+
+
+def _denormal_probe(env: dict) -> dict:
+    """A fresh process with two intra-op threads: what a training run's CPU arithmetic does with
+    subnormal floats, on the calling thread and in a product spread over both threads."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import json, time, torch\n"
+        "from benchmark.engine.devices import flush_cpu_denormals, denormals_flushed\n"
+        "flushed = flush_cpu_denormals()\n"
+        "torch.set_num_threads(2)\n"
+        "x = torch.randn(256, 784); w = torch.randn(600, 784) * 1e-39\n"
+        "product = x @ w.T\n"
+        "print(json.dumps({'flushed': flushed, 'probe': denormals_flushed(),\n"
+        "                  'product_nonzero': int((product != 0).sum())}))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True,
+                         check=True, timeout=300)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_cpu_training_flushes_subnormal_floats_in_every_thread():
+    """Subnormal floats cost up to 200x per product on some CPUs (docs/scaling.md, "Subnormal floats"):
+    a training process flushes them to zero, in the threads a product is spread over too (a product
+    of normal inputs and subnormal weights is then exactly zero everywhere), and
+    BENCHMARK_KEEP_DENORMALS=1 keeps them."""
+    flushed = _denormal_probe({"BENCHMARK_KEEP_DENORMALS": "0"})
+    assert flushed == {"flushed": True, "probe": True, "product_nonzero": 0}
+    kept = _denormal_probe({"BENCHMARK_KEEP_DENORMALS": "1"})
+    assert kept["flushed"] is False and kept["probe"] is False and kept["product_nonzero"] > 0
+
+
+def test_a_cpu_record_says_whether_subnormals_were_flushed(tmp_path):
+    """Records name the setting their training ran under (a bit-identical rerun needs it)."""
+    from benchmark.execution.cell import Cell, run_cell
+
+    cell = Cell.from_config({"method": "dense", "arch": "lenet300", "dataset": "fashion-mnist", "seed": 0,
+                             "params": {}, "schedule": {"epochs": 1, "batch_size": 64}, "subset": 200})
+    records = run_cell(cell, device="cpu", work_root=tmp_path / "work", cache_dir=tmp_path / "cache")
+    assert records and all(r["denormals"] == "flushed" for r in records)

@@ -103,6 +103,31 @@ def tune_cpu_allocator() -> bool:
     return applied
 
 
+#: Set to 1 to keep subnormal floats in CPU arithmetic (see ``flush_cpu_denormals``).
+KEEP_DENORMALS_ENV = "BENCHMARK_KEEP_DENORMALS"
+
+
+def flush_cpu_denormals() -> bool:
+    """Make CPU arithmetic treat subnormal floats (below 1.2e-38) as zero, as GPUs' fast paths do.
+
+    DWF at a strong lambda drives whole factors toward zero, through the subnormal range, and some
+    CPUs compute with subnormals by microcode: on an Intel Xeon a 128x784 by 784x300 product took
+    133 ms with subnormal weights against 0.6 ms with normal ones, and a quick-grid DWF cell 50 s per
+    epoch instead of under 2 (docs/scaling.md, "Subnormal floats"). The setting (x86 FTZ/DAZ) belongs
+    to a thread, and threads inherit it when they are created, so this runs before a process's first
+    parallel operation creates the intra-op threads (worker start) and again in each training thread.
+    Values that small are zero for every count the suite makes (its zero threshold is 1.19e-7), but the
+    last bits of a training that passes through them change. Returns whether this thread flushes."""
+    if os.environ.get(KEEP_DENORMALS_ENV, "") in ("", "0"):
+        torch.set_flush_denormal(True)
+    return denormals_flushed()
+
+
+def denormals_flushed() -> bool:
+    """Whether this thread's CPU arithmetic flushes subnormal floats to zero (what records say)."""
+    return float(torch.tensor([1e-39]) * 1.0) == 0.0
+
+
 #: The cuBLAS setting that makes its matmuls reproducible (NVIDIA's documented choice).
 CUBLAS_DETERMINISTIC = ":4096:8"
 

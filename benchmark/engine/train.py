@@ -25,7 +25,7 @@ from torch.nn.utils import parametrize
 from benchmark.engine import data as data_mod
 from benchmark.core import cell_progress
 from benchmark.engine.checkpoints import Checkpoint
-from benchmark.engine.devices import tune_cpu_allocator
+from benchmark.engine.devices import flush_cpu_denormals, tune_cpu_allocator
 from benchmark.engine.epoch import DIVERGENCE_CHECK_STEPS, EpochTotals, check_finite, epoch_record
 from benchmark.engine.precision import autocast, prepare_input
 from benchmark.engine.schedule import Schedule, epoch_steps, lr_factor, step_key
@@ -187,6 +187,7 @@ def train(
     device = data.train.y.device
     if device.type == "cpu":
         tune_cpu_allocator()
+        flush_cpu_denormals()
     optimizer = make_optimizer(model, schedule, hooks)
     hooks.bind(optimizer, steps_per_epoch, schedule.epochs * steps_per_epoch)
     factor = (lambda step: 1.0) if constant_lr else lr_factor(schedule.warmup_epochs * steps_per_epoch,

@@ -32,7 +32,7 @@ from benchmark.engine import precision
 from benchmark.engine import schedule as schedule_mod
 from benchmark.engine.epoch import Diverged
 from benchmark.engine.checkpoints import load_state, previous_checkpoint
-from benchmark.engine.devices import make_deterministic, pick_device
+from benchmark.engine.devices import flush_cpu_denormals, make_deterministic, pick_device
 from benchmark.engine.schedule import Schedule, default_schedule, epoch_steps
 from benchmark.engine.train import History, TrainHooks, evaluate, train, validation_metrics
 from benchmark.core import method as method_base
@@ -433,6 +433,8 @@ def run_cell(cell: Cell, *, data_dir=None, device: str | torch.device | None = N
     common = cell_columns(cell) | {"device": str(dev), "compiled": compiled, "host": socket.gethostname(),
                                    "torch_version": torch.__version__, "threads": torch.get_num_threads(),
                                    "cpu_model": cpu_model(), "commit": source_commit(), "config": cell.config()} | device_columns(dev, cell.arch)
+    if dev.type == "cpu":  # subnormal floats flushed to zero, or kept (BENCHMARK_KEEP_DENORMALS=1)
+        common["denormals"] = "flushed" if flush_cpu_denormals() else "kept"
     if deterministic and make_deterministic(dev):
         common["deterministic"] = True
     try:

@@ -60,8 +60,10 @@ def execute(config: dict | list[dict], *, data_dir, device, work_root, cache_dir
     import torch
 
     from benchmark.engine import data as data_mod
+    from benchmark.engine.devices import flush_cpu_denormals
     from benchmark.execution.cell import run_cell
 
+    flush_cpu_denormals()  # before the first parallel operation, so the intra-op threads inherit it
     if threads:
         torch.set_num_threads(threads)
     cells = [Cell.from_config(c) for c in config] if isinstance(config, list) else [Cell.from_config(config)]
