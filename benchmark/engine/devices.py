@@ -108,7 +108,7 @@ KEEP_DENORMALS_ENV = "BENCHMARK_KEEP_DENORMALS"
 
 
 def flush_cpu_denormals() -> bool:
-    """Make CPU arithmetic treat subnormal floats (below 1.2e-38) as zero, as GPUs' fast paths do.
+    """Make CPU arithmetic treat subnormal floats (below 1.2e-38) as zero.
 
     DWF at a strong lambda drives whole factors toward zero, through the subnormal range, and some
     CPUs compute with subnormals by microcode: on an Intel Xeon a 128x784 by 784x300 product took
