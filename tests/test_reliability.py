@@ -561,8 +561,10 @@ lam = [{lams}]
     seconds, cpu = time.perf_counter() - began, time.process_time() - cpu
     out = capsys.readouterr().out
     assert "100000 cell(s) to run" in out and "estimated wall time" in out
-    # CPU seconds: on a machine busy with other work the wall time says more about the others
-    assert cpu < 5, f"dry run of 100,000 cells took {cpu:.1f} CPU s ({seconds:.1f} s wall)"
+    # CPU seconds: on a machine busy with other work the wall time says more about the others. The
+    # bound is 3x under the 45 s of the regression it guards: 5.03 CPU s once on this project's Intel
+    # Xeon (beside two other test and training runs), where the 5 s bound it had failed.
+    assert cpu < 15, f"dry run of 100,000 cells took {cpu:.1f} CPU s ({seconds:.1f} s wall)"
 
 
 def test_doctor_says_what_a_run_would_use_and_that_training_works(tmp_path):
