@@ -56,6 +56,7 @@ def test_regularized_records_carry_settling_columns_and_a_per_epoch_trajectory(t
 
 
 @pytest.mark.slow  # a whole grid, collect and plot
+@pytest.mark.filterwarnings("error::UserWarning")  # matplotlib's warnings flag a degenerate axis
 def test_collect_writes_one_history_row_per_record_and_epoch_and_plot_draws_trajectories(tmp_path, tiny_grid):
     grid_file = tiny_grid(tmp_path / "g.toml", lams=(1e-3, 1e-2), epochs=2)
     results = tmp_path / "results"

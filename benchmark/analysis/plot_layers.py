@@ -121,8 +121,8 @@ def _draw_layer_bars(ax, joined: pd.DataFrame, styles: dict[str, Style], order: 
             ax.plot(x[collapsed], np.full(collapsed.sum(), floor * 1.5), linestyle="none", marker="x",
                     markersize=7, markeredgewidth=2, color=styles[variant].color)
     ax.axhline(100 / target, color="0.3", linestyle=":", linewidth=1.2, label=f"uniform: {100 / target:.3g} % kept")
+    ax.set_ylim(floor, 100 * 1.3)  # limits before the log scale: an all-empty axis has equal ones
     ax.set_yscale("log")
-    ax.set_ylim(floor, 100 * 1.3)
     ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     ax.set_ylabel("weights kept in layer (%)")
     ax.set_xticks(np.arange(len(names)))
