@@ -66,7 +66,8 @@ def test_a_run_with_a_failed_cell_ends_naming_it_and_exits_1(tmp_path, capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[-3].startswith("NOT ALL CELLS FINISHED: 1 failed, 0 blocked")
     assert lines[-2].startswith("  failed: dwf D=3") and "Diverged" in lines[-2]
-    assert "--errors" in lines[-1] and "--retry-failed" in lines[-1]
+    assert lines[-3].endswith("1 of the failed diverged):")
+    assert "--errors" in lines[-1] and "--retry-diverged" in lines[-1] and "--retry-failed" not in lines[-1]
 
 
 def test_status_and_collect_default_to_the_last_run_and_say_so(tmp_path, capsys):

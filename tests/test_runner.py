@@ -59,28 +59,59 @@ def test_run_collect_and_second_run_trains_nothing(tmp_path, capsys, tiny_grid):
     assert len(layers) == 5 * 3 and set(layers["layer"]) == {"fc1", "fc2", "fc3"}
 
 
-def test_failed_cell_is_recorded_grid_goes_on_and_retry_reruns_it(tmp_path, capsys, tiny_grid):
+def test_a_diverged_cell_is_recorded_the_grid_goes_on_and_only_retry_diverged_reruns_it(tmp_path, capsys, tiny_grid):
     grid_file = tiny_grid(tmp_path / "g.toml", lams=(1e-4,), extra="""
 [experiment.methods.l1]
 lam = 1e-5
 lr = 1e12
 """)
     results = tmp_path / "r"
-    assert main(["run", "--grid", str(grid_file), "--results-dir", str(results), "--no-progress"]) == 1
+    run = ["run", "--grid", str(grid_file), "--results-dir", str(results), "--no-progress"]
+    assert main(run) == 1
     store = Store(results, "g")
     statuses = Counter(r["status"] for r in store.results())
     assert statuses == {"ok": 3, "failed": 1}
     failed = next(r for r in store.results() if r["status"] == "failed")
     assert "Diverged" in failed["records"][0]["error"]
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "1 diverged" in last and "--retry-diverged" in last and "--retry-failed" not in last
+    main(run)
+    assert "0 finished now, 4 already done" in capsys.readouterr().out  # failed cells wait for a flag
+    starts = lambda: Counter(e["cell_id"] for e in _events(results, "g") if e["event"] == "start")
+    main(run + ["--retry-failed"])  # a divergence is a result of its settings, not an error to retry
+    assert starts()[failed["cell_id"]] == 1
+    main(run + ["--retry-diverged"])
+    assert starts()[failed["cell_id"]] == 2
+    assert sum(starts().values()) == 5  # the 4 cells once, the diverged one again
     capsys.readouterr()
-    main(["run", "--grid", str(grid_file), "--results-dir", str(results), "--no-progress"])
-    assert "0 finished now, 4 already done" in capsys.readouterr().out  # failed cells wait for --retry-failed
-    main(["run", "--grid", str(grid_file), "--results-dir", str(results), "--no-progress", "--retry-failed"])
-    starts = Counter(e["cell_id"] for e in _events(results, "g") if e["event"] == "start")
-    assert starts[failed["cell_id"]] == 2
     assert main(["status", "--grid", str(grid_file), "--results-dir", str(results)]) == 0
     out = capsys.readouterr().out
-    assert "l1" in out and "failed" in out
+    assert "l1" in out and "failed" in out and "--retry-diverged" in out and "--retry-failed" not in out
+
+
+def test_retry_failed_reruns_a_cell_that_failed_for_another_reason(tmp_path, capsys, tiny_grid):
+    grid_file = tiny_grid(tmp_path / "g.toml", lams=(1e-4,))
+    results = tmp_path / "r"
+    run = ["run", "--grid", str(grid_file), "--results-dir", str(results), "--no-progress"]
+    assert main(run) == 0
+    store = Store(results, "g")
+    # the result file a cell leaves when its worker raised (out of memory, a bug): failed, not diverged
+    path = sorted(store.cells_dir.glob("*.json"))[0]
+    result = json.loads(path.read_text())
+    result["status"] = "failed"
+    result["records"] = [result["records"][0] | {"status": "failed", "error": "RuntimeError: worker lost its memory"}]
+    path.write_text(json.dumps(result))
+    capsys.readouterr()
+    assert main(["status", "--grid", str(grid_file), "--results-dir", str(results)]) == 0
+    out = capsys.readouterr().out
+    assert "--retry-failed" in out and "--retry-diverged" not in out
+    starts = lambda: Counter(e["cell_id"] for e in _events(results, "g") if e["event"] == "start")
+    before = starts()[result["cell_id"]]
+    main(run + ["--retry-diverged"])
+    assert starts()[result["cell_id"]] == before
+    assert main(run + ["--retry-failed"]) == 0
+    assert starts()[result["cell_id"]] == before + 1
+    assert store.read(result["cell_id"])["status"] == "ok"
 
 
 def test_missing_dataset_blocks_only_its_cells(tmp_path, monkeypatch, capsys):

@@ -182,7 +182,9 @@ def write_page(grid: str, results_dir: Path | str = "results", points=tb.TOLERAN
     parts.append(table_html(failed) if len(failed) else "<p>None: every cell finished.</p>")
     if len(failed):
         parts.append(f'<p class="explain">Errors in full: <code>python -m benchmark status --grid {_e(grid)} '
-                     f"--errors</code>; rerun failed cells with <code>run --retry-failed</code>.</p>")
+                     f"--errors</code>; rerun failed cells with <code>run --retry-failed</code>. A cell whose training "
+                     "diverged (loss nan or inf) is a result of its settings, which the same machine repeats: "
+                     "<code>run --retry-diverged</code> reruns those.</p>")
 
     parts.append('<h2 id="machines">Machines and versions</h2><p class="explain">The device, host, torch build and '
                  "thread count behind the records (a bit-identical rerun needs the same).</p>")

@@ -17,7 +17,7 @@ from benchmark.core.console import say
 from benchmark.execution.run_options import DASK_CONNECT_TIMEOUT_S, DEFAULT_PACK, PACK_ENV, RunOptions
 from benchmark.execution.runner import run_grid
 from benchmark.execution.stop_signals import signal_name
-from benchmark.execution.records import DamagedResult
+from benchmark.execution.records import DamagedResult, diverged
 from benchmark.execution.store import Store
 from benchmark.execution.todo import estimate_epochs, pending_cells, trainings
 
@@ -82,7 +82,13 @@ def add_commands(sub) -> None:
                    help=f"with --backend dask: how long to try reaching the scheduler (default {DASK_CONNECT_TIMEOUT_S:g})")
     p.add_argument("--data-dir", help="dataset folder (default: $BENCHMARK_DATA, ./data, system locations)")
     p.add_argument("--device", default="auto", help="cpu, cuda, mps or auto (default auto: cuda > mps > cpu)")
-    p.add_argument("--retry-failed", action="store_true", help="run failed cells again (blocked cells are always retried)")
+    p.add_argument("--retry-failed", action="store_true",
+                   help="run failed cells again, except those whose training diverged (blocked cells are always retried)")
+    p.add_argument("--retry-diverged", action="store_true",
+                   help="run cells whose training diverged (loss nan or inf) again. A divergence is a result of the "
+                        "cell's settings: the same machine repeats it, a curve ends there and a tuning rule reads it, "
+                        "so rerun them only after a change that should make them train (another machine may not "
+                        "repeat them, and the records would then mix machines)")
     p.add_argument("--compile", action="store_true",
                    help="train through torch.compile (a speed option: results carry compiled=True, cell ids do not "
                         "change; worth it on GPUs and for conv nets, costs seconds to minutes of compiling per cell)")
@@ -213,7 +219,7 @@ def run_options(args) -> RunOptions:
         raise ValueError(f"{slurm.given_flags(args)[0]} is for --backend slurm; add --backend slurm or leave it out")
     options = RunOptions(results_dir=args.results_dir, jobs=args.jobs, jobs_per_gpu=args.jobs_per_gpu,
                          backend=args.backend, scheduler=args.scheduler, data_dir=args.data_dir, device=args.device,
-                         retry_failed=args.retry_failed, progress=False if args.no_progress else None,
+                         retry_failed=args.retry_failed, retry_diverged=args.retry_diverged, progress=False if args.no_progress else None,
                          compiled=args.compile, scheduler_timeout=args.connect_timeout, pack=args.pack,
                          slurm=slurm_options, deterministic=args.deterministic, stall_timeout=args.stall_timeout)
     if args.backend == "slurm" and not getattr(args, "dry_run", False):
@@ -314,18 +320,35 @@ def unfinished_lines(store: Store, cells: list[Cell], grid_arg: str, where: str,
         result = store.read_or_none(cell.id) if cell.id in written else None
         if result and result.get("status") in ("failed", "blocked"):
             error = str((result.get("records") or [{}])[0].get("error") or "").strip().splitlines()
-            bad.append((result["status"], cell.label(), error[0][:200] if error else ""))
+            bad.append((result["status"], cell.label(), error[0][:200] if error else "", diverged(result)))
     if not bad:
         return []
-    counts = Counter(status for status, _, _ in bad)
+    counts = Counter(status for status, *_ in bad)
+    went = sum(1 for *_, gone in bad if gone)
     lines = [f"NOT ALL CELLS FINISHED: {counts['failed']} failed, {counts['blocked']} blocked "
-             f"(the CSVs and tables leave them out):"]
-    lines += [f"  {status}: {label}: {error}" for status, label, error in bad[:most]]
+             f"(the CSVs and tables leave them out{f'; {went} of the failed diverged' if went else ''}):"]
+    lines += [f"  {status}: {label}: {error}" for status, label, error, _ in bad[:most]]
     if len(bad) > most:
         lines.append(f"  ... and {len(bad) - most} more")
-    lines.append(f"all errors: python -m benchmark status --grid {shlex.quote(grid_arg)}{where} --errors; rerun the "
-                 f"failed ones: python -m benchmark run --grid {shlex.quote(grid_arg)}{where} --retry-failed")
+    lines.append(f"all errors: python -m benchmark status --grid {shlex.quote(grid_arg)}{where} --errors; "
+                 + rerun_hint(f"python -m benchmark run --grid {shlex.quote(grid_arg)}{where}",
+                              counts["failed"] - went, went, counts["blocked"]))
     return lines
+
+
+def rerun_hint(command: str, failed: int, went: int, blocked: int) -> str:
+    """How to rerun what did not finish: failed cells with --retry-failed, blocked ones by running
+    again; cells whose training diverged are results (``records.diverged``), so their flag comes with
+    a warning."""
+    parts = []
+    if failed:
+        parts.append(f"rerun the failed ones: {command} --retry-failed")
+    if blocked:
+        parts.append("blocked ones run again with the same command once what they lack is there")
+    if went:
+        parts.append(f"{went} diverged (loss nan or inf): a result of their settings, not an error (the same machine "
+                     f"repeats it); after a change that should make them train: {command} --retry-diverged")
+    return "; ".join(parts)
 
 
 def collect_after_run(store: Store) -> str:
@@ -348,13 +371,14 @@ def dry_run(store: Store, cells: list[Cell], args, grid: grids_mod.Grid | None =
     cells of those whose pick is known."""
     if groups:
         tuning_store = Store(args.results_dir, tuning.folder(grid.name))
-        tuning_todo, _ = pending_cells(tuning_store, tuning.tuning_cells(groups), args.retry_failed)
+        tuning_todo, _ = pending_cells(tuning_store, tuning.tuning_cells(groups), args.retry_failed,
+                                       retry_diverged=args.retry_diverged)
         picks, waiting = tuning.resolve(groups, tuning_store.read_or_none, store.read_or_none)
         cells = tuning_todo + cells + tuning.picked_finals(picks)
         print(f"tuning: {len(tuning_todo)} tuning cell(s) to run (in {tuning_store.root}); {len(picks)} of "
               f"{len(groups)} tuned curve(s) have their pick; the final cells of {len(waiting)} "
               f"({sum(len(g.finals) for g, _, _ in waiting)} cells) wait for it and are not listed")
-    todo, skipped = pending_cells(store, cells, args.retry_failed)
+    todo, skipped = pending_cells(store, cells, args.retry_failed, retry_diverged=args.retry_diverged)
     total_epochs = 0
     planned = []
     lines = []
@@ -413,7 +437,7 @@ def status_command(args) -> int:
         state = {"ok": "finished", "todo": "running" if cell.id in running else "todo"}.get(status, status)
         table.setdefault(cell.method, Counter())[state] += 1
         if state in ("failed", "blocked"):
-            errors.append((cell, (result["records"] or [{}])[0].get("error", "")))
+            errors.append((cell, (result["records"] or [{}])[0].get("error", ""), diverged(result)))
     states = ["finished", "failed", "blocked", "running", "todo"]
     print(f"grid {grid.name} ({len(cells)} cells) in {store.root}")
     print(f"{'method':22s}" + "".join(f"{s:>10s}" for s in states))
@@ -426,11 +450,14 @@ def status_command(args) -> int:
         for exc in damaged:
             print(f"  {exc}")
     if args.errors:
-        for cell, error in errors:
+        for cell, error, _ in errors:
             print(f"\n{cell.id} {cell.label()}:\n  {error}")
     elif errors:
-        print(f"\n{len(errors)} cell(s) failed or blocked; see them with --errors, rerun failed ones with "
-              f"'python -m benchmark run --grid {args.grid} --retry-failed'")
+        went = sum(1 for *_, gone in errors if gone)
+        where = "" if str(args.results_dir) == "results" else f" --results-dir {shlex.quote(str(args.results_dir))}"
+        print(f"\n{len(errors)} cell(s) failed or blocked; see them with --errors; "
+              + rerun_hint(f"python -m benchmark run --grid {shlex.quote(args.grid)}{where}", totals["failed"] - went,
+                           went, totals["blocked"]))
     return 0
 
 

@@ -30,6 +30,14 @@ INTEGER_KEYS = ("seed", "level")
 LAYER_COUNTS = ("numel", "nonzero")
 
 
+def diverged(result: dict | None) -> bool:
+    """A failed cell whose training diverged (loss nan or inf). That is a result of its settings, not
+    an error: the same settings diverge again on the same machine, a curve ends there, and a tuning
+    rule reads it, so ``run --retry-failed`` leaves it and only ``--retry-diverged`` reruns it."""
+    return bool(result) and result.get("status") == "failed" and any(
+        str(r.get("error", "")).startswith("Diverged") for r in result.get("records") or [])
+
+
 class DamagedResult(DamagedFile):
     """A result file that cannot be used; ``path`` and ``reason`` say which and why."""
 

@@ -53,6 +53,7 @@ class RunOptions:
     data_dir: str | Path | None = None
     device: str = "auto"
     retry_failed: bool = False
+    retry_diverged: bool = False
     progress: bool | None = None
     compiled: bool = False
     scheduler_timeout: float = DASK_CONNECT_TIMEOUT_S

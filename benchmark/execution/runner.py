@@ -128,7 +128,8 @@ class GridRun:
         store.check_writable()
         set_aside: list = []
         log_path = setup_logging(store, self.run_id)
-        todo, skipped = pending_cells(store, self.cells, options.retry_failed, set_aside)
+        todo, skipped = pending_cells(store, self.cells, options.retry_failed, set_aside,
+                                       retry_diverged=options.retry_diverged)
         self.summary = RunSummary(skipped=skipped, log=log_path, set_aside=set_aside)
         for moved, reason in set_aside:
             log.warning("damaged result file set aside to %s (%s); its cell runs again", moved, reason)

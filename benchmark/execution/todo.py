@@ -9,7 +9,7 @@ from pathlib import Path
 
 from benchmark.core.method import get_method
 from benchmark.execution.cell import Cell, dense_key, prunable_layer_sizes
-from benchmark.execution.records import DamagedResult
+from benchmark.execution.records import DamagedResult, diverged
 from benchmark.execution.store import Store
 
 
@@ -49,9 +49,11 @@ def take_next(queue: deque, being_trained: set[str], keys_of):
 
 
 def pending_cells(store: Store, cells: list[Cell], retry_failed: bool,
-                  set_aside: list | None = None) -> tuple[list[Cell], int]:
-    """(cells to run, how many are done or failed). A damaged result file counts as not done; with
-    ``set_aside`` (a list) it is also moved to cells/damaged/ and listed there as (path, reason)."""
+                  set_aside: list | None = None, retry_diverged: bool = False) -> tuple[list[Cell], int]:
+    """(cells to run, how many are done or failed). A failed cell runs again with ``retry_failed``, one
+    whose training diverged only with ``retry_diverged`` (``records.diverged``). A damaged result file
+    counts as not done; with ``set_aside`` (a list) it is also moved to cells/damaged/ and listed
+    there as (path, reason)."""
     todo, skipped = [], 0
     existing = store.finished_ids()
     for cell in cells:
@@ -60,13 +62,15 @@ def pending_cells(store: Store, cells: list[Cell], retry_failed: bool,
             try:
                 result = store.read(cell.id)
                 status = result["status"] if result else "todo"
+                if status == "failed" and diverged(result):
+                    status = "diverged"
             except DamagedResult as exc:
                 status = "todo"
                 if set_aside is not None:
                     moved = store.set_aside(cell.id, exc.reason)
                     if moved is not None:
                         set_aside.append((moved, exc.reason))
-        if status == "ok" or (status == "failed" and not retry_failed):
+        if status == "ok" or (status == "failed" and not retry_failed) or (status == "diverged" and not retry_diverged):
             skipped += 1
         else:
             todo.append(cell)

@@ -36,6 +36,7 @@ from benchmark.core import method as method_base
 from benchmark.core.interpolation import interpolate_log_cr
 from benchmark.engine.schedule import Schedule
 from benchmark.execution.cell import Cell
+from benchmark.execution.records import diverged
 
 TUNE_KEYS = {"parameter", "candidates", "validation", "crs", "seeds", "methods", "at"}
 #: A scoring CR more than this factor beyond a candidate's measured CRs counts as chance accuracy
@@ -313,12 +314,6 @@ def lost_seeds(cells: list[Cell], read_final) -> int:
     for cell in cells:
         by_seed.setdefault(cell.seed, []).append(diverged(read_final(cell.id)))
     return sum(len(flags) for flags in by_seed.values() if all(flags))
-
-
-def diverged(result: dict | None) -> bool:
-    """A final cell whose training diverged (loss nan or inf: the training data says so, not the test)."""
-    return bool(result) and result.get("status") == "failed" and any(
-        str(r.get("error", "")).startswith("Diverged") for r in result.get("records") or [])
 
 
 def edge_note(candidates: list, value) -> str:
