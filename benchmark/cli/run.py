@@ -219,7 +219,8 @@ def run_options(args) -> RunOptions:
         raise ValueError(f"{slurm.given_flags(args)[0]} is for --backend slurm; add --backend slurm or leave it out")
     options = RunOptions(results_dir=args.results_dir, jobs=args.jobs, jobs_per_gpu=args.jobs_per_gpu,
                          backend=args.backend, scheduler=args.scheduler, data_dir=args.data_dir, device=args.device,
-                         retry_failed=args.retry_failed, retry_diverged=args.retry_diverged, progress=False if args.no_progress else None,
+                         retry_failed=args.retry_failed, retry_diverged=args.retry_diverged,
+                         progress=False if args.no_progress else None,
                          compiled=args.compile, scheduler_timeout=args.connect_timeout, pack=args.pack,
                          slurm=slurm_options, deterministic=args.deterministic, stall_timeout=args.stall_timeout)
     if args.backend == "slurm" and not getattr(args, "dry_run", False):

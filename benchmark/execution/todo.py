@@ -70,7 +70,8 @@ def pending_cells(store: Store, cells: list[Cell], retry_failed: bool,
                     moved = store.set_aside(cell.id, exc.reason)
                     if moved is not None:
                         set_aside.append((moved, exc.reason))
-        if status == "ok" or (status == "failed" and not retry_failed) or (status == "diverged" and not retry_diverged):
+        if status == "ok" or (status == "failed" and not retry_failed) or (
+                status == "diverged" and not retry_diverged):
             skipped += 1
         else:
             todo.append(cell)
