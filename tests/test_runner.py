@@ -86,7 +86,9 @@ lr = 1e12
     capsys.readouterr()
     assert main(["status", "--grid", str(grid_file), "--results-dir", str(results)]) == 0
     out = capsys.readouterr().out
-    assert "l1" in out and "failed" in out and "--retry-diverged" in out and "--retry-failed" not in out
+    assert "--retry-diverged" in out and "--retry-failed" not in out
+    header, l1 = out.splitlines()[1].split(), next(line for line in out.splitlines() if line.startswith("l1")).split()
+    assert header[1:4] == ["finished", "diverged", "failed"] and l1[1:4] == ["0", "1", "0"]
 
 
 def test_retry_failed_reruns_a_cell_that_failed_for_another_reason(tmp_path, capsys, tiny_grid):
@@ -105,6 +107,8 @@ def test_retry_failed_reruns_a_cell_that_failed_for_another_reason(tmp_path, cap
     assert main(["status", "--grid", str(grid_file), "--results-dir", str(results)]) == 0
     out = capsys.readouterr().out
     assert "--retry-failed" in out and "--retry-diverged" not in out
+    total = next(line for line in out.splitlines() if line.startswith("total")).split()
+    assert total[2:4] == ["0", "1"]  # not diverged: failed
     starts = lambda: Counter(e["cell_id"] for e in _events(results, "g") if e["event"] == "start")
     before = starts()[result["cell_id"]]
     main(run + ["--retry-diverged"])

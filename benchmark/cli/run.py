@@ -416,10 +416,10 @@ def status_command(args) -> int:
     if groups:
         tuning_store, store = Store(args.results_dir, tuning.folder(grid.name)), Store(args.results_dir, grid.name)
         picks, waiting = tuning.resolve(groups, tuning_store.read_or_none, store.read_or_none)
-        states = Counter((tuning_store.read_or_none(c.id) or {}).get("status", "todo")
-                         for c in tuning.tuning_cells(groups))
-        print(f"tuning ({tuning_store.root}): {states['ok']} finished, {states['failed']} failed, "
-              f"{states['blocked']} blocked, {states['todo']} to do; {len(picks)} of {len(groups)} tuned curve(s) "
+        states = Counter(_state(tuning_store.read_or_none(c.id)) for c in tuning.tuning_cells(groups))
+        print(f"tuning ({tuning_store.root}): {states['ok']} finished, {states['diverged']} diverged, "
+              f"{states['failed']} failed, {states['blocked']} blocked, {states['todo']} to do; "
+              f"{len(picks)} of {len(groups)} tuned curve(s) "
               f"picked, {len(waiting)} waiting (their final cells are not counted below until then)")
         cells = cells + tuning.picked_finals(picks)
     store = Store(args.results_dir, grid.name)
@@ -434,12 +434,12 @@ def status_command(args) -> int:
                 result = store.read(cell.id)
             except DamagedResult as exc:
                 damaged.append(exc)
-        status = result["status"] if result else "todo"
+        status = _state(result)
         state = {"ok": "finished", "todo": "running" if cell.id in running else "todo"}.get(status, status)
         table.setdefault(cell.method, Counter())[state] += 1
-        if state in ("failed", "blocked"):
-            errors.append((cell, (result["records"] or [{}])[0].get("error", ""), diverged(result)))
-    states = ["finished", "failed", "blocked", "running", "todo"]
+        if state in ("diverged", "failed", "blocked"):
+            errors.append((cell, (result["records"] or [{}])[0].get("error", "")))
+    states = ["finished", "diverged", "failed", "blocked", "running", "todo"]
     print(f"grid {grid.name} ({len(cells)} cells) in {store.root}")
     print(f"{'method':22s}" + "".join(f"{s:>10s}" for s in states))
     for method, counts in sorted(table.items()):
@@ -451,15 +451,21 @@ def status_command(args) -> int:
         for exc in damaged:
             print(f"  {exc}")
     if args.errors:
-        for cell, error, _ in errors:
+        for cell, error in errors:
             print(f"\n{cell.id} {cell.label()}:\n  {error}")
     elif errors:
-        went = sum(1 for *_, gone in errors if gone)
         where = "" if str(args.results_dir) == "results" else f" --results-dir {shlex.quote(str(args.results_dir))}"
-        print(f"\n{len(errors)} cell(s) failed or blocked; see them with --errors; "
-              + rerun_hint(f"python -m benchmark run --grid {shlex.quote(args.grid)}{where}", totals["failed"] - went,
-                           went, totals["blocked"]))
+        print(f"\n{len(errors)} cell(s) diverged, failed or blocked; see them with --errors; "
+              + rerun_hint(f"python -m benchmark run --grid {shlex.quote(args.grid)}{where}", totals["failed"],
+                           totals["diverged"], totals["blocked"]))
     return 0
+
+
+def _state(result: dict | None) -> str:
+    """A cell's status for ``status``: ok, diverged (``records.diverged``), failed, blocked or todo."""
+    if not result:
+        return "todo"
+    return "diverged" if diverged(result) else result["status"]
 
 
 def collect_command(args) -> int:
