@@ -254,3 +254,84 @@ def test_cells_go_to_the_first_free_worker_in_the_runs_order():
 def test_a_large_batch_is_timed_smaller_and_scaled():
     assert estimate.measured_batch(128, (1, 28, 28)) == 128
     assert estimate.measured_batch(128, (3, 32, 32)) == 42 and estimate.measured_batch(128, (3, 64, 64)) == 10
+
+
+def test_a_grid_with_cells_finished_here_is_estimated_at_their_pace(tmp_path, capsys, monkeypatch):
+    """Seed 0 trains for real; a dry run of seeds 0 and 1 then estimates seed 1's cells at seed 0's
+    seconds per epoch (each kind's median: one record each here), as the records say they ran, and
+    says so. Records of another CPU model give no pace: the estimate is rough again."""
+    import json
+    import statistics
+
+    monkeypatch.setenv("BENCHMARK_CACHE_DIR", str(tmp_path / "cache"))
+    grid_file = grid(tmp_path / "g.toml")
+    results = tmp_path / "r"
+    assert main(["run", "--grid", str(grid_file), "--results-dir", str(results), "--no-progress"]) == 0
+    files = sorted((results / "g" / "cells").glob("*.json"))
+    paces = {}
+    for path in files:
+        result = json.loads(path.read_text())
+        record = result["records"][0]
+        kind = "dense" if result["config"]["method"] == "dense" else "dwf D=3"
+        paces[kind] = record["wall_s"] / record["epochs"]
+    assert len(paces) == 2
+    grid_file.write_text(grid_file.read_text().replace("seeds = [0]", "seeds = [0, 1]"))
+    args = ["run", "--grid", str(grid_file), "--results-dir", str(results), "--dry-run"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "2 cell(s) to run" in out and "ROUGH" not in out
+    pace_line = next(line for line in out.splitlines() if "at the pace of this grid's finished cells" in line)
+    assert "lenet300 dense b64" in pace_line and "lenet300 dwf D=3 b64" in pace_line
+    expected = sum(2 * statistics.median([p]) + wall_time.CELL_OVERHEAD_S for p in paces.values())
+    assert total_seconds(out) == pytest.approx(expected, rel=0.01)
+
+    for path in files:  # the same records, from another machine
+        result = json.loads(path.read_text())
+        result["records"] = [r | {"cpu_model": "Some Other CPU"} for r in result["records"]]
+        path.write_text(json.dumps(result))
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "ROUGH estimated wall time" in out and "at the pace of" not in out
+
+
+def test_a_pace_is_read_only_from_records_that_say_one():
+    """What a cell's pace is taken from, and what is passed over: a method that starts from a shared
+    dense model (magnitude, lottery ticket), a failed, a packed cell, and a record with a wall time or
+    thread count that is not a number give none."""
+    from benchmark.speed import recorded
+
+    def cell(method, seed=0, **params):
+        return Cell.make(method, "lenet300", "fashion-mnist", seed=seed, params=params, schedule={"epochs": 3})
+
+    here = {"status": "ok", "device": "cpu", "cpu_model": "CPU X", "threads": 2, "wall_s": 12.0, "epochs": 3}
+    lottery = cell("lottery", target_cr=4)
+    results = {
+        cell("dense").id: {"records": [here]},
+        cell("dense", seed=1).id: {"records": [here | {"wall_s": 30.0}]},
+        cell("dense", seed=2).id: {"records": [here | {"status": "failed"}]},
+        cell("dense", seed=3).id: {"records": [here | {"pack_size": 4}]},
+        cell("dense", seed=4).id: {"records": [here | {"wall_s": "12"}]},
+        cell("dense", seed=5).id: {"records": [here | {"threads": True}]},
+        cell("magnitude", target_cr=10).id: {"records": [here | {"wall_s": 0.5}]},
+        lottery.id: {"records": [here | {"wall_s": 24.0}]},
+    }
+    cells = [cell("dense", seed=s) for s in range(6)] + [cell("magnitude", target_cr=10), lottery]
+    needed = {estimate.unit_key("lenet300", "fashion-mnist", kind, 128) for kind in ("dense", "masked")}
+    masked_only = {estimate.unit_key("lenet300", "fashion-mnist", "masked", 128)}
+    assert recorded.paces([(c, results.get) for c in cells], masked_only) == []  # only the kinds asked for
+    found = recorded.paces([(c, results.get) for c in cells], needed)
+    assert sorted((p.unit.split("|")[2], p.epoch_s) for p in found) == [("dense", 4.0), ("dense", 10.0)]
+    speeds = recorded.paced(estimate.Speeds(), found, "CPU X", 2)
+    dense = estimate.Training("lenet300", "fashion-mnist", "dense", 128, 60_000, 10_000, 5, 1)
+    assert speeds.paced(dense) and speeds.seconds(dense) == 5 * 7.0  # the median of 4 and 10
+    assert recorded.paced(estimate.Speeds(), found, "CPU X", 1) is not speeds  # no records at 1 thread
+    assert not isinstance(recorded.paced(estimate.Speeds(), found, "CPU Y", 2), recorded.Paced)
+
+
+def test_a_validation_split_leaves_the_training_set_and_is_evaluated_each_epoch(tmp_path):
+    held_out = Cell.make("dense", "lenet300", "fashion-mnist", schedule={"epochs": 2, "validation": 5000})
+    (training,) = estimate.plan([(held_out, 2, 1)], tmp_path).trainings
+    assert (training.n_train, training.n_test) == (55_000, 15_000)
+    (full,) = estimate.plan([(Cell.make("dense", "lenet300", "fashion-mnist", schedule={"epochs": 2}), 2, 1)],
+                            tmp_path).trainings
+    assert (full.n_train, full.n_test) == (60_000, 10_000)

@@ -108,7 +108,8 @@ def add_commands(sub) -> None:
     p.add_argument("--dry-run", action="store_true",
                    help="list the cells that would run, their training epochs and the hours they take per "
                         "architecture, one at a time and with --jobs / --jobs-per-gpu; run nothing. Answers in "
-                        "seconds: speeds measured earlier on this machine (cached in $BENCHMARK_CACHE_DIR or "
+                        "seconds: kinds of cells the grid has finished on this machine go at the pace their "
+                        "records kept; speeds measured earlier here (cached in $BENCHMARK_CACHE_DIR or "
                         "~/.cache/dwf-bench) are used, the others are ROUGH, from each model's FLOPs and this "
                         "device's matrix-product rate (the output says which)")
     p.add_argument("--measure-speeds", action="store_true",
@@ -393,7 +394,7 @@ def dry_run(store: Store, cells: list[Cell], args, grid: grids_mod.Grid | None =
             lines = []
     if lines:
         sys.stdout.write("\n".join(lines) + "\n")
-    from benchmark.speed import estimate, wall_time
+    from benchmark.speed import estimate, recorded, wall_time
 
     plan = estimate.plan(planned, Path(args.results_dir) / "cache")
     shared = (f" and {plan.dense_epochs} in {plan.dense_trainings} dense training(s) that post-training methods share"
@@ -401,10 +402,18 @@ def dry_run(store: Store, cells: list[Cell], args, grid: grids_mod.Grid | None =
     print(f"{len(todo)} cell(s) to run, {skipped} done or failed; ~{total_epochs} training epochs in the cells{shared}",
           flush=True)
     if plan.trainings and not args.no_estimate:
+        found = []
+        if not args.speeds:  # the grid's finished cells: the pace they kept here (benchmark.speed.recorded)
+            pending = {cell.id for cell in todo}
+            finished = [(cell, store.read_or_none) for cell in cells if cell.id not in pending]
+            if groups:
+                finished = [(cell, tuning_store.read_or_none) for cell in tuning.tuning_cells(groups)] + finished
+            found = recorded.paces(finished, {estimate.unit_key(t.arch, t.dataset, t.variant, t.batch)
+                                              for t in plan.trainings})
         lines = wall_time.estimate_lines(plan, device_name=args.device, jobs=args.jobs,
                                          backend="dask" if args.backend == "slurm" else args.backend,
                                          jobs_per_gpu=args.jobs_per_gpu, speeds_arg=args.speeds,
-                                         measure=args.measure_speeds, say=lambda text: say(text))
+                                         measure=args.measure_speeds, say=lambda text: say(text), found=found)
         print("\n".join(lines))
     return 0
 

@@ -88,10 +88,13 @@ def variant(cell: Cell) -> str:
 
 
 def _sizes(cell: Cell) -> tuple[int, int]:
+    """(examples trained on, examples evaluated each epoch): a validation split leaves the training
+    set and is evaluated beside the test split (docs/tuning.md)."""
     full_train, full_test = SPLIT_SIZES.get(cell.dataset, (50_000, 10_000))
-    if cell.subset is None:
-        return full_train, full_test
-    return min(cell.subset, full_train), min(cell.subset, full_test)
+    if cell.subset is not None:
+        full_train, full_test = min(cell.subset, full_train), min(cell.subset, full_test)
+    held_out = min(cell.schedule.validation, full_train - 1)
+    return full_train - held_out, full_test + held_out
 
 
 def plan(todo: list[tuple[Cell, int, int]], cache_dir: Path) -> Plan:
@@ -161,7 +164,7 @@ def machine_name(device) -> str:
     return f"Apple GPU (mps) on {name}" if device.type == "mps" else name
 
 
-def _unit_key(arch: str, dataset: str, variant_name: str, batch: int) -> str:
+def unit_key(arch: str, dataset: str, variant_name: str, batch: int) -> str:
     """What one measurement stands for: the input shape counts, the number of classes does not (the
     classifier is a sliver of the work), so CIFAR-10 and CIFAR-100 share their measurements."""
     return f"{arch}|{'x'.join(map(str, data_mod.get_spec(dataset).shape))}|{variant_name}|b{batch}"
@@ -176,6 +179,11 @@ class Speeds:
 
     def rough(self) -> list[str]:
         return []
+
+    def paced(self, t: Training) -> bool:
+        """Whether ``seconds(t)`` is a pace a run kept, other workers beside it included
+        (``benchmark.speed.recorded``), so no slowdown for shared cores goes on top."""
+        return False
 
     def seconds(self, t: Training) -> float:
         raise NotImplementedError
@@ -194,7 +202,7 @@ class Measured(Speeds):
         return sorted(k for k, u in self.units.items() if u.get("rough"))
 
     def seconds(self, t: Training) -> float:
-        key = _unit_key(t.arch, t.dataset, t.variant, t.batch)
+        key = unit_key(t.arch, t.dataset, t.variant, t.batch)
         u = self.units.get(key)
         if u is None:
             raise ValueError(f"the speeds of {self.machine} ({self.source}) have no measurement of {t.arch} "
@@ -313,7 +321,7 @@ def calibrate(trainings, device, threads: int, say=print, measure_missing: bool 
     machine = machine_name(device)
     key = f"{device.type}: {machine} | torch {torch.__version__} | {threads} threads"
     path = cache_file()
-    needed = {_unit_key(t.arch, t.dataset, t.variant, t.batch): t for t in trainings}
+    needed = {unit_key(t.arch, t.dataset, t.variant, t.batch): t for t in trainings}
     entry = _read_cache(path)["devices"].get(key, {})
     units = dict(entry.get("units", {}))
     load_now = os.getloadavg()[0] if hasattr(os, "getloadavg") else None

@@ -1,4 +1,5 @@
-"""The estimate ``run --dry-run`` prints: a Plan's trainings at the speeds of ``benchmark.speed.estimate``,
+"""The estimate ``run --dry-run`` prints: a Plan's trainings at the speeds of ``benchmark.speed.estimate``
+(or, for the kinds the grid has finished here, the pace of its records: ``benchmark.speed.recorded``),
 laid out as the run lays them out (cells in the run's order on its workers), with what a run costs
 besides training: starting the workers, each cell's hand-off, and cores shared by the workers."""
 
@@ -9,6 +10,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from benchmark.speed import recorded
 from benchmark.speed.estimate import Plan, Speeds, Supplied, calibrate, stored
 
 #: Seconds a local worker process takes to start: importing torch and this package, and loading
@@ -64,8 +66,10 @@ def makespan(costs: list[float], workers: int, start_s: float = 0.0) -> float:
 
 def lane_seconds(p: Plan, lane: Lane, arch: str | None = None) -> float:
     """The lane's wall time for the plan (or only its ``arch`` cells): trainings at its speeds and
-    slowdown, each cell's overhead, one worker start each."""
-    costs = [lane.speeds.seconds(t) * lane.slowdown + (CELL_OVERHEAD_S if is_cell else 0.0)
+    slowdown (none on a recorded pace: it had the other workers beside it), each cell's overhead,
+    one worker start each."""
+    costs = [lane.speeds.seconds(t) * (1.0 if lane.speeds.paced(t) else lane.slowdown)
+             + (CELL_OVERHEAD_S if is_cell else 0.0)
              for t, is_cell in p.order if arch is None or t.arch == arch]
     return makespan(costs, lane.workers, WORKER_START_S if lane.workers > 1 else 0.0)
 
@@ -89,9 +93,11 @@ def describe(p: Plan, lanes: list[Lane]) -> list[str]:
 
 
 def lanes(*, device_name: str, backend: str, jobs: int | None, jobs_per_gpu: int | None, speeds_arg: str | None,
-          trainings, measure: bool = False, say=print) -> tuple[list[Lane], list[str]]:
+          trainings, measure: bool = False, say=print, found: list[recorded.Pace] = ()) -> tuple[list[Lane], list[str]]:
     """The lanes to show (one cell at a time, then the run's parallelism where it has any) and notes.
-    ``measure``: time the models the speed cache lacks (else they are rough, from FLOPs)."""
+    ``measure``: time the models the speed cache lacks (else they are rough, from FLOPs). ``found``:
+    the grid's finished records (``recorded.paces``); the kinds they cover, trained on this machine
+    at a lane's threads per cell, go at their pace there (not for ``--speeds``: another machine)."""
     cores = os.cpu_count() or 1
     notes = []
     if speeds_arg:
@@ -110,7 +116,13 @@ def lanes(*, device_name: str, backend: str, jobs: int | None, jobs_per_gpu: int
     except ValueError as exc:
         raise ValueError(f"{exc}. To estimate for a device that is not here give --speeds FILE or the name of "
                          f"a machine measured earlier, or leave the estimate out with --no-estimate") from None
-    serial = Lane("one at a time", 1, calibrate(trainings, device, cores, say, measure))
+    machine = recorded.lane_machine(device)
+
+    def pace(speeds: Speeds, threads: int | None) -> Speeds:
+        return recorded.paced(speeds, list(found), machine, threads) if found else speeds
+
+    gpu = device.type == "cuda"  # a GPU cell's pace hardly depends on its CPU threads
+    serial = Lane("one at a time", 1, pace(calibrate(trainings, device, cores, say, measure), None if gpu else cores))
     if backend == "dask":
         notes.append(f"--backend dask: speeds of this machine's {device}; for the workers' devices give --speeds")
         if jobs:
@@ -136,7 +148,8 @@ def lanes(*, device_name: str, backend: str, jobs: int | None, jobs_per_gpu: int
         full = jobs * threads >= cores
         note = f"{threads} thread(s) each" + (f", {SHARED_CORES_SLOWDOWN:g}x slower for sharing the {cores} cores"
                                               if full else "")
-        return [serial, Lane(f"{jobs} at a time (--jobs)", jobs, calibrate(trainings, device, threads, say, measure),
+        return [serial, Lane(f"{jobs} at a time (--jobs)", jobs,
+                             pace(calibrate(trainings, device, threads, say, measure), threads),
                              note, SHARED_CORES_SLOWDOWN if full else 1.0)], notes
     return [serial], notes
 
@@ -156,11 +169,12 @@ def unit_names(keys: list[str]) -> str:
 
 def estimate_lines(p: Plan, *, device_name: str = "auto", backend: str = "local", jobs: int | None = None,
                    jobs_per_gpu: int | None = None, speeds_arg: str | None = None, measure: bool = False,
-                   say=print) -> list[str]:
+                   say=print, found: list[recorded.Pace] = ()) -> list[str]:
     """What ``run --dry-run`` prints below its cell count: the machine, the table, the notes, and
-    which speeds are rough (from FLOPs) and which measured."""
+    which speeds are the pace of the grid's records (``found``), which rough (from FLOPs) and which
+    measured."""
     shown, notes = lanes(device_name=device_name, backend=backend, jobs=jobs, jobs_per_gpu=jobs_per_gpu,
-                         speeds_arg=speeds_arg, trainings=list(p.trainings), measure=measure, say=say)
+                         speeds_arg=speeds_arg, trainings=list(p.trainings), measure=measure, say=say, found=found)
     speeds = shown[0].speeds
     rough = sorted({k for lane in shown for k in lane.speeds.rough()})
     head = f"{'ROUGH ' if rough else ''}estimated wall time on {speeds.machine}"
@@ -173,6 +187,13 @@ def estimate_lines(p: Plan, *, device_name: str = "auto", backend: str = "local"
         if lane.note:
             out.append(f"  {lane.label}: {lane.note}")
     out += [f"  note: {n}" for n in notes]
+    for lane in shown:
+        if isinstance(lane.speeds, recorded.Paced):
+            pace = lane.speeds
+            threads = "" if pace.threads is None else f" at {pace.threads} thread(s) per cell"
+            kinds = ", ".join(f"{unit_names([k])} {s:.3g} s ({pace.counts[k]})" for k, s in sorted(pace.epoch_s.items()))
+            out.append(f"  {lane.label}: at the pace of this grid's finished cells trained here{threads} (median seconds "
+                       f"per epoch, as they ran, other workers beside them included; cells): {kinds}")
     if rough:
         from benchmark.speed.estimate import ROUGH_EFFICIENCY
 
