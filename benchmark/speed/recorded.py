@@ -91,7 +91,7 @@ class Paced(Speeds):
     """``base``'s speeds, except the kinds in ``epoch_s``: their trainings take their epochs times the
     recorded median seconds per epoch."""
 
-    def __init__(self, base: Speeds, epoch_s: dict[str, float], counts: dict[str, int], threads: int | None):
+    def __init__(self, base: Speeds, epoch_s: dict[str, float], counts: dict[str, int], threads: int):
         self.base, self.epoch_s, self.counts, self.threads = base, epoch_s, counts, threads
         self.machine, self.source, self.load = base.machine, base.source, base.load
 
@@ -112,12 +112,12 @@ class Paced(Speeds):
         return self.base.seconds(t)
 
 
-def paced(base: Speeds, found: list[Pace], machine: str, threads: int | None) -> Speeds:
-    """``base``, paced where ``found`` has records of ``machine`` at ``threads`` threads per cell (any
-    number where None)."""
+def paced(base: Speeds, found: list[Pace], machine: str, threads: int) -> Speeds:
+    """``base``, paced where ``found`` has records of ``machine`` at ``threads`` threads per cell (on a
+    GPU too: cells sharing one, ``--jobs-per-gpu``, have fewer threads each)."""
     per_unit: dict[str, list[float]] = {}
     for p in found:
-        if p.machine == machine and threads in (None, p.threads):
+        if p.machine == machine and p.threads == threads:
             per_unit.setdefault(p.unit, []).append(p.epoch_s)
     if not per_unit:
         return base

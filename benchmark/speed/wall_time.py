@@ -118,11 +118,10 @@ def lanes(*, device_name: str, backend: str, jobs: int | None, jobs_per_gpu: int
                          f"a machine measured earlier, or leave the estimate out with --no-estimate") from None
     machine = recorded.lane_machine(device)
 
-    def pace(speeds: Speeds, threads: int | None) -> Speeds:
+    def pace(speeds: Speeds, threads: int) -> Speeds:
         return recorded.paced(speeds, list(found), machine, threads) if found else speeds
 
-    gpu = device.type == "cuda"  # a GPU cell's pace hardly depends on its CPU threads
-    serial = Lane("one at a time", 1, pace(calibrate(trainings, device, cores, say, measure), None if gpu else cores))
+    serial = Lane("one at a time", 1, pace(calibrate(trainings, device, cores, say, measure), cores))
     if backend == "dask":
         notes.append(f"--backend dask: speeds of this machine's {device}; for the workers' devices give --speeds")
         if jobs:
@@ -190,10 +189,11 @@ def estimate_lines(p: Plan, *, device_name: str = "auto", backend: str = "local"
     for lane in shown:
         if isinstance(lane.speeds, recorded.Paced):
             pace = lane.speeds
-            threads = "" if pace.threads is None else f" at {pace.threads} thread(s) per cell"
-            kinds = ", ".join(f"{unit_names([k])} {s:.3g} s ({pace.counts[k]})" for k, s in sorted(pace.epoch_s.items()))
-            out.append(f"  {lane.label}: at the pace of this grid's finished cells trained here{threads} (median seconds "
-                       f"per epoch, as they ran, other workers beside them included; cells): {kinds}")
+            kinds = ", ".join(f"{unit_names([k])} {s:.3g} s ({pace.counts[k]})"
+                              for k, s in sorted(pace.epoch_s.items()))
+            out.append(f"  {lane.label}: at the pace of this grid's finished cells trained here at {pace.threads} "
+                       f"thread(s) per cell (median seconds per epoch, as they ran, other workers beside them "
+                       f"included; cells): {kinds}")
     if rough:
         from benchmark.speed.estimate import ROUGH_EFFICIENCY
 
