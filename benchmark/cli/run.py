@@ -17,7 +17,7 @@ from benchmark.core.console import say
 from benchmark.execution.run_options import DASK_CONNECT_TIMEOUT_S, DEFAULT_PACK, PACK_ENV, RunOptions
 from benchmark.execution.runner import run_grid
 from benchmark.execution.stop_signals import signal_name
-from benchmark.execution.records import DamagedResult, diverged
+from benchmark.execution.records import DamagedResult, diverged, state
 from benchmark.execution.store import Store
 from benchmark.execution.todo import estimate_epochs, pending_cells, trainings
 
@@ -425,7 +425,7 @@ def status_command(args) -> int:
     if groups:
         tuning_store, store = Store(args.results_dir, tuning.folder(grid.name)), Store(args.results_dir, grid.name)
         picks, waiting = tuning.resolve(groups, tuning_store.read_or_none, store.read_or_none)
-        states = Counter(_state(tuning_store.read_or_none(c.id)) for c in tuning.tuning_cells(groups))
+        states = Counter(state(tuning_store.read_or_none(c.id)) for c in tuning.tuning_cells(groups))
         print(f"tuning ({tuning_store.root}): {states['ok']} finished, {states['diverged']} diverged, "
               f"{states['failed']} failed, {states['blocked']} blocked, {states['todo']} to do; "
               f"{len(picks)} of {len(groups)} tuned curve(s) "
@@ -443,10 +443,10 @@ def status_command(args) -> int:
                 result = store.read(cell.id)
             except DamagedResult as exc:
                 damaged.append(exc)
-        status = _state(result)
-        state = {"ok": "finished", "todo": "running" if cell.id in running else "todo"}.get(status, status)
-        table.setdefault(cell.method, Counter())[state] += 1
-        if state in ("diverged", "failed", "blocked"):
+        status = state(result)
+        column = {"ok": "finished", "todo": "running" if cell.id in running else "todo"}.get(status, status)
+        table.setdefault(cell.method, Counter())[column] += 1
+        if column in ("diverged", "failed", "blocked"):
             errors.append((cell, (result["records"] or [{}])[0].get("error", "")))
     states = ["finished", "diverged", "failed", "blocked", "running", "todo"]
     print(f"grid {grid.name} ({len(cells)} cells) in {store.root}")
@@ -468,13 +468,6 @@ def status_command(args) -> int:
               + rerun_hint(f"python -m benchmark run --grid {shlex.quote(args.grid)}{where}", totals["failed"],
                            totals["diverged"], totals["blocked"]))
     return 0
-
-
-def _state(result: dict | None) -> str:
-    """A cell's status for ``status``: ok, diverged (``records.diverged``), failed, blocked or todo."""
-    if not result:
-        return "todo"
-    return "diverged" if diverged(result) else result["status"]
 
 
 def collect_command(args) -> int:

@@ -38,6 +38,14 @@ def diverged(result: dict | None) -> bool:
         str(r.get("error", "")).startswith("Diverged") for r in result.get("records") or [])
 
 
+def state(result: dict | None) -> str:
+    """A cell's state from its result: ``todo`` (none yet), ``diverged`` (``diverged``), or the result's
+    status (``ok``, ``failed``, ``blocked``)."""
+    if not result:
+        return "todo"
+    return "diverged" if diverged(result) else result["status"]
+
+
 class DamagedResult(DamagedFile):
     """A result file that cannot be used; ``path`` and ``reason`` say which and why."""
 

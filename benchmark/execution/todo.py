@@ -9,7 +9,7 @@ from pathlib import Path
 
 from benchmark.core.method import get_method
 from benchmark.execution.cell import Cell, dense_key, prunable_layer_sizes
-from benchmark.execution.records import DamagedResult, diverged
+from benchmark.execution.records import DamagedResult, state
 from benchmark.execution.store import Store
 
 
@@ -60,10 +60,7 @@ def pending_cells(store: Store, cells: list[Cell], retry_failed: bool,
         status = "todo"
         if cell.id in existing:
             try:
-                result = store.read(cell.id)
-                status = result["status"] if result else "todo"
-                if status == "failed" and diverged(result):
-                    status = "diverged"
+                status = state(store.read(cell.id))
             except DamagedResult as exc:
                 status = "todo"
                 if set_aside is not None:
