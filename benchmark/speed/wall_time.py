@@ -199,8 +199,10 @@ def estimate_lines(p: Plan, *, device_name: str = "auto", backend: str = "local"
 
         measured = sorted({k for lane in shown for k in getattr(lane.speeds, "units", {})} - set(rough))
         out.append(f"  rough, from FLOPs (torch's FlopCounterMode) at {ROUGH_EFFICIENCY:g}x this device's "
-                   f"matrix-product rate, not measured (off by 2x or more): {unit_names(rough)}; "
-                   f"--measure-speeds times them (seconds to minutes, once; then cached)")
+                   f"matrix-product rate, not measured (off by 2x or more): {unit_names(rough)}"
+                   + (" (except where a line above gives this grid's pace)" if any(isinstance(lane.speeds, recorded.Paced)
+                                                                         for lane in shown) else "")
+                   + "; --measure-speeds times them (seconds to minutes, once; then cached)")
         if measured:
             out.append(f"  measured (cached): {unit_names(measured)}")
     out.append(f"  speeds: {speeds.source}" + ("; delete that file to measure again" if "cached in" in speeds.source
