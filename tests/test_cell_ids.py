@@ -15,13 +15,14 @@ from benchmark.execution import grids
 PINNED = {
     "cifar": ("e50897cb250f229793eb039351d5fcd3bfd9685e5c33d2ed9bd5733c1648c668", 2106),
     "dwf-study": ("821c22238a5809feaafaad48dcbed1e64c51c2dc0766cc034e2558cc0940cc43", 22),
-    "full": ("421e3af9a563c701092652962f7afec7dbe157d2207b569164cd4575447a80c0", 6807),
-    "lenet": ("0ed816e50be326059e6e168d7680d61073d8639d73dc71f252d0e0dfd631a327", 4701),
+    "full": ("8566b41744499d3c6eb19735f511620ab4b43dda213077f05e60605821ad867f", 6807),
+    "lenet": ("3ea899d4329b7baaa00e17f4305ff3e66e740a254fd7dbf2cbbe348cd61bf1c6", 4701),
     "lenet-calibration": ("731768f53f5d357d7f00e567d93f9475b4478a16fdaab1e4c7edb58bc1a5e0c8", 184),
     "lenet-recipes": ("14d0774520ffcd819cb37c2d680ea198b77dbb29938ebb53f2a72de3cfd27cad", 29),
-    "lenet-reference": ("729bdea9c18039d23b55fd4e1ada5a4ac3c2bca17de8c59ee41430aff89ee481", 1543),
-    # the first protocol: lenet-reference's LeNet-300-100 cells as they were until 2026-12-04
-    "lenet-reference-v1": ("f728ee18821c78509dcb3e026cb2e92d4bc5eabbb8dc0e04406b47bd70b592d4", 483),
+    "lenet-reference": ("ea4afda904418c489468b28f71594fe51e68cc39d89c4f1e99dd775f3b761281", 1543),
+    # the first protocol: lenet-reference's cells as they were until its tune tables (LeNet-300-100's
+    # 483 until 2026-12-04: f728ee18...; LeNet-5's 513 added when LeNet-5 got its table)
+    "lenet-reference-v1": ("0bd048e4147ad282af0e35082d826507564f4c3b0e342beb80bd0f4e16653521", 996),
     "lenet-reference-tuning": ("7c2f17ba6552c3490d881c01b291f937e61f94ae4680e6e32a017f83b53afb8f", 1184),
     # the tuned protocol's cells since 2026-12-05 (before: lenet-reference-v1's, d094b786...)
     "quick": ("7901a19455cf70d07df7bd3451f122ec3b5e59098c9156cde4ff1d0631c0f76a", 32),

@@ -280,41 +280,26 @@ def test_no_pick_changes_when_the_test_labels_change_and_a_rerun_trains_nothing(
 
 def test_the_reference_tuning_preset_is_what_the_tune_table_in_lenet_reference_makes():
     """The committed tuning cells (written out in lenet-reference-tuning) and those of lenet-reference's
-    tune table are the same cells (same ids), so one folder serves both; and the tune table's curves
-    are the first protocol's LeNet-300-100 curves (lenet-reference-v1) with the learning rate left open."""
+    tune tables are the same cells (same ids), so one folder serves both; and the tune tables' curves
+    are the first protocol's curves (lenet-reference-v1) with the learning rate left open, on both LeNets."""
     reference = grids.load_grid("lenet-reference")
     made = {c.id for c in tuning.tuning_cells(reference.tune_groups)}
-    written = grids.load_grid("lenet-reference-tuning").cells
-    assert made == {c.id for c in written if c.arch == "lenet300"}
+    written = {c.id for c in grids.load_grid("lenet-reference-tuning").cells}
+    assert len(made) == 616 + 568 and made == written
     assert tuning.folder("lenet-reference") == "lenet-reference-tuning"
-    first = [c for c in grids.load_grid("lenet-reference-v1").cells if c.arch == "lenet300"]
+    assert not reference.cells, "every curve of lenet-reference is tuned"
 
     def curve_point(cell):  # what a cell is apart from its learning rate
         params = {k: v for k, v in cell.params.items() if k != "lr"}
-        return cell.method, repr(sorted(params.items())), cell.seed
+        return cell.arch, cell.method, repr(sorted(params.items())), cell.seed
 
     finals = {curve_point(c) for c in reference.final_templates()}
-    assert {curve_point(c) for c in first} <= finals
-    assert {seed for *_, seed in finals} == {0, 1, 2, 3, 4}
+    first = {curve_point(c) for c in grids.load_grid("lenet-reference-v1").cells}
+    assert {arch for arch, *_ in first} == {"lenet300", "lenet5"}
+    assert first <= finals
+    assert {seed for arch, *_, seed in finals if arch == "lenet300"} == {0, 1, 2, 3, 4}
+    assert {seed for arch, *_, seed in finals if arch == "lenet5"} == {0, 1, 2}
 
-
-
-def test_the_written_out_lenet5_tuning_cells_are_what_the_same_tune_table_makes_on_lenet5(tmp_path):
-    """LeNet-5's tuning cells run before its experiments in lenet-reference get their tune table; they
-    must be the cells that table (LeNet-300-100's, unchanged) will make there, or its picks would find
-    no records: lenet-reference with the table copied into its LeNet-5 experiments makes exactly them."""
-    import re
-
-    text = grids._presets().joinpath("lenet-reference.toml").read_text()
-    table = re.search(r"\[experiment\.tune\]\n(?:[^\n]+\n)+", text).group(0)
-    lenet300, lenet5 = text.split('archs = ["lenet5"]', 1)
-    lenet5 = re.sub(r"\nlr = [0-9.]+\n", "\n", lenet5)  # the table chooses DWF's and L1's own rates
-    lenet5 = re.sub(r'(\nschedule = [^\n]+\n)', lambda m: m.group(1) + "\n" + table, lenet5)
-    (tmp_path / "tuned5.toml").write_text(lenet300 + 'archs = ["lenet5"]' + lenet5)
-    tuned5 = grids.load_grid(str(tmp_path / "tuned5.toml"))
-    made = {c.id for c in tuning.tuning_cells(tuned5.tune_groups) if c.arch == "lenet5"}
-    written = {c.id for c in grids.load_grid("lenet-reference-tuning").cells if c.arch == "lenet5"}
-    assert len(made) == 568 and made == written
 
 def test_the_tuning_table_notes_a_pick_at_the_edge_of_its_candidates(tmp_path):
     """lenet-reference-tuning picked 0.8, its largest rate, for every DWF depth: such a pick says only
