@@ -214,6 +214,25 @@ def test_write_plots_writes_png_and_pdf(results_dir, tmp_path):
     assert any("lenet5/fashion-mnist: no ok results for magnitude" in n for n in notes)
 
 
+def test_the_same_figure_gives_the_same_files(tmp_path):
+    """A rebuilt figure is byte for byte the one before when its results did not change (the PDF
+    carries no creation date), so regenerating the committed reference shows no spurious change."""
+    import time
+
+    import matplotlib.pyplot as plt
+
+    def saved(folder):
+        fig, ax = plt.subplots()
+        ax.plot([1, 10, 100], [0.9, 0.8, 0.5])
+        return {p.name: p.read_bytes() for p in plot.save_figure(fig, tmp_path / folder / "figure")}
+
+    first = saved("a")
+    time.sleep(1.1)  # a creation date would now differ by at least a second
+    second = saved("b")
+    assert sorted(first) == ["figure.pdf", "figure.png"]
+    assert [name for name in first if first[name] != second[name]] == []
+
+
 def test_missing_layers_csv_is_a_note_not_an_error(results_dir, tmp_path):
     (results_dir / "g" / "layers.csv").unlink()
     files, notes = plot.write_plots("g", results_dir, tmp_path / "plots")

@@ -302,11 +302,14 @@ def plot_trajectories(results: cv.Results, history: pd.DataFrame, at_cr: float =
 
 
 def save_figure(fig: plt.Figure, stem: Path) -> list[Path]:
+    """Writes each format; a PDF without its creation date, so that the same results give the same
+    bytes (a rebuilt reference figure that did not change shows no change in git)."""
     stem.parent.mkdir(parents=True, exist_ok=True)
     written = []
     for fmt in FIGURE_FORMATS:
         path = stem.with_suffix(f".{fmt}")
-        fig.savefig(path, dpi=150, bbox_inches="tight")
+        metadata = {"CreationDate": None} if fmt == "pdf" else None
+        fig.savefig(path, dpi=150, bbox_inches="tight", metadata=metadata)
         written.append(path)
     plt.close(fig)
     return written
