@@ -15,11 +15,11 @@ from benchmark.execution import grids
 PINNED = {
     "cifar": ("e50897cb250f229793eb039351d5fcd3bfd9685e5c33d2ed9bd5733c1648c668", 2106),
     "dwf-study": ("821c22238a5809feaafaad48dcbed1e64c51c2dc0766cc034e2558cc0940cc43", 22),
-    "full": ("8566b41744499d3c6eb19735f511620ab4b43dda213077f05e60605821ad867f", 6807),
-    "lenet": ("3ea899d4329b7baaa00e17f4305ff3e66e740a254fd7dbf2cbbe348cd61bf1c6", 4701),
+    "full": ("7f595c35b1c303baab801c48c14b21dedf30b68a31884eefa15152914dc30725", 6816),
+    "lenet": ("d633bd29fb47bcad867e9f6a694c68f4a51b495f00952e26c46947ea198a9dd8", 4710),
     "lenet-calibration": ("731768f53f5d357d7f00e567d93f9475b4478a16fdaab1e4c7edb58bc1a5e0c8", 184),
     "lenet-recipes": ("14d0774520ffcd819cb37c2d680ea198b77dbb29938ebb53f2a72de3cfd27cad", 29),
-    "lenet-reference": ("ea4afda904418c489468b28f71594fe51e68cc39d89c4f1e99dd775f3b761281", 1543),
+    "lenet-reference": ("623bc51f91126b6f3f25ce70e5c409a958aa443a7d1a8939904e6f81642786b9", 1546),
     # the first protocol: lenet-reference's cells as they were until its tune tables (LeNet-300-100's
     # 483 until 2026-12-04: f728ee18...; LeNet-5's 513 added when LeNet-5 got its table)
     "lenet-reference-v1": ("0bd048e4147ad282af0e35082d826507564f4c3b0e342beb80bd0f4e16653521", 996),
