@@ -56,7 +56,7 @@ reference: setup data
 test: setup data test-packages
 	$(PY) -m pytest -q
 
-# The inner loop: unit and small-integration tests (565 without a GPU; 1-1.5 minutes on the 2-core machine):
+# The inner loop: unit and small-integration tests (566 without a GPU; 1-1.5 minutes on the 2-core machine):
 # no process kills, worker pools, clusters, whole grids or long trainings, which are marked slow
 # and run in `make test` (CI).
 test-fast: setup data

@@ -273,7 +273,9 @@ def test_a_grid_with_cells_finished_here_is_estimated_at_their_pace(tmp_path, ca
         result = json.loads(path.read_text())
         record = result["records"][0]
         kind = "dense" if result["config"]["method"] == "dense" else "dwf D=3"
-        paces[kind] = record["wall_s"] / record["epochs"]
+        epoch_times = [epoch["seconds"] for epoch in record["history"]]
+        assert len(epoch_times) == record["epochs"]
+        paces[kind] = statistics.median(epoch_times) + (record["wall_s"] - sum(epoch_times)) / record["epochs"]
     assert len(paces) == 2
     grid_file.write_text(grid_file.read_text().replace("seeds = [0]", "seeds = [0, 1]"))
     args = ["run", "--grid", str(grid_file), "--results-dir", str(results), "--dry-run"]
@@ -326,6 +328,26 @@ def test_a_pace_is_read_only_from_records_that_say_one():
     assert speeds.paced(dense) and speeds.seconds(dense) == 5 * 7.0  # the median of 4 and 10
     assert recorded.paced(estimate.Speeds(), found, "CPU X", 1) is not speeds  # no records at 1 thread
     assert not isinstance(recorded.paced(estimate.Speeds(), found, "CPU Y", 2), recorded.Paced)
+
+
+def test_a_records_pace_is_its_typical_epoch_not_a_stretch_slowed_by_other_work():
+    """Seconds per epoch from a record's history: the median epoch plus the time outside the epochs,
+    so a few epochs slowed by a test run beside the grid do not set the pace; a history that does not
+    give every epoch a time falls back to the wall time over the epochs."""
+    from benchmark.speed import recorded
+
+    def record(times):
+        return {"history": [{"epoch": i + 1, "seconds": s} for i, s in enumerate(times)]}
+
+    steady = [5.0, 5.0, 6.0, 5.0, 5.0]
+    slowed = [5.0, 100.0, 150.0, 5.0, 6.0]  # two epochs beside a CI run
+    assert recorded.epoch_seconds(record(steady), 5, 31.0) == pytest.approx(5.0 + 5.0 / 5)
+    assert recorded.epoch_seconds(record(slowed), 5, 271.0) == pytest.approx(6.0 + 5.0 / 5)
+    for bad, wall in ((record(steady[:4]), 31.0),  # an epoch without a time
+                      (record([5.0, 5.0, "6", 5.0, 5.0]), 31.0), (record([5.0, 5.0, float("nan"), 5.0, 5.0]), 31.0),
+                      (record(steady), 20.0),  # epochs longer than the whole cell
+                      ({"history": "five epochs"}, 31.0), ({}, 31.0)):
+        assert recorded.epoch_seconds(bad, 5, wall) == pytest.approx(wall / 5), bad
 
 
 def test_a_validation_split_leaves_the_training_set_and_is_evaluated_each_epoch(tmp_path):

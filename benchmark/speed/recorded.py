@@ -5,7 +5,12 @@ cores, subnormal floats at strong regularization, the real steps of a model with
 (LeNet-5's DWF cells on the 2-core Xeon at --jobs 2 took 2.2x their rough estimate). A results
 folder that already holds finished cells of a kind (architecture, input shape, batch size, and
 dense, masked or DWF depth) trained here, on the same CPU model or GPU at the lane's thread count,
-says it directly: that kind is estimated at the median seconds per epoch of those records."""
+says it directly: that kind is estimated at the median seconds per epoch of those records.
+
+A record's seconds per epoch are its typical epoch (the median of its epochs' times) plus its time
+outside the epochs (building, the final measurement) spread over them: an epoch slowed for a while by
+other work on the machine (a test run beside a niced grid slowed single epochs of the LeNet-5 tuning
+grid 10-20x) then does not count. Without per-epoch times, its wall time over its epochs."""
 
 from __future__ import annotations
 
@@ -29,9 +34,21 @@ class Pace:
     """One finished cell as the estimate reads it."""
 
     unit: str  # estimate.unit_key
-    epoch_s: float  # its wall time over its epochs: building and the final measurement included
+    epoch_s: float  # ``epoch_seconds``: building and the final measurement included
     threads: int
     machine: str  # the GPU's name on a GPU, else the CPU's model
+
+
+def epoch_seconds(record: dict, epochs: float, wall: float) -> float:
+    """A record's typical seconds per epoch: the median of its epochs' ``seconds`` (history) plus its
+    wall time outside them over its epochs; its wall time over its epochs where the history does not
+    give each of its epochs a time that is a number, within the wall time (records are untrusted)."""
+    history = record.get("history")
+    times = [e.get("seconds") for e in history if isinstance(e, dict)] if isinstance(history, list) else []
+    if len(times) != epochs or len(times) != len(history) or not all(is_number(s, at_least=0) for s in times) \
+            or sum(times) > wall:
+        return wall / epochs
+    return statistics.median(times) + (wall - sum(times)) / epochs
 
 
 def shares_dense(cell: Cell) -> bool:
@@ -83,7 +100,7 @@ def paces(finished: Iterable[tuple[Cell, Callable[[str], dict | None]]], needed:
                 or record.get("pack_size", 1) != 1):
             continue
         taken[key] += 1
-        out.append(Pace(key, wall / epochs, threads, machine))
+        out.append(Pace(key, epoch_seconds(record, epochs, wall), threads, machine))
     return out
 
 

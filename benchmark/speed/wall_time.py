@@ -192,8 +192,8 @@ def estimate_lines(p: Plan, *, device_name: str = "auto", backend: str = "local"
             kinds = ", ".join(f"{unit_names([k])} {s:.3g} s ({pace.counts[k]})"
                               for k, s in sorted(pace.epoch_s.items()))
             out.append(f"  {lane.label}: at the pace of this grid's finished cells trained here at {pace.threads} "
-                       f"thread(s) per cell (median seconds per epoch, as they ran, other workers beside them "
-                       f"included; cells): {kinds}")
+                       f"thread(s) per cell (seconds per epoch: the median over the records of each one's typical "
+                       f"epoch, other workers beside them included; cells): {kinds}")
     if rough:
         from benchmark.speed.estimate import ROUGH_EFFICIENCY
 
