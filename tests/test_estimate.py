@@ -346,7 +346,7 @@ def test_a_records_pace_is_its_typical_epoch_not_a_stretch_slowed_by_other_work(
     for bad, wall in ((record(steady[:4]), 31.0),  # an epoch without a time
                       (record([5.0, 5.0, "6", 5.0, 5.0]), 31.0), (record([5.0, 5.0, float("nan"), 5.0, 5.0]), 31.0),
                       (record(steady), 20.0),  # epochs longer than the whole cell
-                      ({"history": "five epochs"}, 31.0), ({}, 31.0)):
+                      ({"history": [5.0] * 5}, 31.0), ({"history": "five epochs"}, 31.0), ({}, 31.0)):
         assert recorded.epoch_seconds(bad, 5, wall) == pytest.approx(wall / 5), bad
 
 

@@ -44,9 +44,10 @@ def epoch_seconds(record: dict, epochs: float, wall: float) -> float:
     wall time outside them over its epochs; its wall time over its epochs where the history does not
     give each of its epochs a time that is a number, within the wall time (records are untrusted)."""
     history = record.get("history")
-    times = [e.get("seconds") for e in history if isinstance(e, dict)] if isinstance(history, list) else []
-    if len(times) != epochs or len(times) != len(history) or not all(is_number(s, at_least=0) for s in times) \
-            or sum(times) > wall:
+    if not isinstance(history, list) or len(history) != epochs or not all(isinstance(e, dict) for e in history):
+        return wall / epochs
+    times = [e.get("seconds") for e in history]
+    if not all(is_number(s, at_least=0) for s in times) or sum(times) > wall:
         return wall / epochs
     return statistics.median(times) + (wall - sum(times)) / epochs
 
