@@ -23,9 +23,9 @@ PINNED = {
     # the first protocol: lenet-reference's cells as they were until its tune tables (LeNet-300-100's
     # 483 until 2026-12-04: f728ee18...; LeNet-5's 513 added when LeNet-5 got its table)
     "lenet-reference-v1": ("0bd048e4147ad282af0e35082d826507564f4c3b0e342beb80bd0f4e16653521", 996),
-    # LeNet-5 with 0.003125 and 0.00625 among its candidates since 2026-12-06 (before: 7c2f17ba..., 1,184
-    # cells; with 0.00625 only: 30051926..., 1,255)
-    "lenet-reference-tuning": ("cccf16f02c18307e5e7adca8b6d8cb74a1ff8cd7f54f40e12aa02a7358633f80", 1326),
+    # LeNet-5 with 0.0015625, 0.003125 and 0.00625 among its candidates since 2026-12-06 (before:
+    # 7c2f17ba..., 1,184 cells; down to 0.00625: 30051926..., 1,255; down to 0.003125: cccf16f0..., 1,326)
+    "lenet-reference-tuning": ("0ba2678d1b4e2bfb765b2a39a7f2bad8562521be6c1769ce1bf2aef03f157c0d", 1397),
     # the tuned protocol's cells since 2026-12-05 (before: lenet-reference-v1's, d094b786...)
     "quick": ("7901a19455cf70d07df7bd3451f122ec3b5e59098c9156cde4ff1d0631c0f76a", 32),
     "smoke": ("c55002424e852df1e321e48ec68f2f6e5a19b1b3c088c25ca8b5f60186b07c5e", 17),

@@ -285,8 +285,8 @@ def test_the_reference_tuning_preset_is_what_the_tune_table_in_lenet_reference_m
     reference = grids.load_grid("lenet-reference")
     made = {c.id for c in tuning.tuning_cells(reference.tune_groups)}
     written = {c.id for c in grids.load_grid("lenet-reference-tuning").cells}
-    # LeNet-5: 568 for 8 candidates, 71 each for 0.00625 and 0.003125
-    assert len(made) == 616 + 710 and made == written
+    # LeNet-5: 568 for 8 candidates, 71 each for 0.00625, 0.003125 and 0.0015625
+    assert len(made) == 616 + 781 and made == written
     assert tuning.folder("lenet-reference") == "lenet-reference-tuning"
     assert not reference.cells, "every curve of lenet-reference is tuned"
 
