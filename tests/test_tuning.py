@@ -147,7 +147,11 @@ def test_the_score_interpolates_in_log_cr_and_counts_unreached_crs_as_chance():
     assert tuning.score(points, (100.0,), 0.1) == pytest.approx(0.6)
     assert tuning.score(points, (1400.0,), 0.1) == pytest.approx(0.4)  # within 1.5x of the last point
     assert tuning.score(points, (2000.0,), 0.1) == pytest.approx(0.1)  # beyond: chance
-    assert tuning.score([(1.0, 0.9), (1.0, 0.7)], (10.0, 100.0), 0.1) == pytest.approx(0.8)  # dense: its mean
+    dense_points = [(1.0, 0.9), (1.0, 0.7)]
+    assert tuning.score(dense_points, (10.0, 100.0), 0.1, without_crs=True) == pytest.approx(0.8)  # dense: its mean
+    # a pruning curve that never left CR 1 (DWF at a tiny learning rate) reaches no scoring CR
+    assert tuning.score(dense_points, (10.0, 100.0), 0.1) == pytest.approx(0.1)
+    assert tuning.score([(1.0, 0.9)], (1.2,), 0.1) == pytest.approx(0.9)  # within 1.5x of its one point
     assert tuning.score([], (10.0,), 0.1) == 0.1  # every cell failed
 
 

@@ -231,14 +231,17 @@ def _values(cell: Cell) -> dict:
 
 # -- the rule --------------------------------------------------------------------------------------
 
-def score(points: list[tuple[float, float]], crs: tuple[float, ...], chance: float) -> float:
+def score(points: list[tuple[float, float]], crs: tuple[float, ...], chance: float, *,
+          without_crs: bool = False) -> float:
     """One seed's score of one candidate: its mean validation accuracy at ``crs`` from its
-    (CR, validation accuracy) points (``RULE``). Points all at CR 1 (a dense model): their mean."""
+    (CR, validation accuracy) points (``RULE``). A curve ``without_crs`` (the dense model): their
+    mean. A compressing curve whose points all stayed at CR 1 reaches none of ``crs``: chance there,
+    like any curve that stops short (it once scored its dense accuracy and won: docs/tuning.md)."""
     if not points:
         return chance
     cr = np.array([p[0] for p in points], float)
     acc = np.array([p[1] for p in points], float)
-    if np.all(cr <= 1 + 1e-9):
+    if without_crs:
         return float(acc.mean())
     order = np.argsort(cr, kind="stable")
     cr, acc = cr[order], acc[order]
@@ -286,6 +289,7 @@ def pick(group: TuneGroup, results: dict[str, dict | None], num_classes: int, dr
     has none or is blocked. Only ``val_acc`` and ``cr`` of the records are read. ``dropped`` candidates
     (diverged in final cells: ``resolve``) cannot win; value None when every candidate is dropped."""
     chance = 1.0 / num_classes
+    without_crs = method_base.get_method(group.first.method).is_reference
     scores, cells, cpu_seconds = [], 0, 0.0
     for candidate_cells in group.tuning:
         by_seed: dict[int, list[tuple[float, float]]] = {seed: [] for seed in group.spec.seeds}
@@ -299,7 +303,8 @@ def pick(group: TuneGroup, results: dict[str, dict | None], num_classes: int, dr
             for record in records:
                 if record.get("status") == "ok" and _finite(record.get("val_acc")) and _finite(record.get("cr")):
                     by_seed[cell.seed].append((float(record["cr"]), float(record["val_acc"])))
-        scores.append(float(np.mean([score(points, group.spec.crs, chance) for points in by_seed.values()])))
+        scores.append(float(np.mean([score(points, group.spec.crs, chance, without_crs=without_crs)
+                                     for points in by_seed.values()])))
     dropped = dict(dropped or {})
     eligible = [i for i, c in enumerate(group.spec.candidates) if c not in dropped]
     best = max(eligible, key=lambda i: (scores[i], -i), default=None)
