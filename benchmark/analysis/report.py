@@ -296,7 +296,13 @@ def tuning_table(folder: Path) -> pd.DataFrame | None:
 def _tuning_note(group: pd.DataFrame, picked: pd.Series) -> str:
     """A curve's note in the tuning table: a pick at an edge of its candidates, candidates dropped for
     diverged final training (``final_diverged``; tables written before it have no such column)."""
-    notes = [tuning.edge_note(group["candidate"].tolist(), group["candidate"][picked].iloc[0] if picked.any() else None)]
+    examples = None
+    if {"validation", "seeds"} <= set(group.columns):
+        validation = pd.to_numeric(group["validation"], errors="coerce").iloc[0]
+        seeds = len(str(group["seeds"].iloc[0]).split())
+        examples = int(validation) * seeds if math.isfinite(validation) and validation > 0 else None
+    notes = [tuning.edge_note(group["candidate"].tolist(), group["candidate"][picked].iloc[0] if picked.any() else None,
+                              pd.to_numeric(group["val_score"], errors="coerce").tolist(), examples)]
     if "final_diverged" in group:
         counts = pd.to_numeric(group["final_diverged"], errors="coerce").fillna(0)
         dropped = {c: n for c, n in zip(group["candidate"], counts) if n > 0}

@@ -197,7 +197,8 @@ def _picks(grid: grids_mod.Grid, groups: list[tuning.TuneGroup], results_dir) ->
              f"({', '.join(f'{p.group.label}: {p.group.spec.parameter}={p.value}' for p in picks[:6])}"
              f"{', ...' if len(picks) > 6 else ''}); table: {Store(results_dir, grid.name).root / tuning.TABLE}"]
     for chosen in picks:
-        note = tuning.edge_note(list(chosen.group.spec.candidates), chosen.value)
+        note = tuning.edge_note(list(chosen.group.spec.candidates), chosen.value, chosen.scores,
+                                chosen.group.spec.validation * len(chosen.group.spec.seeds))
         if note:
             lines.append(f"  note: {chosen.group.label}: {chosen.group.spec.parameter}={chosen.value} is {note}")
         if chosen.dropped:

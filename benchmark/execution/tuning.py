@@ -321,17 +321,47 @@ def lost_seeds(cells: list[Cell], read_final) -> int:
     return sum(len(flags) for flags in by_seed.values() if all(flags))
 
 
-def edge_note(candidates: list, value) -> str:
+#: A pick at an end of its candidates asks for the next candidate only when it leads the next best
+#: score by more than this many standard errors of a difference of two validation accuracies
+#: (docs/tuning.md, "A pick at an end"): a lead within it is noise the validation split cannot resolve.
+EDGE_LEAD_SE = 2.0
+
+
+def edge_resolution(first: float, second: float, examples: int) -> float:
+    """EDGE_LEAD_SE standard errors of the difference of two accuracies ``first`` and ``second``, each
+    measured on ``examples`` validation examples (binomial, as if independent: sampling error only,
+    so seed-to-seed noise comes on top and the yardstick errs towards extending)."""
+    variance = sum(min(max(p, 0.0), 1.0) * (1 - min(max(p, 0.0), 1.0)) for p in (first, second)) / examples
+    return EDGE_LEAD_SE * float(np.sqrt(variance))
+
+
+def edge_note(candidates: list, value, scores: list | None = None, examples: int | None = None) -> str:
     """Where a numeric pick is the smallest or largest of several candidates, the words that say the
     best setting may lie beyond them (a reviewer asks for the range to be extended before trusting
-    the pick); else "". Categorical candidates have no edge."""
+    the pick); else "". With the candidates' ``scores`` and the number of validation ``examples``
+    behind each (validation size x tuning seeds), an end whose lead over the next best is within
+    ``edge_resolution`` says the candidates do not resolve that end instead: no extension is asked.
+    Categorical candidates have no edge."""
     if value is None or len(candidates) < 2 or not all(map(_finite, [*candidates, value])):
         return ""
     if float(value) == max(map(float, candidates)):
-        return "the largest candidate: the best may lie above; extend the candidates"
-    if float(value) == min(map(float, candidates)):
-        return "the smallest candidate: the best may lie below; extend the candidates"
-    return ""
+        where, beyond = "the largest candidate", "above"
+    elif float(value) == min(map(float, candidates)):
+        where, beyond = "the smallest candidate", "below"
+    else:
+        return ""
+    if scores is None or not examples:
+        return f"{where}: the best may lie {beyond}; extend the candidates"
+    at = [float(c) for c in candidates].index(float(value))
+    others = [float(s) for i, s in enumerate(scores) if i != at and _finite(s)]
+    if not others or not _finite(scores[at]):
+        return f"{where}: the best may lie {beyond}; extend the candidates"
+    lead, resolution = float(scores[at]) - max(others), edge_resolution(float(scores[at]), max(others), examples)
+    if lead <= resolution:
+        return (f"{where}, but its lead over the next best ({100 * lead:.2f} points) is within the validation "
+                f"split's resolution ({100 * resolution:.2f}): the candidates do not resolve this end; not extended")
+    return (f"{where}, {100 * lead:.2f} points ahead of the next best (resolution {100 * resolution:.2f}): "
+            f"the best may lie {beyond}; extend the candidates")
 
 
 def dropped_note(parameter: str, dropped: dict) -> str:
