@@ -17,12 +17,13 @@ PINNED = {
     "dwf-study": ("821c22238a5809feaafaad48dcbed1e64c51c2dc0766cc034e2558cc0940cc43", 22),
     # full, lenet and lenet-reference: LeNet-5 DWF D=4 got the 3 lambdas `match` proposed (2026-12-06; before:
     # 7f595c35..., 6,816; d633bd29..., 4,710; 623bc51f..., 1,546), then D=2 and D=3 two each (before:
-    # ea486595..., 6,843; 18256e7d..., 4,737; 8a5492de..., 1,555)
-    "full": ("084ca178631743b883e14122b8a9d267a6d60b17b5fe007a07362cacaf3a4dcc", 6879),
-    "lenet": ("dd9c3d3e3084cb4fe659c1a547818ee6cc3241cbe794d2e68f9ebb154563f57d", 4773),
+    # ea486595..., 6,843; 18256e7d..., 4,737; 8a5492de..., 1,555), then one each for DWF and L1 (before:
+    # 084ca178..., 6,879; dd9c3d3e..., 4,773; 3aede8a8..., 1,567)
+    "full": ("e5b303fe0cfb8ec052f87932807837a4d201028883a74184830d9e4410e28731", 6915),
+    "lenet": ("afe538a0490fd796efd936ec69efb8fd1834267d442bdcdebe7399d7463fc422", 4809),
     "lenet-calibration": ("731768f53f5d357d7f00e567d93f9475b4478a16fdaab1e4c7edb58bc1a5e0c8", 184),
     "lenet-recipes": ("14d0774520ffcd819cb37c2d680ea198b77dbb29938ebb53f2a72de3cfd27cad", 29),
-    "lenet-reference": ("3aede8a816e4e00e2876647492641335511f5bc0f536076e476c41201634d98c", 1567),
+    "lenet-reference": ("9bbc0576c7c89b663d98dc5b0c892007698173efa82c40a8eacc0b6ade662cca", 1579),
     # the first protocol: lenet-reference's cells as they were until its tune tables (LeNet-300-100's
     # 483 until 2026-12-04: f728ee18...; LeNet-5's 513 added when LeNet-5 got its table)
     "lenet-reference-v1": ("0bd048e4147ad282af0e35082d826507564f4c3b0e342beb80bd0f4e16653521", 996),
