@@ -357,3 +357,7 @@ def test_an_end_pick_asks_for_another_candidate_only_when_its_lead_beats_the_val
     assert "not extended" in tuning.edge_note([0.003125, 0.1, 0.4], 0.003125, [0.1617, 0.1290, 0.1533], 5000)
     assert "extend the candidates" in tuning.edge_note([0.003125, 0.1, 0.4], 0.003125, [0.1617, 0.1290, 0.1533], 20000)
     assert tuning.edge_note([0.003125, 0.1, 0.4], 0.1, [0.1, 0.9, 0.2], 5000) == ""  # not an end
+    # without scores, or with fewer scores than candidates (a damaged tuning.csv), the plain request
+    plain = "the smallest candidate: the best may lie below; extend the candidates"
+    assert tuning.edge_note([0.003125, 0.1, 0.4], 0.003125) == plain
+    assert tuning.edge_note([0.4, 0.1, 0.003125], 0.003125, [0.1617, 0.1290], 5000) == plain

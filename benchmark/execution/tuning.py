@@ -331,8 +331,8 @@ def edge_resolution(first: float, second: float, examples: int) -> float:
     """EDGE_LEAD_SE standard errors of the difference of two accuracies ``first`` and ``second``, each
     measured on ``examples`` validation examples (binomial, as if independent: sampling error only,
     so seed-to-seed noise comes on top and the yardstick errs towards extending)."""
-    variance = sum(min(max(p, 0.0), 1.0) * (1 - min(max(p, 0.0), 1.0)) for p in (first, second)) / examples
-    return EDGE_LEAD_SE * float(np.sqrt(variance))
+    p = np.clip([first, second], 0.0, 1.0)
+    return EDGE_LEAD_SE * float(np.sqrt(np.sum(p * (1 - p)) / examples))
 
 
 def edge_note(candidates: list, value, scores: list | None = None, examples: int | None = None) -> str:
@@ -350,11 +350,9 @@ def edge_note(candidates: list, value, scores: list | None = None, examples: int
         where, beyond = "the smallest candidate", "below"
     else:
         return ""
-    if scores is None or not examples:
-        return f"{where}: the best may lie {beyond}; extend the candidates"
     at = [float(c) for c in candidates].index(float(value))
-    others = [float(s) for i, s in enumerate(scores) if i != at and _finite(s)]
-    if not others or not _finite(scores[at]):
+    others = [float(s) for i, s in enumerate(scores or []) if i != at and _finite(s)]
+    if not examples or not others or at >= len(scores) or not _finite(scores[at]):
         return f"{where}: the best may lie {beyond}; extend the candidates"
     lead, resolution = float(scores[at]) - max(others), edge_resolution(float(scores[at]), max(others), examples)
     if lead <= resolution:
