@@ -18,12 +18,13 @@ PINNED = {
     # full, lenet and lenet-reference: LeNet-5 DWF D=4 got the 3 lambdas `match` proposed (2026-12-06; before:
     # 7f595c35..., 6,816; d633bd29..., 4,710; 623bc51f..., 1,546), then D=2 and D=3 two each (before:
     # ea486595..., 6,843; 18256e7d..., 4,737; 8a5492de..., 1,555), then one each for DWF and L1 (before:
-    # 084ca178..., 6,879; dd9c3d3e..., 4,773; 3aede8a8..., 1,567)
-    "full": ("e5b303fe0cfb8ec052f87932807837a4d201028883a74184830d9e4410e28731", 6915),
-    "lenet": ("afe538a0490fd796efd936ec69efb8fd1834267d442bdcdebe7399d7463fc422", 4809),
+    # 084ca178..., 6,879; dd9c3d3e..., 4,773; 3aede8a8..., 1,567), then D=3 and L1 one each (before:
+    # e5b303fe..., 6,915; afe538a0..., 4,809; 9bbc0576..., 1,579)
+    "full": ("051ba283ffdbc048e7de4611cc979a0c7d75d6b32627cbc11fcef0afdf0a68d8", 6933),
+    "lenet": ("a19e8298bfc433644a6477dda8babf9a73920b283f8cf0ab596d328e6494ce6b", 4827),
     "lenet-calibration": ("731768f53f5d357d7f00e567d93f9475b4478a16fdaab1e4c7edb58bc1a5e0c8", 184),
     "lenet-recipes": ("14d0774520ffcd819cb37c2d680ea198b77dbb29938ebb53f2a72de3cfd27cad", 29),
-    "lenet-reference": ("9bbc0576c7c89b663d98dc5b0c892007698173efa82c40a8eacc0b6ade662cca", 1579),
+    "lenet-reference": ("02d51e0746715a1f3c9fa9451396dc59852cfc1b9e42181e29a408c627ef78ff", 1585),
     # the first protocol: lenet-reference's cells as they were until its tune tables (LeNet-300-100's
     # 483 until 2026-12-04: f728ee18...; LeNet-5's 513 added when LeNet-5 got its table)
     "lenet-reference-v1": ("0bd048e4147ad282af0e35082d826507564f4c3b0e342beb80bd0f4e16653521", 996),
