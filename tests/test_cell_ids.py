@@ -19,12 +19,13 @@ PINNED = {
     # 7f595c35..., 6,816; d633bd29..., 4,710; 623bc51f..., 1,546), then D=2 and D=3 two each (before:
     # ea486595..., 6,843; 18256e7d..., 4,737; 8a5492de..., 1,555), then one each for DWF and L1 (before:
     # 084ca178..., 6,879; dd9c3d3e..., 4,773; 3aede8a8..., 1,567), then D=3 and L1 one each (before:
-    # e5b303fe..., 6,915; afe538a0..., 4,809; 9bbc0576..., 1,579)
-    "full": ("051ba283ffdbc048e7de4611cc979a0c7d75d6b32627cbc11fcef0afdf0a68d8", 6933),
-    "lenet": ("a19e8298bfc433644a6477dda8babf9a73920b283f8cf0ab596d328e6494ce6b", 4827),
+    # e5b303fe..., 6,915; afe538a0..., 4,809; 9bbc0576..., 1,579), then again (before: 051ba283..., 6,933;
+    # a19e8298..., 4,827; 02d51e07..., 1,585)
+    "full": ("000b4c62782815dba439365c6e60506221c033839f39dd529251f394ae5f398c", 6951),
+    "lenet": ("374f06142b3f9fe7c9664ba3d99e97e4587cb9daf8bfb2d5e4f56ad8d9e86d81", 4845),
     "lenet-calibration": ("731768f53f5d357d7f00e567d93f9475b4478a16fdaab1e4c7edb58bc1a5e0c8", 184),
     "lenet-recipes": ("14d0774520ffcd819cb37c2d680ea198b77dbb29938ebb53f2a72de3cfd27cad", 29),
-    "lenet-reference": ("02d51e0746715a1f3c9fa9451396dc59852cfc1b9e42181e29a408c627ef78ff", 1585),
+    "lenet-reference": ("c5f6ed1f81aa52f7b98858a5852aa41a41722c0dd5c939e685632a6424cc6a11", 1591),
     # the first protocol: lenet-reference's cells as they were until its tune tables (LeNet-300-100's
     # 483 until 2026-12-04: f728ee18...; LeNet-5's 513 added when LeNet-5 got its table)
     "lenet-reference-v1": ("0bd048e4147ad282af0e35082d826507564f4c3b0e342beb80bd0f4e16653521", 996),
