@@ -20,12 +20,12 @@ PINNED = {
     # ea486595..., 6,843; 18256e7d..., 4,737; 8a5492de..., 1,555), then one each for DWF and L1 (before:
     # 084ca178..., 6,879; dd9c3d3e..., 4,773; 3aede8a8..., 1,567), then D=3 and L1 one each (before:
     # e5b303fe..., 6,915; afe538a0..., 4,809; 9bbc0576..., 1,579), then again (before: 051ba283..., 6,933;
-    # a19e8298..., 4,827; 02d51e07..., 1,585)
-    "full": ("000b4c62782815dba439365c6e60506221c033839f39dd529251f394ae5f398c", 6951),
-    "lenet": ("374f06142b3f9fe7c9664ba3d99e97e4587cb9daf8bfb2d5e4f56ad8d9e86d81", 4845),
+    # a19e8298..., 4,827; 02d51e07..., 1,585; 000b4c62..., 6,951; 374f0614..., 4,845; c5f6ed1f..., 1,591)
+    "full": ("0702b4b2aa794c5dfb98be31d293a46aa3b3a84d7d442c4d0504b69f25d0e14e", 6960),
+    "lenet": ("c737f53d1449f7a49536a031d38836b8e8bec33d97aa7a647e5ea7e68648dc2c", 4854),
     "lenet-calibration": ("731768f53f5d357d7f00e567d93f9475b4478a16fdaab1e4c7edb58bc1a5e0c8", 184),
     "lenet-recipes": ("14d0774520ffcd819cb37c2d680ea198b77dbb29938ebb53f2a72de3cfd27cad", 29),
-    "lenet-reference": ("c5f6ed1f81aa52f7b98858a5852aa41a41722c0dd5c939e685632a6424cc6a11", 1591),
+    "lenet-reference": ("7bf047b3570a95c2514a463b82f4d960ed616c07f6cd2423be2faace9240c627", 1594),
     # the first protocol: lenet-reference's cells as they were until its tune tables (LeNet-300-100's
     # 483 until 2026-12-04: f728ee18...; LeNet-5's 513 added when LeNet-5 got its table)
     "lenet-reference-v1": ("0bd048e4147ad282af0e35082d826507564f4c3b0e342beb80bd0f4e16653521", 996),
