@@ -107,32 +107,46 @@ def test_no_estimate_counts_without_measuring(tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "cache").exists()
 
 
+#: Two speed measurements this close (ratio) say the machine's load held during the run between them.
+STEADY = 1.5
+#: Measure-run-measure at most this often before the load is declared too unsteady to compare.
+TRIES = 3
+
+
 @pytest.mark.slow  # measures speeds and runs the whole grid
 def test_the_estimate_is_within_a_factor_3_of_the_run(tmp_path, capsys, monkeypatch):
     """Speeds measured here just before and just after the run it estimates (a shared machine's load
     moves), and the run's wall time within a factor 3 of their mean: not tighter, the machine is
     noisy and worker start-up is not in the estimate. The cells train for seconds, not fractions of one,
-    so that start-up and dataset loading (a fixed second or so) do not decide the ratio. Then the
-    cache and a stored machine's speeds."""
+    so that start-up and dataset loading (a fixed second or so) do not decide the ratio. Where the two
+    measurements differ by more than ``STEADY`` the machine's load moved under the run (another job
+    started or stopped: 1.3 s before and 5.0 s after once, beside a niced grid), so the run says
+    nothing about the estimate and is tried again. Then the cache and a stored machine's speeds."""
     grid_file = grid(tmp_path / "g.toml", epochs=2, subset=6000)
     machine = estimate.machine_name(__import__("torch").device("cpu"))
-    estimates = []
+    tries = []
 
-    def measure_and_estimate(cache: str) -> None:
+    def measure_and_estimate(cache: str) -> float:
         monkeypatch.setenv("BENCHMARK_CACHE_DIR", str(tmp_path / cache))
         assert main(["run", "--grid", str(grid_file), "--results-dir", str(tmp_path / cache), "--dry-run",
                      "--measure-speeds"]) == 0
         captured = capsys.readouterr()
         assert "measuring speeds on cpu" in captured.err and f"estimated wall time on {machine}" in captured.out
-        estimates.append(total_seconds(captured.out))
+        return total_seconds(captured.out)
 
-    measure_and_estimate("before")
-    began = time.perf_counter()
-    assert main(["run", "--grid", str(grid_file), "--results-dir", str(tmp_path / "r"), "--no-progress"]) == 0
-    took = time.perf_counter() - began
-    measure_and_estimate("after")
-    estimated = sum(estimates) / 2
-    assert took / 3 <= estimated <= took * 3, f"estimated {estimates} s, the run took {took:.1f} s"
+    for attempt in range(TRIES):
+        before = measure_and_estimate(f"before{attempt}")
+        began = time.perf_counter()
+        assert main(["run", "--grid", str(grid_file), "--results-dir", str(tmp_path / f"r{attempt}"), "--no-progress"]) == 0
+        took = time.perf_counter() - began
+        after = measure_and_estimate(f"after{attempt}")
+        tries.append((before, after, took))
+        if max(before, after) <= STEADY * min(before, after):
+            break
+    steady = max(before, after) <= STEADY * min(before, after)
+    if steady:
+        estimated = (before + after) / 2
+        assert took / 3 <= estimated <= took * 3, f"estimated {before:.2f} and {after:.2f} s, the run took {took:.1f} s"
 
     grid_again = grid(tmp_path / "g2.toml", epochs=3, subset=1000)
     assert main(["run", "--grid", str(grid_again), "--results-dir", str(tmp_path / "r"), "--dry-run",
@@ -143,6 +157,9 @@ def test_the_estimate_is_within_a_factor_3_of_the_run(tmp_path, capsys, monkeypa
                  machine.split(",")[0]]) == 0
     out = capsys.readouterr().out
     assert "measured earlier" in out and f"estimated wall time on {machine}" in out
+    if not steady:
+        pytest.skip(f"the machine's speed moved by more than {STEADY}x in each of {TRIES} tries "
+                    f"(estimates before, after and the run's seconds: {tries}): no run to compare the estimate with")
 
 
 @pytest.mark.slow  # measures real training speeds twice
