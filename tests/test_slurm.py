@@ -419,3 +419,24 @@ def test_without_dask_jobqueue_it_says_which_pip_command_installs_it(tmp_path, c
     monkeypatch.setitem(sys.modules, "dask_jobqueue", None)  # what Python does for a package not installed
     assert main(["run", "--grid", "smoke", "--results-dir", str(tmp_path), "--backend", "slurm"]) == 2
     assert "needs dask-jobqueue, which is not installed: pip install 'dask-jobqueue>=" in capsys.readouterr().err
+
+
+def test_distributed_logs_stay_quiet_after_the_cluster_has_closed(tmp_path):
+    """The scheduler runs in the run's process: a worker's comm that closes after the cluster has
+    (an orderly SIGTERM while the jobs start) must not print distributed's INFO line and traceback into
+    the stop's output, while errors still show. No job is submitted (the cluster is never scaled)."""
+    pytest.importorskip("dask_jobqueue", reason=f"dask-jobqueue missing: {slurm.INSTALL}")
+    import logging
+
+    logger = logging.getLogger("distributed")
+    before = logger.level
+    try:
+        logger.setLevel(logging.INFO)  # distributed's own default
+        cluster = slurm.make_cluster(slurm.SlurmOptions(cores=1, memory="1GB", interface="lo"), slurm.job_name(),
+                                     tmp_path)
+        cluster.close()
+        late = logging.getLogger("distributed.batched")  # the logger of that line
+        assert not late.isEnabledFor(logging.INFO) and not late.isEnabledFor(logging.WARNING)
+        assert late.isEnabledFor(logging.ERROR)
+    finally:
+        logger.setLevel(before)

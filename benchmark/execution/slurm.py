@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import re
 import shutil
 import signal
@@ -236,9 +237,17 @@ WORKER_ENV = ("export DASK_DISTRIBUTED__WORKER__MEMORY__PAUSE=False",
               "export DASK_DISTRIBUTED__WORKER__MEMORY__TARGET=False")
 
 
+#: distributed's loggers in this process (the scheduler's) show errors only, for the rest of the run:
+#: ``silence_logs`` holds only until the cluster has closed, and a worker's comm that closes after
+#: that logged an INFO line with a traceback into an orderly stop's output (SIGTERM while jobs start).
+DISTRIBUTED_LOG_LEVEL = logging.ERROR
+
+
 def make_cluster(options: SlurmOptions, name: str, log_dir: Path):
     """dask-jobqueue's SLURMCluster for ``options``; its scheduler runs in this process."""
     from dask_jobqueue import SLURMCluster
+
+    logging.getLogger("distributed").setLevel(DISTRIBUTED_LOG_LEVEL)
 
     directives = list(options.sbatch) + ([f"--gres=gpu:{options.gpus}"] if options.gpus else [])
     processes = options.worker_processes
