@@ -435,7 +435,8 @@ def test_distributed_logs_stay_quiet_after_the_cluster_has_closed(tmp_path):
         cluster = slurm.make_cluster(slurm.SlurmOptions(cores=1, memory="1GB", interface="lo"), slurm.job_name(),
                                      tmp_path)
         cluster.close()
-        # the logger of that line (its level, not isEnabledFor: another test may have called logging.disable)
+        # the logger of that line: its level, not isEnabledFor, which is False for a logger that a
+        # dictConfig in this process disabled (tests/test_runner.py calls one)
         assert logging.getLogger("distributed.batched").getEffectiveLevel() == logging.ERROR
     finally:
         logger.setLevel(before)
