@@ -134,6 +134,7 @@ def test_the_estimate_is_within_a_factor_3_of_the_run(tmp_path, capsys, monkeypa
         assert "measuring speeds on cpu" in captured.err and f"estimated wall time on {machine}" in captured.out
         return total_seconds(captured.out)
 
+    steady = False
     for attempt in range(TRIES):
         before = measure_and_estimate(f"before{attempt}")
         began = time.perf_counter()
@@ -141,9 +142,9 @@ def test_the_estimate_is_within_a_factor_3_of_the_run(tmp_path, capsys, monkeypa
         took = time.perf_counter() - began
         after = measure_and_estimate(f"after{attempt}")
         tries.append((before, after, took))
-        if max(before, after) <= STEADY * min(before, after):
+        steady = max(before, after) <= STEADY * min(before, after)
+        if steady:
             break
-    steady = max(before, after) <= STEADY * min(before, after)
     if steady:
         estimated = (before + after) / 2
         assert took / 3 <= estimated <= took * 3, f"estimated {before:.2f} and {after:.2f} s, the run took {took:.1f} s"
