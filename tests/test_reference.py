@@ -188,34 +188,40 @@ def test_the_results_pages_quote_the_committed_tables():
         assert table_rows(page, lenet5) == expected, folder.name
 
 
-def verdict_quotes() -> list[tuple[str, list[str]]]:
-    """The backticked quotes of the verdict in the README and in reference/README.md (each verdict
-    up to the next section, whitespace joined), per page."""
+def verdict_quotes() -> list[tuple[str, str, list[str]]]:
+    """The backticked quotes of each verdict, whitespace joined, with its page and the arch it judges:
+    the README's (LeNet-300-100) and every `### Verdict ...` section of reference/README.md (LeNet-5
+    where its heading names it), each up to the next heading, so that one LeNet's verdict is checked
+    against that LeNet's rows only."""
     import re
 
     out = []
     for page, start in ((ROOT / "README.md", "**Verdict"), (REFERENCE / "README.md", "### Verdict")):
         text = page.read_text()
-        verdict = text[text.index(start):]
-        end = verdict.find("\n## ", 1)  # up to the next section
-        verdict = verdict if end < 0 else verdict[:end]
-        out.append((str(page.relative_to(ROOT)), re.findall(r"`([^`]+)`", " ".join(verdict.split()))))
+        for begin in [m.start() for m in re.finditer(re.escape(start), text)]:
+            verdict = text[begin:]
+            heading = verdict.split("\n", 1)[0]
+            ends = [i for i in (verdict.find("\n## ", 1), verdict.find("\n### ", 1)) if i > 0]
+            verdict = verdict[:min(ends)] if ends else verdict
+            arch = "lenet5" if "LeNet-5" in heading else "lenet300"
+            quotes = re.findall(r"`([^`]+)`", " ".join(verdict.split()))
+            out.append((str(page.relative_to(ROOT)), arch, quotes))
     return out
 
 
 def test_the_verdicts_quote_the_resolved_claims_of_the_comparisons_tables():
-    """Every claim the README and reference/README.md quote for LeNet-300-100 (written in backticks as
-    `winner over loser +d [lo, hi]`) is a resolved row of the committed tuned comparisons table, as its
+    """Every claim a verdict quotes (written in backticks as `winner over loser +d [lo, hi]`) is a
+    resolved row of the committed tuned comparisons table for the LeNet that verdict judges, as its
     note gives it: a difference no corrected test supports cannot be quoted as a claim."""
     from benchmark.analysis import comparisons as cmp
 
     table = pd.read_csv(REFERENCE / "lenet-reference" / "comparisons.csv")
-    notes = " ".join(cmp.resolved_notes(table[table.arch == "lenet300"]))
-    for page, quotes in verdict_quotes():
+    for page, arch, quotes in verdict_quotes():
+        notes = " ".join(cmp.resolved_notes(table[table.arch == arch]))
         quoted = [q for q in quotes if " over " in q]
         assert len(quoted) >= 3, page
         for claim in quoted:
-            assert claim in notes, (page, claim)
+            assert claim in notes, (page, arch, claim)
 
 
 def test_the_verdicts_quote_the_unresolved_differences_as_the_comparisons_tables_have_them():
@@ -226,8 +232,7 @@ def test_the_verdicts_quote_the_unresolved_differences_as_the_comparisons_tables
     new seeds."""
     import re
 
-    table = pd.read_csv(REFERENCE / "lenet-reference" / "comparisons.csv")
-    table = table[table.arch == "lenet300"]
+    everything = pd.read_csv(REFERENCE / "lenet-reference" / "comparisons.csv")
     number = r"([+\u2212-]?\d+\.\d+)"
     form = re.compile(rf"(.+) vs (.+) at CR ([\d,]+): {number} \[{number}, {number}\](?:, Holm p (\d+\.\d+))?")
 
@@ -238,7 +243,8 @@ def test_the_verdicts_quote_the_unresolved_differences_as_the_comparisons_tables
         return f"{x + 0.0:+.2f}"
 
     checked = 0
-    for page, quotes in verdict_quotes():
+    for page, arch, quotes in verdict_quotes():
+        table = everything[everything.arch == arch]
         for quote in quotes:
             match = form.fullmatch(quote)
             if match is None:
