@@ -1,10 +1,11 @@
-"""What a change of protocol changed: LeNet-300-100 test accuracy at fixed CRs, seed by seed on the
-seeds both sides have, then averaged; interpolated in log CR as the report's tables are
+"""What a change of protocol changed: test accuracy at fixed CRs (LeNet-300-100, or LeNet-5 with
+--arch lenet5), seed by seed on the seeds both sides have, then averaged; interpolated in log CR as the report's tables are
 (benchmark.core.interpolation), never extrapolated. A description, not a test: reference/README.md
 and docs/recipes.md quote it with its seeds.
 
     python reference/compare_protocols.py --seeds 0,1   # lenet-reference (every rate chosen on a
                                                         # validation split) minus lenet-reference-v1
+    python reference/compare_protocols.py --arch lenet5 --seeds 0,1   # the same for LeNet-5
     python reference/compare_protocols.py --recipes     # lenet-recipes (the authors' output-layer and
                                                         # lottery recipes, seed 0) minus the same
                                                         # method in lenet-reference-v1, seed 0
@@ -26,9 +27,9 @@ from benchmark.core.interpolation import interpolate_log_cr  # noqa: E402
 CRS = (10, 30, 100, 300, 1000)
 
 
-def ok_rows(path: Path, seeds: list[int]) -> pd.DataFrame:
+def ok_rows(path: Path, seeds: list[int], arch: str = "lenet300") -> pd.DataFrame:
     rows = pd.read_csv(path, low_memory=False)
-    return rows[(rows.arch == "lenet300") & (rows.status == "ok") & rows.seed.isin(seeds) & np.isfinite(rows.cr)]
+    return rows[(rows.arch == arch) & (rows.status == "ok") & rows.seed.isin(seeds) & np.isfinite(rows.cr)]
 
 
 def per_seed(rows: pd.DataFrame) -> dict[str, dict[int, np.ndarray]]:
@@ -40,12 +41,13 @@ def per_seed(rows: pd.DataFrame) -> dict[str, dict[int, np.ndarray]]:
     return out
 
 
-def differences(seeds: list[int]) -> pd.DataFrame:
-    """One row per curve: its pick, tuned minus first protocol at each CR (mean over the common seeds;
-    NaN where a seed's curve does not reach the CR) and how many seeds; dense at CR 1."""
-    rows = ok_rows(HERE / "lenet-reference" / "results.csv", seeds)
+def differences(seeds: list[int], arch: str = "lenet300") -> pd.DataFrame:
+    """One row per curve: its pick, tuned minus first protocol at each CR (mean over the seeds both
+    have, which can differ per curve where the first protocol stopped early, as LeNet-5's did; NaN
+    where a seed's curve does not reach the CR) and how many seeds; dense at CR 1."""
+    rows = ok_rows(HERE / "lenet-reference" / "results.csv", seeds, arch)
     rows = rows[rows.tuned_value.notna()]  # the final cells of the picks, which carry their pick
-    first_rows = ok_rows(HERE / "lenet-reference-v1" / "results.csv", seeds)
+    first_rows = ok_rows(HERE / "lenet-reference-v1" / "results.csv", seeds, arch)
     picks = rows.groupby("variant").tuned_value.first().to_dict()
     tuned, first = per_seed(rows), per_seed(first_rows)
     table = []
@@ -91,6 +93,8 @@ def recipes() -> pd.DataFrame:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", default="0,1", help="comma-separated seeds both protocols have (default 0,1)")
+    parser.add_argument("--arch", default="lenet300", choices=["lenet300", "lenet5"],
+                        help="which LeNet to compare (default lenet300; lenet-recipes has LeNet-300-100 only)")
     parser.add_argument("--recipes", action="store_true", help="lenet-recipes against lenet-reference-v1 (seed 0)")
     args = parser.parse_args(argv)
     if args.recipes:
@@ -99,8 +103,9 @@ def main(argv=None) -> int:
         print(table.to_string(index=False, float_format=lambda x: f"{x:.2f}", na_rep="–"))
         return 0
     seeds = [int(s) for s in args.seeds.split(",")]
-    table = differences(seeds)
-    print(f"tuned minus first protocol, test accuracy points, mean over seeds {seeds} (both must have the seed)")
+    table = differences(seeds, args.arch)
+    print(f"{args.arch}: tuned minus first protocol, test accuracy points, mean over seeds {seeds} "
+          "(both must have the seed; 'seeds' says how many did)")
     points = {c: (lambda x: "–" if np.isnan(x) else f"{x:+.2f}") for c in table.columns if c.startswith("CR ")}
     print(table.to_string(index=False, formatters={"lr": "{:g}".format, **points}, na_rep="–"))
     return 0

@@ -9,6 +9,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -283,6 +284,36 @@ def test_what_tuning_changed_as_the_reference_readme_quotes_it():
     for curve in ("dwf D=3", "dwf D=4", "magnitude", "global-magnitude", "gmp", "synflow", "set", "rigl", "random"):
         assert quoted(curve) in text, (curve, quoted(curve))
     assert (table.seeds == 3).all() and f"dense {table.loc['dense', 'CR 1']:+.2f}" in text
+
+
+def test_what_tuning_changed_on_lenet5_as_the_reference_readme_quotes_it():
+    """reference/README.md quotes reference/compare_protocols.py --arch lenet5 --seeds 0,1 (the first
+    protocol's LeNet-5 has seeds 0-1, seed 0 alone for L1, RigL and the lottery tickets): CR 10 / 100 /
+    1000 per curve, and the CR-30 and CR-300 losses where a pick's curve collapses between the
+    rule's scoring CRs."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("compare_protocols", REFERENCE / "compare_protocols.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    table = module.differences([0, 1], "lenet5").set_index("curve")
+    text = " ".join((REFERENCE / "README.md").read_text().split())
+
+    def printed(x):
+        return "–" if np.isnan(x) else f"{x + 0.0:+.2f}".replace("-", "−").replace("−0.00", "0.00").replace("+0.00", "0.00")
+
+    def quoted(curve, crs=("CR 10", "CR 100", "CR 1000")):
+        return " / ".join(printed(x) for x in table.loc[curve, list(crs)])
+
+    for curve in ("dwf D=2", "dwf D=3", "dwf D=4", "l1", "global-magnitude", "global-magnitude +FT", "gmp",
+                  "magnitude +FT"):
+        assert quoted(curve) in text, (curve, quoted(curve))
+    for curve, cr in (("rigl", "CR 30"), ("set", "CR 30"), ("lottery", "CR 300"), ("dwf D=3", "CR 300")):
+        assert printed(table.loc[curve, cr]) in text, (curve, cr)
+    assert f"{quoted('lottery LRR', ('CR 300',))} and {quoted('lottery LRR', ('CR 1000',))}" in text
+    assert printed(table.loc["dense", "CR 1"]) in text
+    assert (table.seeds == 2).sum() >= 14 and set(table.index[table.seeds == 1]) == {"l1", "rigl", "lottery",
+                                                                                   "lottery LRR", "rigl sparse-init"}
 
 
 def test_what_the_authors_recipes_change_as_the_docs_quote_it():
