@@ -22,12 +22,13 @@ PINNED = {
     # e5b303fe..., 6,915; afe538a0..., 4,809; 9bbc0576..., 1,579), then again (before: 051ba283..., 6,933;
     # a19e8298..., 4,827; 02d51e07..., 1,585; 000b4c62..., 6,951; 374f0614..., 4,845; c5f6ed1f..., 1,591;
     # 0702b4b2..., 6,960; c737f53d..., 4,854; 7bf047b3..., 1,594), then from seed 2 D=2 and D=3 one each
-    # (before: 52d6e7a9..., 6,969; 713da8cd..., 4,863; 6a314f8b..., 1,597)
-    "full": ("1267d6a577909df84e38bbe48d63472c76ef663c0f1754eafcdf1ffbe1d7aac0", 6987),
-    "lenet": ("a5f8a4a11ed8685bd341ab21e620c6e283647f2ac7c5cf3f0c6eca7c920df22d", 4881),
+    # (before: 52d6e7a9..., 6,969; 713da8cd..., 4,863; 6a314f8b..., 1,597), then L1 one (before: 1267d6a5...,
+    # 6,987; a5f8a4a1..., 4,881; 343a6729..., 1,603)
+    "full": ("06e1d8567b438205a070e4b81e4cb6e80701fbfd88c62d2b69d52800a051d9a2", 6996),
+    "lenet": ("ce69febb2a571978e4c0b17312e5f125db53cfbb82b71a13feb94834bd3f5cf8", 4890),
     "lenet-calibration": ("731768f53f5d357d7f00e567d93f9475b4478a16fdaab1e4c7edb58bc1a5e0c8", 184),
     "lenet-recipes": ("14d0774520ffcd819cb37c2d680ea198b77dbb29938ebb53f2a72de3cfd27cad", 29),
-    "lenet-reference": ("343a6729c54d1eafd264eb66a684eed6bfe9eb6c7ad9242604cb45f486fa5a59", 1603),
+    "lenet-reference": ("15e875ca5b3681c6bd05e8649cea2714df572cd4e39690bbd19d052515bcc951", 1606),
     # the first protocol: lenet-reference's cells as they were until its tune tables (LeNet-300-100's
     # 483 until 2026-12-04: f728ee18...; LeNet-5's 513 added when LeNet-5 got its table)
     "lenet-reference-v1": ("0bd048e4147ad282af0e35082d826507564f4c3b0e342beb80bd0f4e16653521", 996),
