@@ -266,14 +266,20 @@ def test_the_verdicts_quote_the_unresolved_differences_as_the_comparisons_tables
     assert checked >= 3
 
 
-def test_what_tuning_changed_as_the_reference_readme_quotes_it():
-    """reference/README.md quotes reference/compare_protocols.py --seeds 0,1,2 (tuned minus first protocol
-    at CR 10 / 100 / 1000): the quoted numbers are what the script makes of the committed CSVs."""
+def compare_protocols():
+    """reference/compare_protocols.py as a module (a script beside the records, not a package)."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("compare_protocols", REFERENCE / "compare_protocols.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def test_what_tuning_changed_as_the_reference_readme_quotes_it():
+    """reference/README.md quotes reference/compare_protocols.py --seeds 0,1,2 (tuned minus first protocol
+    at CR 10 / 100 / 1000): the quoted numbers are what the script makes of the committed CSVs."""
+    module = compare_protocols()
     table = module.differences([0, 1, 2]).set_index("curve")
     text = " ".join((REFERENCE / "README.md").read_text().split())
 
@@ -291,11 +297,7 @@ def test_what_tuning_changed_on_lenet5_as_the_reference_readme_quotes_it():
     protocol's LeNet-5 has seeds 0-1, seed 0 alone for L1, RigL and the lottery tickets): CR 10 / 100 /
     1000 per curve, and the CR-30 and CR-300 losses where a pick's curve collapses between the
     rule's scoring CRs."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("compare_protocols", REFERENCE / "compare_protocols.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = compare_protocols()
     table = module.differences([0, 1], "lenet5").set_index("curve")
     text = " ".join((REFERENCE / "README.md").read_text().split())
 
@@ -319,11 +321,7 @@ def test_what_tuning_changed_on_lenet5_as_the_reference_readme_quotes_it():
 def test_what_the_authors_recipes_change_as_the_docs_quote_it():
     """docs/recipes.md's table is reference/compare_protocols.py --recipes on the committed lenet-recipes
     and lenet-reference-v1 records: every recipe's accuracy and difference at every CR."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("compare_protocols", REFERENCE / "compare_protocols.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = compare_protocols()
     table = module.recipes()
     assert len(table) == 5
     text = (ROOT / "docs" / "recipes.md").read_text()
