@@ -150,6 +150,26 @@ def test_a_curve_stopping_short_extrapolates_one_step(setup):
     assert lam == matching_lambda.round3(3e-3 * min(matching_lambda.MAX_STEP, (1000 * math.sqrt(1.5) / 400) ** slope))
 
 
+def test_a_curve_short_of_a_cr_where_the_next_lambda_pruned_everything_gets_a_lambda_between(tmp_path):
+    """CR 800 is within 1.5x of CR 1000, but the table cannot read CR 1000 between CR 800 and every
+    weight pruned: the geometric mean of the two λs fills it (LeNet-5's D=2 in lenet-reference)."""
+    path = tmp_path / "g.toml"
+    path.write_text(GRID.replace("lam = [1e-4, 3e-4, 1e-3, 3e-3]", "lam = [1e-4, 3e-4, 1e-3, 2e-3, 3e-3, 1e-2]"))
+    grid = load_grid(str(path))
+    folder = tmp_path / "results" / "g"
+    folder.mkdir(parents=True)
+    curves = dict(CURVES)
+    curves[4] = [(1e-4, 10, 0.89), (3e-4, 30, 0.88), (1e-3, 100, 0.87), (2e-3, 300, 0.85), (3e-3, 800, 0.80),
+                 (1e-2, math.inf, 0.10)]
+    pd.DataFrame(results_rows(grid, curves)).to_csv(folder / "results.csv", index=False)
+    match = matching.match_grid(str(path), tmp_path / "results")
+    gaps = gaps_of(match, "dwf D=4")
+    assert {(g.seed, g.cr, g.reason) for g in gaps} == {(0, 1000.0, "pruned"), (1, 1000.0, "pruned")}
+    assert all(g.ratio == pytest.approx(1.25) for g in gaps)  # near enough by the ratio alone
+    assert by_label(match)["lenet300/fashion-mnist dwf D=4"] == [matching_lambda.round3(math.sqrt(3e-3 * 1e-2))]
+    assert "next λ prunes all" in matching_output.format_match(match)
+
+
 def test_a_curve_within_the_ratio_everywhere_gets_nothing(setup):
     path, results = setup
     match = matching.match_grid(str(path), results)

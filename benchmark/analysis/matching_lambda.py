@@ -41,7 +41,8 @@ class Gap:
     cr: float
     nearest: float  # nearest measured finite CR (nan: none)
     ratio: float  # max(nearest/cr, cr/nearest)
-    reason: str  # "gap", "beyond" (past the last point), "below" (before the first point)
+    reason: str  # "gap", "beyond" (past the last point), "below" (before the first point),
+    # "pruned" (past the last finite point, where a larger λ pruned everything)
     between: tuple | None  # ((λ, CR), (λ, CR)) around the gap, or the points a step is taken from
     raw: float | None = None  # the seed's own λ, before rounding and merging
     proposed: float | None = None  # the λ that the written grid adds for it
@@ -65,7 +66,8 @@ def seed_gaps(points: pd.DataFrame, crs, ratio: float, chance: float, pending: l
     at_chance |= np.isinf(cr)  # every weight pruned: nothing is left to measure past it
     chance_cr = float(cr[at_chance].min()) if at_chance.any() else math.inf
     finite = np.isfinite(cr)
-    lo, hi = float(cr[finite].min()) if finite.any() else math.inf, float(cr.max())
+    # the tables interpolate between finite CRs only: a point that pruned everything bounds no range
+    lo, hi = (float(cr[finite].min()), float(cr[finite].max())) if finite.any() else (math.inf, math.inf)
     out = []
     for c in crs:
         if c > chance_cr * (1 + 1e-9):
@@ -73,7 +75,8 @@ def seed_gaps(points: pd.DataFrame, crs, ratio: float, chance: float, pending: l
         near = float(cr[finite][np.argmin(np.abs(np.log(cr[finite] / c)))]) if finite.any() else math.nan
         far = max(near / c, c / near) if math.isfinite(near) else math.inf
         if c > hi * (1 + 1e-9):
-            reason = "beyond"
+            # short of it, and a larger λ pruned everything: a λ between them reaches it
+            reason = "pruned" if (~finite).any() else "beyond"
         elif c < lo * (1 - 1e-9):
             reason = "below"
         elif far > ratio * (1 + 1e-9):
@@ -82,7 +85,7 @@ def seed_gaps(points: pd.DataFrame, crs, ratio: float, chance: float, pending: l
             continue
         gap = {"cr": c, "nearest": near, "ratio": far, "reason": reason, "between": None, "raw": None, "note": "",
                "jump": False}
-        if reason == "gap":
+        if reason in ("gap", "pruned"):
             _interpolate(gap, lam, cr, c, pending)
         else:
             _step(gap, lam, cr, c, ratio, pending, up=reason == "beyond")

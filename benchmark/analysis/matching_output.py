@@ -30,7 +30,7 @@ def format_match(match: Match) -> str:
         table = [("curve", "seed", "CR", "nearest", "ratio", "why", "from λ (CR)", "λ")]
         for g in sorted(match.gaps, key=lambda g: (g.label, g.seed, g.cr)):
             why = {"gap": f"gap > {match.ratio:g}x", "beyond": "past last point",
-                   "below": "before first point"}[g.reason]
+                   "below": "before first point", "pruned": "next λ prunes all"}[g.reason]
             around = " .. ".join(f"{lam:.3g} ({_num(c)})" for lam, c in g.between) if g.between else "–"
             table.append((g.label, str(g.seed), f"{g.cr:g}", _num(g.nearest), f"{g.ratio:.2f}x", why, around,
                           f"{g.proposed:g}" if g.proposed is not None else g.note or "–"))
