@@ -24,12 +24,13 @@ PINNED = {
     # 0702b4b2..., 6,960; c737f53d..., 4,854; 7bf047b3..., 1,594), then from seed 2 D=2 and D=3 one each
     # (before: 52d6e7a9..., 6,969; 713da8cd..., 4,863; 6a314f8b..., 1,597), then L1 one (before: 1267d6a5...,
     # 6,987; a5f8a4a1..., 4,881; 343a6729..., 1,603), then D=2 one for CR 1000 (before: 06e1d856..., 6,996;
-    # ce69febb..., 4,890; 15e875ca..., 1,606)
-    "full": ("1a0efbd9d13082681986026749f7f15ff2a4fa9ef8c44bdc47bc8509f79991bf", 7005),
-    "lenet": ("1918a6371a182ed3d3d1e8342d34718de9fd365306fcc6af8776c8f0a80e5109", 4899),
+    # ce69febb..., 4,890; 15e875ca..., 1,606) and another (before: 1a0efbd9..., 7,005; 1918a637..., 4,899;
+    # a57601a5..., 1,609)
+    "full": ("b4d944ee993af3011f06b028f58e21cd99e14ca7ab0468f92dc45b30dd5d11f4", 7014),
+    "lenet": ("8f74b6d1b37034999fdb913b7b13027a5781a484d2ce696801ef31ef4a7be050", 4908),
     "lenet-calibration": ("731768f53f5d357d7f00e567d93f9475b4478a16fdaab1e4c7edb58bc1a5e0c8", 184),
     "lenet-recipes": ("14d0774520ffcd819cb37c2d680ea198b77dbb29938ebb53f2a72de3cfd27cad", 29),
-    "lenet-reference": ("a57601a5f851808aa5de2fe7a65b7c621091e01abc900f92ccce793db20a48ae", 1609),
+    "lenet-reference": ("08611c0ed7a4cb732e7dab53fa72267ab3cfc807fe2b2f625773cfd5bd1662f3", 1612),
     # the first protocol: lenet-reference's cells as they were until its tune tables (LeNet-300-100's
     # 483 until 2026-12-04: f728ee18...; LeNet-5's 513 added when LeNet-5 got its table)
     "lenet-reference-v1": ("0bd048e4147ad282af0e35082d826507564f4c3b0e342beb80bd0f4e16653521", 996),

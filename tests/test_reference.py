@@ -193,7 +193,8 @@ def verdict_quotes() -> list[tuple[str, str, list[str]]]:
     """The backticked quotes of each verdict, whitespace joined, with its page and the arch it judges:
     the README's (LeNet-300-100) and every `### Verdict ...` section of reference/README.md (LeNet-5
     where its heading names it), each up to the next heading, so that one LeNet's verdict is checked
-    against that LeNet's rows only."""
+    against that LeNet's rows only. A section also ends where the next one of its page begins (the
+    README's LeNet-300-100 and LeNet-5 verdicts are paragraphs under one heading)."""
     import re
 
     out = []
@@ -202,7 +203,7 @@ def verdict_quotes() -> list[tuple[str, str, list[str]]]:
         for begin in [m.start() for m in re.finditer(re.escape(start), text)]:
             verdict = text[begin:]
             heading = verdict.split("\n", 1)[0]
-            ends = [i for i in (verdict.find("\n## ", 1), verdict.find("\n### ", 1)) if i > 0]
+            ends = [i for i in (verdict.find("\n## ", 1), verdict.find("\n### ", 1), verdict.find(start, 1)) if i > 0]
             verdict = verdict[:min(ends)] if ends else verdict
             arch = "lenet5" if "LeNet-5" in heading else "lenet300"
             quotes = re.findall(r"`([^`]+)`", " ".join(verdict.split()))
