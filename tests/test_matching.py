@@ -119,6 +119,18 @@ def gaps_of(match, text: str) -> list:
     return [g for g in match.gaps if text in g.label]
 
 
+def match_with_d4(tmp_path, points):
+    """``match`` on the test grid with DWF D=4's λs and (λ, CR, accuracy) replaced by ``points``."""
+    path = tmp_path / "g.toml"
+    lams = ", ".join(f"{lam:g}" for lam, _, _ in points)
+    path.write_text(GRID.replace("lam = [1e-4, 3e-4, 1e-3, 3e-3]", f"lam = [{lams}]"))
+    folder = tmp_path / "results" / "g"
+    folder.mkdir(parents=True)
+    rows = results_rows(load_grid(str(path)), dict(CURVES) | {4: points})
+    pd.DataFrame(rows).to_csv(folder / "results.csv", index=False)
+    return matching.match_grid(str(path), tmp_path / "results")
+
+
 def test_a_3x_gap_around_cr_100_gets_one_lambda_between_its_neighbours(setup):
     path, results = setup
     match = matching.match_grid(str(path), results)
@@ -153,16 +165,8 @@ def test_a_curve_stopping_short_extrapolates_one_step(setup):
 def test_a_curve_short_of_a_cr_where_the_next_lambda_pruned_everything_gets_a_lambda_between(tmp_path):
     """CR 800 is within 1.5x of CR 1000, but the table cannot read CR 1000 between CR 800 and every
     weight pruned: the geometric mean of the two λs fills it (LeNet-5's D=2 in lenet-reference)."""
-    path = tmp_path / "g.toml"
-    path.write_text(GRID.replace("lam = [1e-4, 3e-4, 1e-3, 3e-3]", "lam = [1e-4, 3e-4, 1e-3, 2e-3, 3e-3, 1e-2]"))
-    grid = load_grid(str(path))
-    folder = tmp_path / "results" / "g"
-    folder.mkdir(parents=True)
-    curves = dict(CURVES)
-    curves[4] = [(1e-4, 10, 0.89), (3e-4, 30, 0.88), (1e-3, 100, 0.87), (2e-3, 300, 0.85), (3e-3, 800, 0.80),
-                 (1e-2, math.inf, 0.10)]
-    pd.DataFrame(results_rows(grid, curves)).to_csv(folder / "results.csv", index=False)
-    match = matching.match_grid(str(path), tmp_path / "results")
+    match = match_with_d4(tmp_path, [(1e-4, 10, 0.89), (3e-4, 30, 0.88), (1e-3, 100, 0.87), (2e-3, 300, 0.85),
+                                     (3e-3, 800, 0.80), (1e-2, math.inf, 0.10)])
     gaps = gaps_of(match, "dwf D=4")
     assert {(g.seed, g.cr, g.reason) for g in gaps} == {(0, 1000.0, "pruned"), (1, 1000.0, "pruned")}
     assert all(g.ratio == pytest.approx(1.25) for g in gaps)  # near enough by the ratio alone
@@ -243,15 +247,7 @@ def test_a_lambda_already_in_the_grid_is_never_proposed(tmp_path):
 
 
 def test_a_jump_between_nearly_equal_lambdas_is_not_split(tmp_path):
-    path = tmp_path / "g.toml"
-    path.write_text(GRID.replace("lam = [1e-4, 3e-4, 1e-3, 3e-3]", "lam = [1e-4, 3e-4, 1e-3, 1.04e-3]"))
-    grid = load_grid(str(path))
-    folder = tmp_path / "results" / "g"
-    folder.mkdir(parents=True)
-    curves = dict(CURVES)
-    curves[4] = [(1e-4, 10, 0.89), (3e-4, 30, 0.88), (1e-3, 50, 0.87), (1.04e-3, 1000, 0.86)]
-    pd.DataFrame(results_rows(grid, curves)).to_csv(folder / "results.csv", index=False)
-    match = matching.match_grid(str(path), tmp_path / "results")
+    match = match_with_d4(tmp_path, [(1e-4, 10, 0.89), (3e-4, 30, 0.88), (1e-3, 50, 0.87), (1.04e-3, 1000, 0.86)])
     gaps = gaps_of(match, "dwf D=4")
     assert {g.cr for g in gaps} == {100.0, 300.0} and all("jumps" in g.note and g.jump for g in gaps)
     assert "lenet300/fashion-mnist dwf D=4" not in by_label(match)
