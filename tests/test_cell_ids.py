@@ -26,12 +26,13 @@ PINNED = {
     # 6,987; a5f8a4a1..., 4,881; 343a6729..., 1,603), then D=2 one for CR 1000 (before: 06e1d856..., 6,996;
     # ce69febb..., 4,890; 15e875ca..., 1,606) and another (before: 1a0efbd9..., 7,005; 1918a637..., 4,899;
     # a57601a5..., 1,609) and another (before: b4d944ee..., 7,014; 8f74b6d1..., 4,908; 08611c0e..., 1,612),
-    # then L1 one (before: 931f0239..., 7,023; e4527b56..., 4,917; 2bca6be6..., 1,615)
-    "full": ("84e40abb68146709db071600e603165895dcfd9bf16789153b6cb054b7313cb6", 7032),
-    "lenet": ("3a99ffc865cf029af4fd148ac56eab22727f23bf89f41cbcbd53a06bd4d6feec", 4926),
+    # then L1 one (before: 931f0239..., 7,023; e4527b56..., 4,917; 2bca6be6..., 1,615) and another (before:
+    # 84e40abb..., 7,032; 3a99ffc8..., 4,926; 598e7565..., 1,618)
+    "full": ("051959ec3c3ae64aad4ef258917a74a6ef9183e47c3264f3fc395e2a602b1342", 7041),
+    "lenet": ("cc65b016be2a04008903527be04eb5c844630f680b7e43e849ea396e6ebc9917", 4935),
     "lenet-calibration": ("731768f53f5d357d7f00e567d93f9475b4478a16fdaab1e4c7edb58bc1a5e0c8", 184),
     "lenet-recipes": ("14d0774520ffcd819cb37c2d680ea198b77dbb29938ebb53f2a72de3cfd27cad", 29),
-    "lenet-reference": ("598e75657a71f209f85bbd14041ee2b31a621ead011aa02876dd2693c30384c6", 1618),
+    "lenet-reference": ("0938589b79a9ea398e762c91fa00473dfb1746f31c2022b5423f91bb85902edd", 1621),
     # the first protocol: lenet-reference's cells as they were until its tune tables (LeNet-300-100's
     # 483 until 2026-12-04: f728ee18...; LeNet-5's 513 added when LeNet-5 got its table)
     "lenet-reference-v1": ("0bd048e4147ad282af0e35082d826507564f4c3b0e342beb80bd0f4e16653521", 996),
